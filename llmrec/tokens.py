@@ -1,0 +1,505 @@
+"""ID-token vocabulary: user, item and semantic-ID tokens above a frozen base vocabulary.
+
+Why not ``tokenizer.add_tokens``: a tokenizer with 100k+ added tokens matches every text against
+its added-token trie and slows tokenization by orders of magnitude (see
+``benchmarks/tokenize_speed.py``). Instead, :class:`RecVocab` splits prompt text on placeholders
+(``<user_3>``, ``<item_7>``, ``<s0_12>``) with one compiled regular expression, maps each
+placeholder to its id arithmetically and sends only the word parts to the tokenizer, in one
+batched call. :class:`RecEmbedding` looks the new ids up in their own trainable tables next to
+the frozen base table, so LoRA plus these tables are the only trained parameters.
+:func:`export_plain_model` is the explicit path to a plain HF model whose tokenizer knows the
+added tokens.
+
+Whitespace rules of :meth:`RecVocab.encode` (chosen so that placeholders behave like words):
+a word part keeps its leading whitespace (``" has interacted with"`` after ``<user_3>``
+tokenizes as mid-sentence text), trailing whitespace right before a placeholder is dropped,
+and whitespace-only parts give no tokens. This is what a tokenizer gives for added tokens with
+``lstrip=True`` (the export path writes them that way), except that whitespace after the last
+placeholder of a text is dropped too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+FAMILIES = ("user", "item", "semantic")
+VOCAB_FILE = "rec_vocab.json"
+FORMAT_VERSION = 1
+_NAME_RE = re.compile(r"[A-Za-z][A-Za-z_]*\Z")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenNames:
+    """Placeholder name prefixes: ``<{user}_3>``, ``<{item}_7>``, ``<{semantic}{level}_{code}>``."""
+
+    user: str = "user"
+    item: str = "item"
+    semantic: str = "s"
+
+    def __post_init__(self) -> None:
+        names = dataclasses.astuple(self)
+        for name in names:
+            if not _NAME_RE.match(name):
+                raise ValueError(f"token name prefix {name!r} must be letters/underscores (no digits)")
+        if len(set(names)) != len(names):
+            raise ValueError(f"token name prefixes must differ, got {names}")
+
+
+class RecVocab:
+    """The ID-token families, their id ranges above the base vocabulary, and placeholder <-> id maps.
+
+    Layout (contiguous, never overlapping the base ids ``0..base_size-1``)::
+
+        [base_size, +n_users)            user tokens
+        [.., +n_items)                   item tokens
+        [.., +sum(semantic_codebooks))   semantic tokens, level-major (level 0 codes first)
+
+    ``base_size`` is the number of rows of the backbone's input embedding table (which may exceed
+    ``len(tokenizer)`` when a model pads its vocabulary).
+    """
+
+    def __init__(
+        self,
+        base_size: int,
+        n_users: int,
+        n_items: int,
+        semantic_codebooks: Sequence[int] = (),
+        names: TokenNames = TokenNames(),
+    ) -> None:
+        if base_size <= 0 or n_users < 0 or n_items < 0:
+            raise ValueError(f"bad sizes: base_size={base_size}, n_users={n_users}, n_items={n_items}")
+        if any(int(k) <= 0 for k in semantic_codebooks):
+            raise ValueError(f"semantic codebook sizes must be positive, got {list(semantic_codebooks)}")
+        self.base_size = int(base_size)
+        self.n_users = int(n_users)
+        self.n_items = int(n_items)
+        self.semantic_codebooks = tuple(int(k) for k in semantic_codebooks)
+        self.names = names
+        self._user_start = self.base_size
+        self._item_start = self._user_start + self.n_users
+        self._sem_start = self._item_start + self.n_items
+        self._level_starts = np.concatenate([[0], np.cumsum(self.semantic_codebooks, dtype=np.int64)])
+        self.total_size = self._sem_start + int(self._level_starts[-1])
+        user, item, sem = (re.escape(n) for n in (names.user, names.item, names.semantic))
+        self._pattern = re.compile(
+            rf"<(?:(?P<user>{user})|(?P<item>{item})|{sem}(?P<level>\d+))_(?P<index>\d+)>"
+        )
+
+    # ------------------------------------------------------------------ ids
+    def __repr__(self) -> str:
+        return (
+            f"RecVocab(base_size={self.base_size}, n_users={self.n_users}, n_items={self.n_items}, "
+            f"semantic_codebooks={self.semantic_codebooks}, total_size={self.total_size})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RecVocab) and self.to_dict() == other.to_dict()
+
+    @property
+    def n_semantic(self) -> int:
+        return int(self._level_starts[-1])
+
+    def family_range(self, name: str) -> range:
+        """Token ids of one family (``user``, ``item`` or ``semantic``); empty when absent."""
+        if name == "user":
+            return range(self._user_start, self._item_start)
+        if name == "item":
+            return range(self._item_start, self._sem_start)
+        if name == "semantic":
+            return range(self._sem_start, self.total_size)
+        raise ValueError(f"unknown token family {name!r}; expected one of {FAMILIES}")
+
+    def families(self) -> dict[str, range]:
+        """The families present (non-empty), in id order."""
+        return {name: self.family_range(name) for name in FAMILIES if len(self.family_range(name))}
+
+    def level_range(self, level: int) -> range:
+        """Token ids of one semantic level."""
+        if not 0 <= level < len(self.semantic_codebooks):
+            raise ValueError(f"semantic level {level} out of range (levels: {len(self.semantic_codebooks)})")
+        start = self._sem_start + int(self._level_starts[level])
+        return range(start, start + self.semantic_codebooks[level])
+
+    def user_token(self, u: int) -> int:
+        if not 0 <= u < self.n_users:
+            raise ValueError(f"user index {u} out of range [0, {self.n_users})")
+        return self._user_start + u
+
+    def item_token(self, i: int) -> int:
+        if not 0 <= i < self.n_items:
+            raise ValueError(f"item index {i} out of range [0, {self.n_items})")
+        return self._item_start + i
+
+    def semantic_token(self, level: int, code: int) -> int:
+        levels = self.level_range(level)
+        if not 0 <= code < len(levels):
+            raise ValueError(f"code {code} out of range [0, {len(levels)}) at semantic level {level}")
+        return levels.start + code
+
+    def semantic_tokens(self, codes: Sequence[int]) -> list[int]:
+        """Token ids of one item's code tuple (level 0 first); negative codes are padding and skipped."""
+        return [self.semantic_token(level, int(c)) for level, c in enumerate(codes) if c >= 0]
+
+    # ------------------------------------------------------------ placeholders
+    def placeholder(self, token_id: int) -> str:
+        """The placeholder text of a new token id (``<user_3>``, ``<item_7>``, ``<s0_12>``)."""
+        n = self.names
+        if self._user_start <= token_id < self._item_start:
+            return f"<{n.user}_{token_id - self._user_start}>"
+        if self._item_start <= token_id < self._sem_start:
+            return f"<{n.item}_{token_id - self._item_start}>"
+        if self._sem_start <= token_id < self.total_size:
+            offset = token_id - self._sem_start
+            level = int(np.searchsorted(self._level_starts, offset, side="right")) - 1
+            return f"<{n.semantic}{level}_{offset - int(self._level_starts[level])}>"
+        raise ValueError(
+            f"token id {token_id} is not an ID token (range [{self.base_size}, {self.total_size}))"
+        )
+
+    def placeholders(self) -> list[str]:
+        """Every placeholder in id order (for the export path; O(total new tokens))."""
+        return [self.placeholder(t) for t in range(self.base_size, self.total_size)]
+
+    def _placeholder_id(self, match: re.Match) -> int:
+        index = int(match["index"])
+        try:
+            if match["user"] is not None:
+                return self.user_token(index)
+            if match["item"] is not None:
+                return self.item_token(index)
+            return self.semantic_token(int(match["level"]), index)
+        except ValueError as err:
+            raise ValueError(f"placeholder {match[0]!r}: {err}") from None
+
+    def _split(self, text: str) -> list[str | int]:
+        """Text -> word parts (str, whitespace rules applied) and new token ids (int), in order."""
+        parts: list[str | int] = []
+        pos = 0
+        for match in self._pattern.finditer(text):
+            words = text[pos : match.start()].rstrip()
+            if words:
+                parts.append(words)
+            parts.append(self._placeholder_id(match))
+            pos = match.end()
+        words = text[pos:]
+        if words and not (pos and words.isspace()):
+            parts.append(words)
+        return parts
+
+    def encode(self, text: str, tokenizer: Any) -> list[int]:
+        """Token ids of a text with placeholders; the tokenizer sees only the word parts."""
+        return self.encode_batch([text], tokenizer)[0]
+
+    def encode_batch(self, texts: Iterable[str], tokenizer: Any) -> list[list[int]]:
+        """Like :meth:`encode` for many texts, with all word parts tokenized in one call (fast path)."""
+        split = [self._split(text) for text in texts]
+        words = [p for parts in split for p in parts if isinstance(p, str)]
+        encoded = iter(_tokenize(tokenizer, words))
+        return [
+            [t for p in parts for t in ((p,) if isinstance(p, int) else next(encoded))] for parts in split
+        ]
+
+    def decode(self, ids: Iterable[int], tokenizer: Any, **decode_kwargs: Any) -> str:
+        """Ids -> text: base runs through ``tokenizer.decode``, new ids as placeholders.
+
+        A placeholder is separated from what precedes it by one space, so ``decode(encode(t))``
+        gives ``t`` for texts written in that canonical form.
+        """
+        out: list[str] = []
+        run: list[int] = []
+
+        def flush() -> None:
+            if run:
+                out.append(tokenizer.decode(run, **decode_kwargs))
+                run.clear()
+
+        for t in ids:
+            t = int(t)
+            if t < self.base_size:
+                run.append(t)
+                continue
+            flush()
+            if out and not out[-1][-1:].isspace():
+                out.append(" ")
+            out.append(self.placeholder(t))
+        flush()
+        return "".join(out)
+
+    # ------------------------------------------------------------- save/load
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "base_size": self.base_size,
+            "n_users": self.n_users,
+            "n_items": self.n_items,
+            "semantic_codebooks": list(self.semantic_codebooks),
+            "names": dataclasses.asdict(self.names),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RecVocab:
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"unsupported RecVocab format_version {data.get('format_version')!r}")
+        return cls(
+            data["base_size"],
+            data["n_users"],
+            data["n_items"],
+            data["semantic_codebooks"],
+            TokenNames(**data["names"]),
+        )
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``rec_vocab.json`` into ``directory`` (created if needed) atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / VOCAB_FILE
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".rec_vocab.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> RecVocab:
+        path = Path(directory) / VOCAB_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return cls.from_dict(data)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{path}: no RecVocab saved here") from err
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}: invalid RecVocab file: {err}") from err
+
+
+def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of many texts in one call, without special tokens."""
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+
+
+class RecEmbedding(nn.Module):
+    """Frozen base embedding table + one trainable table per ID-token family.
+
+    The base module is held by reference and deliberately not registered as a submodule: it
+    belongs to the backbone (which moves/casts it), and keeping it out of this module's
+    ``state_dict`` keeps saved/exported weights to the new tables only (and avoids saving the
+    same tensor twice). ``forward`` is loop- and sync-free: one lookup per family, merged with
+    ``torch.where``.
+
+    Init options (``init``):
+      - ``"normal"``: every table ~ N(0, std²), ``std`` defaulting to the std of the base table.
+      - ``"title_mean"``: item rows = mean base embedding of the item's title tokens (needs
+        ``titles`` and ``tokenizer``), other tables normal.
+      - ``"semantic_sum"``: item rows = sum of the item's semantic code embeddings (needs
+        ``item_index``, anything with ``.codes`` of shape (n_items, levels), -1 = padding).
+    """
+
+    def __init__(
+        self,
+        base: nn.Embedding,
+        vocab: RecVocab,
+        init: str = "normal",
+        *,
+        std: float | None = None,
+        titles: Sequence[str] | None = None,
+        tokenizer: Any = None,
+        item_index: Any = None,
+        dtype: torch.dtype = torch.float32,
+        freeze_base: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if base.weight.shape[0] != vocab.base_size:
+            raise ValueError(
+                f"base table has {base.weight.shape[0]} rows but vocab.base_size={vocab.base_size}"
+            )
+        object.__setattr__(self, "_base", base)  # a reference, not a submodule (see class docstring)
+        if freeze_base:
+            base.weight.requires_grad_(False)
+        self.vocab = vocab
+        hidden = base.weight.shape[1]
+        device = base.weight.device
+        self.tables = nn.ModuleDict(
+            {
+                name: nn.Embedding(len(ids), hidden, device=device, dtype=dtype)
+                for name, ids in vocab.families().items()
+            }
+        )
+        self.reset_parameters(
+            init, std=std, titles=titles, tokenizer=tokenizer, item_index=item_index, seed=seed
+        )
+
+    @property
+    def base(self) -> nn.Embedding:
+        return self._base
+
+    def family_weight(self, name: str) -> torch.Tensor:
+        """The trainable table of one family (rows in family order: user u is row u)."""
+        if name not in self.tables:
+            raise ValueError(f"no {name!r} table; families present: {list(self.tables)}")
+        return self.tables[name].weight
+
+    @torch.no_grad()
+    def reset_parameters(
+        self,
+        init: str = "normal",
+        *,
+        std: float | None = None,
+        titles: Sequence[str] | None = None,
+        tokenizer: Any = None,
+        item_index: Any = None,
+        seed: int = 0,
+    ) -> None:
+        """(Re)initialise the family tables; see the class docstring for the options."""
+        if init not in ("normal", "title_mean", "semantic_sum"):
+            raise ValueError(f"unknown init {init!r}; expected normal, title_mean or semantic_sum")
+        base_w = self.base.weight
+        if std is None:
+            std = float(base_w.float().std())
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        for table in self.tables.values():
+            # draw on CPU so the same seed gives the same numbers on every device
+            table.weight.copy_(torch.randn(table.weight.shape, generator=gen) * std)
+        if init == "title_mean":
+            if titles is None or tokenizer is None:
+                raise ValueError("init='title_mean' needs titles and tokenizer")
+            self._init_items_from_titles(titles, tokenizer)
+        elif init == "semantic_sum":
+            if item_index is None:
+                raise ValueError("init='semantic_sum' needs item_index")
+            self._init_items_from_codes(item_index)
+
+    def _item_table(self) -> torch.Tensor:
+        if "item" not in self.tables:
+            raise ValueError("the vocabulary has no item tokens to initialise")
+        return self.tables["item"].weight
+
+    def _init_items_from_titles(self, titles: Sequence[str], tokenizer: Any) -> None:
+        item_w = self._item_table()
+        if len(titles) != item_w.shape[0]:
+            raise ValueError(f"{len(titles)} titles for {item_w.shape[0]} items")
+        ids = _tokenize(tokenizer, list(titles))
+        lengths = torch.tensor([len(x) for x in ids])
+        flat = torch.tensor([t for x in ids for t in x], dtype=torch.long, device=item_w.device)
+        if len(flat) and int(flat.max()) >= self.vocab.base_size:
+            raise ValueError("title tokens fall outside the base vocabulary")
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]]).to(item_w.device)
+        means = F.embedding_bag(flat, self.base.weight.float(), offsets, mode="mean")
+        has_title = (lengths > 0).to(item_w.device)  # empty titles keep their normal init
+        item_w.copy_(torch.where(has_title[:, None], means.to(item_w.dtype), item_w))
+
+    def _init_items_from_codes(self, item_index: Any) -> None:
+        item_w = self._item_table()
+        if "semantic" not in self.tables:
+            raise ValueError("init='semantic_sum' needs semantic tokens in the vocabulary")
+        codes = torch.as_tensor(np.asarray(item_index.codes), dtype=torch.long)
+        if codes.ndim != 2 or codes.shape[0] != item_w.shape[0]:
+            raise ValueError(
+                f"item_index.codes has shape {tuple(codes.shape)}, expected ({item_w.shape[0]}, levels)"
+            )
+        if codes.shape[1] > len(self.vocab.semantic_codebooks):
+            raise ValueError(
+                f"{codes.shape[1]} code levels but {len(self.vocab.semantic_codebooks)} in the vocab"
+            )
+        sizes = torch.tensor(self.vocab.semantic_codebooks[: codes.shape[1]])
+        if bool((codes >= sizes).any()):
+            raise ValueError("item_index.codes exceed the vocab's semantic codebook sizes")
+        level_starts = torch.as_tensor(self.vocab._level_starts[: codes.shape[1]], dtype=torch.long)
+        valid = codes >= 0
+        rows = torch.where(valid, codes + level_starts, 0).to(item_w.device)
+        sem = self.tables["semantic"].weight[rows] * valid.to(item_w.device)[..., None]
+        item_w.copy_(sem.sum(1))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings (..., hidden) in the base dtype; ids must lie in ``[0, vocab.total_size)``."""
+        out = self.base(torch.where(input_ids < self.vocab.base_size, input_ids, 0))
+        for name, table in self.tables.items():
+            ids = self.vocab.family_range(name)
+            inside = (input_ids >= ids.start) & (input_ids < ids.stop)
+            rows = table((input_ids - ids.start).clamp(0, len(ids) - 1))
+            out = torch.where(inside[..., None], rows.to(out.dtype), out)
+        return out
+
+    @torch.no_grad()
+    def full_weight(self) -> torch.Tensor:
+        """The base table and every family table stacked in id order: (total_size, hidden)."""
+        parts = [self.base.weight] + [t.weight.to(self.base.weight.dtype) for t in self.tables.values()]
+        return torch.cat(parts)
+
+
+def export_plain_model(
+    model: Any,
+    tokenizer: Any,
+    vocab: RecVocab,
+    rec_embedding: RecEmbedding,
+    out_dir: str | Path,
+) -> Path:
+    """Write a plain HF model + tokenizer in which the ID tokens are ordinary added tokens.
+
+    For users who want ``AutoModelForCausalLM``/``AutoTokenizer`` only. ``model`` must be a plain
+    transformers model (merge LoRA first, e.g. ``peft_model.merge_and_unload()``); it is resized
+    in place to ``vocab.total_size`` rows and the new rows get the trained embeddings. If the
+    output embeddings are not tied to the input ones, their new rows get the same vectors (tied
+    initialisation). The tokenizer is copied and gets the placeholders as added tokens with the
+    ids of ``vocab`` (``lstrip=True``, matching :meth:`RecVocab.encode`); when the embedding
+    table is larger than ``len(tokenizer)`` the gap is filled with reserved tokens so ids line up.
+    Tokenizing through 100k+ added tokens is slow; the training path never does it.
+    """
+    from transformers import AddedToken
+
+    out_dir = Path(out_dir)
+    if len(tokenizer) > vocab.base_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but vocab.base_size={vocab.base_size}")
+    tokenizer = _copy_tokenizer(tokenizer)
+    reserved = [f"<|llmrec_reserved_{k}|>" for k in range(vocab.base_size - len(tokenizer))]
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in reserved])
+    tokenizer.add_tokens([AddedToken(p, lstrip=True, normalized=False) for p in vocab.placeholders()])
+    if len(tokenizer) != vocab.total_size:
+        raise ValueError(
+            f"tokenizer ended with {len(tokenizer)} tokens, expected {vocab.total_size} "
+            "(some placeholders already existed in it?)"
+        )
+    new_rows = torch.cat([t.weight.detach() for t in rec_embedding.tables.values()])
+    model.resize_token_embeddings(vocab.total_size, mean_resizing=False)
+    with torch.no_grad():
+        inp = model.get_input_embeddings().weight
+        inp[vocab.base_size :] = new_rows.to(inp)
+        outp = model.get_output_embeddings()
+        if outp is not None and outp.weight.data_ptr() != inp.data_ptr():
+            outp.weight[vocab.base_size :] = new_rows.to(outp.weight)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        vocab.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _copy_tokenizer(tokenizer: Any) -> Any:
+    """An independent copy (save + reload) so the caller's tokenizer keeps its fast path."""
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return AutoTokenizer.from_pretrained(tmp)
