@@ -16,3 +16,20 @@ def shared_dir() -> Path:
     if not (SHARED / "datasets" / "ml-100k").is_dir():
         pytest.skip(f"{SHARED} not found beside the checkout")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def ml100k_bundle(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ML-100K bundle on the fixed ml-100k-random split, built once per session (~2 s)."""
+    from data_prep.build import BuildConfig, build
+
+    out = tmp_path_factory.mktemp("bundles") / "ml-100k"
+    return build(
+        BuildConfig(
+            format="recbole",
+            input=str(shared_dir / "datasets" / "ml-100k"),
+            split="presplit",
+            presplit=str(shared_dir / "benchmarks" / "ml-100k-random"),
+            out=str(out),
+        )
+    )

@@ -1,0 +1,107 @@
+"""The three corpora of the bundle as ``datasets.Dataset`` rows ``{kind, user, item, prompt, main}``.
+
+Placeholders are ``<user_{index}>`` / ``<item_{index}>`` with contiguous indices; ``-1`` marks a
+user or item column that does not apply to a row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from datasets import Dataset, Features, Value
+
+from data_prep.templates import Templates
+
+FEATURES = Features(
+    {
+        "kind": Value("string"),
+        "user": Value("int64"),
+        "item": Value("int64"),
+        "prompt": Value("string"),
+        "main": Value("string"),
+    }
+)
+CORPORA = ("collaborative", "content", "finetune")
+
+
+def _dataset(kind: list[str] | str, user, item, prompt: list[str], main: list[str]) -> Dataset:
+    n = len(prompt)
+    kinds = [kind] * n if isinstance(kind, str) else list(kind)
+    return Dataset.from_dict(
+        {
+            "kind": kinds,
+            "user": np.broadcast_to(np.asarray(user, dtype=np.int64), (n,)).tolist(),
+            "item": np.broadcast_to(np.asarray(item, dtype=np.int64), (n,)).tolist(),
+            "prompt": list(prompt),
+            "main": list(main),
+        },
+        features=FEATURES,
+    )
+
+
+def _histories(train: pd.DataFrame) -> pd.Series:
+    """user -> placeholders of the user's rows joined by spaces, in the frame's (time) order."""
+    placeholders = "<item_" + train["item"].astype(str) + ">"
+    return placeholders.groupby(train["user"].to_numpy(), sort=True).agg(" ".join)
+
+
+def _time_sorted(train: pd.DataFrame) -> pd.DataFrame:
+    order = np.lexsort((np.arange(len(train)), train["timestamp"].to_numpy(), train["user"].to_numpy()))
+    return train.iloc[order]
+
+
+def collaborative_corpus(train: pd.DataFrame, templates: Templates) -> Dataset:
+    """One document per user with training items: its training items in time order."""
+    histories = _histories(_time_sorted(train))
+    prompts = [templates.collaborative.format(user=u) for u in histories.index]
+    return _dataset("collaborative", histories.index.to_numpy(), -1, prompts, histories.tolist())
+
+
+def finetune_corpus(train: pd.DataFrame, templates: Templates, seed: int, keep: float = 0.8) -> Dataset:
+    """One example per user: a seeded ``keep`` share (at least one) of training items in the prompt,
+    all training items as the multinomial target. Training re-draws this mask every epoch."""
+    train = _time_sorted(train)
+    users = train["user"].to_numpy()
+    counts = np.bincount(users)
+    key = np.random.default_rng([seed, 1]).random(len(train))
+    by_key = np.lexsort((key, users))
+    rank = np.empty(len(train), dtype=np.int64)
+    rank[by_key] = np.arange(len(train)) - (np.cumsum(counts) - counts)[users[by_key]]
+    n_keep = np.maximum(1, np.floor(counts * keep + 0.5).astype(np.int64))
+    history = _histories(train[rank < n_keep[users]])
+    target = _histories(train)
+    prompts = [
+        templates.finetune.format(user=u, history=h) for u, h in zip(history.index, history, strict=True)
+    ]
+    return _dataset("finetune", target.index.to_numpy(), -1, prompts, target.tolist())
+
+
+def content_corpus(
+    templates: Templates,
+    item_text: list[str],
+    user_text: list[str],
+    reviews: pd.DataFrame | None = None,
+) -> Dataset:
+    """Reviews (``user``, ``item``, ``text`` indexed rows) when there are any; otherwise one
+    document per item and per user that has a non-empty description."""
+    if reviews is not None and len(reviews):
+        prompts = [
+            templates.review.format(user=u, item=i)
+            for u, i in zip(reviews["user"], reviews["item"], strict=True)
+        ]
+        return _dataset(
+            "review",
+            reviews["user"].to_numpy(),
+            reviews["item"].to_numpy(),
+            prompts,
+            reviews["text"].tolist(),
+        )
+    items = [i for i, text in enumerate(item_text) if text]
+    users = [u for u, text in enumerate(user_text) if text]
+    return _dataset(
+        ["item"] * len(items) + ["user"] * len(users),
+        np.array([-1] * len(items) + users, dtype=np.int64),
+        np.array(items + [-1] * len(users), dtype=np.int64),
+        [templates.item.format(item=i) for i in items] + [templates.user.format(user=u) for u in users],
+        [item_text[i] for i in items] + [user_text[u] for u in users],
+    )

@@ -1,0 +1,98 @@
+"""Interaction filtering (rating threshold, duplicates, k-core) and contiguous id maps."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from data_prep.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+def apply_threshold(df: pd.DataFrame, threshold: float | None) -> pd.DataFrame:
+    """Keep interactions rated at least ``threshold``; ``None`` keeps all (implicit feedback)."""
+    if threshold is None:
+        return df
+    return df[df["rating"] >= threshold]
+
+
+def drop_duplicates(df: pd.DataFrame) -> pd.DataFrame:
+    """Collapse repeated (user, item) pairs to the latest one (by timestamp, then file order)."""
+    order = np.lexsort((np.arange(len(df)), df["timestamp"].to_numpy()))
+    latest = df.iloc[order].drop_duplicates(["user", "item"], keep="last")
+    return latest.sort_index(kind="stable")
+
+
+def k_core(df: pd.DataFrame, k: int) -> pd.DataFrame:
+    """Iteratively drop users and items with fewer than ``k`` interactions until none are left."""
+    if k <= 1:
+        return df
+    while True:
+        user_counts = df["user"].map(df["user"].value_counts())
+        item_counts = df["item"].map(df["item"].value_counts())
+        keep = (user_counts >= k) & (item_counts >= k)
+        if keep.all():
+            return df
+        df = df[keep.to_numpy()]
+
+
+def sorted_ids(values: pd.Series | np.ndarray) -> list[str]:
+    """Unique raw ids in a stable order: numeric order when every id is a number, else lexical."""
+    unique = pd.unique(pd.Series(values, dtype=str))
+    if all(v.isdigit() for v in unique):
+        return sorted(unique, key=lambda v: (int(v), v))
+    return sorted(unique)
+
+
+def encode(values: pd.Series, ids: list[str]) -> np.ndarray:
+    """Raw ids -> contiguous indices (``-1`` for ids not in ``ids``)."""
+    return pd.Categorical(values, categories=ids).codes.astype("int64")
+
+
+def align_metadata(
+    meta: pd.DataFrame | None,
+    key: str,
+    ids: list[str],
+    known: set[str],
+    path: Path | None,
+    text: pd.Series | None,
+) -> tuple[list[str], list[str]]:
+    """Titles and texts in index order for ``ids``.
+
+    A metadata row whose id never occurs in the raw interactions (``known``) is an error: it usually
+    means a mismatched file. Rows for ids that occur but were filtered away (threshold, k-core) are
+    dropped silently. Ids without metadata get an empty text (and their raw id as title) and are
+    counted in one warning.
+    """
+    n = len(ids)
+    if meta is None:
+        return list(ids), [""] * n
+    unknown = ~meta[key].isin(known)
+    if unknown.any():
+        line = int(meta.index[int(np.argmax(unknown.to_numpy()))])
+        raise DataError(
+            f"metadata for {key} {meta[key].loc[line]!r}, which has no interactions "
+            f"({int(unknown.sum())} such rows in total)",
+            file=path,
+            line=line,
+            field=key,
+        )
+    codes = encode(meta[key], ids)
+    present = codes >= 0
+    titles = np.array(ids, dtype=object)
+    texts = np.full(n, "", dtype=object)
+    if "title" in meta:
+        found = meta["title"].to_numpy(dtype=object)[present]
+        titles[codes[present]] = np.where(found != "", found, titles[codes[present]])
+    if text is not None:
+        texts[codes[present]] = text.to_numpy(dtype=object)[present]
+    missing = n - int(present.sum())
+    if missing:
+        logger.warning(
+            "%d of %d %ss have no metadata in %s (empty text, raw id as title)", missing, n, key, path
+        )
+    return titles.tolist(), texts.tolist()
