@@ -1,0 +1,139 @@
+"""From a dataset bundle to what the recommender trains and is evaluated on.
+
+Pretraining reads the bundle's collaborative and content corpora; finetuning and evaluation render
+the bundle's finetune template from each user's chronological training history, so the prompt that
+is scored at test time is exactly the one the model was finetuned on (with every training item).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import numpy as np
+import torch
+
+from data_prep import Bundle
+from llmrec.collate import TASKS, FinetuneDataset, FinetunePrompts, PretrainDataset, TaskMixture, collate
+from llmrec.metrics import evaluate_scorer
+from llmrec.model import CLLM4Rec, ItemSoftmax
+
+PRETRAIN_CORPORA = ("collaborative", "content")
+
+
+def train_histories(bundle: Bundle) -> list[list[int]]:
+    """Every user's training items, oldest first (ties keep the bundle's order)."""
+    frame = bundle.interactions("train").sort_values(["user", "timestamp"], kind="stable")
+    histories: list[list[int]] = [[] for _ in range(bundle.n_users)]
+    users, items = frame["user"].to_numpy(), frame["item"].to_numpy()
+    bounds = np.flatnonzero(np.diff(users)) + 1
+    for chunk_users, chunk_items in zip(np.split(users, bounds), np.split(items, bounds), strict=True):
+        if len(chunk_users):
+            histories[int(chunk_users[0])] = chunk_items.tolist()
+    return histories
+
+
+def prompts_for(bundle: Bundle, model: CLLM4Rec) -> FinetunePrompts:
+    return FinetunePrompts(
+        model.vocab, model.tokenizer, bundle.templates.finetune, max_tokens=model.config.max_doc_tokens
+    )
+
+
+def pretrain_dataset(
+    bundle: Bundle, model: CLLM4Rec, seed: int, corpora: Sequence[str] = PRETRAIN_CORPORA
+) -> PretrainDataset:
+    rows = [row for name in corpora for row in bundle.corpus(name)]
+    return PretrainDataset(
+        rows, model.vocab, model.tokenizer, seed=seed, max_tokens=model.config.max_doc_tokens
+    )
+
+
+def finetune_dataset(
+    bundle: Bundle,
+    model: CLLM4Rec,
+    seed: int,
+    mask_ratio: float = 0.2,
+    target: str = "all",
+    with_content: bool = True,
+) -> FinetuneDataset | TaskMixture:
+    """Masked-history examples; with ``with_content`` the content corpus keeps the content view (and the
+    mutual regulariser) training alongside, as in CLLM4Rec's finetuning."""
+    examples = FinetuneDataset(
+        train_histories(bundle), prompts_for(bundle, model), seed=seed, mask_ratio=mask_ratio, target=target
+    )
+    if not with_content:
+        return examples
+    return TaskMixture(examples, pretrain_dataset(bundle, model, seed, corpora=("content",)))
+
+
+class PromptScorer:
+    """Scores the whole catalogue for users from prompts that hold all their training items.
+
+    One forward pass per user (batched): the hidden state at the prompt's last position goes through the
+    item head. Users are processed in the order given; callers exclude seen items themselves.
+    """
+
+    def __init__(
+        self,
+        model: CLLM4Rec,
+        prompts: FinetunePrompts,
+        histories: Sequence[Sequence[int]],
+        batch_size: int = 32,
+    ):
+        self.model, self.prompts, self.histories, self.batch_size = model, prompts, histories, batch_size
+        self.device = next(p for p in model.parameters() if p.requires_grad).device
+
+    @torch.no_grad()
+    def __call__(self, users: np.ndarray) -> torch.Tensor:
+        self.model.eval()
+        scores = []
+        for start in range(0, len(users), self.batch_size):
+            chunk = users[start : start + self.batch_size]
+            batch = collate(
+                [
+                    {
+                        "task": TASKS.index("finetune"),
+                        "input_ids": self.prompts.encode(int(u), self.histories[int(u)]),
+                    }
+                    for u in chunk
+                ],
+                pad_token_id=self.model.tokenizer.pad_token_id or 0,
+            )
+            ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+            scores.append(self.model.score_items(ids, mask).cpu())
+        return torch.cat(scores)
+
+
+def scorer_for(bundle: Bundle, model: CLLM4Rec, batch_size: int = 32) -> PromptScorer:
+    return PromptScorer(model, prompts_for(bundle, model), train_histories(bundle), batch_size=batch_size)
+
+
+def item_softmax(
+    bundle: Bundle, mode: str = "full", chunk_size: int = 65536, num_samples: int = 8192
+) -> ItemSoftmax:
+    """The finetuning softmax; the sampled one draws negatives by training popularity (its log q)."""
+    log_q = None
+    if mode == "sampled":
+        counts = np.asarray(bundle.matrix("train").sum(axis=0)).ravel() + 1.0
+        log_q = torch.log(torch.as_tensor(counts / counts.sum(), dtype=torch.float32))
+    return ItemSoftmax(mode, chunk_size=chunk_size, num_samples=num_samples, log_q=log_q)
+
+
+def with_selection_metric(metrics: dict[str, float]) -> dict[str, float]:
+    """Add CLLM4Rec's model-selection score, recall@20 + recall@40 + ndcg@100, where those are present."""
+    if all(key in metrics for key in ("recall@20", "recall@40", "ndcg@100")):
+        metrics["cllm4rec"] = metrics["recall@20"] + metrics["recall@40"] + metrics["ndcg@100"]
+    return metrics
+
+
+def evaluate_model(
+    bundle: Bundle, model: CLLM4Rec, split: str, batch_size: int = 64, **kwargs
+) -> dict[str, float]:
+    """Full-catalogue metrics of ``model`` on ``split`` (seen items excluded), one forward pass per user."""
+    return with_selection_metric(
+        evaluate_scorer(scorer_for(bundle, model, batch_size), bundle, split, batch_size=batch_size, **kwargs)
+    )
+
+
+def validation_fn(bundle: Bundle, batch_size: int = 64) -> Callable[[CLLM4Rec], dict[str, float]]:
+    return partial(evaluate_model, bundle, split="valid", batch_size=batch_size, progress=False)

@@ -1,0 +1,354 @@
+"""The CLLM4Rec recommender: a frozen causal LM with LoRA, two views of every user and item, an item head.
+
+Every user and item has a *collaborative* and a *content* embedding (two `RecEmbedding` tables over the
+same frozen word embeddings). The collaborative view reads interaction documents and is scored over item
+tokens only; the content view reads text and is scored over the word vocabulary only; a mutual
+regulariser pulls the two views of each ID token together (Zhu et al., "Collaborative Large Language
+Model for Recommender Systems", WWW 2024). Finetuning puts a multinomial head on the last prompt
+position that scores the whole catalogue in one forward pass.
+
+Every loss method returns ``(sum, count)`` rather than a mean, so that the training loop can divide by the
+count summed over all processes: the gradient of a batch split over N processes then equals the
+gradient of the whole batch on one, exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import safetensors
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from llmrec.backbone import BackboneConfig, load_backbone
+from llmrec.collate import IGNORE, TASKS
+from llmrec.tokens import RecEmbedding, RecVocab
+
+VIEWS = ("collab", "content")
+
+
+@dataclass
+class ModelConfig:
+    """How the recommender is built on a backbone (the backbone itself is a `BackboneConfig`)."""
+
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={
+            "help": "comma-separated module names, 'all-linear', or empty for peft's per-architecture default"
+        },
+    )
+    lora_per_view: bool = field(
+        default=False,
+        metadata={"help": "one LoRA adapter per view (collab, content) instead of one shared adapter"},
+    )
+    embedding_init: str = field(default="normal", metadata={"help": "ID-token init: normal | title_mean"})
+    embedding_init_std: float | None = field(
+        default=None, metadata={"help": "std for normal init (default: the word embeddings' std)"}
+    )
+    mutual_reg: float = field(
+        default=1.0, metadata={"help": "lambda of the mutual regulariser; 0 turns it off"}
+    )
+    head: str = field(
+        default="tied",
+        metadata={"help": "item head: tied (to collaborative item embeddings) | untied (own weights + bias)"},
+    )
+    max_doc_tokens: int = field(
+        default=512, metadata={"help": "longest document fed to the LM (prompt + main)"}
+    )
+
+    def lora_config(self) -> LoraConfig:
+        targets: str | list[str] | None = None
+        if self.lora_target_modules:
+            targets = self.lora_target_modules
+            if targets != "all-linear":
+                targets = [name.strip() for name in targets.split(",") if name.strip()]
+        return LoraConfig(
+            r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, target_modules=targets
+        )
+
+
+class CLLM4Rec(nn.Module):
+    """Backbone + LoRA + collaborative/content ID embeddings + item head.
+
+    Only LoRA weights, the ID-token tables and (untied) head are trainable; the backbone is frozen.
+    """
+
+    def __init__(
+        self,
+        lm: nn.Module,
+        tokenizer,
+        vocab: RecVocab,
+        config: ModelConfig,
+        backbone: BackboneConfig,
+        item_titles: list[str] | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.config, self.backbone = config, backbone
+        self.vocab = vocab
+        self.tokenizer = tokenizer
+        if isinstance(lm, PeftModel):
+            self.lm = lm
+        else:
+            lora = config.lora_config()
+            self.lm = get_peft_model(lm, lora, adapter_name=VIEWS[0])
+            if config.lora_per_view:
+                self.lm.add_adapter(VIEWS[1], lora)
+        causal_lm = self.lm.get_base_model()
+        self.decoder = causal_lm.base_model  # the transformer without the LM head
+        self.lm_head = causal_lm.get_output_embeddings()
+        base = causal_lm.get_input_embeddings()
+        init = dict(
+            init=config.embedding_init, std=config.embedding_init_std, titles=item_titles, tokenizer=tokenizer
+        )
+        self.collab = RecEmbedding(base, vocab, seed=seed, **init)
+        self.content = RecEmbedding(base, vocab, seed=seed + 1, **init)
+        if config.head == "untied":
+            self.head_weight = nn.Parameter(self.collab.family_weight("item").detach().clone())
+            self.head_bias = nn.Parameter(torch.zeros(vocab.n_items))
+        elif config.head != "tied":
+            raise ValueError(f"unknown head {config.head!r}: expected 'tied' or 'untied'")
+        self.item_softmax = ItemSoftmax()  # recipes swap in chunked or sampled softmax for huge catalogues
+
+    # ------------------------------------------------------------------ building blocks
+    @classmethod
+    def from_config(
+        cls,
+        config: ModelConfig,
+        backbone: BackboneConfig,
+        n_users: int,
+        n_items: int,
+        item_titles: list[str] | None = None,
+        seed: int = 0,
+    ) -> CLLM4Rec:
+        """Load the backbone, freeze it, add LoRA and fresh ID-token tables for ``n_users`` x ``n_items``."""
+        lm, tokenizer = load_backbone(backbone)
+        if backbone.load_in_4bit or backbone.load_in_8bit:
+            from peft import prepare_model_for_kbit_training
+
+            lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
+        for param in lm.parameters():
+            param.requires_grad_(False)
+        vocab = RecVocab(
+            base_size=lm.get_input_embeddings().weight.shape[0], n_users=n_users, n_items=n_items
+        )
+        return cls(lm, tokenizer, vocab, config, backbone, item_titles=item_titles, seed=seed)
+
+    def embedding(self, view: str) -> RecEmbedding:
+        return self.collab if view == "collab" else self.content
+
+    @contextlib.contextmanager
+    def _adapter(self, view: str) -> Iterator[None]:
+        if self.config.lora_per_view:
+            self.lm.set_adapter(view)
+        yield
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, view: str) -> torch.Tensor:
+        """Last-layer hidden states (batch, time, hidden) with ID tokens embedded by ``view``."""
+        embeds = self.embedding(view)(input_ids)
+        with self._adapter(view):
+            out = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+
+    def item_weight(self) -> torch.Tensor:
+        return self.head_weight if self.config.head == "untied" else self.collab.family_weight("item")
+
+    def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Scores of every catalogue item from hidden states (..., hidden) -> (..., n_items)."""
+        weight = self.item_weight()
+        logits = hidden.to(weight.dtype) @ weight.T
+        if self.config.head == "untied":
+            logits = logits + self.head_bias
+        return logits
+
+    # ------------------------------------------------------------------ losses
+    def mutual_regularization(self, input_ids: torch.Tensor, view: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """lambda * ||e_view - sg(e_other)||^2 summed over the ID-token positions of the batch."""
+        mask = input_ids >= self.vocab.base_size  # every ID-token family lies above the word vocabulary
+        count = mask.sum()
+        if self.config.mutual_reg == 0 or count == 0:
+            return input_ids.new_zeros((), dtype=torch.float32), count
+        ids = input_ids[mask]
+        other = "content" if view == "collab" else "collab"
+        mine = self.embedding(view)(ids).float()
+        with torch.no_grad():
+            theirs = self.embedding(other)(ids).float()
+        return self.config.mutual_reg * (mine - theirs).pow(2).sum(), count
+
+    def collaborative_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-item NLL over item tokens only, at the positions whose next token is a main-text item."""
+        hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"], "collab")
+        mask = batch["labels"] != IGNORE
+        logits = self.item_logits_for_lm(hidden[mask])
+        return F.cross_entropy(logits.float(), batch["labels"][mask], reduction="sum"), mask.sum()
+
+    def item_logits_for_lm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The collaborative LM is always scored by the tied item embeddings (CLLM4Rec), whatever the head."""
+        weight = self.collab.family_weight("item")
+        return hidden.to(weight.dtype) @ weight.T
+
+    def content_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-word NLL over the word vocabulary, on main-text positions only."""
+        hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"], "content")
+        mask = batch["labels"] != IGNORE
+        logits = self.lm_head(hidden[mask])
+        return F.cross_entropy(logits.float(), batch["labels"][mask], reduction="sum"), mask.sum()
+
+    def last_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Hidden state at each row's last real token (right padding)."""
+        hidden = self.hidden_states(input_ids, attention_mask, "collab")
+        last = attention_mask.sum(dim=1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+    def score_items(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """One forward pass per prompt scores the whole catalogue: (batch, n_items) logits."""
+        return self.item_logits(self.last_hidden(input_ids, attention_mask)).float()
+
+    def finetune_loss(
+        self, batch: dict[str, torch.Tensor], softmax: ItemSoftmax
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Multinomial NLL -sum_j y_j log softmax(logits)_j of each user's target items, summed over users."""
+        hidden = self.last_hidden(batch["input_ids"], batch["attention_mask"])
+        bias = self.head_bias if self.config.head == "untied" else None
+        nll = softmax(hidden, self.item_weight(), bias, batch["targets"])
+        return nll, torch.tensor(hidden.shape[0], device=hidden.device)
+
+    def forward(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Losses of a one-task batch as (lm_sum, lm_count, reg_sum, reg_count).
+
+        The forward of a DDP-wrapped module must be the entry point, so the task dispatch lives here.
+        """
+        task = TASKS[int(batch["task"][0])]
+        if task == "collaborative":
+            lm, view = self.collaborative_loss(batch), "collab"
+        elif task == "content":
+            lm, view = self.content_loss(batch), "content"
+        else:
+            lm, view = self.finetune_loss(batch, self.item_softmax), "collab"
+        return (*lm, *self.mutual_regularization(batch["input_ids"], view))
+
+    # ------------------------------------------------------------------ persistence
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only what training changes: LoRA weights, ID-token tables, head. The frozen backbone is rebuilt from its spec."""
+        names = {name for name, param in self.named_parameters() if param.requires_grad}
+        return {name: tensor for name, tensor in self.state_dict().items() if name in names}
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``config.json``, ``vocab.json`` and ``model.safetensors`` (trainable weights only)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {"model": asdict(self.config), "backbone": asdict(self.backbone)}
+        (directory / "config.json").write_text(json.dumps(config, indent=2))
+        self.vocab.save_pretrained(directory)
+        state = {
+            name: tensor.detach().contiguous().cpu() for name, tensor in self.trainable_state_dict().items()
+        }
+        save_file(state, str(directory / "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **backbone_overrides) -> CLLM4Rec:
+        """Rebuild the backbone from the saved spec and load the trained weights (safetensors, no pickle).
+
+        ``backbone_overrides`` change how the backbone is loaded (e.g. ``load_in_4bit``, ``cache_dir``).
+        """
+        directory = Path(directory)
+        saved = json.loads((directory / "config.json").read_text())
+        config = ModelConfig(**saved["model"])
+        backbone = BackboneConfig(**{**saved["backbone"], **backbone_overrides})
+        vocab = RecVocab.from_pretrained(directory)
+        model = cls.from_config(config, backbone, vocab.n_users, vocab.n_items)
+        model.load_trainable(directory / "model.safetensors")
+        return model
+
+    def load_trainable(self, path: str | Path) -> None:
+        """Load trained weights saved by `save_pretrained`, refusing any that do not fit this model."""
+        try:
+            state = load_file(str(path))
+        except (OSError, safetensors.SafetensorError) as err:
+            raise ValueError(f"{path}: cannot read trained weights ({err})") from err
+        expected = set(self.trainable_state_dict())
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise ValueError(
+                f"{path}: weights do not match this model (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+            )
+        current = self.trainable_state_dict()
+        for name, tensor in state.items():
+            if tensor.shape != current[name].shape:
+                raise ValueError(
+                    f"{path}: {name} has shape {tuple(tensor.shape)}, this model expects {tuple(current[name].shape)}"
+                )
+        self.load_state_dict(state, strict=False)
+
+
+class ItemSoftmax(nn.Module):
+    """Multinomial NLL over the catalogue: exact (optionally chunked) or sampled with logQ correction.
+
+    ``full`` materialises (batch, n_items) logits; ``chunked`` computes the same value with a running
+    log-sum-exp over item chunks so peak memory is (batch, chunk); ``sampled`` draws ``num_samples``
+    negatives from ``log_q`` (e.g. item popularity) shared by the batch and subtracts log q from their
+    logits (Bengio & Senecal; Yi et al. 2019) so the estimate of the softmax stays unbiased in the limit.
+    """
+
+    def __init__(
+        self,
+        mode: str = "full",
+        chunk_size: int = 65536,
+        num_samples: int = 8192,
+        log_q: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        if mode not in ("full", "chunked", "sampled"):
+            raise ValueError(f"unknown softmax mode {mode!r}: expected full, chunked or sampled")
+        if mode == "sampled" and log_q is None:
+            raise ValueError("sampled softmax needs log_q, the log sampling probability of every item")
+        self.mode, self.chunk_size, self.num_samples = mode, chunk_size, num_samples
+        self.register_buffer("log_q", log_q, persistent=False)
+
+    def forward(
+        self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """``targets``: (batch, max_targets) item indices padded with -1. Returns the summed NLL."""
+        hidden = hidden.to(weight.dtype)
+        valid = targets >= 0
+        safe = targets.clamp(min=0)
+        target_logits = torch.einsum("bh,bth->bt", hidden, weight[safe])
+        if bias is not None:
+            target_logits = target_logits + bias[safe]
+        if self.mode == "full":
+            logits = hidden @ weight.T + (bias if bias is not None else 0)
+            log_z = torch.logsumexp(logits.float(), dim=-1)
+        elif self.mode == "chunked":
+            parts = []
+            for start in range(0, weight.shape[0], self.chunk_size):
+                chunk = hidden @ weight[start : start + self.chunk_size].T
+                if bias is not None:
+                    chunk = chunk + bias[start : start + self.chunk_size]
+                parts.append(torch.logsumexp(chunk.float(), dim=-1))
+            log_z = torch.logsumexp(torch.stack(parts, dim=-1), dim=-1)
+        else:
+            negatives = torch.multinomial(self.log_q.exp(), self.num_samples, replacement=True)
+            neg_logits = hidden @ weight[negatives].T - self.log_q[negatives]
+            if bias is not None:
+                neg_logits = neg_logits + bias[negatives]
+            # each user's own targets join the normaliser (corrected by their own log q)
+            pos_logits = target_logits - self.log_q[safe]
+            pos_logits = pos_logits.masked_fill(~valid, float("-inf"))
+            # (1/S) sum exp(logit)/q estimates the partition function; the -log S only shifts the value
+            log_z = torch.logsumexp(torch.cat([neg_logits.float(), pos_logits.float()], dim=-1), dim=-1)
+            log_z = log_z - math.log(self.num_samples)
+        nll = (log_z.unsqueeze(1) - target_logits.float()) * valid
+        return nll.sum()

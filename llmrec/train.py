@@ -1,0 +1,302 @@
+"""The one training loop, shared by pretraining and finetuning, on top of accelerate.
+
+accelerate does devices, DDP/FSDP/DeepSpeed, mixed precision, gradient accumulation and checkpoint state;
+this file is the loop itself, readable top to bottom: batches -> losses -> backward -> step -> log ->
+checkpoint -> (evaluate, keep the best, stop early).
+
+Batches are *global*: the accelerator splits every batch over the processes (``split_batches=True``) and
+each loss is divided by its count summed over all processes, so N processes follow the same loss curve
+as one process with the same batch. Checkpoints hold only the trainable weights (LoRA, ID tables, head)
+plus accelerate's optimizer/scheduler/RNG state, and resuming continues the exact same run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from llmrec.collate import TASKS, TaskBucketSampler, collate
+from llmrec.config import to_dict
+from llmrec.log import get_logger
+from llmrec.model import CLLM4Rec
+
+logger = get_logger(__name__)
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = field(
+        default="runs/pretrain", metadata={"help": "run directory: checkpoints, metrics.jsonl, model/"}
+    )
+    seed: int = field(default=42, metadata={"help": "seeds weights init, shuffling, masking and dropout"})
+    epochs: int = field(default=1, metadata={"help": "passes over the training examples"})
+    max_steps: int = field(
+        default=-1, metadata={"help": "stop after this many optimizer steps (-1: run all epochs)"}
+    )
+    batch_size: int = field(
+        default=8, metadata={"help": "global batch (split over processes) per micro-step"}
+    )
+    grad_accum: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the LoRA weights"})
+    embedding_lr: float | None = field(
+        default=None, metadata={"help": "learning rate of ID-token tables and head (default: lr)"}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (LoRA weights only)"})
+    scheduler: str = field(
+        default="cosine",
+        metadata={"help": "a transformers scheduler name: linear, cosine, constant_with_warmup, ..."},
+    )
+    warmup_ratio: float = field(default=0.05, metadata={"help": "share of the steps spent warming up"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: off)"})
+    mixed_precision: str = field(default="no", metadata={"help": "no | bf16 | fp16"})
+    save_steps: int = field(
+        default=0, metadata={"help": "checkpoint every N optimizer steps (0: only at the end)"}
+    )
+    save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept"})
+    resume: bool = field(
+        default=False, metadata={"help": "continue from the latest checkpoint in output_dir"}
+    )
+    log_steps: int = field(default=10, metadata={"help": "log every N optimizer steps"})
+    tensorboard: bool = field(
+        default=False, metadata={"help": "also log to TensorBoard in output_dir/tensorboard"}
+    )
+    num_workers: int = field(default=0, metadata={"help": "DataLoader workers"})
+    patience: int = field(
+        default=0, metadata={"help": "stop after N evaluations without improvement (0: never)"}
+    )
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    return Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.grad_accum,
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        project_config=ProjectConfiguration(
+            project_dir=config.output_dir,
+            automatic_checkpoint_naming=True,
+            total_limit=config.save_total_limit,
+        ),
+        log_with="tensorboard" if config.tensorboard else None,
+        # steps that touch only one view leave the other view's tables without gradients
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+
+
+def param_groups(model: CLLM4Rec, config: TrainConfig) -> list[dict]:
+    lora, tables = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (lora if "lora_" in name else tables).append(param)
+    return [
+        {"params": lora, "lr": config.lr, "weight_decay": config.weight_decay},
+        {"params": tables, "lr": config.embedding_lr or config.lr, "weight_decay": 0.0},
+    ]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    folder = Path(output_dir) / "checkpoints"
+    found = (
+        sorted(folder.glob("checkpoint_*"), key=lambda path: int(path.name.split("_")[-1]))
+        if folder.is_dir()
+        else []
+    )
+    return next((path for path in reversed(found) if (path / STATE_FILE).exists()), None)
+
+
+def register_trainable_checkpointing(accelerator: Accelerator) -> None:
+    """Checkpoint only the trainable weights; the frozen backbone is rebuilt from its spec on resume."""
+
+    def save_hook(models, weights, output_dir):
+        for i, model in enumerate(models):
+            weights[i] = accelerator.unwrap_model(model).trainable_state_dict()
+
+    def load_hook(models, input_dir):
+        for model in models:
+            accelerator.unwrap_model(model).load_trainable(Path(input_dir) / "model.safetensors")
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def train(
+    model: CLLM4Rec,
+    dataset: Dataset,
+    config: TrainConfig,
+    accelerator: Accelerator,
+    evaluate: Callable[[CLLM4Rec], dict[str, float]] | None = None,
+    metric_for_best: str | None = None,
+) -> dict:
+    """Train ``model`` on ``dataset`` (rows of one or several TASKS); returns the final trainer state.
+
+    With ``evaluate``, the model is evaluated after every epoch, the best one by ``metric_for_best``
+    is saved in ``output_dir/best`` and training stops after ``config.patience`` epochs without progress.
+    """
+    out = Path(config.output_dir)
+    set_seed(config.seed)
+    sampler = TaskBucketSampler(dataset, config.batch_size, seed=config.seed)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=partial(collate, pad_token_id=model.tokenizer.pad_token_id or 0),
+        num_workers=config.num_workers,
+        generator=torch.Generator().manual_seed(config.seed),  # keep global RNG (dropout) untouched by loader
+    )
+    steps_per_epoch = math.ceil(len(loader) / config.grad_accum)
+    total_steps = config.max_steps if config.max_steps > 0 else config.epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(param_groups(model, config))
+    scheduler = get_scheduler(
+        config.scheduler,
+        optimizer,
+        num_warmup_steps=int(config.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    register_trainable_checkpointing(accelerator)
+
+    state = {"step": 0, "epoch": 0, "best": None, "best_step": None, "evals_without_improvement": 0}
+    if config.resume and (checkpoint := latest_checkpoint(out)) is not None:
+        accelerator.load_state(str(checkpoint))
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+        accelerator.project_configuration.iteration = int(checkpoint.name.split("_")[-1]) + 1
+        logger.info("resumed from %s at step %d", checkpoint, state["step"])
+    if config.tensorboard:
+        accelerator.init_trackers("tensorboard")
+
+    def checkpoint() -> None:
+        location = Path(accelerator.save_state())
+        if accelerator.is_main_process:
+            (location / STATE_FILE).write_text(json.dumps(state))
+        accelerator.wait_for_everyone()
+
+    metrics_file = out / "metrics.jsonl"
+    window = {task: [0.0, 0.0] for task in (*TASKS, "reg")}
+    tokens_seen, window_start = 0, time.perf_counter()
+    progress = tqdm(
+        total=total_steps, initial=state["step"], disable=not accelerator.is_main_process, desc="train"
+    )
+    world = accelerator.num_processes
+    model.train()
+    stop = state["step"] >= total_steps
+    while not stop:
+        epoch = state["epoch"]
+        sampler.set_epoch(epoch)
+        skip = (state["step"] - epoch * steps_per_epoch) * config.grad_accum
+        batches = accelerator.skip_first_batches(loader, skip) if skip > 0 else loader
+        for batch in batches:
+            with accelerator.accumulate(model):
+                task = TASKS[int(batch["task"][0])]
+                lm_sum, lm_count, reg_sum, reg_count = model(batch)
+                # divide by counts over all processes: DDP's gradient mean then equals the global per-token mean
+                lm_total = accelerator.reduce(lm_count.detach().float(), "sum").clamp(min=1)
+                reg_total = accelerator.reduce(reg_count.detach().float(), "sum").clamp(min=1)
+                loss = (lm_sum / lm_total + reg_sum / reg_total) * world
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            window[task][0] += accelerator.reduce(lm_sum.detach().float(), "sum").item()
+            window[task][1] += lm_total.item()
+            window["reg"][0] += accelerator.reduce(reg_sum.detach().float(), "sum").item()
+            window["reg"][1] += reg_total.item()
+            tokens_seen += int(accelerator.reduce(batch["attention_mask"].sum(), "sum").item())
+            if not accelerator.sync_gradients:
+                continue
+            state["step"] += 1
+            progress.update(1)
+            if state["step"] % config.log_steps == 0 or state["step"] == total_steps:
+                elapsed = time.perf_counter() - window_start
+                record = {
+                    "step": state["step"],
+                    "epoch": epoch,
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_s": tokens_seen / elapsed,
+                }
+                record.update({f"loss/{task}": s / n for task, (s, n) in window.items() if n > 0})
+                log_record(accelerator, metrics_file, record, state["step"])
+                progress.set_postfix(
+                    {k.split("/")[-1]: round(v, 4) for k, v in record.items() if k.startswith("loss/")}
+                )
+                window = {task: [0.0, 0.0] for task in window}
+                tokens_seen, window_start = 0, time.perf_counter()
+            if config.save_steps and state["step"] % config.save_steps == 0:
+                checkpoint()
+            if state["step"] >= total_steps:
+                stop = True
+                break
+        else:
+            state["epoch"] += 1
+            stop = stop or state["epoch"] >= config.epochs and config.max_steps <= 0
+        if evaluate is not None:
+            stop = (
+                evaluate_and_select(
+                    model, evaluate, metric_for_best, config, accelerator, state, metrics_file
+                )
+                or stop
+            )
+    progress.close()
+    checkpoint()
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(out / "model")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return state
+
+
+def evaluate_and_select(model, evaluate, metric_for_best, config, accelerator, state, metrics_file) -> bool:
+    """Evaluate, keep the best model in ``output_dir/best``; True when patience has run out."""
+    model.eval()
+    with torch.no_grad():
+        metrics = evaluate(accelerator.unwrap_model(model))
+    model.train()
+    log_record(
+        accelerator,
+        metrics_file,
+        {"step": state["step"], "epoch": state["epoch"], **{f"eval/{k}": v for k, v in metrics.items()}},
+        state["step"],
+    )
+    if metric_for_best is None:
+        return False
+    value = metrics[metric_for_best]
+    if state["best"] is None or value > state["best"]:
+        state.update(best=value, best_step=state["step"], evals_without_improvement=0)
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(model).save_pretrained(Path(config.output_dir) / "best")
+        accelerator.wait_for_everyone()
+        return False
+    state["evals_without_improvement"] += 1
+    return config.patience > 0 and state["evals_without_improvement"] >= config.patience
+
+
+def log_record(accelerator: Accelerator, path: Path, record: dict, step: int) -> None:
+    if accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        logger.info(
+            " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+        )
+    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+
+
+def save_run_config(accelerator: Accelerator, output_dir: str | Path, *configs) -> None:
+    """Record every knob of a run (``run_config.json``) so that it can be repeated and evaluated later."""
+    if accelerator.is_main_process:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "run_config.json").write_text(json.dumps(to_dict(*configs), indent=2))

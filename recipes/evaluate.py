@@ -1,0 +1,60 @@
+"""Evaluate a trained run on the full catalogue.
+
+    python recipes/evaluate.py --run runs/finetune --split test [--data DIR]
+
+Uses ``RUN/best`` when the run kept a best model, else ``RUN/model``; prints a table and merges the
+split's metrics into ``RUN/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data_prep import load_bundle
+from llmrec.config import parse_config
+from llmrec.data import evaluate_model
+from llmrec.log import setup_logging
+from llmrec.metrics import DEFAULT_KS, format_table, write_metrics_json
+from llmrec.model import CLLM4Rec
+
+
+@dataclass
+class EvaluateArgs:
+    run: str = field(
+        default="runs/finetune", metadata={"help": "run directory (recipes/finetune.py or pretrain.py)"}
+    )
+    data: str | None = field(
+        default=None, metadata={"help": "dataset bundle (default: the one the run trained on)"}
+    )
+    split: str = field(default="test", metadata={"help": "test | valid"})
+    batch_size: int = field(default=64, metadata={"help": "users per forward pass"})
+    ks: str = field(default=",".join(map(str, DEFAULT_KS)), metadata={"help": "comma-separated cut-offs"})
+
+
+def model_dir(run: Path) -> Path:
+    for name in ("best", "model"):
+        if (run / name / "config.json").exists():
+            return run / name
+    raise FileNotFoundError(f"{run}: no trained model (expected {run}/best or {run}/model with config.json)")
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    setup_logging()
+    (args,) = parse_config(EvaluateArgs, args=argv)
+    run = Path(args.run)
+    data = args.data or json.loads((run / "run_config.json").read_text())["data"]
+    model = CLLM4Rec.from_pretrained(model_dir(run))
+    ks = tuple(int(k) for k in args.ks.split(","))
+    metrics = evaluate_model(load_bundle(data), model, args.split, batch_size=args.batch_size, ks=ks)
+    columns = [f"{name}@{k}" for name in ("recall", "ndcg") for k in ks]
+    print(format_table({f"{run.name} ({args.split})": metrics}, columns))
+    path = run / "metrics.json"
+    previous = json.loads(path.read_text())["metrics"] if path.exists() else {}
+    write_metrics_json(path, {**previous, args.split: metrics}, run=str(run), data=str(data))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

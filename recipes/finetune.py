@@ -1,0 +1,95 @@
+"""CLLM4Rec recommendation-oriented finetuning: masked history -> multinomial item head.
+
+    accelerate launch recipes/finetune.py --config recipes/configs/ml-100k.yaml --init runs/pretrain [...]
+
+Validates after every epoch on the valid split, keeps the best model (output_dir/best) by
+``metric_for_best`` and stops after ``patience`` epochs without improvement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data_prep import load_bundle
+from llmrec.backbone import BackboneConfig
+from llmrec.config import parse_config
+from llmrec.data import finetune_dataset, item_softmax, validation_fn
+from llmrec.log import get_logger, setup_logging
+from llmrec.model import CLLM4Rec, ModelConfig
+from llmrec.train import TrainConfig, make_accelerator, save_run_config, train
+
+logger = get_logger("finetune")
+
+
+@dataclass
+class FinetuneArgs:
+    data: str = field(default="data/ml-100k", metadata={"help": "dataset bundle directory"})
+    init: str | None = field(
+        default=None, metadata={"help": "pretraining run directory to start from (its configs win)"}
+    )
+    mask_ratio: float = field(
+        default=0.2, metadata={"help": "share of training items held out of the prompt each epoch"}
+    )
+    target: str = field(
+        default="all", metadata={"help": "multinomial target: all training items | masked ones only"}
+    )
+    with_content: bool = field(
+        default=True, metadata={"help": "keep training the content view alongside (CLLM4Rec)"}
+    )
+    softmax: str = field(
+        default="full", metadata={"help": "item softmax: full | chunked | sampled (logQ-corrected)"}
+    )
+    softmax_chunk: int = field(default=65536, metadata={"help": "items per chunk for the chunked softmax"})
+    softmax_samples: int = field(
+        default=8192, metadata={"help": "negatives per batch for the sampled softmax"}
+    )
+    metric_for_best: str = field(
+        default="cllm4rec",
+        metadata={"help": "valid metric to select on; cllm4rec = recall@20 + recall@40 + ndcg@100"},
+    )
+    eval_batch_size: int = field(default=64, metadata={"help": "users per forward pass during validation"})
+
+
+def main(argv: list[str] | None = None) -> dict:
+    setup_logging()
+    args, backbone, model_config, train_config = parse_config(
+        FinetuneArgs, BackboneConfig, ModelConfig, TrainConfig, args=argv
+    )
+    accelerator = make_accelerator(train_config)
+    bundle = load_bundle(args.data)
+    if args.init:
+        model = CLLM4Rec.from_pretrained(Path(args.init) / "model")
+        logger.info(
+            "initialised from %s (its backbone and model configs replace the command line's)", args.init
+        )
+        backbone, model_config = model.backbone, model.config
+    else:
+        model = CLLM4Rec.from_config(
+            model_config,
+            backbone,
+            bundle.n_users,
+            bundle.n_items,
+            item_titles=bundle.item_titles,
+            seed=train_config.seed,
+        )
+    model.item_softmax = item_softmax(
+        bundle, args.softmax, chunk_size=args.softmax_chunk, num_samples=args.softmax_samples
+    )
+    dataset = finetune_dataset(
+        bundle,
+        model,
+        train_config.seed,
+        mask_ratio=args.mask_ratio,
+        target=args.target,
+        with_content=args.with_content,
+    )
+    save_run_config(accelerator, train_config.output_dir, args, backbone, model_config, train_config)
+    evaluate = validation_fn(bundle, batch_size=args.eval_batch_size)
+    return train(
+        model, dataset, train_config, accelerator, evaluate=evaluate, metric_for_best=args.metric_for_best
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""CLLM4Rec pretraining: collaborative + content language modelling with mutual regularisation.
+
+    accelerate launch recipes/pretrain.py --config recipes/configs/ml-100k.yaml [--field value ...]
+
+The run directory gets checkpoints/ (resumable with --resume), metrics.jsonl, run_config.json and
+model/ (trainable weights, ID vocabulary and configs, loadable with CLLM4Rec.from_pretrained).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from data_prep import load_bundle
+from llmrec.backbone import BackboneConfig
+from llmrec.config import parse_config
+from llmrec.data import PRETRAIN_CORPORA, pretrain_dataset
+from llmrec.log import setup_logging
+from llmrec.model import CLLM4Rec, ModelConfig
+from llmrec.train import TrainConfig, make_accelerator, save_run_config, train
+
+
+@dataclass
+class PretrainArgs:
+    data: str = field(
+        default="data/ml-100k", metadata={"help": "dataset bundle directory (python -m data_prep build)"}
+    )
+    corpora: str = field(
+        default=",".join(PRETRAIN_CORPORA), metadata={"help": "comma-separated corpora to train on"}
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    setup_logging()
+    args, backbone, model_config, train_config = parse_config(
+        PretrainArgs, BackboneConfig, ModelConfig, TrainConfig, args=argv
+    )
+    accelerator = make_accelerator(train_config)
+    bundle = load_bundle(args.data)
+    model = CLLM4Rec.from_config(
+        model_config,
+        backbone,
+        bundle.n_users,
+        bundle.n_items,
+        item_titles=bundle.item_titles,
+        seed=train_config.seed,
+    )
+    dataset = pretrain_dataset(bundle, model, train_config.seed, corpora=args.corpora.split(","))
+    save_run_config(accelerator, train_config.output_dir, args, backbone, model_config, train_config)
+    return train(model, dataset, train_config, accelerator)
+
+
+if __name__ == "__main__":
+    main()
