@@ -75,6 +75,23 @@ def read_source(config: BuildConfig) -> readers.SourceTables:
     """Dispatch to the reader of ``config.format``."""
     if config.format == "recbole":
         return readers.read_recbole(config.input)
+    if config.format == "movielens":
+        return readers.read_movielens(config.input)
+    if config.format == "amazon":
+        return readers.read_amazon(config.input, meta=config.item_meta)
+    if config.format == "csv":
+        return readers.read_csv_source(
+            config.input,
+            readers.ColumnMap(
+                user=config.user_col,
+                item=config.item_col,
+                rating=config.rating_col,
+                timestamp=config.time_col,
+                text=config.text_col,
+            ),
+            item_meta=config.item_meta,
+            user_meta=config.user_meta,
+        )
     raise DataError(f"unknown format {config.format!r}; expected one of {list(FORMATS)}", field="format")
 
 
@@ -206,10 +223,22 @@ def build(config: BuildConfig) -> Path:
     item_text_series = item_text(tables.items) if tables.items is not None else None
     user_text_series = user_text(tables.users) if tables.users is not None else None
     titles, items_text = align_metadata(
-        tables.items, "item", item_ids, known_items, tables.items_file, item_text_series
+        tables.items,
+        "item",
+        item_ids,
+        known_items,
+        tables.items_file,
+        item_text_series,
+        tables.extra_metadata_ok,
     )
     _, users_text = align_metadata(
-        tables.users, "user", user_ids, known_users, tables.users_file, user_text_series
+        tables.users,
+        "user",
+        user_ids,
+        known_users,
+        tables.users_file,
+        user_text_series,
+        tables.extra_metadata_ok,
     )
     reviews = _reviews(tables, splits["train"], user_ids, item_ids)
     corpora = {

@@ -60,19 +60,25 @@ def align_metadata(
     known: set[str],
     path: Path | None,
     text: pd.Series | None,
+    extra_ok: bool = False,
 ) -> tuple[list[str], list[str]]:
     """Titles and texts in index order for ``ids``.
 
     A metadata row whose id never occurs in the raw interactions (``known``) is an error: it usually
     means a mismatched file. Rows for ids that occur but were filtered away (threshold, k-core) are
     dropped silently. Ids without metadata get an empty text (and their raw id as title) and are
-    counted in one warning.
+    counted in one warning. ``extra_ok`` drops rows for unknown ids instead (sources whose
+    metadata normally lists more items than the log, such as Amazon's).
     """
     n = len(ids)
     if meta is None:
         return list(ids), [""] * n
     unknown = ~meta[key].isin(known)
-    if unknown.any():
+    if unknown.any() and extra_ok:
+        logger.info(
+            "dropped %d metadata rows of %ss without interactions in %s", int(unknown.sum()), key, path
+        )
+    elif unknown.any():
         line = int(meta.index[int(np.argmax(unknown.to_numpy()))])
         raise DataError(
             f"metadata for {key} {meta[key].loc[line]!r}, which has no interactions "

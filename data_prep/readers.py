@@ -11,6 +11,8 @@ import csv
 import gzip
 import io
 import logging
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +38,8 @@ class SourceTables:
     """What a reader found: interactions plus optional metadata and reviews (all values are str
     except ``rating``/``timestamp``). ``items`` has ``item``, ``title`` and attribute columns;
     ``users`` has ``user`` and attribute columns; ``reviews`` has ``user``, ``item``, ``text``,
-    ``timestamp``. ``files`` are hashed into the manifest."""
+    ``timestamp``. ``files`` are hashed into the manifest. ``extra_metadata_ok`` marks sources whose
+    metadata normally lists more items than the interactions (they are dropped, not an error)."""
 
     interactions: pd.DataFrame
     interactions_file: Path
@@ -46,6 +49,7 @@ class SourceTables:
     users_file: Path | None = None
     reviews: pd.DataFrame | None = None
     files: list[Path] = field(default_factory=list)
+    extra_metadata_ok: bool = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,22 +97,31 @@ def read_delimited(
         text = text.replace(sep, "\t")
         sep = "\t"
     try:
-        df = pd.read_csv(
-            io.StringIO(text),
-            sep=sep,
-            header=0 if header else None,
-            names=names if not header else None,
-            dtype=str,
-            keep_default_na=False,
-            na_filter=False,
-            quoting=quoting,
-            skip_blank_lines=False,
-            engine="c",
-        )
+        with warnings.catch_warnings():
+            # pandas only warns (and drops data) when a row has more fields than the header
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            df = pd.read_csv(
+                io.StringIO(text),
+                sep=sep,
+                header=0 if header else None,
+                names=names if not header else None,
+                dtype=str,
+                keep_default_na=False,
+                na_filter=False,
+                quoting=quoting,
+                index_col=False,
+                skip_blank_lines=False,
+                engine="c",
+            )
     except pd.errors.EmptyDataError as err:
         raise DataError("file is empty", file=path) from err
+    except pd.errors.ParserWarning as err:
+        raise _long_row(text, sep, quoting, path) from err
     except pd.errors.ParserError as err:
-        raise DataError(f"malformed row: {err}", file=path) from err
+        found = re.search(r"line (\d+)", str(err))
+        raise DataError(
+            f"malformed row: {err}", file=path, line=int(found.group(1)) if found else None
+        ) from err
     df.index = np.arange(len(df)) + (2 if header else 1)
     blank = (df == "").all(axis=1)
     if blank.any():
@@ -116,6 +129,22 @@ def read_delimited(
     if df.empty:
         raise DataError("file has no data rows", file=path)
     return df
+
+
+def _long_row(text: str, sep: str, quoting: int, path: Path) -> DataError:
+    """Find the first row with more fields than the first row (only called once pandas complained)."""
+    reader = csv.reader(io.StringIO(text), delimiter=sep, quoting=quoting)
+    width = None
+    for row in reader:
+        if not row:
+            continue
+        if width is None:
+            width = len(row)
+        elif len(row) > width:
+            return DataError(
+                f"malformed row: expected {width} fields, found {len(row)}", file=path, line=reader.line_num
+            )
+    return DataError("malformed row: more fields than the header", file=path)
 
 
 def require_columns(df: pd.DataFrame, columns: list[str], path: Path) -> None:
@@ -136,6 +165,8 @@ def parse_ids(series: pd.Series, path: Path, name: str) -> pd.Series:
 
 def parse_numbers(series: pd.Series, path: Path, name: str) -> pd.Series:
     """Numbers as float64 (int64 when all integral, e.g. unix timestamps); the first bad value is an error."""
+    if pd.api.types.is_datetime64_any_dtype(series):  # Parquet timestamps -> unix seconds
+        series = series.astype("int64") // 10**9 if series.notna().all() else series.astype(object)
     if pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series):
         values = series.astype("float64")
         bad = ~np.isfinite(values)
@@ -293,3 +324,337 @@ def read_presplit(directory: str | Path) -> dict[str, pd.DataFrame]:
             timestamp="timestamp" if "timestamp" in df.columns else None,
         )
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Raw MovieLens (ml-100k; ml-1m / ml-10m "::" files)
+# ----------------------------------------------------------------------------------------------
+ML100K_GENRES = [
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
+    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+]  # fmt: skip
+# ml-1m README: users.dat codes age bands and occupations.
+ML1M_AGES = {
+    "1": "under 18",
+    "18": "18-24",
+    "25": "25-34",
+    "35": "35-44",
+    "45": "45-49",
+    "50": "50-55",
+    "56": "56+",
+}
+ML1M_OCCUPATIONS = [
+    "other", "academic/educator", "artist", "clerical/admin", "college/grad student", "customer service",
+    "doctor/health care", "executive/managerial", "farmer", "homemaker", "K-12 student", "lawyer", "programmer",
+    "retired", "sales/marketing", "scientist", "self-employed", "technician/engineer", "tradesman/craftsman",
+    "unemployed", "writer",
+]  # fmt: skip
+NO_GENRE = {"unknown", "(no genres listed)"}
+
+
+def _read_movielens_meta(path: Path, sep: str, names: list[str]) -> pd.DataFrame:
+    """MovieLens metadata is latin-1 in ml-100k/ml-1m and UTF-8 later; latin-1 is the fallback."""
+    try:
+        return read_delimited(path, sep=sep, header=False, names=names, encoding="utf-8")
+    except DataError as err:
+        if not isinstance(err.__cause__, UnicodeDecodeError):
+            raise
+        return read_delimited(path, sep=sep, header=False, names=names, encoding="latin-1")
+
+
+def _check_width(df: pd.DataFrame, path: Path, names: list[str]) -> None:
+    """Headerless files: a short row shows up as empty trailing fields."""
+    short = df[names[-1]] == ""
+    if short.any():
+        line = int(df.index[int(np.argmax(short.to_numpy()))])
+        raise DataError(f"expected {len(names)} fields", file=path, line=line, field=names[-1])
+
+
+def _join_genres(genres: pd.Series) -> pd.Series:
+    return genres.map(lambda gs: ", ".join(g for g in gs if g and g not in NO_GENRE))
+
+
+def read_movielens(path: str | Path) -> SourceTables:
+    """A MovieLens directory: ml-100k (``u.data``, ``u.item``, ``u.user``) or ml-1m/ml-10m
+    (``ratings.dat``, ``movies.dat``, ``users.dat`` with ``::`` separators)."""
+    directory = Path(path)
+    if (directory / "u.data").is_file():
+        return _read_ml100k(directory)
+    if (directory / "ratings.dat").is_file():
+        return _read_ml_dat(directory)
+    raise DataError("no MovieLens ratings found (expected u.data or ratings.dat)", file=directory)
+
+
+def _ratings(path: Path, sep: str) -> pd.DataFrame:
+    names = ["user_id", "item_id", "rating", "timestamp"]
+    df = read_delimited(path, sep=sep, header=False, names=names)
+    _check_width(df, path, names)
+    return interaction_frame(df, path, user="user_id", item="item_id", rating="rating", timestamp="timestamp")
+
+
+def _read_ml100k(directory: Path) -> SourceTables:
+    data = directory / "u.data"
+    tables = SourceTables(interactions=_ratings(data, "\t"), interactions_file=data, files=[data])
+    item_path = directory / "u.item"
+    if item_path.is_file():
+        genre_path = directory / "u.genre"
+        genres = ML100K_GENRES
+        if genre_path.is_file():
+            genre_table = read_delimited(genre_path, sep="|", header=False, names=["genre", "index"])
+            genres = genre_table["genre"].tolist()
+        names = [
+            "item_id",
+            "title",
+            "release_date",
+            "video_release_date",
+            "url",
+            *[f"g{i}" for i in range(len(genres))],
+        ]
+        raw = _read_movielens_meta(item_path, "|", names)
+        _check_width(raw, item_path, names)
+        flags = raw[names[5:]].to_numpy() == "1"
+        raw["genres"] = _join_genres(pd.Series([np.asarray(genres)[row] for row in flags], index=raw.index))
+        tables.items = metadata_frame(
+            raw[["item_id", "title", "genres"]], item_path, id_column="item_id", key="item", list_fields=set()
+        )
+        tables.items_file = item_path
+        tables.files.append(item_path)
+    user_path = directory / "u.user"
+    if user_path.is_file():
+        names = ["user_id", "age", "gender", "occupation", "zip_code"]
+        raw = _read_movielens_meta(user_path, "|", names)
+        _check_width(raw, user_path, names)
+        tables.users = metadata_frame(raw, user_path, id_column="user_id", key="user", skip=SKIP_USER_FIELDS)
+        tables.users_file = user_path
+        tables.files.append(user_path)
+    return tables
+
+
+def _read_ml_dat(directory: Path) -> SourceTables:
+    data = directory / "ratings.dat"
+    tables = SourceTables(interactions=_ratings(data, "::"), interactions_file=data, files=[data])
+    item_path = directory / "movies.dat"
+    if item_path.is_file():
+        names = ["item_id", "title", "genres"]
+        raw = _read_movielens_meta(item_path, "::", names)
+        _check_width(raw, item_path, names)
+        raw["genres"] = _join_genres(raw["genres"].str.split("|"))
+        tables.items = metadata_frame(raw, item_path, id_column="item_id", key="item", list_fields=set())
+        tables.items_file = item_path
+        tables.files.append(item_path)
+    user_path = directory / "users.dat"
+    if user_path.is_file():
+        names = ["user_id", "gender", "age", "occupation", "zip_code"]
+        raw = _read_movielens_meta(user_path, "::", names)
+        _check_width(raw, user_path, names)
+        raw["age"] = raw["age"].map(ML1M_AGES).fillna(raw["age"])
+        occupations = {str(code): name for code, name in enumerate(ML1M_OCCUPATIONS)}
+        raw["occupation"] = raw["occupation"].map(occupations).fillna(raw["occupation"])
+        tables.users = metadata_frame(
+            raw[["user_id", "age", "gender", "occupation", "zip_code"]],
+            user_path,
+            id_column="user_id",
+            key="user",
+            skip=SKIP_USER_FIELDS,
+        )
+        tables.users_file = user_path
+        tables.files.append(user_path)
+    return tables
+
+
+# ----------------------------------------------------------------------------------------------
+# Amazon reviews (2014 / 2018 JSON lines, plain or gzipped) + metadata
+# ----------------------------------------------------------------------------------------------
+def _json_lines(path: Path) -> list[tuple[int, dict]]:
+    """(line, record) pairs. The 2014 metadata files are Python literals rather than JSON, so a line
+    that is not JSON is tried with ``ast.literal_eval`` (safe: literals only) before it is an error."""
+    import ast
+    import json
+
+    records = []
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            try:
+                record = ast.literal_eval(line)
+            except (ValueError, SyntaxError):
+                raise DataError(f"not valid JSON: {err.msg}", file=path, line=number) from err
+        if not isinstance(record, dict):
+            raise DataError("expected a JSON object per line", file=path, line=number)
+        records.append((number, record))
+    if not records:
+        raise DataError("file has no data rows", file=path)
+    return records
+
+
+def _flatten(value: object) -> list[str]:
+    """Categories come as a list (2018) or a list of category paths (2014); description as str or list."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [v for item in value for v in _flatten(item)]
+    text = str(value).strip()
+    return [text] if text else []
+
+
+def _unique_join(values: list[str], sep: str) -> str:
+    return sep.join(dict.fromkeys(values))
+
+
+def _amazon_files(path: Path, meta: str | Path | None) -> tuple[Path, Path | None]:
+    if path.is_file():
+        return path, Path(meta) if meta else None
+    if not path.is_dir():
+        raise DataError("not found", file=path)
+    found = [
+        p for p in sorted(path.iterdir()) if p.name.endswith((".json", ".json.gz", ".jsonl", ".jsonl.gz"))
+    ]
+    metas = [p for p in found if "meta" in p.name]
+    reviews = [p for p in found if "meta" not in p.name]
+    if len(reviews) != 1:
+        raise DataError(
+            f"expected one review file (*.json[l][.gz]), found {[p.name for p in reviews]}", file=path
+        )
+    if meta is None and len(metas) > 1:
+        raise DataError(f"several metadata files {[p.name for p in metas]}; pass --item_meta", file=path)
+    return reviews[0], Path(meta) if meta else (metas[0] if metas else None)
+
+
+def read_amazon(path: str | Path, meta: str | Path | None = None) -> SourceTables:
+    """Amazon review dumps (2014: ``reviews_*.json.gz``; 2018: ``*.json.gz``) and their metadata
+    (``meta_*.json.gz``), given as files or a directory holding one of each.
+
+    The published metadata covers a whole category while review files are often 5-core subsets,
+    so metadata for products without reviews is expected here and dropped (``extra_metadata_ok``).
+    """
+    review_path, meta_path = _amazon_files(Path(path), meta)
+    required = ("reviewerID", "asin", "overall", "unixReviewTime")
+    rows = {key: [] for key in (*required, "text")}
+    lines = []
+    for number, record in _json_lines(review_path):
+        for key in required:
+            if key not in record:
+                raise DataError("missing field", file=review_path, line=number, field=key)
+            rows[key].append(record[key])
+        text = str(record.get("reviewText") or "").strip() or str(record.get("summary") or "").strip()
+        rows["text"].append(text)
+        lines.append(number)
+    index = pd.Index(lines)
+    frame = pd.DataFrame({k: pd.Series(v, index=index, dtype=object) for k, v in rows.items()})
+    interactions = interaction_frame(
+        frame, review_path, user="reviewerID", item="asin", rating="overall", timestamp="unixReviewTime"
+    )
+    reviews = interactions[["user", "item", "timestamp"]].assign(text=frame["text"].astype(str))
+    tables = SourceTables(
+        interactions=interactions,
+        interactions_file=review_path,
+        reviews=reviews,
+        files=[review_path],
+        extra_metadata_ok=True,
+    )
+    if meta_path is not None:
+        meta_rows = []
+        for number, record in _json_lines(meta_path):
+            if "asin" not in record:
+                raise DataError("missing field", file=meta_path, line=number, field="asin")
+            price = record.get("price")
+            meta_rows.append(
+                {
+                    "line": number,
+                    "asin": str(record["asin"]),
+                    "title": " ".join(_flatten(record.get("title"))),
+                    "brand": " ".join(_flatten(record.get("brand"))),
+                    "categories": _unique_join(
+                        _flatten(record.get("categories", record.get("category"))), ", "
+                    ),
+                    "price": "" if price in (None, "") else str(price),
+                    "description": " ".join(_flatten(record.get("description"))),
+                }
+            )
+        table = pd.DataFrame(meta_rows).set_index("line")
+        table.index.name = None
+        tables.items = metadata_frame(table, meta_path, id_column="asin", key="item", list_fields=set())
+        tables.items_file = meta_path
+        tables.files.append(meta_path)
+    return tables
+
+
+# ----------------------------------------------------------------------------------------------
+# Generic CSV / TSV / Parquet with a column mapping
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ColumnMap:
+    """Which source columns hold the user, item and (optional) rating, timestamp and review text."""
+
+    user: str = "user_id"
+    item: str = "item_id"
+    rating: str | None = None
+    timestamp: str | None = None
+    text: str | None = None
+
+
+def read_frame(path: str | Path) -> pd.DataFrame:
+    """CSV (``,``), TSV (``.tsv``/``.tab``/``.txt``) or Parquet by suffix (``.gz`` allowed for text),
+    as strings indexed by line (row for Parquet)."""
+    path = Path(path)
+    suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
+    kind = suffixes[-1] if suffixes else ""
+    if kind in (".parquet", ".pq"):
+        if not path.is_file():
+            raise DataError("file not found", file=path)
+        try:
+            df = pd.read_parquet(path)
+        except Exception as err:  # pyarrow raises several types for a corrupt file
+            raise DataError(f"cannot read Parquet: {err}", file=path) from err
+        if df.empty:
+            raise DataError("file has no data rows", file=path)
+        df.index = np.arange(len(df)) + 1
+        return df
+    if kind not in (".csv", ".tsv", ".tab", ".txt"):
+        raise DataError(
+            f"unknown table type {kind!r}; expected .csv, .tsv, .tab, .txt or .parquet", file=path
+        )
+    return read_delimited(path, sep="," if kind == ".csv" else "\t", quoting=csv.QUOTE_MINIMAL)
+
+
+def read_csv_source(
+    path: str | Path,
+    columns: ColumnMap = ColumnMap(),
+    *,
+    item_meta: str | Path | None = None,
+    user_meta: str | Path | None = None,
+) -> SourceTables:
+    """An interaction table plus optional item/user metadata tables, keyed by the same id column
+    names as the interactions; every other metadata column becomes an attribute in the text."""
+    path = Path(path)
+    df = read_frame(path)
+    interactions = interaction_frame(
+        df, path, user=columns.user, item=columns.item, rating=columns.rating, timestamp=columns.timestamp
+    )
+    tables = SourceTables(interactions=interactions, interactions_file=path, files=[path])
+    if columns.text is not None:
+        require_columns(df, [columns.text], path)
+        tables.reviews = interactions[["user", "item", "timestamp"]].assign(text=df[columns.text].astype(str))
+    if item_meta is not None:
+        item_path = Path(item_meta)
+        tables.items = metadata_frame(
+            read_frame(item_path), item_path, id_column=columns.item, key="item", list_fields=set()
+        )
+        tables.items_file = item_path
+        tables.files.append(item_path)
+    if user_meta is not None:
+        user_path = Path(user_meta)
+        tables.users = metadata_frame(
+            read_frame(user_path),
+            user_path,
+            id_column=columns.user,
+            key="user",
+            list_fields=set(),
+            skip=SKIP_USER_FIELDS,
+        )
+        tables.users_file = user_path
+        tables.files.append(user_path)
+    return tables
