@@ -1,0 +1,279 @@
+"""Full-catalogue ranking metrics: Recall@K, NDCG@K, MRR@K, hit rate and item coverage.
+
+Every score in the project (LLM recommender, zero-shot, baselines) goes through this module, so that
+tables are comparable. Conventions:
+
+- Ranking is over the whole catalogue. Excluded items (the training items, plus the validation items
+  when scoring the test split) get ``-inf`` before ranking.
+- Ties are broken by the lower item index: the top-K list is exactly what a stable descending sort of
+  the scores over item indices 0..n-1 would give. ``torch.topk`` alone does not promise this, so the
+  boundary ties are resolved explicitly (see :meth:`RankingMetrics.topk`).
+- ``recall@K`` = hits / min(K, |held-out|) (Mult-VAE, CLLM4Rec); ``recall_recbole@K`` = hits / |held-out|
+  (RecBole); ``ndcg@K`` uses binary relevance with the ideal DCG over min(K, |held-out|) positions;
+  ``mrr@K`` is 1 / rank of the first hit (0 without a hit); ``hit@K`` is 1 when any held-out item is in
+  the top K; ``coverage@K`` is the fraction of the catalogue that appears in at least one user's top K.
+- Users without held-out items are skipped and counted in ``users_skipped``; ``users`` counts the users
+  the averages are over.
+
+The metrics are written here rather than taken from RecBole or torchmetrics: RecBole brings its whole
+training framework with it, and torchmetrics' retrieval metrics work on per-query candidate lists rather
+than a full catalogue with exclusions, and have no min(K, |held-out|) recall.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_KS: tuple[int, ...] = (10, 20, 40, 100)
+METRIC_NAMES: tuple[str, ...] = ("recall", "recall_recbole", "ndcg", "mrr", "hit", "coverage")
+
+ScoreFn = Callable[[np.ndarray], "np.ndarray | torch.Tensor"]
+
+
+def _dense_rows(
+    rows: sp.spmatrix | np.ndarray | torch.Tensor, shape: tuple[int, int], what: str
+) -> torch.Tensor:
+    """A (batch, n_items) boolean tensor from csr rows (or an already dense array/tensor)."""
+    if sp.issparse(rows):
+        dense = torch.from_numpy(rows.toarray() != 0)
+    else:
+        dense = torch.as_tensor(rows) != 0
+    if tuple(dense.shape) != shape:
+        raise ValueError(f"{what} has shape {tuple(dense.shape)}, expected {shape} (batch, n_items)")
+    return dense
+
+
+class RankingMetrics:
+    """Accumulates ranking metrics over batches of users; :meth:`compute` averages them.
+
+    Each :meth:`update` ranks a batch with one vectorised top-K selection; hits are a gather on the
+    batch's dense held-out mask, so there is no Python loop over users or items.
+    """
+
+    def __init__(self, n_items: int, ks: Sequence[int] = DEFAULT_KS) -> None:
+        if n_items < 1:
+            raise ValueError(f"n_items must be positive, got {n_items}")
+        if not ks or any(int(k) < 1 for k in ks):
+            raise ValueError(f"ks must be positive integers, got {list(ks)}")
+        self.n_items = int(n_items)
+        self.ks = tuple(sorted({int(k) for k in ks}))
+        self.reset()
+
+    def reset(self) -> None:
+        self.users = 0
+        self.users_skipped = 0
+        self._sums = {f"{name}@{k}": 0.0 for k in self.ks for name in METRIC_NAMES if name != "coverage"}
+        self._covered = {k: torch.zeros(self.n_items, dtype=torch.bool) for k in self.ks}
+
+    def topk(self, scores: torch.Tensor, k: int) -> torch.Tensor:
+        """Indices (batch, k) of the k best items per row, ties broken by the lower item index.
+
+        ``torch.topk`` finds the k-th best value ``t`` per row; every item scoring above ``t`` is in the
+        list, and the remaining places go to the lowest-indexed items scoring exactly ``t``. The chosen
+        items are then ordered by score with a stable sort, so equal scores stay in index order.
+        """
+        kth = torch.topk(scores, k, dim=1, sorted=True).values[:, k - 1 : k]
+        above = scores > kth
+        tied = scores == kth
+        places = k - above.sum(dim=1, keepdim=True)
+        chosen = above | (tied & (torch.cumsum(tied, dim=1) <= places))
+        # nonzero() lists each row's chosen items in increasing index order, exactly k per row
+        idx = chosen.nonzero()[:, 1].view(scores.shape[0], k)
+        order = torch.sort(torch.gather(scores, 1, idx), dim=1, descending=True, stable=True).indices
+        return torch.gather(idx, 1, order)
+
+    def update(
+        self,
+        scores: np.ndarray | torch.Tensor,
+        heldout: sp.spmatrix | np.ndarray | torch.Tensor,
+        exclude: sp.spmatrix | np.ndarray | torch.Tensor | None = None,
+    ) -> None:
+        """Add a batch: ``scores`` (batch, n_items); ``heldout``/``exclude`` csr rows for the same users.
+
+        ``scores`` is not modified. Computation runs on the device of ``scores`` (a GPU tensor stays there).
+        """
+        if isinstance(scores, np.ndarray) and not scores.flags.writeable:
+            scores = scores.copy()  # torch refuses to wrap read-only arrays without a warning
+        scores = torch.as_tensor(scores)
+        if scores.dim() != 2 or scores.shape[1] != self.n_items:
+            raise ValueError(f"scores must be (batch, {self.n_items}), got {tuple(scores.shape)}")
+        if scores.dtype != torch.float64:
+            scores = scores.float()
+        if torch.isnan(scores).any():
+            raise ValueError("scores contain NaN; a ranking over NaN is undefined")
+        shape = (scores.shape[0], self.n_items)
+        device = scores.device
+        positives = _dense_rows(heldout, shape, "heldout").to(device)
+        if exclude is not None:
+            scores = scores.masked_fill(_dense_rows(exclude, shape, "exclude").to(device), -math.inf)
+
+        n_pos = positives.sum(dim=1)
+        keep = n_pos > 0
+        self.users_skipped += int((~keep).sum())
+        if not bool(keep.any()):
+            return
+        scores, positives, n_pos = scores[keep], positives[keep], n_pos[keep].double()
+        self.users += scores.shape[0]
+
+        max_k = min(self.ks[-1], self.n_items)
+        top = self.topk(scores, max_k)
+        hits = torch.gather(positives, 1, top).double()  # (batch, max_k)
+        ranks = torch.arange(1, max_k + 1, device=device, dtype=torch.float64)
+        gains = hits / torch.log2(ranks + 1)
+        ideal = torch.cumsum(
+            1.0 / torch.log2(ranks + 1), dim=0
+        )  # ideal DCG with j relevant items = ideal[j-1]
+        first_hit = torch.where(hits > 0, ranks, torch.full_like(ranks, math.inf)).min(dim=1).values
+        for k in self.ks:
+            kk = min(k, max_k)
+            n_hit = hits[:, :kk].sum(dim=1)
+            n_ideal = torch.clamp(n_pos, max=kk).long()
+            self._sums[f"recall@{k}"] += float((n_hit / torch.clamp(n_pos, max=k)).sum())
+            self._sums[f"recall_recbole@{k}"] += float((n_hit / n_pos).sum())
+            self._sums[f"ndcg@{k}"] += float((gains[:, :kk].sum(dim=1) / ideal[n_ideal - 1]).sum())
+            self._sums[f"mrr@{k}"] += float(torch.where(first_hit <= kk, 1.0 / first_hit, 0.0).sum())
+            self._sums[f"hit@{k}"] += float((n_hit > 0).sum())
+            self._covered[k][top[:, :kk].reshape(-1).cpu()] = True
+
+    def compute(self) -> dict[str, float]:
+        """Averages over the users seen so far, plus ``coverage@K``, ``users`` and ``users_skipped``."""
+        out: dict[str, float] = {}
+        for k in self.ks:
+            for name in METRIC_NAMES:
+                key = f"{name}@{k}"
+                if name == "coverage":
+                    out[key] = float(self._covered[k].sum()) / self.n_items
+                else:
+                    out[key] = self._sums[key] / self.users if self.users else float("nan")
+        out["users"] = self.users
+        out["users_skipped"] = self.users_skipped
+        return out
+
+
+class SplitSource(Protocol):
+    """What :func:`evaluate_scorer` needs from a dataset bundle (``data_prep.Bundle`` provides it)."""
+
+    n_users: int
+    n_items: int
+
+    def matrix(self, split: str) -> sp.csr_matrix: ...
+
+
+def evaluate_matrices(
+    score_fn: ScoreFn,
+    heldout: sp.csr_matrix,
+    exclude: sp.csr_matrix | None = None,
+    *,
+    users: Iterable[int] | None = None,
+    batch_size: int = 256,
+    ks: Sequence[int] = DEFAULT_KS,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Score users in batches with ``score_fn(user_indices) -> (batch, n_items)`` and rank against ``heldout``.
+
+    Only users with held-out items are passed to ``score_fn`` (scoring is the expensive part for an LLM);
+    the others are counted in ``users_skipped``. ``users`` restricts the evaluation to a subset.
+    """
+    heldout = sp.csr_matrix(heldout)
+    exclude = None if exclude is None else sp.csr_matrix(exclude)
+    if exclude is not None and exclude.shape != heldout.shape:
+        raise ValueError(f"exclude has shape {exclude.shape}, heldout has {heldout.shape}")
+    candidates = np.arange(heldout.shape[0]) if users is None else np.asarray(list(users), dtype=np.int64)
+    has_heldout = np.diff(heldout.indptr)[candidates] > 0
+    evaluable = candidates[has_heldout]
+    metrics = RankingMetrics(heldout.shape[1], ks)
+    starts = range(0, len(evaluable), batch_size)
+    for start in tqdm(starts, desc="evaluating", unit="batch", disable=not progress):
+        batch = evaluable[start : start + batch_size]
+        metrics.update(score_fn(batch), heldout[batch], None if exclude is None else exclude[batch])
+    result = metrics.compute()
+    result["users_skipped"] += int((~has_heldout).sum())
+    return result
+
+
+def evaluate_scorer(
+    score_fn: ScoreFn,
+    bundle: SplitSource,
+    split: str = "test",
+    *,
+    users: Iterable[int] | None = None,
+    batch_size: int = 256,
+    ks: Sequence[int] = DEFAULT_KS,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Evaluate ``score_fn`` on a bundle's ``split`` ("valid" or "test") under the project's protocol.
+
+    Held-out items are ``bundle.matrix(split)``; training items are excluded, and for the test split the
+    validation items are excluded as well.
+    """
+    if split not in ("valid", "test"):
+        raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+    exclude = bundle.matrix("train")
+    if split == "test":
+        exclude = exclude + bundle.matrix("valid")
+    result = evaluate_matrices(
+        score_fn, bundle.matrix(split), exclude, users=users, batch_size=batch_size, ks=ks, progress=progress
+    )
+    logger.info(
+        "%s: %d users evaluated, %d skipped (no held-out items)",
+        split,
+        result["users"],
+        result["users_skipped"],
+    )
+    return result
+
+
+def format_table(
+    rows: dict[str, dict[str, float]], columns: Sequence[str], *, name: str = "model", digits: int = 4
+) -> str:
+    """A plain-text table: one row per entry of ``rows``, one column per metric name (``-`` when missing)."""
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            return str(int(value))
+        if isinstance(value, (float, np.floating)):
+            return f"{value:.{digits}f}"
+        return str(value)
+
+    header = [name, *columns]
+    body = [[label, *(cell(metrics.get(c)) for c in columns)] for label, metrics in rows.items()]
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        return "  ".join([first, *(c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))])
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), rule, *(line(r) for r in body)])
+
+
+def write_metrics_json(path: str | Path, metrics: dict[str, Any], **meta: Any) -> Path:
+    """Write ``{**meta, "metrics": metrics}`` as JSON atomically (temp file in the same directory + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = json.dumps({**meta, "metrics": metrics}, indent=2, sort_keys=False, default=str)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(payload + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
