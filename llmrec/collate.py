@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, Sampler
 from llmrec.tokens import RecVocab
 
 IGNORE = -100
-TASKS = ("collaborative", "content", "finetune")  # batch["task"] holds an index into this tuple
+TASKS = ("collaborative", "content", "finetune", "semantic")  # batch["task"] holds an index into this tuple
 
 
 def epoch_rng(seed: int, epoch: int, row: int | None = None) -> np.random.Generator:
