@@ -42,7 +42,7 @@ def model_dir(run: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     setup_logging()
-    (args,) = parse_config(EvaluateArgs, args=argv)
+    (args,) = parse_config(EvaluateArgs, args=argv, section="evaluate")
     run = Path(args.run)
     data = args.data or json.loads((run / "run_config.json").read_text())["data"]
     model = CLLM4Rec.from_pretrained(model_dir(run))

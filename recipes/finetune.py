@@ -54,7 +54,7 @@ class FinetuneArgs:
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     args, backbone, model_config, train_config = parse_config(
-        FinetuneArgs, BackboneConfig, ModelConfig, TrainConfig, args=argv
+        FinetuneArgs, BackboneConfig, ModelConfig, TrainConfig, args=argv, section="finetune"
     )
     accelerator = make_accelerator(train_config)
     bundle = load_bundle(args.data)

@@ -32,7 +32,7 @@ class PretrainArgs:
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     args, backbone, model_config, train_config = parse_config(
-        PretrainArgs, BackboneConfig, ModelConfig, TrainConfig, args=argv
+        PretrainArgs, BackboneConfig, ModelConfig, TrainConfig, args=argv, section="pretrain"
     )
     accelerator = make_accelerator(train_config)
     bundle = load_bundle(args.data)
