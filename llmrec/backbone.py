@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -46,6 +47,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 logger = logging.getLogger(__name__)
 
@@ -244,13 +246,9 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     """A 256-byte BPE tokenizer with no merges plus ``<pad>``, ``<s>``, ``</s>`` (ids 256-258).
 
     Every string round-trips, nothing is downloaded, and ids are stable, which is all tests need.
-    It carries a minimal ChatML template so chat-prompt code paths can run against tiny models.
+    It carries a minimal chat template so chat-prompt code paths can run against tiny models.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    byte_chars = sorted(alphabet, key=lambda ch: _BYTE_TO_CHAR_ORDER[ch])
-    vocab = {ch: i for i, ch in enumerate(byte_chars)}
+    vocab = {char: byte for byte, char in bytes_to_unicode().items()}  # id == byte value
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
@@ -265,61 +263,34 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def _byte_char_order() -> dict[str, int]:
-    """ByteLevel maps byte b to a printable character; order the vocabulary by b so id == byte value."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    mapping, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            mapping[chr(b)] = b
-        else:
-            mapping[chr(256 + extra)] = b
-            extra += 1
-    return mapping
-
-
-_BYTE_TO_CHAR_ORDER = _byte_char_order()
-
-
-def _tiny_llama_config(tokenizer: PreTrainedTokenizerFast) -> PretrainedConfig:
-    return LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,  # as in SmolLM2
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-
-
-def _tiny_gpt2_config(tokenizer: PreTrainedTokenizerFast) -> PretrainedConfig:
-    return GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=512,
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-
-
-TINY_MODELS: dict[str, Callable[[PreTrainedTokenizerFast], PretrainedConfig]] = {
-    "tiny-llama": _tiny_llama_config,
-    "tiny-gpt2": _tiny_gpt2_config,
+# Architecture hyperparameters of the tiny test models; vocabulary and special ids come from the tokenizer.
+TINY_MODELS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
+    "tiny-llama": (
+        LlamaConfig,
+        {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 512,
+            "tie_word_embeddings": True,  # as in SmolLM2
+        },
+    ),
+    "tiny-gpt2": (GPT2Config, {"n_positions": 512, "n_embd": 64, "n_layer": 2, "n_head": 4}),
 }
 
 
 def _load_tiny(name: str, config: BackboneConfig):
     tokenizer = byte_level_tokenizer()
-    model_config = TINY_MODELS[name](tokenizer)
+    config_class, hyperparameters = TINY_MODELS[name]
+    model_config = config_class(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **hyperparameters,
+    )
     with torch.random.fork_rng(devices=[]):  # same weights every call, global RNG untouched
         torch.manual_seed(TINY_SEED)
         model = AutoModelForCausalLM.from_config(model_config)

@@ -81,6 +81,22 @@ def test_bad_options_are_rejected():
         load_backbone("tiny-llama", dtype="float7")
 
 
+def test_config_parses_from_the_command_line():
+    from llmrec.config import parse_config
+
+    (config,) = parse_config(BackboneConfig, args=["--name_or_path", "tiny-gpt2", "--num_layers", "1"])
+    model, _ = load_backbone(config, dtype="float32")
+    assert model.config.n_layer == 1 and model.dtype == torch.float32
+
+
+def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(backbone.CACHE_ENV, str(tmp_path))
+    assert backbone.default_cache_dir() == tmp_path / "backbones"
+    monkeypatch.delenv(backbone.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert backbone.default_cache_dir() == tmp_path / "xdg" / "llmrec" / "backbones"
+
+
 def test_dtype_is_applied():
     model, _ = load_backbone("tiny-gpt2", dtype="bfloat16")
     assert model.dtype == torch.bfloat16
