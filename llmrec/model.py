@@ -5,7 +5,9 @@ same frozen word embeddings). The collaborative view reads interaction documents
 tokens only; the content view reads text and is scored over the word vocabulary only; a mutual
 regulariser pulls the two views of each ID token together (Zhu et al., "Collaborative Large Language
 Model for Recommender Systems", WWW 2024). Finetuning puts a multinomial head on the last prompt
-position that scores the whole catalogue in one forward pass.
+position that scores the whole catalogue in one forward pass. With an item index (``ModelConfig.index``)
+the model also learns to write an item's semantic ID after the prompt (task ``semantic``), decoded by
+constrained beam search in `llmrec.generate`.
 
 Every loss method returns ``(sum, count)`` rather than a mean, so that the training loop can divide by the
 count summed over all processes: the gradient of a batch split over N processes then equals the
@@ -20,6 +22,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import safetensors
 import torch
@@ -32,7 +35,11 @@ from llmrec.backbone import BackboneConfig, load_backbone
 from llmrec.collate import IGNORE, TASKS
 from llmrec.tokens import RecEmbedding, RecVocab
 
+if TYPE_CHECKING:
+    from llmrec.indexing.base import ItemIndex
+
 VIEWS = ("collab", "content")
+INDEX_DIR = "index"  # the item index saved beside the weights, so a trained model decodes on its own
 
 
 @dataclass
@@ -52,7 +59,9 @@ class ModelConfig:
         default=False,
         metadata={"help": "one LoRA adapter per view (collab, content) instead of one shared adapter"},
     )
-    embedding_init: str = field(default="normal", metadata={"help": "ID-token init: normal | title_mean"})
+    embedding_init: str = field(
+        default="normal", metadata={"help": "ID-token init: normal | title_mean | semantic_sum (needs index)"}
+    )
     embedding_init_std: float | None = field(
         default=None, metadata={"help": "std for normal init (default: the word embeddings' std)"}
     )
@@ -65,6 +74,12 @@ class ModelConfig:
     )
     max_doc_tokens: int = field(
         default=512, metadata={"help": "longest document fed to the LM (prompt + main)"}
+    )
+    index: str | None = field(
+        default=None,
+        metadata={
+            "help": "saved ItemIndex directory (recipes/index.py): adds semantic-ID tokens for the semantic task"
+        },
     )
 
     def lora_config(self) -> LoraConfig:
@@ -93,10 +108,12 @@ class CLLM4Rec(nn.Module):
         backbone: BackboneConfig,
         item_titles: list[str] | None = None,
         seed: int = 0,
+        item_index: ItemIndex | None = None,
     ):
         super().__init__()
         self.config, self.backbone = config, backbone
         self.vocab = vocab
+        self.item_index = item_index  # the items' semantic IDs (None without the semantic task)
         self.tokenizer = tokenizer
         if isinstance(lm, PeftModel):
             self.lm = lm
@@ -110,7 +127,11 @@ class CLLM4Rec(nn.Module):
         self.lm_head = causal_lm.get_output_embeddings()
         base = causal_lm.get_input_embeddings()
         init = dict(
-            init=config.embedding_init, std=config.embedding_init_std, titles=item_titles, tokenizer=tokenizer
+            init=config.embedding_init,
+            std=config.embedding_init_std,
+            titles=item_titles,
+            tokenizer=tokenizer,
+            item_index=item_index,
         )
         self.collab = RecEmbedding(base, vocab, seed=seed, **init)
         self.content = RecEmbedding(base, vocab, seed=seed + 1, **init)
@@ -131,8 +152,20 @@ class CLLM4Rec(nn.Module):
         n_items: int,
         item_titles: list[str] | None = None,
         seed: int = 0,
+        item_index: ItemIndex | None = None,
     ) -> CLLM4Rec:
-        """Load the backbone, freeze it, add LoRA and fresh ID-token tables for ``n_users`` x ``n_items``."""
+        """Load the backbone, freeze it, add LoRA and fresh ID-token tables for ``n_users`` x ``n_items``.
+
+        ``item_index`` (default: loaded from ``config.index`` when set) adds one semantic token per code.
+        """
+        if item_index is None and config.index:
+            from llmrec.indexing.base import ItemIndex  # only runs that generate semantic IDs need it
+
+            item_index = ItemIndex.load(config.index)
+        if item_index is not None and item_index.n_items != n_items:
+            raise ValueError(
+                f"{config.index or 'item_index'}: the index has {item_index.n_items} items, the data {n_items}"
+            )
         lm, tokenizer = load_backbone(backbone)
         if backbone.load_in_4bit or backbone.load_in_8bit:
             from peft import prepare_model_for_kbit_training
@@ -141,9 +174,14 @@ class CLLM4Rec(nn.Module):
         for param in lm.parameters():
             param.requires_grad_(False)
         vocab = RecVocab(
-            base_size=lm.get_input_embeddings().weight.shape[0], n_users=n_users, n_items=n_items
+            base_size=lm.get_input_embeddings().weight.shape[0],
+            n_users=n_users,
+            n_items=n_items,
+            semantic_codebooks=item_index.codebook_sizes if item_index is not None else (),
         )
-        return cls(lm, tokenizer, vocab, config, backbone, item_titles=item_titles, seed=seed)
+        return cls(
+            lm, tokenizer, vocab, config, backbone, item_titles=item_titles, seed=seed, item_index=item_index
+        )
 
     def embedding(self, view: str) -> RecEmbedding:
         return self.collab if view == "collab" else self.content
@@ -160,6 +198,29 @@ class CLLM4Rec(nn.Module):
         with self._adapter(view):
             out = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state
+
+    def hidden_states_cached(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache=None,
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, object]:
+        """Collaborative-view hidden states that also return the decoder's KV cache, for step-by-step decoding.
+
+        ``attention_mask`` covers the cached and the new positions; ``position_ids`` place the new tokens
+        (right-padded prompts continue at each row's own length, not at the padded width).
+        """
+        embeds = self.collab(input_ids)
+        with self._adapter("collab"):
+            out = self.decoder(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=True,
+            )
+        return out.last_hidden_state, out.cache
 
     def item_weight(self) -> torch.Tensor:
         return self.head_weight if self.config.head == "untied" else self.collab.family_weight("item")
@@ -198,6 +259,35 @@ class CLLM4Rec(nn.Module):
         weight = self.collab.family_weight("item")
         return hidden.to(weight.dtype) @ weight.T
 
+    def semantic_logits(self, hidden: torch.Tensor, level: int | None = None) -> torch.Tensor:
+        """Scores of semantic codes from hidden states, tied to the collaborative semantic table.
+
+        With ``level``: (..., codebook size of that level); without: (..., every semantic row, level-major).
+        """
+        weight = self.collab.family_weight("semantic")
+        if level is not None:
+            start = self.vocab.level_range(level).start - self.vocab.family_range("semantic").start
+            weight = weight[start : start + self.vocab.semantic_codebooks[level]]
+        return hidden.to(weight.dtype) @ weight.T
+
+    def semantic_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """NLL of each semantic-ID token given what precedes it, normalised over its own level's codes only.
+
+        Labels are rows of the semantic table (token id - first semantic id); a code at level l competes
+        with the other codes of level l, never with other levels or words, which is exactly what beam
+        search compares at step l (`llmrec.generate`).
+        """
+        hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"], "collab")
+        mask = batch["labels"] != IGNORE
+        rows = batch["labels"][mask]
+        logits = self.semantic_logits(hidden[mask]).float()
+        bounds = torch.tensor([0, *self.vocab.semantic_codebooks], device=rows.device).cumsum(0)
+        level = torch.searchsorted(bounds, rows, right=True) - 1
+        columns = torch.arange(logits.shape[-1], device=rows.device)
+        other_level = (columns < bounds[level, None]) | (columns >= bounds[level + 1, None])
+        logits = logits.masked_fill(other_level, float("-inf"))
+        return F.cross_entropy(logits, rows, reduction="sum"), mask.sum()
+
     def content_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-word NLL over the word vocabulary, on main-text positions only."""
         hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"], "content")
@@ -232,13 +322,18 @@ class CLLM4Rec(nn.Module):
         The forward of a DDP-wrapped module must be the entry point, so the task dispatch lives here.
         """
         task = TASKS[int(batch["task"][0])]
+        ids = batch["input_ids"]
         if task == "collaborative":
             lm, view = self.collaborative_loss(batch), "collab"
         elif task == "content":
             lm, view = self.content_loss(batch), "content"
+        elif task == "semantic":
+            lm, view = self.semantic_loss(batch), "collab"
+            # semantic tokens have no content view to agree with: regularise the prompt's user/item tokens only
+            ids = ids.masked_fill(ids >= self.vocab.family_range("semantic").start, 0)
         else:
             lm, view = self.finetune_loss(batch, self.item_softmax), "collab"
-        return (*lm, *self.mutual_regularization(batch["input_ids"], view))
+        return (*lm, *self.mutual_regularization(ids, view))
 
     # ------------------------------------------------------------------ persistence
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -257,6 +352,8 @@ class CLLM4Rec(nn.Module):
             name: tensor.detach().contiguous().cpu() for name, tensor in self.trainable_state_dict().items()
         }
         save_file(state, str(directory / "model.safetensors"))
+        if self.item_index is not None:
+            self.item_index.save(directory / INDEX_DIR)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **backbone_overrides) -> CLLM4Rec:
@@ -269,7 +366,12 @@ class CLLM4Rec(nn.Module):
         config = ModelConfig(**saved["model"])
         backbone = BackboneConfig(**{**saved["backbone"], **backbone_overrides})
         vocab = RecVocab.from_pretrained(directory)
-        model = cls.from_config(config, backbone, vocab.n_users, vocab.n_items)
+        index = None
+        if (directory / INDEX_DIR).is_dir():
+            from llmrec.indexing.base import ItemIndex  # only runs that generate semantic IDs need it
+
+            index = ItemIndex.load(directory / INDEX_DIR)
+        model = cls.from_config(config, backbone, vocab.n_users, vocab.n_items, item_index=index)
         model.load_trainable(directory / "model.safetensors")
         return model
 
