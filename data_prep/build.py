@@ -17,8 +17,16 @@ from data_prep import readers
 from data_prep.bundle import FORMAT_VERSION, atomic_directory, write_tables
 from data_prep.corpora import collaborative_corpus, content_corpus, finetune_corpus
 from data_prep.errors import DataError
-from data_prep.process import align_metadata, apply_threshold, drop_duplicates, encode, k_core, sorted_ids
-from data_prep.splits import SPLITS, leave_one_out, random_split, temporal_split
+from data_prep.process import (
+    align_metadata,
+    apply_threshold,
+    compact,
+    drop_duplicates,
+    encode,
+    k_core,
+    sorted_ids,
+)
+from data_prep.splits import SPLITS, leave_one_out, random_split, sort_rows, temporal_split
 from data_prep.templates import Templates
 from data_prep.text import item_text, user_text
 
@@ -139,7 +147,7 @@ def _presplit(
     splits = {}
     for name, part in parts.items():
         coded = part.assign(user=encode(part["user"], user_ids), item=encode(part["item"], item_ids))
-        splits[name] = coded.sort_values(["user", "timestamp", "item"], kind="stable").reset_index(drop=True)
+        splits[name] = sort_rows(coded)
     files = [Path(config.presplit) / f"{name}.tsv" for name in SPLITS]
     return splits, user_ids, item_ids, files
 
@@ -147,18 +155,9 @@ def _presplit(
 def _split(
     config: BuildConfig, raw: pd.DataFrame
 ) -> tuple[dict[str, pd.DataFrame], list[str], list[str], dict]:
-    """Filter (threshold, duplicates, k-core), index, split."""
+    """Filter (threshold, duplicates, k-core), index, split. Ids are encoded to integers first so
+    that duplicate removal and k-core work on int columns, then renumbered contiguously."""
     df = apply_threshold(raw, config.rating_threshold)
-    n_before = len(df)
-    df = drop_duplicates(df)
-    filters = {
-        "rating_threshold": config.rating_threshold,
-        "k_core": config.k_core,
-        "duplicates_removed": n_before - len(df),
-    }
-    df = k_core(df, config.k_core)
-    if df.empty:
-        raise DataError(f"no interactions left after filtering ({filters})", file=config.input)
     user_ids, item_ids = sorted_ids(df["user"]), sorted_ids(df["item"])
     coded = pd.DataFrame(
         {
@@ -168,6 +167,17 @@ def _split(
             "timestamp": df["timestamp"].to_numpy(),
         }
     )
+    deduped = drop_duplicates(coded)
+    filters = {
+        "rating_threshold": config.rating_threshold,
+        "k_core": config.k_core,
+        "duplicates_removed": len(coded) - len(deduped),
+    }
+    coded = k_core(deduped, config.k_core)
+    if coded.empty:
+        raise DataError(f"no interactions left after filtering ({filters})", file=config.input)
+    coded, user_ids = compact(coded, "user", user_ids)
+    coded, item_ids = compact(coded, "item", item_ids)
     ratios = tuple(config.ratios)
     if config.split == "random":
         splits = random_split(coded, len(user_ids), ratios, config.seed)
@@ -206,7 +216,8 @@ def build(config: BuildConfig) -> Path:
         raise DataError(f"must be in (0, 1], got {config.finetune_keep}", field="finetune_keep")
     tables = read_source(config)
     logger.info("read %d interactions from %s", len(tables.interactions), tables.interactions_file)
-    known_users, known_items = set(tables.interactions["user"]), set(tables.interactions["item"])
+    known_users = set(pd.unique(tables.interactions["user"]))
+    known_items = set(pd.unique(tables.interactions["item"]))
     files = list(tables.files)
     if config.split == "presplit":
         splits, user_ids, item_ids, split_files = _presplit(config)

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
 import scipy.sparse as sp
 from datasets import Dataset, load_from_disk
 
@@ -47,6 +49,14 @@ def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]
         raise
 
 
+def _write_numeric_tsv(df: pd.DataFrame, path: Path) -> None:
+    """Numbers only, so no quoting is needed; pyarrow's writer is ~5x faster than ``to_csv`` at 1M rows."""
+    with open(path, "wb") as fh:
+        fh.write(("\t".join(df.columns) + "\n").encode())
+        options = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
+        pacsv.write_csv(pa.Table.from_pandas(df, preserve_index=False), fh, options)
+
+
 def write_tables(
     directory: Path,
     *,
@@ -68,8 +78,8 @@ def write_tables(
     ).to_csv(directory / "items.tsv", sep="\t", index=False)
     (directory / "splits").mkdir()
     for name in SPLITS:
-        splits[name][["user", "item", "rating", "timestamp"]].to_csv(
-            directory / "splits" / f"{name}.tsv", sep="\t", index=False
+        _write_numeric_tsv(
+            splits[name][["user", "item", "rating", "timestamp"]], directory / "splits" / f"{name}.tsv"
         )
     for name in CORPORA:
         corpora[name].save_to_disk(str(directory / "corpora" / name))

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from datasets import Dataset, Features, Value
 
-from data_prep.templates import Templates
+from data_prep.templates import Templates, placeholder
 
 FEATURES = Features(
     {
@@ -40,9 +40,25 @@ def _dataset(kind: list[str] | str, user, item, prompt: list[str], main: list[st
 
 
 def _histories(train: pd.DataFrame) -> pd.Series:
-    """user -> placeholders of the user's rows joined by spaces, in the frame's (time) order."""
-    placeholders = "<item_" + train["item"].astype(str) + ">"
-    return placeholders.groupby(train["user"].to_numpy(), sort=True).agg(" ".join)
+    """user -> placeholders of the user's rows joined by spaces, in the frame's (time) order.
+
+    Joins Python list slices per user: pandas' groupby-join iterates Arrow strings one by one and is
+    an order of magnitude slower on a million rows.
+    """
+    users = train["user"].to_numpy()
+    items = train["item"].to_numpy()
+    order = np.argsort(users, kind="stable")
+    users, items = users[order], items[order]
+    names = np.array(
+        [placeholder("item", i) for i in range(int(items.max()) + 1 if len(items) else 0)], dtype=object
+    )
+    placeholders = names[items].tolist()
+    starts = (
+        np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.array([], dtype=np.int64)
+    )
+    ends = np.r_[starts[1:], len(users)]
+    joined = [" ".join(placeholders[s:e]) for s, e in zip(starts.tolist(), ends.tolist(), strict=True)]
+    return pd.Series(joined, index=users[starts], dtype=object)
 
 
 def _time_sorted(train: pd.DataFrame) -> pd.DataFrame:

@@ -40,6 +40,14 @@ def k_core(df: pd.DataFrame, k: int) -> pd.DataFrame:
         df = df[keep.to_numpy()]
 
 
+def compact(df: pd.DataFrame, column: str, ids: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """Renumber ``column`` to 0..n-1 over the codes still used after filtering (order kept)."""
+    used = np.unique(df[column].to_numpy())
+    remap = np.full(len(ids), -1, dtype=np.int64)
+    remap[used] = np.arange(len(used))
+    return df.assign(**{column: remap[df[column].to_numpy()]}), [ids[j] for j in used]
+
+
 def sorted_ids(values: pd.Series | np.ndarray) -> list[str]:
     """Unique raw ids in a stable order: numeric order when every id is a number, else lexical."""
     unique = pd.unique(pd.Series(values, dtype=str))

@@ -7,6 +7,7 @@ splits happen in :mod:`data_prep.process` and :mod:`data_prep.splits`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
@@ -164,19 +165,28 @@ def parse_ids(series: pd.Series, path: Path, name: str) -> pd.Series:
 
 
 def parse_numbers(series: pd.Series, path: Path, name: str) -> pd.Series:
-    """Numbers as float64 (int64 when all integral, e.g. unix timestamps); the first bad value is an error."""
+    """Numbers as float64 (int64 when all integral, e.g. unix timestamps); the first bad value is an error.
+
+    Whole-column casts are tried first (several times faster than ``pd.to_numeric`` on 1M+ strings);
+    only when they fail is the column parsed value by value to find the offending row.
+    """
+    original = series
     if pd.api.types.is_datetime64_any_dtype(series):  # Parquet timestamps -> unix seconds
         series = series.astype("int64") // 10**9 if series.notna().all() else series.astype(object)
-    if pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series):
-        values = series.astype("float64")
-        bad = ~np.isfinite(values)
-    else:
-        values = pd.to_numeric(series.astype(str).str.strip(), errors="coerce")
-        bad = ~np.isfinite(values.to_numpy(dtype="float64", na_value=np.nan))
+    if pd.api.types.is_bool_dtype(series):
+        series = series.astype(object)
+    if not pd.api.types.is_numeric_dtype(series):
+        with contextlib.suppress(ValueError, TypeError, OverflowError):
+            return series.astype("int64")
+        try:
+            series = series.astype("float64")
+        except (ValueError, TypeError):
+            series = pd.to_numeric(series.astype(str).str.strip(), errors="coerce")
+    values = series.astype("float64")
+    bad = ~np.isfinite(values.to_numpy(dtype="float64", na_value=np.nan))
     if bad.any():
-        first = series.index[int(np.argmax(np.asarray(bad)))]
-        raise DataError(f"not a number: {series.loc[first]!r}", file=path, line=int(first), field=name)
-    values = values.astype("float64")
+        first = series.index[int(np.argmax(bad))]
+        raise DataError(f"not a number: {original.loc[first]!r}", file=path, line=int(first), field=name)
     if (values == np.floor(values)).all() and values.abs().max() < 2**62:
         return values.astype("int64")
     return values

@@ -15,6 +15,12 @@ from data_prep.errors import DataError
 SPLITS = ("train", "valid", "test")
 
 
+def sort_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Split files list rows by user, then time, then item (numpy lexsort: faster than sort_values)."""
+    order = np.lexsort((df["item"].to_numpy(), df["timestamp"].to_numpy(), df["user"].to_numpy()))
+    return df.iloc[order].reset_index(drop=True)
+
+
 def _cut(
     df: pd.DataFrame, order: np.ndarray, n_valid: np.ndarray, n_test: np.ndarray
 ) -> dict[str, pd.DataFrame]:
@@ -28,8 +34,7 @@ def _cut(
     label = np.where(rank < n_train, 0, np.where(rank < n_train + n_valid[users], 1, 2))
     out = {}
     for code, name in enumerate(SPLITS):
-        part = df.iloc[order[label == code]]
-        out[name] = part.sort_values(["user", "timestamp", "item"], kind="stable").reset_index(drop=True)
+        out[name] = sort_rows(df.iloc[order[label == code]])
     return out
 
 

@@ -20,6 +20,11 @@ _ALLOWED = {
 }
 
 
+def placeholder(kind: str, index: int) -> str:
+    """``<user_12>`` / ``<item_7>``: how corpus text refers to a user or item by contiguous index."""
+    return f"<{kind}_{int(index)}>"
+
+
 @dataclass(frozen=True)
 class Templates:
     """Format strings for corpus prompts; ``{user}``, ``{item}`` and ``{history}`` are filled in."""
@@ -51,7 +56,7 @@ class Templates:
     @staticmethod
     def history(items: Iterable[int]) -> str:
         """Item placeholders joined by single spaces, e.g. ``<item_3> <item_7>``."""
-        return " ".join(f"<item_{int(i)}>" for i in items)
+        return " ".join(placeholder("item", i) for i in items)
 
     def to_dict(self) -> dict[str, str]:
         return dataclasses.asdict(self)
