@@ -95,6 +95,11 @@ class BackboneConfig:
         default=False, metadata={"help": f"allow hub downloads (also enabled by {ALLOW_DOWNLOAD_ENV}=1)"}
     )
 
+    def __post_init__(self) -> None:
+        # Keep the config JSON-serialisable (it is saved with trained models): torch.bfloat16 -> "bfloat16".
+        if isinstance(self.dtype, torch.dtype):
+            self.dtype = str(self.dtype).removeprefix("torch.")
+
 
 class BackboneNotFoundError(OSError):
     """A spec that cannot be resolved to a model without the network (or at all)."""
@@ -213,10 +218,10 @@ def _load_pretrained(name: str, config: BackboneConfig):
             cache_dir=config.cache_dir,
             local_files_only=not allow,
         )
-    except (OSError, ValueError) as err:
+    except OSError as err:  # transformers' "not found (in the cache)"; other errors are not about resolving
         tried = [
             f"built-in names: {', '.join(sorted([*TINY_MODELS, *GGUF_ALIASES]))}",
-            f"a *.gguf file or local directory at {Path(name).resolve()} (not found)",
+            f"a local directory or *.gguf file at {Path(name).resolve()} (none there)",
             f"the Hugging Face hub {'(download allowed)' if allow else 'cache only (downloads are off)'}"
             + (f" in {config.cache_dir}" if config.cache_dir else ""),
         ]

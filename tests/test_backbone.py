@@ -100,6 +100,9 @@ def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
 def test_dtype_is_applied():
     model, _ = load_backbone("tiny-gpt2", dtype="bfloat16")
     assert model.dtype == torch.bfloat16
+    config = BackboneConfig("tiny-llama", dtype=torch.float16)
+    assert config.dtype == "float16", "a torch dtype is stored by name so the config stays JSON-serialisable"
+    assert load_backbone(config)[0].dtype == torch.float16
 
 
 def test_unresolvable_spec_explains_what_was_tried(monkeypatch, tmp_path):
