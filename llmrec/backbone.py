@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 ALLOW_DOWNLOAD_ENV = "LLMREC_ALLOW_DOWNLOAD"
 CACHE_ENV = "LLMREC_CACHE"
 # Bump when the layout of a converted checkpoint changes, so old caches are not reused.
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 2  # 2: config.json no longer carries the GGUF quantization_config
 # Bytes of the GGUF file hashed for the cache key (the header and metadata, plus the file size).
 _HASH_BYTES = 1 << 20
 
