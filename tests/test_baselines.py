@@ -1,0 +1,108 @@
+"""Pop, EASE and Mult-VAE on tiny data built in code."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from llmrec.baselines import EASE, MultVAE, Pop, make_baseline
+from llmrec.metrics import evaluate_matrices
+
+
+def random_binary(n_users: int, n_items: int, density: float, seed: int) -> sp.csr_matrix:
+    rng = np.random.default_rng(seed)
+    return sp.csr_matrix(rng.random((n_users, n_items)) < density, dtype=np.float32)
+
+
+def planted(n_groups: int = 4, items_per_group: int = 10, users_per_group: int = 40, seed: int = 0):
+    """Users in groups that only touch their group's items; every item is equally popular overall."""
+    rng = np.random.default_rng(seed)
+    n_items = n_groups * items_per_group
+    splits = {"train": [], "test": []}
+    for group in range(n_groups):
+        items = np.arange(group * items_per_group, (group + 1) * items_per_group)
+        for _ in range(users_per_group):
+            chosen = rng.permutation(items)[:7]
+            splits["train"].append(chosen[:5])
+            splits["test"].append(chosen[5:])
+
+    def to_csr(rows):
+        dense = np.zeros((len(rows), n_items), dtype=np.float32)
+        for u, items in enumerate(rows):
+            dense[u, items] = 1.0
+        return sp.csr_matrix(dense)
+
+    return to_csr(splits["train"]), to_csr(splits["test"])
+
+
+def test_pop_scores_training_counts():
+    train = sp.csr_matrix(np.array([[1, 0, 2, 0], [1, 0, 0, 0], [1, 1, 0, 0]], dtype=np.float32))
+    model = Pop().fit(train)
+    scores = model.score(np.array([0, 2]), train)
+    # counts are of users (a stored 2 counts once), identical for every user
+    assert scores.dtype == np.float32 and scores.tolist() == [[3, 1, 1, 0], [3, 1, 1, 0]]
+
+
+def test_ease_closed_form_matches_constrained_least_squares():
+    x = random_binary(30, 6, 0.4, seed=0).toarray().astype(np.float64)
+    lam = 2.5
+    model = EASE(lambdas=[lam]).fit(sp.csr_matrix(x))
+    # solve min ||X - XB||² + λ||B||² s.t. diag(B) = 0 directly: column j regresses X[:, j] on the other items
+    expected = np.zeros((6, 6))
+    for j in range(6):
+        others = [i for i in range(6) if i != j]
+        a = x[:, others]
+        expected[others, j] = np.linalg.solve(a.T @ a + lam * np.eye(5), a.T @ x[:, j])
+    np.testing.assert_allclose(model.weights, expected, rtol=1e-4, atol=1e-6)
+    history = sp.csr_matrix(x)
+    np.testing.assert_allclose(
+        model.score(np.array([3, 7]), history), x[[3, 7]] @ expected, rtol=1e-4, atol=1e-5
+    )
+
+
+def test_ease_chooses_lambda_on_valid():
+    train = random_binary(60, 20, 0.3, seed=1)
+    valid = random_binary(60, 20, 0.1, seed=2)
+    valid = valid - valid.multiply(train)
+    model = EASE(lambdas=[0.1, 10.0, 1000.0]).fit(train, valid)
+    grid = model.fit_info["grid"]
+    assert set(grid) == {0.1, 10.0, 1000.0}
+    assert model.lam == max(grid, key=grid.get) == model.fit_info["lambda"]
+    chosen = EASE(lambdas=[model.lam]).fit(train)
+    np.testing.assert_array_equal(chosen.weights, model.weights)
+    with pytest.raises(ValueError, match="valid"):
+        EASE(lambdas=[1.0, 2.0]).fit(train)
+
+
+def test_multvae_learns_planted_groups_better_than_pop_and_is_seeded():
+    train, test = planted()
+
+    def recall(model) -> float:  # a perfect model puts the 5 unseen group items first: recall@5 = 1
+        scores = evaluate_matrices(lambda users: model.score(users, train), test, train, ks=(5,))
+        return scores["recall@5"]
+
+    kwargs = dict(
+        hidden=32, latent=8, epochs=20, batch_size=32, lr=1e-2, anneal_steps=200, device="cpu", seed=3
+    )
+    vae = MultVAE(**kwargs).fit(train, test)
+    assert 1 <= vae.fit_info["best_epoch"] <= 20 and vae.fit_info["final_beta"] == pytest.approx(0.2)
+    vae_recall, pop_recall = recall(vae), recall(Pop().fit(train))
+    assert vae_recall > 0.95 and pop_recall < 0.3, (vae_recall, pop_recall)
+    short = {**kwargs, "epochs": 3}  # same seed, same weights (checked on a short run to keep the test fast)
+    first, second = MultVAE(**short).fit(train), MultVAE(**short).fit(train)
+    np.testing.assert_array_equal(first.score(np.arange(10), train), second.score(np.arange(10), train))
+    assert not np.array_equal(
+        first.score(np.arange(10), train),
+        MultVAE(**{**short, "seed": 4}).fit(train).score(np.arange(10), train),
+    )
+
+
+def test_interface_errors():
+    with pytest.raises(ValueError, match="unknown baseline"):
+        make_baseline("svd")
+    with pytest.raises(RuntimeError, match="before fit"):
+        make_baseline("pop").score(np.array([0]), random_binary(2, 3, 0.5, seed=0))
+    model = make_baseline("ease", lambdas=[1.0]).fit(random_binary(5, 4, 0.5, seed=0))
+    with pytest.raises(ValueError, match="items"):
+        model.score(np.array([0]), random_binary(5, 3, 0.5, seed=0))
