@@ -1,0 +1,57 @@
+"""Export a finetuned run as a small recommender bundle (safetensors + JSON + peft adapter, no pickle).
+
+    python recipes/export.py --run runs/finetune --out bundles/ml-100k [--merge] [--dtype fp16]
+
+Exports ``RUN/best`` when the run kept a best model, else ``RUN/model`` (the model evaluation uses), with
+the id maps, titles, training histories and templates of the run's dataset bundle. ``--merge`` adds
+``OUT/merged``: a plain transformers model (LoRA merged, ID tokens as added tokens) plus the item head.
+Load the bundle with ``llmrec.Recommender.from_pretrained(OUT)`` or ``python recipes/recommend.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llmrec.config import parse_config
+from llmrec.export import DTYPES, export_run
+from llmrec.log import setup_logging
+
+
+@dataclass
+class ExportArgs:
+    run: str = field(default="runs/finetune", metadata={"help": "finetuning run directory"})
+    out: str = field(default="runs/export", metadata={"help": "bundle directory to create"})
+    data: str | None = field(
+        default=None, metadata={"help": "dataset bundle (default: the one the run trained on)"}
+    )
+    merge: bool = field(
+        default=False,
+        metadata={"help": "also write a plain transformers model with LoRA merged (OUT/merged)"},
+    )
+    dtype: str = field(default="fp32", metadata={"help": f"dtype of the saved weights: {', '.join(DTYPES)}"})
+    cold_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "prompt for users unseen in training (default: the finetune template without users)"
+        },
+    )
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing bundle directory"})
+
+
+def main(argv: list[str] | None = None) -> str:
+    setup_logging()
+    (args,) = parse_config(ExportArgs, args=argv)
+    out = export_run(
+        args.run,
+        args.out,
+        data=args.data,
+        dtype=args.dtype,
+        merge=args.merge,
+        cold=args.cold_template,
+        overwrite=args.overwrite,
+    )
+    return str(out)
+
+
+if __name__ == "__main__":
+    main()
