@@ -32,7 +32,7 @@ def generate(directory: Path, n: int, seed: int) -> dict[str, int]:
     """An ML-1M-shaped log with about ``n`` interactions (ML-1M: 6,040 users, 3,706 items, 1M ratings)."""
     rng = np.random.default_rng(seed)
     n_users = max(100, n // 165)
-    n_items = max(500, int(3706 * (n / 1e6) ** 0.5))
+    n_items = max(2000, int(3706 * (n / 1e6) ** 0.5))
     activity = rng.lognormal(mean=0.0, sigma=1.0, size=n_users)
     per_user = 20 + np.floor(activity / activity.sum() * (n - 20 * n_users)).astype(np.int64)
     per_user[: n - per_user.sum()] += 1

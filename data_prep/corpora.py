@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 from datasets import Dataset, Features, Value
 
+from data_prep.splits import random_rank, sort_rows
 from data_prep.templates import Templates, placeholder
 
 FEATURES = Features(
@@ -40,35 +41,26 @@ def _dataset(kind: list[str] | str, user, item, prompt: list[str], main: list[st
 
 
 def _histories(train: pd.DataFrame) -> pd.Series:
-    """user -> placeholders of the user's rows joined by spaces, in the frame's (time) order.
+    """user -> placeholders of the user's rows joined by spaces, for rows in (user, time) order.
 
     Joins Python list slices per user: pandas' groupby-join iterates Arrow strings one by one and is
     an order of magnitude slower on a million rows.
     """
     users = train["user"].to_numpy()
     items = train["item"].to_numpy()
-    order = np.argsort(users, kind="stable")
-    users, items = users[order], items[order]
-    names = np.array(
-        [placeholder("item", i) for i in range(int(items.max()) + 1 if len(items) else 0)], dtype=object
-    )
+    if not len(users):
+        return pd.Series([], dtype=object)
+    names = np.array([placeholder("item", i) for i in range(int(items.max()) + 1)], dtype=object)
     placeholders = names[items].tolist()
-    starts = (
-        np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.array([], dtype=np.int64)
-    )
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
     ends = np.r_[starts[1:], len(users)]
     joined = [" ".join(placeholders[s:e]) for s, e in zip(starts.tolist(), ends.tolist(), strict=True)]
     return pd.Series(joined, index=users[starts], dtype=object)
 
 
-def _time_sorted(train: pd.DataFrame) -> pd.DataFrame:
-    order = np.lexsort((np.arange(len(train)), train["timestamp"].to_numpy(), train["user"].to_numpy()))
-    return train.iloc[order]
-
-
 def collaborative_corpus(train: pd.DataFrame, templates: Templates) -> Dataset:
     """One document per user with training items: its training items in time order."""
-    histories = _histories(_time_sorted(train))
+    histories = _histories(sort_rows(train))
     prompts = [templates.collaborative.format(user=u) for u in histories.index]
     return _dataset("collaborative", histories.index.to_numpy(), -1, prompts, histories.tolist())
 
@@ -76,15 +68,11 @@ def collaborative_corpus(train: pd.DataFrame, templates: Templates) -> Dataset:
 def finetune_corpus(train: pd.DataFrame, templates: Templates, seed: int, keep: float = 0.8) -> Dataset:
     """One example per user: a seeded ``keep`` share (at least one) of training items in the prompt,
     all training items as the multinomial target. Training re-draws this mask every epoch."""
-    train = _time_sorted(train)
+    train = sort_rows(train)
     users = train["user"].to_numpy()
-    counts = np.bincount(users)
-    key = np.random.default_rng([seed, 1]).random(len(train))
-    by_key = np.lexsort((key, users))
-    rank = np.empty(len(train), dtype=np.int64)
-    rank[by_key] = np.arange(len(train)) - (np.cumsum(counts) - counts)[users[by_key]]
-    n_keep = np.maximum(1, np.floor(counts * keep + 0.5).astype(np.int64))
-    history = _histories(train[rank < n_keep[users]])
+    n_keep = np.maximum(1, np.floor(np.bincount(users) * keep + 0.5).astype(np.int64))
+    shown = random_rank(users, [seed, 1]) < n_keep[users]  # a seed stream apart from the split's
+    history = _histories(train[shown])
     target = _histories(train)
     prompts = [
         templates.finetune.format(user=u, history=h) for u, h in zip(history.index, history, strict=True)

@@ -21,10 +21,18 @@ def apply_threshold(df: pd.DataFrame, threshold: float | None) -> pd.DataFrame:
 
 
 def drop_duplicates(df: pd.DataFrame) -> pd.DataFrame:
-    """Collapse repeated (user, item) pairs to the latest one (by timestamp, then file order)."""
-    order = np.lexsort((np.arange(len(df)), df["timestamp"].to_numpy()))
-    latest = df.iloc[order].drop_duplicates(["user", "item"], keep="last")
-    return latest.sort_index(kind="stable")
+    """Collapse repeated (user, item) pairs of int-coded ids to the latest (by timestamp, then file order).
+
+    Works on int-coded ids; a hash check skips the sort when there are no duplicates (the usual case).
+    """
+    if df.empty:
+        return df
+    key = df["user"].to_numpy().astype(np.int64) * (int(df["item"].max()) + 1) + df["item"].to_numpy()
+    if not pd.Series(key).duplicated().any():
+        return df
+    order = np.argsort(df["timestamp"].to_numpy(), kind="stable")
+    latest = ~pd.Series(key[order][::-1]).duplicated().to_numpy()[::-1]
+    return df.iloc[np.sort(order[latest])]
 
 
 def k_core(df: pd.DataFrame, k: int) -> pd.DataFrame:
@@ -57,8 +65,11 @@ def sorted_ids(values: pd.Series | np.ndarray) -> list[str]:
 
 
 def encode(values: pd.Series, ids: list[str]) -> np.ndarray:
-    """Raw ids -> contiguous indices (``-1`` for ids not in ``ids``)."""
-    return pd.Categorical(values, categories=ids).codes.astype("int64")
+    """Raw ids -> contiguous indices (``-1`` for ids not in ``ids``); hashes each distinct value once."""
+    codes, uniques = pd.factorize(values)
+    mapped = pd.Index(ids).get_indexer(uniques).astype(np.int64)[codes]
+    mapped[codes < 0] = -1  # missing values
+    return mapped
 
 
 def align_metadata(

@@ -23,16 +23,12 @@ def frame(rows: list[tuple]) -> pd.DataFrame:
 
 
 def test_threshold_dedupe_keep_latest():
-    df = frame(
-        [("a", "x", 1.0, 9), ("a", "x", 4.0, 5), ("b", "x", 3.0, 1), ("b", "x", 5.0, 1), ("b", "y", 2.0, 3)]
-    )
+    df = frame([(0, 0, 1.0, 9), (0, 0, 4.0, 5), (1, 0, 3.0, 1), (1, 0, 5.0, 1), (1, 1, 2.0, 3)])
     deduped = drop_duplicates(df)
-    # (a, x): the later timestamp wins even though it comes first; (b, x): same time, later line wins
-    assert deduped[["user", "item", "rating"]].values.tolist() == [
-        ["a", "x", 1.0],
-        ["b", "x", 5.0],
-        ["b", "y", 2.0],
-    ]
+    # (0, 0): the later timestamp wins even though it comes first; (1, 0): same time, later line wins
+    assert deduped[["user", "item", "rating"]].values.tolist() == [[0, 0, 1.0], [1, 0, 5.0], [1, 1, 2.0]]
+    assert deduped.index.tolist() == [2, 5, 6]  # source lines kept, file order kept
+    assert drop_duplicates(deduped) is deduped
     assert apply_threshold(deduped, 3.0)["rating"].tolist() == [5.0]
     assert apply_threshold(deduped, None) is deduped
 
