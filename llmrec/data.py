@@ -15,10 +15,12 @@ import torch
 
 from data_prep import Bundle
 from llmrec.collate import TASKS, FinetuneDataset, FinetunePrompts, PretrainDataset, TaskMixture, collate
-from llmrec.metrics import evaluate_scorer
+from llmrec.generate import GenerativeScorer, SemanticDataset, require_index
+from llmrec.metrics import DEFAULT_KS, evaluate_scorer
 from llmrec.model import CLLM4Rec, ItemSoftmax
 
 PRETRAIN_CORPORA = ("collaborative", "content")
+FINETUNE_TASKS = ("multinomial", "semantic", "both")
 
 
 def train_histories(bundle: Bundle) -> list[list[int]]:
@@ -55,15 +57,25 @@ def finetune_dataset(
     mask_ratio: float = 0.2,
     target: str = "all",
     with_content: bool = True,
+    task: str = "multinomial",
 ) -> FinetuneDataset | TaskMixture:
-    """Masked-history examples; with ``with_content`` the content corpus keeps the content view (and the
-    mutual regulariser) training alongside, as in CLLM4Rec's finetuning."""
-    examples = FinetuneDataset(
-        train_histories(bundle), prompts_for(bundle, model), seed=seed, mask_ratio=mask_ratio, target=target
-    )
-    if not with_content:
-        return examples
-    return TaskMixture(examples, pretrain_dataset(bundle, model, seed, corpora=("content",)))
+    """Masked-history examples for the item head (``task="multinomial"``), for writing a held-out item's
+    semantic ID (``"semantic"``, needs a model with an item index) or both; with ``with_content`` the
+    content corpus keeps the content view (and the mutual regulariser) training alongside, as in
+    CLLM4Rec's finetuning."""
+    if task not in FINETUNE_TASKS:
+        raise ValueError(f"unknown finetune task {task!r}: expected one of {FINETUNE_TASKS}")
+    histories, prompts = train_histories(bundle), prompts_for(bundle, model)
+    parts: list = []
+    if task in ("multinomial", "both"):
+        parts.append(FinetuneDataset(histories, prompts, seed=seed, mask_ratio=mask_ratio, target=target))
+    if task in ("semantic", "both"):
+        parts.append(
+            SemanticDataset(histories, prompts, require_index(model), seed=seed, mask_ratio=mask_ratio)
+        )
+    if with_content:
+        parts.append(pretrain_dataset(bundle, model, seed, corpora=("content",)))
+    return parts[0] if len(parts) == 1 else TaskMixture(*parts)
 
 
 class PromptScorer:
@@ -108,6 +120,15 @@ def scorer_for(bundle: Bundle, model: CLLM4Rec, batch_size: int = 32) -> PromptS
     return PromptScorer(model, prompts_for(bundle, model), train_histories(bundle), batch_size=batch_size)
 
 
+def generative_scorer(bundle: Bundle, model: CLLM4Rec, split: str, beam: int = 100) -> GenerativeScorer:
+    """Constrained beam search over the model's item index; the items that ``split``'s ranking excludes
+    (training items, plus validation items for the test split) are kept out of the search itself."""
+    exclude = bundle.matrix("train")
+    if split == "test":
+        exclude = exclude + bundle.matrix("valid")
+    return GenerativeScorer(model, prompts_for(bundle, model), train_histories(bundle), exclude, beam=beam)
+
+
 def item_softmax(
     bundle: Bundle, mode: str = "full", chunk_size: int = 65536, num_samples: int = 8192
 ) -> ItemSoftmax:
@@ -127,13 +148,26 @@ def with_selection_metric(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def evaluate_model(
-    bundle: Bundle, model: CLLM4Rec, split: str, batch_size: int = 64, **kwargs
+    bundle: Bundle, model: CLLM4Rec, split: str, batch_size: int = 64, beam: int = 0, **kwargs
 ) -> dict[str, float]:
-    """Full-catalogue metrics of ``model`` on ``split`` (seen items excluded), one forward pass per user."""
-    return with_selection_metric(
-        evaluate_scorer(scorer_for(bundle, model, batch_size), bundle, split, batch_size=batch_size, **kwargs)
-    )
+    """Full-catalogue metrics of ``model`` on ``split`` (seen items excluded), one forward pass per user.
+
+    With ``beam`` > 0 the ranked lists come from constrained beam search of semantic IDs instead (the
+    generative task); a list holds ``beam`` items, so ``beam`` must cover the largest cut-off.
+    """
+    if beam:
+        largest = max(kwargs.get("ks", DEFAULT_KS))
+        if beam < largest:
+            raise ValueError(
+                f"beam {beam} is shorter than the largest cut-off @{largest}: lists would be padded"
+            )
+        scorer = generative_scorer(bundle, model, split, beam)
+    else:
+        scorer = scorer_for(bundle, model, batch_size)
+    return with_selection_metric(evaluate_scorer(scorer, bundle, split, batch_size=batch_size, **kwargs))
 
 
-def validation_fn(bundle: Bundle, batch_size: int = 64) -> Callable[[CLLM4Rec], dict[str, float]]:
-    return partial(evaluate_model, bundle, split="valid", batch_size=batch_size, progress=False)
+def validation_fn(
+    bundle: Bundle, batch_size: int = 64, beam: int = 0
+) -> Callable[[CLLM4Rec], dict[str, float]]:
+    return partial(evaluate_model, bundle, split="valid", batch_size=batch_size, beam=beam, progress=False)

@@ -3,7 +3,8 @@
     python recipes/evaluate.py --run runs/finetune --split test [--data DIR]
 
 Uses ``RUN/best`` when the run kept a best model, else ``RUN/model``; prints a table and merges the
-split's metrics into ``RUN/metrics.json``.
+split's metrics into ``RUN/metrics.json``. ``--generate`` ranks by constrained beam search of semantic
+IDs (runs finetuned with ``--task semantic``) and stores the metrics under ``SPLIT/generate``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ class EvaluateArgs:
     split: str = field(default="test", metadata={"help": "test | valid"})
     batch_size: int = field(default=64, metadata={"help": "users per forward pass"})
     ks: str = field(default=",".join(map(str, DEFAULT_KS)), metadata={"help": "comma-separated cut-offs"})
+    generate: bool = field(
+        default=False, metadata={"help": "rank by constrained beam search of semantic IDs, not the item head"}
+    )
+    beam: int = field(
+        default=0, metadata={"help": "beam width with --generate (default: the largest cut-off)"}
+    )
 
 
 def model_dir(run: Path) -> Path:
@@ -47,12 +54,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     data = args.data or json.loads((run / "run_config.json").read_text())["data"]
     model = CLLM4Rec.from_pretrained(model_dir(run))
     ks = tuple(int(k) for k in args.ks.split(","))
-    metrics = evaluate_model(load_bundle(data), model, args.split, batch_size=args.batch_size, ks=ks)
+    beam = (args.beam or max(ks)) if args.generate else 0
+    metrics = evaluate_model(
+        load_bundle(data), model, args.split, batch_size=args.batch_size, beam=beam, ks=ks
+    )
+    key = f"{args.split}/generate" if args.generate else args.split
     columns = [f"{name}@{k}" for name in ("recall", "ndcg") for k in ks]
-    print(format_table({f"{run.name} ({args.split})": metrics}, columns))
+    print(format_table({f"{run.name} ({key})": metrics}, columns))
     path = run / "metrics.json"
     previous = json.loads(path.read_text())["metrics"] if path.exists() else {}
-    write_metrics_json(path, {**previous, args.split: metrics}, run=str(run), data=str(data))
+    write_metrics_json(path, {**previous, key: metrics}, run=str(run), data=str(data))
     return metrics
 
 

@@ -4,6 +4,9 @@
 
 Validates after every epoch on the valid split, keeps the best model (output_dir/best) by
 ``metric_for_best`` and stops after ``patience`` epochs without improvement.
+
+``--task semantic --index DIR`` (an index from recipes/index.py) trains the generative task instead:
+the LM writes a held-out item's semantic ID, and validation ranks by constrained beam search.
 """
 
 from __future__ import annotations
@@ -33,6 +36,16 @@ class FinetuneArgs:
     )
     target: str = field(
         default="all", metadata={"help": "multinomial target: all training items | masked ones only"}
+    )
+    task: str = field(
+        default="multinomial",
+        metadata={
+            "help": "multinomial (item head) | semantic (write a held-out item's semantic ID; needs --index) | both"
+        },
+    )
+    eval_beam: int = field(
+        default=100,
+        metadata={"help": "semantic task: beam width of validation (at least the largest metric cut-off)"},
     )
     with_content: bool = field(
         default=True, metadata={"help": "keep training the content view alongside (CLLM4Rec)"}
@@ -83,9 +96,11 @@ def main(argv: list[str] | None = None) -> dict:
         mask_ratio=args.mask_ratio,
         target=args.target,
         with_content=args.with_content,
+        task=args.task,
     )
     save_run_config(accelerator, train_config.output_dir, args, backbone, model_config, train_config)
-    evaluate = validation_fn(bundle, batch_size=args.eval_batch_size)
+    beam = args.eval_beam if args.task == "semantic" else 0  # "both" validates the item head
+    evaluate = validation_fn(bundle, batch_size=args.eval_batch_size, beam=beam)
     return train(
         model, dataset, train_config, accelerator, evaluate=evaluate, metric_for_best=args.metric_for_best
     )

@@ -1,0 +1,316 @@
+"""Generative recommendation with semantic IDs: the LM writes an item's code tuple, a prefix trie keeps it real.
+
+Training (task ``semantic``, :class:`SemanticDataset`): the prompt is the finetuning template over a
+masked share of the user's training history, the main text is the semantic ID of one held-out item,
+``<s0_a> <s1_b> <s2_c>``. Each code is scored by a softmax over its own level's codebook only, through
+the collaborative semantic table (tied, as CLLM4Rec ties the item tokens); see
+`CLLM4Rec.semantic_loss`.
+
+Decoding (:func:`constrained_beam_search`): the prompt runs once, then one token per level for every
+beam, reusing the prompt's KV cache. At each level a beam may only continue with the codes that the
+:class:`~llmrec.indexing.PrefixTrie` allows after its prefix (and only towards items not excluded for
+that user), so every finished beam is a real, unseen item: no hallucinated IDs, which a per-level
+token mask alone cannot promise. An item's score is the sum of its codes' log-probabilities under the
+per-level softmax, the quantity training maximises (not renormalised over the allowed codes). With a
+beam at least as wide as every level's candidate set the search is exhaustive, hence exact.
+
+Why not ``transformers``' ``generate`` with ``prefix_allowed_tokens_fn``: the semantic tokens are not in
+the LM's output vocabulary (they live in `RecEmbedding` tables, scored per level), its allowed-token
+callback runs per beam in Python, and per-user exclusion of seen items needs the item counts under
+each trie node, kept here as tensors (:class:`TrieTensors`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+from llmrec.collate import TASKS, FinetuneDataset, FinetunePrompts, collate, lm_example
+from llmrec.model import CLLM4Rec
+
+if TYPE_CHECKING:
+    from llmrec.indexing.base import ItemIndex
+
+logger = logging.getLogger(__name__)
+
+
+class SemanticDataset(FinetuneDataset):
+    """One example per user and epoch: a masked-history prompt, then the semantic ID of one held-out item.
+
+    The prompt/held-out split is `FinetuneDataset.split` (re-drawn every epoch from ``(seed, epoch,
+    row)``); the target is the first held-out item of that epoch's permutation, a uniform draw among the
+    held-out items that needs no further randomness. A user with a single training item gets an empty
+    history and that item as target.
+    """
+
+    def __init__(
+        self,
+        histories: Sequence[Sequence[int]],
+        prompts: FinetunePrompts,
+        index: ItemIndex,
+        seed: int = 0,
+        mask_ratio: float = 0.2,
+    ):
+        super().__init__(histories, prompts, seed=seed, mask_ratio=mask_ratio)
+        self.item_tokens = index.token_ids(prompts.vocab)  # (n_items, max_len), -1 = padding
+        self.first_semantic = prompts.vocab.family_range("semantic").start
+
+    def task(self, index: int) -> int:
+        return TASKS.index("semantic")
+
+    def length(self, index: int) -> int:
+        return super().length(index) + self.item_tokens.shape[1]
+
+    def __getitem__(self, index: int) -> dict:
+        kept, heldout = self.split(index)
+        if len(heldout) == 0:
+            kept, heldout = kept[:0], kept
+        tokens = [int(t) for t in self.item_tokens[heldout[0]] if t >= 0]
+        input_ids, labels = lm_example(
+            self.prompts.encode(self.users[index], kept), tokens, [t - self.first_semantic for t in tokens]
+        )
+        return {"task": TASKS.index("semantic"), "input_ids": input_ids, "labels": labels}
+
+
+class TrieTensors:
+    """An item index's prefix trie as flat tensors on one device, with the number of items under each node.
+
+    Edges are sorted by parent node, so the edges of node ``n`` are ``edge_start[n]:edge_end[n]``.
+    Only prefix-free indexes decode: an item's tuple may not be the prefix of another's (SentencePiece
+    pieces can be; they would need an end-of-ID token, which this task does not train).
+    """
+
+    def __init__(self, index: ItemIndex, device: torch.device | str = "cpu"):
+        trie = index.trie()
+        n_nodes = trie.n_nodes
+        starts = np.searchsorted(trie.edge_parent, np.arange(n_nodes), side="left")
+        ends = np.searchsorted(trie.edge_parent, np.arange(n_nodes), side="right")
+        inner_items = np.flatnonzero((trie.node_item >= 0) & (ends > starts))
+        if len(inner_items):
+            raise ValueError(
+                f"item {trie.node_item[inner_items[0]]}'s code tuple is the prefix of another item's: "
+                "constrained decoding needs a prefix-free index (not SentencePiece pieces)"
+            )
+        # the node of every item's prefix at every depth: edges are sorted by (parent, code)
+        width = int(trie.edge_code.max()) + 1
+        keys = trie.edge_parent * width + trie.edge_code
+        paths = np.full(index.codes.shape, -1, dtype=np.int64)
+        node = np.zeros(index.n_items, dtype=np.int64)
+        for depth in range(index.max_len):
+            rows = np.flatnonzero(index.codes[:, depth] >= 0)
+            node[rows] = trie.edge_child[np.searchsorted(keys, node[rows] * width + index.codes[rows, depth])]
+            paths[rows, depth] = node[rows]
+        counts = np.bincount(paths[paths >= 0], minlength=n_nodes)
+        counts[0] = index.n_items
+
+        def tensor(array: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(np.ascontiguousarray(array), dtype=torch.long, device=device)
+
+        self.edge_code, self.edge_child = tensor(trie.edge_code), tensor(trie.edge_child)
+        self.edge_start, self.edge_end = tensor(starts), tensor(ends)
+        self.node_item, self.item_count, self.paths = tensor(trie.node_item), tensor(counts), tensor(paths)
+        self.max_children = int((ends - starts).max())
+        self.max_len, self.n_nodes, self.n_items = index.max_len, n_nodes, index.n_items
+        self.shared_codebook = index.shared_codebook
+
+    def level(self, depth: int) -> int:
+        """The codebook (semantic token level) of tuple position ``depth``."""
+        return 0 if self.shared_codebook else depth
+
+    def remaining(self, excluded: Sequence[Sequence[int]]) -> torch.Tensor:
+        """(rows, n_nodes) items under every node that are not in that row's ``excluded`` items.
+
+        Dense over nodes (a few int32 rows of about 1.1 x n_items each): cheap next to the KV cache.
+        """
+        device = self.item_count.device
+        rows = torch.as_tensor(np.repeat(np.arange(len(excluded)), [len(e) for e in excluded]), device=device)
+        items = np.concatenate(
+            [np.zeros(0, dtype=np.int64), *(np.asarray(e, dtype=np.int64) for e in excluded)]
+        )
+        nodes = self.paths[torch.as_tensor(items, device=device)]  # (n_excluded, max_len)
+        flat = (rows[:, None] * self.n_nodes + nodes)[nodes >= 0]
+        removed = torch.bincount(flat, minlength=len(excluded) * self.n_nodes).view(len(excluded), -1)
+        return (self.item_count - removed).int()
+
+
+class SemanticDecoder(Protocol):
+    """What beam search needs from a model: log-probabilities of the next code, row by row."""
+
+    def start(self) -> torch.Tensor:
+        """(rows, codebook size of position 0) log-probabilities after the prompts."""
+
+    def advance(self, parents: torch.Tensor, depth: int, codes: torch.Tensor) -> torch.Tensor:
+        """Continue row ``parents[j]`` with code ``codes[j]`` at position ``depth``; the new rows' next-code
+        log-probabilities (len(parents), codebook size of position depth + 1)."""
+
+
+@torch.no_grad()
+def constrained_beam_search(
+    decoder: SemanticDecoder,
+    trie: TrieTensors,
+    beam: int,
+    top_k: int,
+    remaining: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``top_k`` best items per prompt row as (items, scores), both (rows, top_k), best first.
+
+    Beams only follow trie edges (and, with ``remaining`` from `TrieTensors.remaining`, only towards
+    nodes with items left for that row); a beam that reaches an item (a leaf; tuples may differ in length)
+    carries over unchanged. Rows with fewer than ``top_k`` reachable items are padded with item -1 and
+    score -inf. The search keeps ``beam`` hypotheses per row; ``beam >= top_k``.
+    """
+    if not 1 <= top_k <= beam:
+        raise ValueError(f"need 1 <= top_k <= beam, got top_k={top_k}, beam={beam}")
+    logp = decoder.start()
+    rows, device = logp.shape[0], logp.device
+    span = trie.max_children
+    offsets = torch.arange(span, device=device)
+    score = torch.zeros(rows, 1, device=device)
+    node = torch.zeros(rows, 1, dtype=torch.long, device=device)
+    for depth in range(trie.max_len):
+        width = node.shape[1]
+        edge = trie.edge_start[node][..., None] + offsets  # (rows, width, span)
+        valid = edge < trie.edge_end[node][..., None]  # leaves (finished beams) have no edges
+        edge = torch.where(valid, edge, 0)
+        codes = torch.where(valid, trie.edge_code[edge], 0)
+        child = trie.edge_child[edge]
+        if remaining is not None:
+            valid &= remaining.gather(1, child.view(rows, -1)).view(rows, width, span) > 0
+        grow = score[..., None] + logp.view(rows, width, -1).float().gather(-1, codes)
+        grow = grow.masked_fill(~valid, float("-inf"))
+        finished = trie.node_item[node] >= 0
+        stay = score.masked_fill(~finished, float("-inf"))[..., None]
+        candidates = torch.cat([grow, stay], dim=-1).view(rows, -1)  # (rows, width * (span + 1))
+        score, flat = candidates.topk(min(beam, candidates.shape[1]), dim=1)
+        parent, column = flat // (span + 1), flat % (span + 1)
+        moved = column < span
+        picked = parent * span + column.clamp(max=span - 1)
+        node = torch.where(moved, child.view(rows, -1).gather(1, picked), node.gather(1, parent))
+        if depth + 1 == trie.max_len or bool((trie.node_item[node] >= 0).all()):
+            break
+        code = torch.where(moved, codes.view(rows, -1).gather(1, picked), 0)
+        source = torch.arange(rows, device=device)[:, None] * width + parent
+        logp = decoder.advance(source.view(-1), depth, code.view(-1))
+    items = trie.node_item[node][:, :top_k]
+    score = score[:, :top_k]
+    found = torch.isfinite(score) & (items >= 0)
+    return items.masked_fill(~found, -1), score.masked_fill(~found, float("-inf"))
+
+
+class ModelDecoder:
+    """`SemanticDecoder` over a `CLLM4Rec`: the prompts run once, then one semantic token per beam and level.
+
+    Prompts are right-padded as in training; each continuation token goes at its row's own position
+    (prompt length + step) with the padding masked out, so cached decoding sees exactly the positions a
+    teacher-forced forward of prompt + code tuple sees.
+    """
+
+    def __init__(
+        self, model: CLLM4Rec, input_ids: torch.Tensor, attention_mask: torch.Tensor, trie: TrieTensors
+    ):
+        self.model, self.input_ids, self.mask, self.trie = model, input_ids, attention_mask, trie
+        self.cache = None
+        self.lengths = attention_mask.sum(dim=1)
+
+    def _log_probs(self, hidden: torch.Tensor, depth: int) -> torch.Tensor:
+        return F.log_softmax(self.model.semantic_logits(hidden, self.trie.level(depth)).float(), dim=-1)
+
+    def start(self) -> torch.Tensor:
+        hidden, self.cache = self.model.hidden_states_cached(self.input_ids, self.mask)
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), self.lengths - 1]
+        return self._log_probs(last, 0)
+
+    def advance(self, parents: torch.Tensor, depth: int, codes: torch.Tensor) -> torch.Tensor:
+        self.cache.reorder_cache(parents)
+        self.mask, self.lengths = self.mask[parents], self.lengths[parents]
+        tokens = self.model.vocab.level_range(self.trie.level(depth)).start + codes
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(parents), 1)], dim=1)
+        hidden, self.cache = self.model.hidden_states_cached(
+            tokens[:, None], self.mask, cache=self.cache, position_ids=self.lengths[:, None]
+        )
+        self.lengths = self.lengths + 1
+        return self._log_probs(hidden[:, 0], depth + 1)
+
+
+def require_index(model: CLLM4Rec) -> ItemIndex:
+    """The model's item index, or a clear error for a model built without one."""
+    if model.item_index is None:
+        raise ValueError(
+            "the model has no item index: build one (recipes/index.py) and set ModelConfig.index"
+        )
+    return model.item_index
+
+
+class GenerativeScorer:
+    """Top-K lists by constrained beam search for users, from prompts that hold all their training items.
+
+    ``exclude`` (csr, users x items) removes items from each user's search space (seen items), so every
+    returned list is full whenever enough items remain. ``rows`` bounds users x beams per search: each
+    row holds a copy of its prompt's KV cache. Called with user indices it returns (users, n_items)
+    scores (-inf outside the list) for `llmrec.metrics.evaluate_scorer`; :meth:`recommend` gives the lists.
+    """
+
+    def __init__(
+        self,
+        model: CLLM4Rec,
+        prompts: FinetunePrompts,
+        histories: Sequence[Sequence[int]],
+        exclude: sp.csr_matrix | None = None,
+        beam: int = 20,
+        rows: int = 1024,
+    ):
+        self.model, self.prompts, self.histories, self.beam = model, prompts, histories, beam
+        self.exclude = None if exclude is None else sp.csr_matrix(exclude)
+        self.users_per_search = max(1, rows // beam)
+        self.device = next(p for p in model.parameters() if p.requires_grad).device
+        self.trie = TrieTensors(require_index(model), self.device)
+        self.short_lists = 0
+
+    @torch.no_grad()
+    def recommend(
+        self, users: Sequence[int] | np.ndarray, top_k: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(items, scores), each (len(users), top_k) on the CPU, best first; item -1 pads a short list."""
+        top_k = top_k or self.beam
+        self.model.eval()
+        items, scores = [], []
+        for start in range(0, len(users), self.users_per_search):
+            chunk = [int(u) for u in users[start : start + self.users_per_search]]
+            batch = collate(
+                [
+                    {"task": TASKS.index("semantic"), "input_ids": self.prompts.encode(u, self.histories[u])}
+                    for u in chunk
+                ],
+                pad_token_id=self.model.tokenizer.pad_token_id or 0,
+            )
+            decoder = ModelDecoder(
+                self.model,
+                batch["input_ids"].to(self.device),
+                batch["attention_mask"].to(self.device),
+                self.trie,
+            )
+            remaining = None
+            if self.exclude is not None:
+                remaining = self.trie.remaining([self.exclude[u].indices for u in chunk])
+            found, score = constrained_beam_search(decoder, self.trie, self.beam, top_k, remaining)
+            items.append(found.cpu())
+            scores.append(score.cpu())
+        items, scores = torch.cat(items), torch.cat(scores)
+        short = int((items[:, -1] < 0).sum())
+        if short:
+            logger.info("%d of %d users got fewer than %d items", short, len(users), top_k)
+        self.short_lists += short
+        return items, scores
+
+    def __call__(self, users: np.ndarray) -> torch.Tensor:
+        items, scores = self.recommend(users)
+        dense = torch.full((len(users), self.trie.n_items), float("-inf"))
+        found = items >= 0
+        dense[torch.nonzero(found)[:, 0], items[found]] = scores[found]
+        return dense
