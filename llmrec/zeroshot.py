@@ -1,0 +1,461 @@
+"""Zero-shot recommendation: score every catalogue item by an untouched LM's likelihood of its title.
+
+Following Sileo et al. ("Zero-Shot Recommendation as Language Modeling", ECIR 2022), a prompt is built
+from the titles of the user's history (``"Movies like Toy Story (1995), Heat (1995), and"``, or a chat
+instruction for instruct models) and each item is scored by ``log p(title | prompt)`` — the sum over the
+title's tokens, or that sum divided by the number of tokens (length-normalised).
+
+Tokenization choices (documented because they change the numbers):
+
+* The prompt is tokenized on its own (with the tokenizer's BOS if it adds one); each candidate is the
+  string ``item_prefix + title + item_suffix`` tokenized on its own, without special tokens, and its ids
+  are appended to the prompt's. With the completion style the prefix is a single space, so ``"... and"`` +
+  ``" Heat (1995),"`` splits at the word boundary exactly as BPE tokenizers split running text.
+* The title's *end* is scored: the suffix (``","`` for the completion style, the end-of-turn/EOS token for
+  the chat style) is part of the candidate, so ``"Heat"`` cannot win by being a prefix of
+  ``"Heat (1995)"`` — the model must also predict that the title stops there.
+
+Three exact scorers compute the same numbers at very different costs:
+
+* :func:`score_naive` runs ``prompt + title`` from scratch for every item (the reference).
+* :func:`score_cached` runs the prompt once and scores the titles in right-padded batches that attend
+  to the prompt's KV cache.
+* :func:`score_trie` runs the prompt once and computes each node of a token trie of all titles once
+  (shared prefixes such as ``" Star Trek"`` are computed once, and a title's last token is never run).
+  The trie is flattened in depth-first order and run in chunks with *tree attention*: a custom 4D
+  attention mask lets each node attend to the prompt and to its own ancestors only, with
+  ``position_ids`` = prompt length + depth - 1. In depth-first order every ancestor of a chunk's node
+  that lies before the chunk is an ancestor of the chunk's first node, so only that one root-to-node path
+  of KV (at most the longest title) is carried from chunk to chunk.
+
+The cached and trie scorers need a model whose attention honours a custom 4D mask, ``position_ids`` and a
+``DynamicCache`` (Llama, Qwen2, SmolLM2, GPT-2 and most decoder-only models in transformers v5; not
+sliding-window or recurrent layers when the prompt is longer than the window). ``score_naive`` works
+with any causal LM and is the check: the tests assert the three agree to 1e-4.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+Method = Literal["naive", "cached", "trie"]
+METHODS: tuple[str, ...] = ("naive", "cached", "trie")
+EOS = "<eos>"  # item_suffix value meaning "the tokenizer's EOS / end-of-turn token"
+
+
+@dataclass
+class PromptConfig:
+    """How a user's history becomes a prompt and how candidate titles are appended to it."""
+
+    style: str = field(
+        default="completion",
+        metadata={"help": "'completion' (plain text, for base LMs) or 'chat' (tokenizer chat template)"},
+    )
+    template: str = field(
+        default="Movies like {history}, and",
+        metadata={"help": "completion-style prompt; {history} is replaced by the joined history titles"},
+    )
+    instruction: str = field(
+        default=(
+            "I enjoyed these movies: {history}. Recommend one more movie I would like. "
+            "Answer with its title only."
+        ),
+        metadata={"help": "chat-style user message; the candidate title is scored as the assistant reply"},
+    )
+    separator: str = field(default=", ", metadata={"help": "joins history titles"})
+    item_prefix: str | None = field(
+        default=None, metadata={"help": "text before each candidate title (default: ' ' completion, '' chat)"}
+    )
+    item_suffix: str | None = field(
+        default=None,
+        metadata={
+            "help": f"text after each candidate title, or {EOS!r} (default: ',' completion, {EOS} chat)"
+        },
+    )
+    max_history: int = field(default=20, metadata={"help": "most recent history items put in the prompt"})
+    max_prompt_tokens: int | None = field(
+        default=None,
+        metadata={"help": "prompt token budget (default: model context minus the longest candidate)"},
+    )
+    recent_first: bool = field(
+        default=True, metadata={"help": "list the history most recent first (else chronologically)"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.style not in ("completion", "chat"):
+            raise ValueError(f"PromptConfig.style must be 'completion' or 'chat', got {self.style!r}")
+        if self.max_history < 1:
+            raise ValueError(f"PromptConfig.max_history must be >= 1, got {self.max_history}")
+        if self.item_prefix is None:
+            self.item_prefix = " " if self.style == "completion" else ""
+        if self.item_suffix is None:
+            self.item_suffix = "," if self.style == "completion" else EOS
+
+
+def encode_items(
+    titles: Sequence[str], tokenizer: PreTrainedTokenizerBase, prompt: PromptConfig
+) -> list[list[int]]:
+    """Token ids of every candidate (prefix + title + suffix), as they follow the prompt."""
+    if prompt.item_suffix == EOS:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"item_suffix={EOS!r} but the tokenizer has no eos_token")
+        texts, tail = [f"{prompt.item_prefix}{t}" for t in titles], [tokenizer.eos_token_id]
+    else:
+        texts, tail = [f"{prompt.item_prefix}{t}{prompt.item_suffix}" for t in titles], []
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    items = [list(ids) + tail for ids in encoded]
+    for index, ids in enumerate(items):
+        if not ids:
+            raise ValueError(f"item {index}: title {titles[index]!r} gives no tokens with this prompt config")
+    return items
+
+
+class PromptBuilder:
+    """Turns a user's history (item indices, oldest first) into prompt token ids that fit the context."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        titles: Sequence[str],
+        prompt: PromptConfig,
+        max_prompt_tokens: int,
+    ) -> None:
+        if prompt.style == "chat" and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("PromptConfig.style='chat' but the tokenizer has no chat_template")
+        if max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+        self.tokenizer, self.titles, self.config = tokenizer, titles, prompt
+        self.max_prompt_tokens = max_prompt_tokens
+
+    def text(self, history: Sequence[int]) -> str:
+        """The prompt text for these history items (already selected and ordered)."""
+        joined = self.config.separator.join(self.titles[i] for i in history)
+        if self.config.style == "completion":
+            return self.config.template.format(history=joined)
+        message = {"role": "user", "content": self.config.instruction.format(history=joined)}
+        return self.tokenizer.apply_chat_template([message], add_generation_prompt=True, tokenize=False)
+
+    def encode_text(self, text: str) -> list[int]:
+        # A chat template already spells out its special tokens; a completion prompt starts a document.
+        add_special = self.config.style == "completion"
+        return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+    def __call__(self, history: Sequence[int]) -> list[int]:
+        """Keep the ``max_history`` most recent items, then drop the oldest until the prompt fits."""
+        kept = list(history)[-self.config.max_history :]
+        while True:
+            ordered = kept[::-1] if self.config.recent_first else kept
+            ids = self.encode_text(self.text(ordered))
+            if len(ids) <= self.max_prompt_tokens:
+                return ids
+            if not kept:
+                raise ValueError(
+                    f"the prompt without history is {len(ids)} tokens, over max_prompt_tokens="
+                    f"{self.max_prompt_tokens}"
+                )
+            kept = kept[1:]
+
+
+class TokenTrie:
+    """Prefix tree of token sequences, flattened to arrays with nodes numbered in depth-first preorder.
+
+    Node 0 is the root (the end of the prompt). For node ``n``: ``token[n]``, ``parent[n]``, ``depth[n]``
+    (root 0) and ``end[n]``, one past the last node of its subtree, so that ``a`` is an ancestor-or-self
+    of ``n`` iff ``a <= n < end[a]``. ``terminal[i]`` is the node where sequence ``i`` ends (identical
+    sequences share it).
+    """
+
+    def __init__(self, sequences: Sequence[Sequence[int]]) -> None:
+        children: list[dict[int, int]] = [{}]
+        tokens, terminal = [-1], []
+        for index, seq in enumerate(sequences):
+            if len(seq) == 0:
+                raise ValueError(f"TokenTrie: sequence {index} is empty")
+            node = 0
+            for tok in seq:
+                nxt = children[node].get(int(tok))
+                if nxt is None:
+                    nxt = len(tokens)
+                    children[node][int(tok)] = nxt
+                    children.append({})
+                    tokens.append(int(tok))
+                node = nxt
+            terminal.append(node)
+        n = len(tokens)
+        order = np.empty(n, dtype=np.int64)  # order[new] = old
+        rank = np.empty(n, dtype=np.int64)  # rank[old] = new
+        parent, depth, end = (np.empty(n, dtype=np.int64) for _ in range(3))
+        # Iterative DFS; a negative entry marks "subtree of ~entry finished" so `end` can be recorded.
+        stack, parent_of, depth_of, count = [0], {0: -1}, {0: 0}, 0
+        while stack:
+            old = stack.pop()
+            if old < 0:
+                end[rank[~old]] = count
+                continue
+            order[count], rank[old] = old, count
+            count += 1
+            stack.append(~old)
+            for child in reversed(children[old].values()):
+                parent_of[child], depth_of[child] = old, depth_of[old] + 1
+                stack.append(child)
+        for new, old in enumerate(order):
+            parent[new] = rank[parent_of[int(old)]] if old != 0 else -1
+            depth[new] = depth_of[int(old)]
+        self.token = np.asarray(tokens, dtype=np.int64)[order]
+        self.parent, self.depth, self.end = parent, depth, end
+        self.terminal = rank[np.asarray(terminal, dtype=np.int64)]
+        self.n_children = np.bincount(parent[1:], minlength=n)
+
+    def __len__(self) -> int:
+        return len(self.token)
+
+    @property
+    def inner(self) -> np.ndarray:
+        """Non-root nodes that have children, in preorder: the only ones whose logits are needed."""
+        return np.flatnonzero(self.n_children[1:] > 0) + 1
+
+    def path(self, node: int) -> np.ndarray:
+        """Proper ancestors of ``node`` except the root, shallowest first."""
+        out = []
+        node = int(self.parent[node])
+        while node > 0:
+            out.append(node)
+            node = int(self.parent[node])
+        return np.asarray(out[::-1], dtype=np.int64)
+
+    def path_sums(self, values: np.ndarray) -> np.ndarray:
+        """``out[n]`` = sum of ``values`` over the root-to-``n`` path (root excluded), level by level."""
+        out = np.zeros(len(self), dtype=np.float64)
+        for level in range(1, int(self.depth.max()) + 1):
+            nodes = np.flatnonzero(self.depth == level)
+            out[nodes] = out[self.parent[nodes]] + values[nodes]
+        return out
+
+
+@dataclass
+class ItemLogLikelihoods:
+    """``log p(item | prompt)`` summed over each item's tokens, the token counts, and the work done."""
+
+    total: torch.Tensor  # (n_items,) float64
+    lengths: torch.Tensor  # (n_items,) int64
+    tokens_computed: int  # positions run through the model, padding included
+
+    def scores(self, normalize: str = "sum") -> torch.Tensor:
+        """``"sum"``: total log-likelihood; ``"mean"``: per-token (length-normalised) log-likelihood."""
+        if normalize == "sum":
+            return self.total
+        if normalize == "mean":
+            return self.total / self.lengths
+        raise ValueError(f"normalize must be 'sum' or 'mean', got {normalize!r}")
+
+
+def _device(model: PreTrainedModel) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log-softmax(logits)[..., target] without materialising the full log-softmax."""
+    logits = logits.float()
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (picked - torch.logsumexp(logits, dim=-1)).double()
+
+
+def _run_prompt(model: PreTrainedModel, prompt_ids: Sequence[int]) -> tuple[list, torch.Tensor]:
+    """Run the prompt once: per-layer (keys, values) and log-probabilities of the next token."""
+    ids = torch.tensor([list(prompt_ids)], device=_device(model))
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    kv = [(layer.keys, layer.values) for layer in out.cache.layers]
+    return kv, out.logits[0, -1].float().log_softmax(-1).double()
+
+
+def _cache(kv: list, batch: int = 1) -> DynamicCache:
+    """A fresh cache holding ``kv`` (expanded, not copied, to ``batch`` rows); forward passes never
+    mutate the tensors it was built from."""
+    return DynamicCache(
+        ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv]
+    )
+
+
+def _lengths(items: Sequence[Sequence[int]]) -> torch.Tensor:
+    return torch.tensor([len(t) for t in items], dtype=torch.int64)
+
+
+@torch.inference_mode()
+def score_naive(
+    model: PreTrainedModel, prompt_ids: Sequence[int], items: Sequence[Sequence[int]]
+) -> ItemLogLikelihoods:
+    """Reference scorer: one full forward pass of ``prompt + item`` per item, no reuse of any kind."""
+    device, p = _device(model), len(prompt_ids)
+    total = torch.empty(len(items), dtype=torch.float64)
+    tokens = 0
+    for index, item in enumerate(items):
+        seq = list(prompt_ids) + list(item[:-1])
+        logits = model(input_ids=torch.tensor([seq], device=device), use_cache=False).logits[0, p - 1 :]
+        total[index] = _target_logprobs(logits, torch.tensor(item, device=device)).sum().cpu()
+        tokens += len(seq)
+    return ItemLogLikelihoods(total, _lengths(items), tokens)
+
+
+@torch.inference_mode()
+def score_cached(
+    model: PreTrainedModel, prompt_ids: Sequence[int], items: Sequence[Sequence[int]], batch_size: int = 32
+) -> ItemLogLikelihoods:
+    """Run the prompt once, then score items in right-padded batches against its KV cache.
+
+    Right padding needs no attention mask: with causal attention a real token never sees the padding
+    after it. Items are sorted by length so that batches carry little padding.
+    """
+    device = _device(model)
+    kv, first = _run_prompt(model, prompt_ids)
+    total = torch.empty(len(items), dtype=torch.float64)
+    tokens = len(prompt_ids)
+    order = sorted(range(len(items)), key=lambda i: len(items[i]))
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        width = max(len(items[i]) for i in batch)
+        targets = torch.tensor([list(items[i]) + [0] * (width - len(items[i])) for i in batch], device=device)
+        valid = torch.tensor([[j < len(items[i]) for j in range(width)] for i in batch], device=device)
+        logp = first[targets[:, 0]].unsqueeze(1)
+        if width > 1:
+            out = model(input_ids=targets[:, :-1], cache=_cache(kv, len(batch)), use_cache=True)
+            logp = torch.cat([logp, _target_logprobs(out.logits, targets[:, 1:])], dim=1)
+            tokens += len(batch) * (width - 1)
+        total[batch] = logp.masked_fill(~valid, 0.0).sum(1).cpu()
+    return ItemLogLikelihoods(total, _lengths(items), tokens)
+
+
+@torch.inference_mode()
+def score_trie(
+    model: PreTrainedModel,
+    prompt_ids: Sequence[int],
+    trie: TokenTrie,
+    chunk_size: int = 256,
+) -> ItemLogLikelihoods:
+    """Run the prompt once, then each inner trie node once, ``chunk_size`` nodes per forward pass.
+
+    Node ``n``'s log-probability comes from its parent's logits (the prompt's last logits for the
+    root's children); an item's score is the sum along its root-to-terminal path.
+    """
+    device, p = _device(model), len(prompt_ids)
+    kv, first = _run_prompt(model, prompt_ids)
+    dtype = kv[0][0].dtype
+    logp = np.zeros(len(trie), dtype=np.float64)
+    roots = np.flatnonzero(trie.parent == 0)
+    logp[roots] = first[torch.from_numpy(trie.token[roots]).to(device)].cpu().numpy()
+    inner = trie.inner
+    ext = np.zeros(0, dtype=np.int64)  # the first inner node is a child of the root: no ancestors to carry
+    ext_kv = [(k[:, :, :0], v[:, :, :0]) for k, v in kv]
+    tokens = p
+    for start in range(0, len(inner), chunk_size):
+        chunk = inner[start : start + chunk_size]
+        keys = np.concatenate([ext, chunk])  # ascending preorder: the ancestors come before the chunk
+        allowed = (keys[None, :] <= chunk[:, None]) & (chunk[:, None] < trie.end[keys][None, :])
+        mask = torch.zeros(len(chunk), p + len(keys), dtype=dtype)
+        mask[:, p:].masked_fill_(torch.from_numpy(~allowed), torch.finfo(dtype).min)
+        position_ids = torch.from_numpy(p + trie.depth[chunk] - 1).unsqueeze(0)
+        out = model(
+            input_ids=torch.from_numpy(trie.token[chunk]).unsqueeze(0).to(device),
+            position_ids=position_ids.to(device),
+            attention_mask=mask[None, None].to(device),
+            cache=_cache(
+                [
+                    (torch.cat([k, ek], 2), torch.cat([v, ev], 2))
+                    for (k, v), (ek, ev) in zip(kv, ext_kv, strict=True)
+                ]
+            ),
+            use_cache=True,
+        )
+        tokens += len(chunk)
+        # Children of this chunk's nodes: their log-probs come from the chunk's logits.
+        kids = np.flatnonzero(np.isin(trie.parent, chunk))
+        rows = np.searchsorted(chunk, trie.parent[kids])
+        logp[kids] = (
+            _target_logprobs(
+                out.logits[0, torch.from_numpy(rows)], torch.from_numpy(trie.token[kids]).to(device)
+            )
+            .cpu()
+            .numpy()
+        )
+        # Carry the KV of the next chunk's first node's ancestors (all in `ext` or this chunk).
+        if start + chunk_size < len(inner):
+            nxt = trie.path(int(inner[start + chunk_size]))
+            where = torch.from_numpy(p + np.searchsorted(keys, nxt)).to(device)
+            ext_kv = [(layer.keys[:, :, where], layer.values[:, :, where]) for layer in out.cache.layers]
+            ext = nxt
+    total = torch.from_numpy(trie.path_sums(logp)[trie.terminal])
+    return ItemLogLikelihoods(total, torch.from_numpy(trie.depth[trie.terminal]), tokens)
+
+
+def user_histories(interactions, n_users: int) -> list[list[int]]:
+    """Each user's items, oldest first (ties keep file order), from a (user, item, timestamp) DataFrame."""
+    ordered = interactions.sort_values(["user", "timestamp"], kind="stable")
+    out: list[list[int]] = [[] for _ in range(n_users)]
+    for user, items in ordered.groupby("user", sort=False)["item"]:
+        out[int(user)] = [int(i) for i in items]
+    return out
+
+
+class ZeroShotScorer:
+    """Scores the whole catalogue for a user's history with an untouched causal LM.
+
+    Candidate tokens (and the trie) are built once for the catalogue; each call builds the prompt and
+    runs one of the exact scorers (``method``), so all three give the same scores up to float error.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        titles: Sequence[str],
+        prompt: PromptConfig | None = None,
+        method: str = "trie",
+        chunk_size: int = 256,
+        batch_size: int = 32,
+    ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.prompt = prompt or PromptConfig()
+        self.model, self.method = model.eval(), method
+        self.chunk_size, self.batch_size = chunk_size, batch_size
+        self.items = encode_items(titles, tokenizer, self.prompt)
+        longest = max(len(t) for t in self.items)
+        context = getattr(model.config, "max_position_embeddings", None)
+        budget = self.prompt.max_prompt_tokens or (context - longest if context else None)
+        if budget is None:
+            raise ValueError(
+                "the model config has no max_position_embeddings: set PromptConfig.max_prompt_tokens"
+            )
+        if context and budget + longest > context:
+            raise ValueError(
+                f"max_prompt_tokens={budget} + longest candidate ({longest} tokens) exceeds the model context "
+                f"of {context} tokens"
+            )
+        self.build_prompt = PromptBuilder(tokenizer, titles, self.prompt, budget)
+        self.trie = TokenTrie(self.items) if method == "trie" else None
+        if self.trie is not None:
+            n_tokens = sum(len(t) for t in self.items)
+            logger.info(
+                "token trie: %d items, %d title tokens, %d nodes, %d inner nodes to run per user",
+                len(self.items),
+                n_tokens,
+                len(self.trie) - 1,
+                len(self.trie.inner),
+            )
+
+    def score(self, history: Sequence[int]) -> ItemLogLikelihoods:
+        """Log-likelihood of every item after the prompt built from ``history`` (item indices, oldest first)."""
+        prompt_ids = self.build_prompt(history)
+        if self.method == "naive":
+            return score_naive(self.model, prompt_ids, self.items)
+        if self.method == "cached":
+            return score_cached(self.model, prompt_ids, self.items, self.batch_size)
+        return score_trie(self.model, prompt_ids, self.trie, self.chunk_size)

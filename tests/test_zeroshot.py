@@ -1,0 +1,162 @@
+"""Zero-shot LM scoring: the trie and cached scorers equal naive scoring; prompts fit; the recipe runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmrec.backbone import load_backbone
+from llmrec.zeroshot import (
+    EOS,
+    PromptBuilder,
+    PromptConfig,
+    TokenTrie,
+    ZeroShotScorer,
+    encode_items,
+    score_cached,
+    score_naive,
+    score_trie,
+    user_histories,
+)
+
+# Shared prefixes ("Star Trek", "Heat"), a duplicate title and a title that is a prefix of another.
+TITLES = [
+    "Toy Story (1995)",
+    "Heat (1995)",
+    "Heat",
+    "Star Trek (1979)",
+    "Star Trek II (1982)",
+    "Star Wars (1977)",
+    "Twelve Monkeys (1995)",
+    "Heat (1995)",
+    "Se7en (1995)",
+    "Shining, The (1980)",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    return load_backbone("tiny-llama")
+
+
+@given(st.lists(st.lists(st.integers(0, 4), min_size=1, max_size=6), min_size=1, max_size=25))
+@settings(max_examples=60, deadline=None)
+def test_trie_paths_spell_sequences_and_preorder_intervals_hold(seqs):
+    trie = TokenTrie(seqs)
+    for seq, node in zip(seqs, trie.terminal, strict=True):
+        path = [*trie.path(int(node)), int(node)]
+        assert trie.token[path].tolist() == seq
+        assert trie.depth[node] == len(seq)
+    # a is an ancestor-or-self of n iff a <= n < end[a]: check against parent pointers.
+    for n in range(1, len(trie)):
+        ancestors = {0, n, *trie.path(n).tolist()}
+        assert {a for a in range(len(trie)) if a <= n < trie.end[a]} == ancestors
+    # Every distinct prefix is exactly one node (plus the root).
+    assert len(trie) == 1 + len({tuple(s[:k]) for s in seqs for k in range(1, len(s) + 1)})
+
+
+def test_trie_rejects_empty_sequence():
+    with pytest.raises(ValueError, match="sequence 1 is empty"):
+        TokenTrie([[1], []])
+
+
+def test_naive_scorer_matches_the_models_own_loss(tiny_llama):
+    model, tokenizer = tiny_llama
+    prompt = tokenizer("Movies like Heat (1995), and")["input_ids"]
+    item = tokenizer(" Toy Story (1995),", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt + item])
+    labels = ids.clone()
+    labels[0, : len(prompt)] = -100
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=labels).loss  # mean next-token NLL over the item's tokens
+    result = score_naive(model, prompt, [item])
+    assert result.total[0].item() == pytest.approx(-loss.item() * len(item), abs=1e-4)
+    assert result.scores("mean")[0].item() == pytest.approx(-loss.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("chunk_size", [7, 1000])
+def test_trie_and_cached_scoring_equal_naive(spec, chunk_size):
+    model, tokenizer = load_backbone(spec)
+    items = encode_items(TITLES, tokenizer, PromptConfig())
+    prompt = tokenizer("Movies like Star Wars (1977), Heat (1995), and")["input_ids"]
+    naive = score_naive(model, prompt, items)
+    cached = score_cached(model, prompt, items, batch_size=3)
+    trie = TokenTrie(items)
+    tree = score_trie(model, prompt, trie, chunk_size=chunk_size)
+    torch.testing.assert_close(cached.total, naive.total, atol=1e-4, rtol=0)
+    torch.testing.assert_close(tree.total, naive.total, atol=1e-4, rtol=0)
+    assert torch.equal(tree.lengths, naive.lengths)
+    assert tree.total[1] == tree.total[7]  # identical titles share a terminal node
+    # The trie runs the prompt plus each inner node once: less than cached, far less than naive.
+    assert tree.tokens_computed == len(prompt) + len(trie.inner)
+    assert tree.tokens_computed < cached.tokens_computed < naive.tokens_computed
+
+
+def test_trie_equals_naive_with_eager_attention_and_chat_prompt():
+    """Eager attention adds the float mask itself; the chat style ends candidates with EOS."""
+    model, tokenizer = load_backbone("tiny-llama")
+    model.config._attn_implementation = "eager"
+    config = PromptConfig(style="chat", max_history=2)
+    scorer = ZeroShotScorer(model, tokenizer, TITLES, config, method="trie", chunk_size=5)
+    assert all(ids[-1] == tokenizer.eos_token_id for ids in scorer.items)
+    history = [0, 5, 9]
+    prompt = scorer.build_prompt(history)
+    assert tokenizer.decode(prompt).endswith("assistant\n")
+    naive = score_naive(model, prompt, scorer.items)
+    torch.testing.assert_close(scorer.score(history).total, naive.total, atol=1e-4, rtol=0)
+
+
+def test_end_of_title_is_scored():
+    """'Heat' and 'Heat (1995)' differ in their terminating token, so neither is a prefix of the other."""
+    _, tokenizer = load_backbone("tiny-llama")
+    heat, heat_1995 = encode_items(["Heat", "Heat (1995)"], tokenizer, PromptConfig())
+    assert heat_1995[: len(heat)] != heat
+    assert tokenizer.decode(heat) == " Heat,"
+    eos = encode_items(["Heat"], tokenizer, PromptConfig(item_suffix=EOS))[0]
+    assert eos[-1] == tokenizer.eos_token_id
+
+
+def test_prompt_keeps_most_recent_history_and_fits_the_budget():
+    _, tokenizer = load_backbone("tiny-llama")
+    titles = ["A (1)", "B (2)", "C (3)", "D (4)"]
+    build = PromptBuilder(tokenizer, titles, PromptConfig(max_history=3), max_prompt_tokens=1000)
+    assert (
+        tokenizer.decode(build([0, 1, 2, 3]), skip_special_tokens=True)
+        == "Movies like D (4), C (3), B (2), and"
+    )
+    chrono = PromptBuilder(tokenizer, titles, PromptConfig(recent_first=False), max_prompt_tokens=1000)
+    assert tokenizer.decode(chrono([0, 1, 2, 3]), skip_special_tokens=True).startswith("Movies like A (1), B")
+    # Budget of the prompt with two items: the oldest items go first.
+    two = len(build.encode_text(build.text([3, 2])))
+    tight = PromptBuilder(tokenizer, titles, PromptConfig(max_history=3), max_prompt_tokens=two)
+    assert tokenizer.decode(tight([0, 1, 2, 3]), skip_special_tokens=True) == "Movies like D (4), C (3), and"
+    with pytest.raises(ValueError, match="without history"):
+        PromptBuilder(tokenizer, titles, PromptConfig(), max_prompt_tokens=3)([0])
+
+
+def test_scorer_rejects_a_budget_over_the_context(tiny_llama):
+    model, tokenizer = tiny_llama
+    with pytest.raises(ValueError, match="exceeds the model context"):
+        ZeroShotScorer(model, tokenizer, TITLES, PromptConfig(max_prompt_tokens=10_000))
+    with pytest.raises(ValueError, match="method must be one of"):
+        ZeroShotScorer(model, tokenizer, TITLES, method="beam")
+
+
+def test_user_histories_are_time_ordered():
+    frame = pd.DataFrame({"user": [1, 0, 1, 1], "item": [5, 2, 3, 4], "timestamp": [30, 1, 10, 20]})
+    assert user_histories(frame, n_users=3) == [[2], [3, 4, 5], []]
+
+
+def test_mean_scores_divide_by_token_count(tiny_llama):
+    model, tokenizer = tiny_llama
+    scorer = ZeroShotScorer(model, tokenizer, TITLES, method="cached")
+    result = scorer.score([1])
+    lengths = np.array([len(t) for t in scorer.items])
+    np.testing.assert_allclose(result.scores("mean").numpy(), result.total.numpy() / lengths)
+    with pytest.raises(ValueError, match="normalize"):
+        result.scores("max")
