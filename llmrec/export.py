@@ -520,28 +520,26 @@ class Recommender:
 
     def user(self, raw_id: str | int) -> int:
         """Index of a known user; a clear error for an id not seen in training."""
-        index = self.user_index.get(str(raw_id))
-        if index is None:
-            examples = ", ".join(repr(u) for u in self.user_ids[:3])
-            raise ValueError(
-                f"unknown user id {str(raw_id)!r}: not one of the {self.n_users} users of this bundle "
-                f"(e.g. {examples}); for a user unseen in training pass history=[item ids] instead"
-            )
-        return index
+        return self._index(
+            "user", raw_id, hint="; for a user unseen in training pass history=[item ids] instead"
+        )
 
     def items(self, raw_ids: Sequence[str | int]) -> list[int]:
         """Indices of catalogue items; a clear error naming the first unknown id and its position."""
-        out = []
-        for position, raw in enumerate(raw_ids):
-            index = self.item_index.get(str(raw))
-            if index is None:
-                examples = ", ".join(repr(i) for i in self.item_ids[:3])
-                raise ValueError(
-                    f"unknown item id {str(raw)!r} at position {position}: not one of the {self.n_items} "
-                    f"catalogue items of this bundle (e.g. {examples})"
-                )
-            out.append(index)
-        return out
+        return [self._index("item", raw, where=f" at position {pos}") for pos, raw in enumerate(raw_ids)]
+
+    def _index(self, kind: str, raw_id: str | int, where: str = "", hint: str = "") -> int:
+        index_of, ids = (
+            (self.user_index, self.user_ids) if kind == "user" else (self.item_index, self.item_ids)
+        )
+        index = index_of.get(str(raw_id))
+        if index is None:
+            examples = ", ".join(repr(raw) for raw in ids[:3])
+            raise ValueError(
+                f"unknown {kind} id {str(raw_id)!r}{where}: not one of the {len(ids)} {kind}s of this bundle "
+                f"(e.g. {examples}){hint}"
+            )
+        return index
 
     def history(self, user: str | int) -> list[str]:
         """A known user's training items (raw ids, oldest first): their prompt and their seen items."""
@@ -564,6 +562,8 @@ class Recommender:
         """Scores (batch, n_items) for many known users, or for many histories of unseen users."""
         if (users is None) == (histories is None):
             raise ValueError("give either users (known user ids) or histories (lists of item ids), not both")
+        if len(users if users is not None else histories) == 0:
+            return torch.empty(0, self.n_items)
         if users is not None:
             return self._scorer(np.asarray([self.user(u) for u in users], dtype=np.int64))
         indexed = [self._cold_history(h, row) for row, h in enumerate(histories)]
@@ -615,12 +615,10 @@ class Recommender:
         masked = scores.clone()
         for row in range(len(scores)):
             drop = self.items(exclude[row]) if exclude is not None else []
-            if exclude_seen:
-                drop += (
-                    list(self.histories[self.user(users[row])])
-                    if users is not None
-                    else self.items(histories[row])
-                )
+            if exclude_seen and users is not None:
+                drop += list(self.histories[self.user(users[row])])
+            elif exclude_seen:
+                drop += self.items(histories[row])
             masked[row, drop] = float("-inf")
         k = min(k, self.n_items)
         top = RankingMetrics(self.n_items, ks=(k,)).topk(masked, k)
@@ -686,7 +684,7 @@ def _load_model(
     # the tables are overwritten below; a normal init needs no titles
     build_config = dataclasses.replace(model_config, embedding_init="normal")
     model = CLLM4Rec(lm, tokenizer, vocab, build_config, backbone)
-    model.config = model_config
+    model.config = model_config  # report the config it was trained with (re-exports keep it)
     try:
         model.load_trainable(directory / WEIGHTS_FILE)
     except ValueError as err:

@@ -327,3 +327,52 @@ def test_cold_template_drops_user_placeholders():
 def test_histories_are_the_evaluation_histories(data, recommender):
     expected = train_histories(load_bundle(data))
     assert [list(h) for h in recommender.histories] == expected
+
+
+def test_untied_head_and_one_adapter_per_view_round_trip(data, tmp_path):
+    b = load_bundle(data)
+    config = ModelConfig(lora_r=2, lora_per_view=True, head="untied")
+    model = CLLM4Rec.from_config(config, BackboneConfig("tiny-llama"), b.n_users, b.n_items, seed=1)
+    with torch.no_grad():  # LoRA B starts at zero; make every trained part matter
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(
+                    torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())) * 0.1
+                )
+    out = export_model(model, b, tmp_path / "bundle")
+    assert json.loads((out / "config.json").read_text())["adapters"] == ["collab", "content"]
+    loaded = Recommender.from_pretrained(out, device="cpu")
+    assert loaded.model.config == config
+    expected = model.score_items(*_prompt(model, loaded))[0]
+    assert torch.allclose(loaded.score(loaded.user_ids[0]), expected, atol=1e-5, rtol=0)
+    assert loaded.score_batch([]).shape == (0, N_ITEMS)
+
+
+@pytest.mark.slow
+def test_smollm2_bundle_and_merged_model_agree(ml100k_bundle, tmp_path):
+    """The real tokenizer and tied 135M backbone (truncated to 2 layers): merged scores = bundle scores."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    b = load_bundle(ml100k_bundle)
+    backbone = BackboneConfig("smollm2-135m", num_layers=2)
+    model = CLLM4Rec.from_config(ModelConfig(), backbone, b.n_users, b.n_items, b.item_titles)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(0)) * 0.02)
+    out = export_model(model, b, tmp_path / "bundle", merge=True)
+    recommender = Recommender.from_pretrained(out, device="cpu")
+    assert [r.item for r in recommender.recommend("196", k=10)]
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    tokenizer = AutoTokenizer.from_pretrained(out / "merged")
+    head = load_file(str(out / "merged" / "item_head.safetensors"))
+    for user in ("196", "1"):
+        index = recommender.user(user)
+        history = " ".join(f"<item_{i}>" for i in recommender.histories[index])
+        text = b.templates.finetune.format(user=index, history=history)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert ids == recommender.prompts.encode(index, recommender.histories[index])
+        with torch.no_grad():
+            hidden = merged(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
+        scores = hidden @ head["weight"].T + head["bias"]
+        assert torch.allclose(scores, recommender.score(user), atol=1e-5, rtol=1e-5)
