@@ -12,6 +12,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from data_prep import readers
 from data_prep.bundle import FORMAT_VERSION, atomic_directory, write_tables
@@ -29,6 +30,7 @@ from data_prep.process import (
 from data_prep.splits import SPLITS, leave_one_out, random_split, sort_rows, temporal_split
 from data_prep.templates import Templates
 from data_prep.text import item_text, user_text
+from llmrec import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +58,8 @@ class BuildConfig:
     )
     seed: int = field(default=0, metadata={"help": "seed of the random split and the finetune masks"})
     rating_threshold: float | None = field(
-        default=None, metadata={"help": "keep interactions rated at least this (default: all count)"}
+        default=None,
+        metadata={"help": "keep interactions rated at least this; unset, every interaction counts"},
     )
     k_core: int = field(default=0, metadata={"help": "iterative k-core filter on users and items (0: off)"})
     item_meta: str | None = field(default=None, metadata={"help": "item metadata file (amazon, csv)"})
@@ -104,11 +107,16 @@ def read_source(config: BuildConfig) -> readers.SourceTables:
 
 
 def load_templates(path: str | None) -> Templates:
+    """Defaults, or a JSON/YAML mapping of template name -> format string overriding some of them."""
     if path is None:
         return Templates()
-    from llmrec.config import load_yaml  # YAML is a superset of JSON
-
-    return Templates.from_dict(load_yaml(path), source=path)
+    try:
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise DataError(f"cannot read templates: {err}", file=path) from err
+    if not isinstance(values, dict):
+        raise DataError("expected a mapping of template name: format string", file=path)
+    return Templates.from_dict(values, source=path)
 
 
 def sha256(path: Path) -> str:
@@ -211,6 +219,14 @@ def _reviews(
 def build(config: BuildConfig) -> Path:
     """Build the bundle at ``config.out`` and return its path; raises :class:`DataError` on bad input."""
     start = time.perf_counter()
+    with atomic_directory(config.out, overwrite=config.overwrite) as tmp:
+        counts = _build_into(config, tmp)
+    logger.info("wrote %s in %.1fs: %s", config.out, time.perf_counter() - start, json.dumps(counts))
+    return Path(config.out)
+
+
+def _build_into(config: BuildConfig, tmp: Path) -> dict[str, int]:
+    """Every step of :func:`build`, writing into ``tmp``; returns the manifest's counts."""
     templates = load_templates(config.templates)
     if not 0 < config.finetune_keep <= 1:
         raise DataError(f"must be in (0, 1], got {config.finetune_keep}", field="finetune_keep")
@@ -257,8 +273,6 @@ def build(config: BuildConfig) -> Path:
         "content": content_corpus(templates, items_text, users_text, reviews),
         "finetune": finetune_corpus(splits["train"], templates, config.seed, config.finetune_keep),
     }
-    from llmrec import __version__
-
     manifest = {
         "format_version": FORMAT_VERSION,
         "source": {
@@ -278,24 +292,15 @@ def build(config: BuildConfig) -> Path:
         "templates": templates.to_dict(),
         "data_prep_version": __version__,
     }
-    with atomic_directory(config.out, overwrite=config.overwrite) as tmp:
-        write_tables(
-            tmp,
-            manifest=manifest,
-            user_ids=user_ids,
-            user_text=users_text,
-            item_ids=item_ids,
-            item_titles=titles,
-            item_text=items_text,
-            splits=splits,
-            corpora=corpora,
-        )
-    logger.info(
-        "wrote %s: %d users, %d items, %s in %.1fs",
-        config.out,
-        len(user_ids),
-        len(item_ids),
-        json.dumps({name: len(splits[name]) for name in SPLITS}),
-        time.perf_counter() - start,
+    write_tables(
+        tmp,
+        manifest=manifest,
+        user_ids=user_ids,
+        user_text=users_text,
+        item_ids=item_ids,
+        item_titles=titles,
+        item_text=items_text,
+        splits=splits,
+        corpora=corpora,
     )
-    return Path(config.out)
+    return manifest["counts"]

@@ -369,6 +369,7 @@ def _read_movielens_meta(path: Path, sep: str, names: list[str]) -> pd.DataFrame
     except DataError as err:
         if not isinstance(err.__cause__, UnicodeDecodeError):
             raise
+        logger.info("%s is not UTF-8; reading it as latin-1", path)
         return read_delimited(path, sep=sep, header=False, names=names, encoding="latin-1")
 
 
