@@ -66,6 +66,7 @@ from llmrec.data import PromptScorer, train_histories
 from llmrec.metrics import RankingMetrics
 from llmrec.model import VIEWS, CLLM4Rec, ModelConfig
 from llmrec.tokens import RecVocab, export_plain_model
+from llmrec.train import run_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -170,15 +171,6 @@ def _check_template(template: str, name: str, user: bool) -> None:
         raise ValueError(
             f"{name} template {template!r} must contain {{history}} and no other field than {sorted(allowed)}"
         )
-
-
-def run_model_dir(run: str | Path) -> Path:
-    """The model a run's evaluation uses: ``RUN/best`` when the run kept one, else ``RUN/model``."""
-    run = Path(run)
-    for name in ("best", "model"):
-        if (run / name / "config.json").is_file():
-            return run / name
-    raise FileNotFoundError(f"{run}: no trained model (expected {run}/best or {run}/model with config.json)")
 
 
 def export_run(run: str | Path, out: str | Path, data: str | Path | None = None, **options: Any) -> Path:

@@ -17,6 +17,7 @@ gradient of the whole batch on one, exactly.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 from collections.abc import Iterator
@@ -371,7 +372,13 @@ class CLLM4Rec(nn.Module):
             from llmrec.indexing.base import ItemIndex  # only runs that generate semantic IDs need it
 
             index = ItemIndex.load(directory / INDEX_DIR)
-        model = cls.from_config(config, backbone, vocab.n_users, vocab.n_items, item_index=index)
+        # the saved tables replace any initialisation, so rebuild with the one that needs no titles
+        fresh = dataclasses.replace(
+            config,
+            embedding_init="normal" if config.embedding_init == "title_mean" else config.embedding_init,
+        )
+        model = cls.from_config(fresh, backbone, vocab.n_users, vocab.n_items, item_index=index)
+        model.config = config
         model.load_trainable(directory / "model.safetensors")
         return model
 

@@ -295,6 +295,15 @@ def log_record(accelerator: Accelerator, path: Path, record: dict, step: int) ->
     accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
 
+def run_model_dir(run: str | Path) -> Path:
+    """The model a run is evaluated and exported with: ``RUN/best`` when the run kept one, else ``RUN/model``."""
+    run = Path(run)
+    for name in ("best", "model"):
+        if (run / name / "config.json").is_file():
+            return run / name
+    raise FileNotFoundError(f"{run}: no trained model (expected {run}/best or {run}/model with config.json)")
+
+
 def save_run_config(accelerator: Accelerator, output_dir: str | Path, *configs) -> None:
     """Record every knob of a run (``run_config.json``) so that it can be repeated and evaluated later."""
     if accelerator.is_main_process:

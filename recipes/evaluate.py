@@ -19,6 +19,7 @@ from llmrec.data import evaluate_model
 from llmrec.log import setup_logging
 from llmrec.metrics import DEFAULT_KS, format_table, write_metrics_json
 from llmrec.model import CLLM4Rec
+from llmrec.train import run_model_dir
 
 
 @dataclass
@@ -40,19 +41,12 @@ class EvaluateArgs:
     )
 
 
-def model_dir(run: Path) -> Path:
-    for name in ("best", "model"):
-        if (run / name / "config.json").exists():
-            return run / name
-    raise FileNotFoundError(f"{run}: no trained model (expected {run}/best or {run}/model with config.json)")
-
-
 def main(argv: list[str] | None = None) -> dict[str, float]:
     setup_logging()
     (args,) = parse_config(EvaluateArgs, args=argv, section="evaluate")
     run = Path(args.run)
     data = args.data or json.loads((run / "run_config.json").read_text())["data"]
-    model = CLLM4Rec.from_pretrained(model_dir(run))
+    model = CLLM4Rec.from_pretrained(run_model_dir(run))
     ks = tuple(int(k) for k in args.ks.split(","))
     beam = (args.beam or max(ks)) if args.generate else 0
     metrics = evaluate_model(

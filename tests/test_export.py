@@ -25,10 +25,10 @@ from llmrec.export import (
     cold_template,
     export_model,
     export_run,
-    run_model_dir,
 )
 from llmrec.metrics import RankingMetrics, evaluate_scorer
 from llmrec.model import CLLM4Rec, ModelConfig
+from llmrec.train import run_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 N_USERS, N_ITEMS, PER_USER = 30, 40, 12
