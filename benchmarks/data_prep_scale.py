@@ -115,8 +115,10 @@ def main() -> None:
             manifest = json.loads((Path(tmp) / "bundle" / "manifest.json").read_text())
         rows.append({**shape, **result, "process_s": round(process_s, 2), "counts": manifest["counts"]})
         print(f"done {n:,}: {result}", file=sys.stderr)
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     machine = (
-        f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}"
+        f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"load average {load} (a shared machine: wall times include contention, CPU s does not)"
     )
     print(f"data_prep build (movielens .dat, random 80/10/10 split, seed {args.seed}) on {machine}")
     print(
