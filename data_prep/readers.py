@@ -52,6 +52,14 @@ class SourceTables:
     files: list[Path] = field(default_factory=list)
     extra_metadata_ok: bool = False
 
+    def add_items(self, items: pd.DataFrame, path: Path) -> None:
+        self.items, self.items_file = items, path
+        self.files.append(path)
+
+    def add_users(self, users: pd.DataFrame, path: Path) -> None:
+        self.users, self.users_file = users, path
+        self.files.append(path)
+
 
 # ----------------------------------------------------------------------------------------------
 # Shared parsing helpers
@@ -297,16 +305,17 @@ def read_recbole(path: str | Path) -> SourceTables:
     tables = SourceTables(interactions=interactions, interactions_file=inter_path, files=[inter_path])
     item_path = _recbole_file(directory, "item", required=False)
     if item_path is not None:
-        tables.items = metadata_frame(_recbole_table(item_path), item_path, id_column="item_id", key="item")
-        tables.items_file = item_path
-        tables.files.append(item_path)
+        tables.add_items(
+            metadata_frame(_recbole_table(item_path), item_path, id_column="item_id", key="item"), item_path
+        )
     user_path = _recbole_file(directory, "user", required=False)
     if user_path is not None:
-        tables.users = metadata_frame(
-            _recbole_table(user_path), user_path, id_column="user_id", key="user", skip=SKIP_USER_FIELDS
+        tables.add_users(
+            metadata_frame(
+                _recbole_table(user_path), user_path, id_column="user_id", key="user", skip=SKIP_USER_FIELDS
+            ),
+            user_path,
         )
-        tables.users_file = user_path
-        tables.files.append(user_path)
     return tables
 
 
@@ -425,19 +434,24 @@ def _read_ml100k(directory: Path) -> SourceTables:
         _check_width(raw, item_path, names)
         flags = raw[names[5:]].to_numpy() == "1"
         raw["genres"] = _join_genres(pd.Series([np.asarray(genres)[row] for row in flags], index=raw.index))
-        tables.items = metadata_frame(
-            raw[["item_id", "title", "genres"]], item_path, id_column="item_id", key="item", list_fields=set()
+        tables.add_items(
+            metadata_frame(
+                raw[["item_id", "title", "genres"]],
+                item_path,
+                id_column="item_id",
+                key="item",
+                list_fields=set(),
+            ),
+            item_path,
         )
-        tables.items_file = item_path
-        tables.files.append(item_path)
     user_path = directory / "u.user"
     if user_path.is_file():
         names = ["user_id", "age", "gender", "occupation", "zip_code"]
         raw = _read_movielens_meta(user_path, "|", names)
         _check_width(raw, user_path, names)
-        tables.users = metadata_frame(raw, user_path, id_column="user_id", key="user", skip=SKIP_USER_FIELDS)
-        tables.users_file = user_path
-        tables.files.append(user_path)
+        tables.add_users(
+            metadata_frame(raw, user_path, id_column="user_id", key="user", skip=SKIP_USER_FIELDS), user_path
+        )
     return tables
 
 
@@ -450,9 +464,9 @@ def _read_ml_dat(directory: Path) -> SourceTables:
         raw = _read_movielens_meta(item_path, "::", names)
         _check_width(raw, item_path, names)
         raw["genres"] = _join_genres(raw["genres"].str.split("|"))
-        tables.items = metadata_frame(raw, item_path, id_column="item_id", key="item", list_fields=set())
-        tables.items_file = item_path
-        tables.files.append(item_path)
+        tables.add_items(
+            metadata_frame(raw, item_path, id_column="item_id", key="item", list_fields=set()), item_path
+        )
     user_path = directory / "users.dat"
     if user_path.is_file():
         names = ["user_id", "gender", "age", "occupation", "zip_code"]
@@ -461,15 +475,16 @@ def _read_ml_dat(directory: Path) -> SourceTables:
         raw["age"] = raw["age"].map(ML1M_AGES).fillna(raw["age"])
         occupations = {str(code): name for code, name in enumerate(ML1M_OCCUPATIONS)}
         raw["occupation"] = raw["occupation"].map(occupations).fillna(raw["occupation"])
-        tables.users = metadata_frame(
-            raw[["user_id", "age", "gender", "occupation", "zip_code"]],
+        tables.add_users(
+            metadata_frame(
+                raw[["user_id", "age", "gender", "occupation", "zip_code"]],
+                user_path,
+                id_column="user_id",
+                key="user",
+                skip=SKIP_USER_FIELDS,
+            ),
             user_path,
-            id_column="user_id",
-            key="user",
-            skip=SKIP_USER_FIELDS,
         )
-        tables.users_file = user_path
-        tables.files.append(user_path)
     return tables
 
 
@@ -587,9 +602,9 @@ def read_amazon(path: str | Path, meta: str | Path | None = None) -> SourceTable
             )
         table = pd.DataFrame(meta_rows).set_index("line")
         table.index.name = None
-        tables.items = metadata_frame(table, meta_path, id_column="asin", key="item", list_fields=set())
-        tables.items_file = meta_path
-        tables.files.append(meta_path)
+        tables.add_items(
+            metadata_frame(table, meta_path, id_column="asin", key="item", list_fields=set()), meta_path
+        )
     return tables
 
 
@@ -651,21 +666,23 @@ def read_csv_source(
         tables.reviews = interactions[["user", "item", "timestamp"]].assign(text=df[columns.text].astype(str))
     if item_meta is not None:
         item_path = Path(item_meta)
-        tables.items = metadata_frame(
-            read_frame(item_path), item_path, id_column=columns.item, key="item", list_fields=set()
+        tables.add_items(
+            metadata_frame(
+                read_frame(item_path), item_path, id_column=columns.item, key="item", list_fields=set()
+            ),
+            item_path,
         )
-        tables.items_file = item_path
-        tables.files.append(item_path)
     if user_meta is not None:
         user_path = Path(user_meta)
-        tables.users = metadata_frame(
-            read_frame(user_path),
+        tables.add_users(
+            metadata_frame(
+                read_frame(user_path),
+                user_path,
+                id_column=columns.user,
+                key="user",
+                list_fields=set(),
+                skip=SKIP_USER_FIELDS,
+            ),
             user_path,
-            id_column=columns.user,
-            key="user",
-            list_fields=set(),
-            skip=SKIP_USER_FIELDS,
         )
-        tables.users_file = user_path
-        tables.files.append(user_path)
     return tables
