@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from data_prep.errors import DataError
+from data_prep.splits import SPLITS
 
 logger = logging.getLogger(__name__)
 
@@ -217,6 +218,18 @@ def interaction_frame(
     return out
 
 
+def _id_columns_frame(df: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """RecBole and pre-split files: ``user_id``, ``item_id``, and ``rating``/``timestamp`` if present."""
+    return interaction_frame(
+        df,
+        path,
+        user="user_id",
+        item="item_id",
+        rating="rating" if "rating" in df.columns else None,
+        timestamp="timestamp" if "timestamp" in df.columns else None,
+    )
+
+
 def metadata_frame(
     df: pd.DataFrame,
     path: Path,
@@ -294,14 +307,7 @@ def read_recbole(path: str | Path) -> SourceTables:
         raise DataError("not a directory of RecBole atomic files", file=path)
     inter_path = path if path.is_file() else _recbole_file(directory, "inter", required=True)
     inter = _recbole_table(inter_path)
-    interactions = interaction_frame(
-        inter,
-        inter_path,
-        user="user_id",
-        item="item_id",
-        rating="rating" if "rating" in inter.columns else None,
-        timestamp="timestamp" if "timestamp" in inter.columns else None,
-    )
+    interactions = _id_columns_frame(inter, inter_path)
     tables = SourceTables(interactions=interactions, interactions_file=inter_path, files=[inter_path])
     item_path = _recbole_file(directory, "item", required=False)
     if item_path is not None:
@@ -322,9 +328,6 @@ def read_recbole(path: str | Path) -> SourceTables:
 # ----------------------------------------------------------------------------------------------
 # Pre-split directory
 # ----------------------------------------------------------------------------------------------
-SPLITS = ("train", "valid", "test")
-
-
 def read_presplit(directory: str | Path) -> dict[str, pd.DataFrame]:
     """``train.tsv``, ``valid.tsv``, ``test.tsv`` with ``user_id``, ``item_id`` (+ ``rating``, ``timestamp``)."""
     directory = Path(directory)
@@ -334,14 +337,7 @@ def read_presplit(directory: str | Path) -> dict[str, pd.DataFrame]:
     for split in SPLITS:
         path = directory / f"{split}.tsv"
         df = read_delimited(path)
-        out[split] = interaction_frame(
-            df,
-            path,
-            user="user_id",
-            item="item_id",
-            rating="rating" if "rating" in df.columns else None,
-            timestamp="timestamp" if "timestamp" in df.columns else None,
-        )
+        out[split] = _id_columns_frame(df, path)
     return out
 
 
