@@ -1,0 +1,52 @@
+"""Item indexers: every method gives each item a code tuple, saved in one format (:class:`ItemIndex`).
+
+``rqvae`` (semantic IDs from content), ``random``, ``sequential`` and ``collaborative`` (Hua et
+al. 2023) share the :class:`Indexer` interface; :func:`train_pieces` turns any index into
+SentencePiece pieces; :meth:`ItemIndex.trie` gives the prefix trie for constrained decoding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmrec.indexing.base import IndexData, Indexer, ItemIndex, PrefixTrie, collision_stats, index_stats
+from llmrec.indexing.collaborative import CollaborativeIndexConfig, CollaborativeIndexer
+from llmrec.indexing.pieces import PiecesConfig, train_pieces
+from llmrec.indexing.rqvae import RQVAEConfig, RQVAEIndexer
+from llmrec.indexing.simple import NumberIndexConfig, RandomIndexer, SequentialIndexer
+
+INDEXERS: dict[str, tuple[type[Indexer], type]] = {
+    "rqvae": (RQVAEIndexer, RQVAEConfig),
+    "random": (RandomIndexer, NumberIndexConfig),
+    "sequential": (SequentialIndexer, NumberIndexConfig),
+    "collaborative": (CollaborativeIndexer, CollaborativeIndexConfig),
+}
+
+
+def make_indexer(method: str, **config: Any) -> Indexer:
+    """An indexer by name, configured by keyword arguments of its config dataclass."""
+    if method not in INDEXERS:
+        raise ValueError(f"unknown indexing method {method!r}; expected one of {sorted(INDEXERS)}")
+    indexer_cls, config_cls = INDEXERS[method]
+    return indexer_cls(config_cls(**config))
+
+
+__all__ = [
+    "INDEXERS",
+    "CollaborativeIndexConfig",
+    "CollaborativeIndexer",
+    "IndexData",
+    "Indexer",
+    "ItemIndex",
+    "NumberIndexConfig",
+    "PiecesConfig",
+    "PrefixTrie",
+    "RQVAEConfig",
+    "RQVAEIndexer",
+    "RandomIndexer",
+    "SequentialIndexer",
+    "collision_stats",
+    "index_stats",
+    "make_indexer",
+    "train_pieces",
+]

@@ -1,0 +1,330 @@
+"""RQ-VAE semantic IDs (TIGER, Rajput et al. 2023) with collision resolution (TIGER extra level, LC-Rec Sinkhorn).
+
+An MLP encoder maps an item's content embedding to a latent; ``levels`` codebooks quantize the
+latent residually (level 0 quantizes the latent, level 1 what is left, ...); an MLP decoder
+reconstructs the content embedding from the sum of the chosen codewords. Training minimises
+reconstruction MSE plus, per level, the codebook loss ``||sg[r] - e||²`` and the commitment loss
+``β ||r - sg[e]||²``, with a straight-through estimator through the quantizer. Codebooks start from
+k-means of the initial residuals, and codes that no item used since the last check are moved onto
+random residuals (dead-code re-initialisation), which keeps the codebooks in use.
+
+Items with the same content (or close enough) share a code tuple. Two ways to make IDs unique:
+``extra_level`` appends a level numbering the items of each collision group (TIGER);
+``sinkhorn`` re-assigns the last level of colliding items with Sinkhorn-Knopp balanced
+assignment (LC-Rec), finished by an exact assignment to free last-level codes for groups that
+Sinkhorn cannot separate (identical embeddings), so the result is always unique.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save as save_safetensors
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from llmrec.indexing.base import IndexData, Indexer, ItemIndex, codebook_stats, collision_stats
+from llmrec.indexing.kmeans import kmeans
+
+logger = logging.getLogger(__name__)
+
+RESOLVE_METHODS = ("sinkhorn", "extra_level", "none")
+
+
+@dataclasses.dataclass
+class RQVAEConfig:
+    levels: int = 3
+    codebook_size: int = 256
+    latent_dim: int = 32
+    hidden_dims: tuple[int, ...] = (512, 256, 128)
+    beta: float = 0.25
+    epochs: int = 3000
+    batch_size: int = 1024
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    kmeans_init: bool = True
+    dead_code_every: int = 50
+    resolve: str = "sinkhorn"
+    sinkhorn_epsilon: float = 0.003
+    sinkhorn_iters: int = 50
+    sinkhorn_rounds: int = 20
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.resolve not in RESOLVE_METHODS:
+            raise ValueError(f"resolve must be one of {RESOLVE_METHODS}, got {self.resolve!r}")
+        if self.levels < 1 or self.codebook_size < 2:
+            raise ValueError(
+                f"need levels >= 1 and codebook_size >= 2, got {self.levels}, {self.codebook_size}"
+            )
+        self.hidden_dims = tuple(self.hidden_dims)
+
+
+def _mlp(dims: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for k, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if k < len(dims) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class RQVAE(nn.Module):
+    """MLP encoder -> residual quantizer (``levels`` codebooks of ``codebook_size``) -> MLP decoder."""
+
+    def __init__(self, in_dim: int, config: RQVAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        dims = [in_dim, *config.hidden_dims, config.latent_dim]
+        self.encoder = _mlp(dims)
+        self.decoder = _mlp(dims[::-1])
+        self.codebooks = nn.Parameter(
+            torch.randn(config.levels, config.codebook_size, config.latent_dim) * 0.1
+        )
+
+    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Residual quantization of latents z (n, latent).
+
+        Returns (quantized latent with straight-through gradient, codes (n, levels), residuals
+        (levels, n, latent) seen by each level, codebook + commitment loss).
+        """
+        residual = z
+        quantized = torch.zeros_like(z)
+        codes, residuals = [], []
+        loss = z.new_zeros(())
+        for book in self.codebooks:
+            idx = torch.cdist(residual, book).argmin(1)
+            e = book[idx]
+            loss = (
+                loss + F.mse_loss(e, residual.detach()) + self.config.beta * F.mse_loss(residual, e.detach())
+            )
+            residuals.append(residual)
+            codes.append(idx)
+            quantized = quantized + e
+            residual = residual - e.detach()
+        z_q = z + (quantized - z).detach()  # straight-through estimator
+        return z_q, torch.stack(codes, 1), torch.stack(residuals), loss
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z_q, codes, residuals, quant_loss = self.quantize(self.encoder(x))
+        recon = F.mse_loss(self.decoder(z_q), x)
+        return {
+            "loss": recon + quant_loss,
+            "recon": recon,
+            "quant": quant_loss,
+            "codes": codes,
+            "residuals": residuals,
+        }
+
+    @torch.no_grad()
+    def kmeans_init(self, x: torch.Tensor, seed: int) -> None:
+        """Set each codebook to the k-means centroids of the residuals it sees at the start."""
+        residual = self.encoder(x)
+        for level, book in enumerate(self.codebooks):
+            centroids, assign = kmeans(residual, len(book), seed=seed + level)
+            book.copy_(centroids)
+            residual = residual - centroids[assign]
+
+    @torch.no_grad()
+    def reinit_dead_codes(self, usage: torch.Tensor, residuals: torch.Tensor, gen: torch.Generator) -> int:
+        """Move codes unused since the last check (usage (levels, K) == 0) onto residuals.
+
+        Residuals are drawn with probability proportional to their squared quantization error
+        (k-means++ style), so a dead code lands where the codebook fits worst, e.g. between two
+        clusters that share one code, rather than on a point that is already well served.
+        """
+        moved = 0
+        for level, book in enumerate(self.codebooks):
+            dead = (usage[level] == 0).nonzero().flatten()
+            if not len(dead):
+                continue
+            r = residuals[level]
+            error = torch.cdist(r, book).min(1).values.square().cpu().double() + 1e-12
+            pick = torch.multinomial(error, min(len(dead), len(r)), replacement=False, generator=gen)
+            book[dead[: len(pick)]] = r[pick.to(r.device)]
+            moved += len(pick)
+        return moved
+
+
+@dataclasses.dataclass
+class RQVAEResult:
+    model: RQVAE
+    codes: np.ndarray  # (n_items, levels) before collision resolution
+    residuals: torch.Tensor  # (levels, n_items, latent) after training
+    recon_before: float
+    recon_after: float
+
+
+def train_rqvae(embeddings: np.ndarray | torch.Tensor, config: RQVAEConfig) -> RQVAEResult:
+    """Train an RQ-VAE on item embeddings (n_items, d) and assign every item its code tuple."""
+    torch.manual_seed(config.seed)
+    gen = torch.Generator(device="cpu").manual_seed(config.seed)
+    x = torch.as_tensor(np.asarray(embeddings), dtype=torch.float32, device=config.device)
+    model = RQVAE(x.shape[1], config).to(config.device)
+    if config.kmeans_init:
+        model.kmeans_init(x, config.seed)
+    recon_before = _evaluate(model, x)["recon"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    usage = torch.zeros(config.levels, config.codebook_size, dtype=torch.long, device=x.device)
+    n = len(x)
+    bar = tqdm(range(config.epochs), desc="rq-vae", leave=False, mininterval=2)
+    for epoch in bar:
+        model.train()
+        order = torch.randperm(n, generator=gen).to(x.device)
+        for start in range(0, n, config.batch_size):
+            out = model(x[order[start : start + config.batch_size]])
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            optimizer.step()
+            usage += F.one_hot(out["codes"].T, config.codebook_size).sum(1)
+        if config.dead_code_every and (epoch + 1) % config.dead_code_every == 0 and epoch + 1 < config.epochs:
+            moved = model.reinit_dead_codes(usage, out["residuals"].detach(), gen)
+            usage.zero_()
+            bar.set_postfix(recon=f"{out['recon'].item():.5f}", dead=moved)
+            logger.debug("epoch %d: recon %.6f, %d dead codes moved", epoch + 1, out["recon"].item(), moved)
+    final = _evaluate(model, x)
+    logger.info("rq-vae reconstruction MSE %.6f -> %.6f", recon_before, final["recon"])
+    return RQVAEResult(model, final["codes"].cpu().numpy(), final["residuals"], recon_before, final["recon"])
+
+
+@torch.no_grad()
+def _evaluate(model: RQVAE, x: torch.Tensor) -> dict[str, Any]:
+    model.eval()
+    out = model(x)
+    return {"recon": float(out["recon"]), "codes": out["codes"], "residuals": out["residuals"]}
+
+
+# ------------------------------------------------------------------ collision resolution
+def resolve_extra_level(codes: np.ndarray) -> np.ndarray:
+    """TIGER: append a level numbering the items of each collision group (0 for unique items)."""
+    _, inverse = np.unique(codes, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    order = np.argsort(inverse, kind="stable")
+    group_start = np.searchsorted(inverse[order], inverse[order], side="left")
+    rank = np.empty(len(codes), dtype=np.int64)
+    rank[order] = np.arange(len(codes)) - group_start
+    return np.concatenate([codes, rank[:, None]], axis=1)
+
+
+def sinkhorn(cost: torch.Tensor, epsilon: float, iters: int) -> torch.Tensor:
+    """Sinkhorn-Knopp: a transport plan with uniform row and column marginals for ``cost`` (B, K)."""
+    q = torch.exp(-cost.double() / epsilon)
+    q = q / q.sum()
+    b, k = q.shape
+    for _ in range(iters):
+        q = q / q.sum(0, keepdim=True).clamp_min(1e-300) / k
+        q = q / q.sum(1, keepdim=True).clamp_min(1e-300) / b
+    return q * b
+
+
+def _groups(keys: np.ndarray) -> list[np.ndarray]:
+    """Rows grouped by identical key rows, groups with more than one row only."""
+    _, inverse, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    order = np.argsort(inverse, kind="stable")
+    splits = np.split(order, np.cumsum(counts)[:-1])
+    return [g for g in splits if len(g) > 1]
+
+
+def resolve_sinkhorn(
+    codes: np.ndarray, distances: np.ndarray, epsilon: float, iters: int, rounds: int
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """LC-Rec: re-assign the last level of colliding items by Sinkhorn, then finish exactly.
+
+    ``distances`` (n_items, K): distance of each item's last-level residual to each last-level
+    codeword. Each round, the items of every collision group get new last codes from a Sinkhorn
+    plan over the group (codes held by other items with the same prefix excluded). Groups still
+    colliding after ``rounds`` (identical embeddings) get distinct free codes by an exact
+    min-cost assignment; a prefix with more items than last-level codes cannot be separated and
+    is an error (use ``extra_level`` or larger codebooks).
+    """
+    codes = codes.copy()
+    k = distances.shape[1]
+    prefixes, per_prefix = np.unique(codes[:, :-1], axis=0, return_counts=True)
+    if per_prefix.max() > k:
+        crowded = tuple(int(c) for c in prefixes[per_prefix.argmax()])
+        raise ValueError(
+            f"{per_prefix.max()} items share the prefix {crowded} but only {k} last-level codes exist; "
+            "use resolve='extra_level' or a larger codebook"
+        )
+    used_rounds = 0
+    for _ in range(rounds):
+        groups = _groups(codes)
+        if not groups:
+            break
+        used_rounds += 1
+        for group in groups:
+            cost = _masked_cost(codes, distances, group)
+            lo, hi = cost.min(), cost[np.isfinite(cost)].max()
+            mid = (lo + hi) / 2
+            centred = np.where(np.isfinite(cost), (cost - mid) / (hi - mid + 1e-5), 10.0)
+            plan = sinkhorn(torch.from_numpy(centred), epsilon, iters)
+            codes[group, -1] = plan.argmax(1).numpy()
+    after_sinkhorn = collision_stats(codes)
+    for group in _groups(codes):
+        move = group[1:]  # the first item keeps the code; the others move to free codes
+        cost = _masked_cost(codes, distances, move)
+        free = np.flatnonzero(np.isfinite(cost[0]))
+        rows, cols = linear_sum_assignment(cost[:, free])
+        codes[move[rows], -1] = free[cols]
+    return codes, {
+        "sinkhorn_rounds": used_rounds,
+        "collision_rate_after_sinkhorn": after_sinkhorn["collision_rate"],
+    }
+
+
+def _masked_cost(codes: np.ndarray, distances: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Distances of ``rows`` with last codes taken by other items of the same prefix set to +inf."""
+    prefix = codes[rows[0], :-1]
+    same = np.flatnonzero((codes[:, :-1] == prefix).all(1))
+    others = np.setdiff1d(same, rows)
+    cost = distances[rows].astype(np.float64)
+    cost[:, codes[others, -1]] = np.inf
+    return cost
+
+
+class RQVAEIndexer(Indexer):
+    """Semantic IDs from an RQ-VAE over item content embeddings (``IndexData.embeddings``)."""
+
+    method = "rqvae"
+
+    def __init__(self, config: RQVAEConfig | None = None) -> None:
+        self.config = config or RQVAEConfig()
+
+    def build(self, data: IndexData) -> ItemIndex:
+        cfg = self.config
+        result = train_rqvae(data.require("embeddings", self.method), cfg)
+        raw = result.codes
+        before = collision_stats(raw)
+        stats: dict[str, Any] = {
+            "recon_mse_before": result.recon_before,
+            "recon_mse": result.recon_after,
+            "collision_rate_before": before["collision_rate"],
+            "colliding_items_before": before["colliding_items"],
+            "before_resolution": codebook_stats(raw, (cfg.codebook_size,) * cfg.levels),
+        }
+        sizes = [cfg.codebook_size] * cfg.levels
+        if cfg.resolve == "extra_level":
+            codes = resolve_extra_level(raw)
+            sizes.append(int(codes[:, -1].max()) + 1)
+        elif cfg.resolve == "sinkhorn":
+            last = result.residuals[-1]
+            distances = torch.cdist(last, result.model.codebooks[-1].detach()).cpu().numpy()
+            codes, extra = resolve_sinkhorn(
+                raw, distances, cfg.sinkhorn_epsilon, cfg.sinkhorn_iters, cfg.sinkhorn_rounds
+            )
+            stats.update(extra)
+        else:
+            codes = raw
+        weights = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
+        index = self.make_index(codes, sizes, cfg, **stats)
+        index.config["in_dim"] = int(np.asarray(data.embeddings).shape[1])
+        index.artifacts["rqvae.safetensors"] = save_safetensors(weights)
+        return index
