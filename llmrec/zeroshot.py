@@ -32,6 +32,10 @@ The cached and trie scorers need a model whose attention honours a custom 4D mas
 ``DynamicCache`` (Llama, Qwen2, SmolLM2, GPT-2 and most decoder-only models in transformers v5; not
 sliding-window or recurrent layers when the prompt is longer than the window). ``score_naive`` works
 with any causal LM and is the check: the tests assert the three agree to 1e-4.
+
+When only a ranking's head matters (Recall/NDCG@K), :func:`score_top_k` finds the exact top-k items by
+total log-likelihood while running only the trie nodes that can still lead to one (branch and bound:
+a title's total can only fall as tokens are added).
 """
 
 from __future__ import annotations
@@ -214,6 +218,9 @@ class TokenTrie:
         self.parent, self.depth, self.end = parent, depth, end
         self.terminal = rank[np.asarray(terminal, dtype=np.int64)]
         self.n_children = np.bincount(parent[1:], minlength=n)
+        # Children grouped by parent (CSR, preorder within a parent): see `children`.
+        self._by_parent = np.argsort(parent[1:], kind="stable") + 1
+        self._child_ptr = np.concatenate([[0], np.cumsum(self.n_children)])
 
     def __len__(self) -> int:
         return len(self.token)
@@ -232,6 +239,29 @@ class TokenTrie:
             node = int(self.parent[node])
         return np.asarray(out[::-1], dtype=np.int64)
 
+    def children(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The children of ``nodes`` and, for each child, the position of its parent in ``nodes``."""
+        counts = self.n_children[nodes]
+        rows = np.repeat(np.arange(len(nodes)), counts)
+        offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        return self._by_parent[np.repeat(self._child_ptr[nodes], counts) + offsets], rows
+
+    def ancestors(self, nodes: np.ndarray) -> np.ndarray:
+        """Sorted union of the proper ancestors of ``nodes``, root excluded."""
+        found, current = [], self.parent[nodes]
+        while len(current := current[current > 0]):
+            found.append(current)
+            current = self.parent[current]
+        return np.unique(np.concatenate(found)) if found else np.zeros(0, dtype=np.int64)
+
+    def subtree_sums(self, values: np.ndarray) -> np.ndarray:
+        """``out[n]`` = sum of ``values`` over the subtree of ``n`` (itself included), deepest level first."""
+        out = np.asarray(values, dtype=np.float64).copy()
+        for level in range(int(self.depth.max()), 0, -1):
+            nodes = np.flatnonzero(self.depth == level)
+            np.add.at(out, self.parent[nodes], out[nodes])
+        return out
+
     def path_sums(self, values: np.ndarray) -> np.ndarray:
         """``out[n]`` = sum of ``values`` over the root-to-``n`` path (root excluded), level by level."""
         out = np.zeros(len(self), dtype=np.float64)
@@ -245,15 +275,18 @@ class TokenTrie:
 class ItemLogLikelihoods:
     """``log p(item | prompt)`` summed over each item's tokens, the token counts, and the work done."""
 
-    total: torch.Tensor  # (n_items,) float64
+    total: torch.Tensor  # (n_items,) float64; -inf for items a top-k search never reached
     lengths: torch.Tensor  # (n_items,) int64
     tokens_computed: int  # positions run through the model, padding included
+    complete: bool = True  # False after a top-k search: only the best items are guaranteed scored
 
     def scores(self, normalize: str = "sum") -> torch.Tensor:
         """``"sum"``: total log-likelihood; ``"mean"``: per-token (length-normalised) log-likelihood."""
         if normalize == "sum":
             return self.total
         if normalize == "mean":
+            if not self.complete:
+                raise ValueError("length-normalised scores need every item scored; this was a top-k search")
             return self.total / self.lengths
         raise ValueError(f"normalize must be 'sum' or 'mean', got {normalize!r}")
 
@@ -333,6 +366,59 @@ def score_cached(
     return ItemLogLikelihoods(total, _lengths(items), tokens)
 
 
+def _tree_forward(
+    model: PreTrainedModel,
+    prefix_kv: list,
+    trie: TokenTrie,
+    n_prompt: int,
+    context: np.ndarray,
+    chunk: np.ndarray,
+) -> tuple[DynamicCache, np.ndarray, np.ndarray]:
+    """Run trie nodes ``chunk`` with tree attention; return the cache, their children and the children's log-probs.
+
+    ``prefix_kv`` holds the prompt's KV followed by that of the ``context`` nodes, which must include every
+    ancestor of the chunk's nodes that is not in the chunk. Each node attends to the prompt, to its ancestors
+    (``a`` is an ancestor-or-self of ``n`` iff ``a <= n < end[a]`` in preorder) and to itself, at position
+    prompt length + depth - 1, exactly as if its title were the only text after the prompt.
+    """
+    device, dtype = _device(model), prefix_kv[0][0].dtype
+    keys = np.concatenate([context, chunk])
+    allowed = (keys[None, :] <= chunk[:, None]) & (chunk[:, None] < trie.end[keys][None, :])
+    mask = torch.zeros(len(chunk), n_prompt + len(keys), dtype=dtype)
+    mask[:, n_prompt:].masked_fill_(torch.from_numpy(~allowed), torch.finfo(dtype).min)
+    out = model(
+        input_ids=torch.from_numpy(trie.token[chunk]).unsqueeze(0).to(device),
+        position_ids=torch.from_numpy(n_prompt + trie.depth[chunk] - 1).unsqueeze(0).to(device),
+        attention_mask=mask[None, None].to(device),
+        cache=_cache(prefix_kv),
+        use_cache=True,
+    )
+    kids, rows = trie.children(chunk)
+    logits = out.logits[0, torch.from_numpy(rows).to(device)]
+    logp = _target_logprobs(logits, torch.from_numpy(trie.token[kids]).to(device)).cpu().numpy()
+    return out.cache, kids, logp
+
+
+def _concat_kv(kv: list, extra: list) -> list:
+    return [
+        (torch.cat([k, ek], 2), torch.cat([v, ev], 2)) for (k, v), (ek, ev) in zip(kv, extra, strict=True)
+    ]
+
+
+def _select_kv(cache: DynamicCache | list, positions: np.ndarray) -> list:
+    """Per-layer (keys, values) at sequence ``positions`` of a cache (or of a list of (keys, values))."""
+    pairs = (
+        [(layer.keys, layer.values) for layer in cache.layers] if isinstance(cache, DynamicCache) else cache
+    )
+    where = torch.from_numpy(positions).to(pairs[0][0].device)
+    return [(k[:, :, where], v[:, :, where]) for k, v in pairs]
+
+
+def _root_logprobs(trie: TokenTrie, first: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    roots, _ = trie.children(np.zeros(1, dtype=np.int64))
+    return roots, first[torch.from_numpy(trie.token[roots]).to(first.device)].cpu().numpy()
+
+
 @torch.inference_mode()
 def score_trie(
     model: PreTrainedModel,
@@ -343,56 +429,87 @@ def score_trie(
     """Run the prompt once, then each inner trie node once, ``chunk_size`` nodes per forward pass.
 
     Node ``n``'s log-probability comes from its parent's logits (the prompt's last logits for the
-    root's children); an item's score is the sum along its root-to-terminal path.
+    root's children); an item's score is the sum along its root-to-terminal path. Chunks follow the
+    preorder, so the only KV carried between chunks is the next chunk's first node's ancestor path.
     """
-    device, p = _device(model), len(prompt_ids)
+    p = len(prompt_ids)
     kv, first = _run_prompt(model, prompt_ids)
-    dtype = kv[0][0].dtype
     logp = np.zeros(len(trie), dtype=np.float64)
-    roots = np.flatnonzero(trie.parent == 0)
-    logp[roots] = first[torch.from_numpy(trie.token[roots]).to(device)].cpu().numpy()
+    roots, root_logp = _root_logprobs(trie, first)
+    logp[roots] = root_logp
     inner = trie.inner
-    ext = np.zeros(0, dtype=np.int64)  # the first inner node is a child of the root: no ancestors to carry
-    ext_kv = [(k[:, :, :0], v[:, :, :0]) for k, v in kv]
-    tokens = p
+    context = np.zeros(0, dtype=np.int64)  # the first inner node is a child of the root: no ancestors
+    context_kv = _select_kv(kv, context)
     for start in range(0, len(inner), chunk_size):
         chunk = inner[start : start + chunk_size]
-        keys = np.concatenate([ext, chunk])  # ascending preorder: the ancestors come before the chunk
-        allowed = (keys[None, :] <= chunk[:, None]) & (chunk[:, None] < trie.end[keys][None, :])
-        mask = torch.zeros(len(chunk), p + len(keys), dtype=dtype)
-        mask[:, p:].masked_fill_(torch.from_numpy(~allowed), torch.finfo(dtype).min)
-        position_ids = torch.from_numpy(p + trie.depth[chunk] - 1).unsqueeze(0)
-        out = model(
-            input_ids=torch.from_numpy(trie.token[chunk]).unsqueeze(0).to(device),
-            position_ids=position_ids.to(device),
-            attention_mask=mask[None, None].to(device),
-            cache=_cache(
-                [
-                    (torch.cat([k, ek], 2), torch.cat([v, ev], 2))
-                    for (k, v), (ek, ev) in zip(kv, ext_kv, strict=True)
-                ]
-            ),
-            use_cache=True,
-        )
-        tokens += len(chunk)
-        # Children of this chunk's nodes: their log-probs come from the chunk's logits.
-        kids = np.flatnonzero(np.isin(trie.parent, chunk))
-        rows = np.searchsorted(chunk, trie.parent[kids])
-        logp[kids] = (
-            _target_logprobs(
-                out.logits[0, torch.from_numpy(rows)], torch.from_numpy(trie.token[kids]).to(device)
-            )
-            .cpu()
-            .numpy()
-        )
-        # Carry the KV of the next chunk's first node's ancestors (all in `ext` or this chunk).
+        cache, kids, kid_logp = _tree_forward(model, _concat_kv(kv, context_kv), trie, p, context, chunk)
+        logp[kids] = kid_logp
         if start + chunk_size < len(inner):
-            nxt = trie.path(int(inner[start + chunk_size]))
-            where = torch.from_numpy(p + np.searchsorted(keys, nxt)).to(device)
-            ext_kv = [(layer.keys[:, :, where], layer.values[:, :, where]) for layer in out.cache.layers]
-            ext = nxt
+            # The next first node's ancestors are all in `context` or in this chunk (preorder intervals).
+            keys, nxt = np.concatenate([context, chunk]), trie.path(int(inner[start + chunk_size]))
+            context, context_kv = nxt, _select_kv(cache, p + np.searchsorted(keys, nxt))
     total = torch.from_numpy(trie.path_sums(logp)[trie.terminal])
-    return ItemLogLikelihoods(total, torch.from_numpy(trie.depth[trie.terminal]), tokens)
+    return ItemLogLikelihoods(total, torch.from_numpy(trie.depth[trie.terminal]), p + len(inner))
+
+
+@torch.inference_mode()
+def score_top_k(
+    model: PreTrainedModel,
+    prompt_ids: Sequence[int],
+    trie: TokenTrie,
+    k: int,
+    exclude: Sequence[int] | np.ndarray | None = None,
+    chunk_size: int = 256,
+) -> ItemLogLikelihoods:
+    """Exact top-``k`` items by total log-likelihood without running every title to its end.
+
+    Branch and bound: log-probabilities are <= 0, so an item's total is at most the total of any prefix of
+    its tokens. Trie nodes are expanded best-first (highest prefix total), ``chunk_size`` per forward pass,
+    with tree attention over the prompt and the stored KV of their ancestors. Once ``k`` allowed items
+    (not in ``exclude``) have totals >= T, a node whose prefix total is below T cannot lead to a top-k
+    item and is never run. Items that are reached get their exact total (equal to :func:`score_trie`'s);
+    the others get ``-inf``. The ``k`` best allowed items, ties included, are always among the reached
+    ones, so Recall/NDCG@K for K <= k are exactly those of full scoring. The sum variant only:
+    length-normalised totals are not monotone along a title.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    p = len(prompt_ids)
+    kv, first = _run_prompt(model, prompt_ids)
+    allowed_items = np.ones(len(trie.terminal), dtype=bool)
+    if exclude is not None:
+        allowed_items[np.asarray(exclude, dtype=np.int64)] = False
+    ends = trie.terminal[allowed_items]
+    at_node = np.bincount(ends, minlength=len(trie))
+    below = trie.subtree_sums(at_node) - at_node  # allowed items ending strictly below each node
+    total = np.full(len(trie), -np.inf)
+    roots, root_logp = _root_logprobs(trie, first)
+    total[roots] = root_logp
+    pending = np.zeros(len(trie), dtype=bool)  # reached, not yet run, with allowed items below
+    pending[roots] = below[roots] > 0
+    slot = np.full(len(trie), -1, dtype=np.int64)  # where a run node's KV sits in `store`
+    store = _select_kv(kv, np.zeros(0, dtype=np.int64))
+    tokens = p
+    while True:
+        reached = total[ends]
+        bound = np.partition(reached, len(reached) - k)[len(reached) - k] if len(reached) >= k else -np.inf
+        candidates = np.flatnonzero(pending & (total >= bound))
+        if len(candidates) == 0:
+            break
+        if len(candidates) > chunk_size:
+            candidates = candidates[np.argpartition(-total[candidates], chunk_size - 1)[:chunk_size]]
+        chunk = np.sort(candidates)
+        context = trie.ancestors(chunk)  # all run already: a node is reached when its parent runs
+        prefix = _concat_kv(kv, _select_kv(store, slot[context]))
+        cache, kids, logp = _tree_forward(model, prefix, trie, p, context, chunk)
+        tokens += len(chunk)
+        slot[chunk] = store[0][0].shape[2] + np.arange(len(chunk))
+        store = _concat_kv(store, _select_kv(cache, p + len(context) + np.arange(len(chunk))))
+        pending[chunk] = False
+        total[kids] = total[trie.parent[kids]] + logp
+        pending[kids] = below[kids] > 0
+    lengths = torch.from_numpy(trie.depth[trie.terminal])
+    return ItemLogLikelihoods(torch.from_numpy(total[trie.terminal]), lengths, tokens, complete=False)
 
 
 def user_histories(interactions, n_users: int) -> list[list[int]]:
@@ -420,12 +537,15 @@ class ZeroShotScorer:
         method: str = "trie",
         chunk_size: int = 256,
         batch_size: int = 32,
+        top_k: int | None = None,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if top_k is not None and method != "trie":
+            raise ValueError(f"top_k needs method='trie' (got {method!r})")
         self.prompt = prompt or PromptConfig()
         self.model, self.method = model.eval(), method
-        self.chunk_size, self.batch_size = chunk_size, batch_size
+        self.chunk_size, self.batch_size, self.top_k = chunk_size, batch_size, top_k
         self.items = encode_items(titles, tokenizer, self.prompt)
         longest = max(len(t) for t in self.items)
         context = getattr(model.config, "max_position_embeddings", None)
@@ -451,9 +571,15 @@ class ZeroShotScorer:
                 len(self.trie.inner),
             )
 
-    def score(self, history: Sequence[int]) -> ItemLogLikelihoods:
-        """Log-likelihood of every item after the prompt built from ``history`` (item indices, oldest first)."""
+    def score(self, history: Sequence[int], exclude: Sequence[int] | None = None) -> ItemLogLikelihoods:
+        """Log-likelihood of every item after the prompt built from ``history`` (item indices, oldest first).
+
+        With ``top_k`` set, only the exact top-k items outside ``exclude`` are guaranteed a score
+        (:func:`score_top_k`); without it ``exclude`` is ignored and every item is scored.
+        """
         prompt_ids = self.build_prompt(history)
+        if self.top_k is not None:
+            return score_top_k(self.model, prompt_ids, self.trie, self.top_k, exclude, self.chunk_size)
         if self.method == "naive":
             return score_naive(self.model, prompt_ids, self.items)
         if self.method == "cached":

@@ -26,6 +26,7 @@ from llmrec.zeroshot import (
     encode_items,
     score_cached,
     score_naive,
+    score_top_k,
     score_trie,
     user_histories,
 )
@@ -194,29 +195,13 @@ def tiny_bundle(tmp_path_factory) -> str:
 
 
 def test_recipe_runs_end_to_end_on_a_tiny_model(tiny_bundle, tmp_path, capsys):
-
     main = runpy.run_path(str(Path(__file__).resolve().parents[1] / "recipes" / "zeroshot.py"))["main"]
+    args = ["--data", tiny_bundle, "--split", "test", "--max_users", "6", "--name_or_path", "tiny-llama"]
+    args += ["--output_dir", str(tmp_path / "run"), "--chunk_size", "64", "--max_history", "5"]
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     try:
-        rows = main(
-            [
-                "--data",
-                tiny_bundle,
-                "--split",
-                "test",
-                "--max_users",
-                "6",
-                "--name_or_path",
-                "tiny-llama",
-                "--output_dir",
-                str(tmp_path / "run"),
-                "--chunk_size",
-                "64",
-                "--max_history",
-                "5",
-            ]
-        )
+        rows = main(args)
     finally:
         root.handlers[:], root.level = handlers, level
     assert set(rows) == {"zeroshot-sum", "zeroshot-mean", "pop", "random"}
@@ -242,3 +227,51 @@ def test_recipe_runs_end_to_end_on_a_tiny_model(tiny_bundle, tmp_path, capsys):
         progress=False,
     )
     assert naive == pytest.approx(rows["zeroshot-sum"])
+
+    # --top_k: the same @K <= k metrics from a fraction of the work, and no length-normalised row.
+    try:
+        top = main([*args, "--top_k", "10", "--output_dir", str(tmp_path / "top")])
+    finally:
+        root.handlers[:], root.level = handlers, level
+    assert set(top) == {"zeroshot-sum", "pop", "random"}
+    assert "recall@20" not in top["zeroshot-sum"]
+    for key in ("recall@10", "ndcg@10", "recall_recbole@10", "mrr@10"):
+        assert top["zeroshot-sum"][key] == pytest.approx(rows["zeroshot-sum"][key])
+    timing = json.loads((tmp_path / "top" / "metrics.json").read_text())["timing"]
+    assert timing["tokens_per_user"] < saved["timing"]["tokens_per_user"]
+
+
+@pytest.mark.parametrize("k,chunk_size", [(1, 2), (3, 4), (4, 256)])
+def test_top_k_search_finds_the_exact_top_k(tiny_llama, k, chunk_size):
+    model, tokenizer = tiny_llama
+    items = encode_items(TITLES, tokenizer, PromptConfig())
+    prompt = tokenizer("Movies like Star Wars (1977), Heat (1995), and")["input_ids"]
+    trie = TokenTrie(items)
+    full = score_trie(model, prompt, trie).total
+    exclude = [0, 3]
+    top = score_top_k(model, prompt, trie, k, exclude=exclude, chunk_size=chunk_size)
+    reached = torch.isfinite(top.total)
+    torch.testing.assert_close(top.total[reached], full[reached], atol=1e-4, rtol=0)
+    allowed = torch.ones(len(items), dtype=torch.bool)
+    allowed[exclude] = False
+    best = full.masked_fill(~allowed, -torch.inf).topk(k).indices
+    assert reached[best].all()
+    ranked = top.total.masked_fill(~allowed, -torch.inf).topk(k).indices
+    assert torch.equal(full[ranked], full[best])
+    assert top.tokens_computed <= len(prompt) + len(trie.inner)
+    assert not top.complete
+    with pytest.raises(ValueError, match="every item scored"):
+        top.scores("mean")
+
+
+def test_top_k_search_prunes_on_a_peaked_model(tiny_llama):
+    """With k=1 on a catalogue of long titles, most of the trie is never run."""
+    model, tokenizer = tiny_llama
+    titles = [f"{a} {b} {c}" for a in WORDS[:4] for b in WORDS[4:8] for c in WORDS[8:]]
+    items = encode_items(titles, tokenizer, PromptConfig())
+    trie = TokenTrie(items)
+    prompt = tokenizer("Movies like Heat, and")["input_ids"]
+    top = score_top_k(model, prompt, trie, 1, chunk_size=8)
+    full = score_trie(model, prompt, trie).total
+    assert top.total.argmax() == full.argmax()
+    assert top.tokens_computed < 0.8 * (len(prompt) + len(trie.inner))
