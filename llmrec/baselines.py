@@ -184,7 +184,7 @@ class MultVAE(Baseline):
         lr: float = 1e-3,
         anneal_cap: float = 0.2,
         anneal_steps: int | None = None,
-        patience: int = 20,
+        patience: int = 50,
         seed: int = 0,
         device: str | None = None,
         progress: bool = False,

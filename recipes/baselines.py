@@ -32,7 +32,10 @@ COLUMNS = ["recall@20", "recall@40", "ndcg@20", "ndcg@100", "recall_recbole@20",
 
 @dataclass
 class BaselineArgs:
-    data: str = field(metadata={"help": "dataset bundle directory written by `python -m data_prep build`"})
+    data: str = field(
+        default="data/ml-100k",
+        metadata={"help": "dataset bundle directory written by `python -m data_prep build`"},
+    )
     split: str = field(default="test", metadata={"help": "split to report: test or valid"})
     models: str = field(default="pop,ease,multvae", metadata={"help": "comma-separated: pop, ease, multvae"})
     out: str | None = field(default=None, metadata={"help": "JSON file for all metrics (written atomically)"})
@@ -43,7 +46,7 @@ class BaselineArgs:
     )
     multvae_epochs: int = field(default=200, metadata={"help": "maximum Mult-VAE epochs"})
     multvae_patience: int = field(
-        default=20, metadata={"help": "epochs without valid NDCG@100 gain before stopping"}
+        default=50, metadata={"help": "epochs without valid NDCG@100 gain before stopping"}
     )
     multvae_batch_size: int = field(default=500, metadata={"help": "users per Mult-VAE update"})
     multvae_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
@@ -77,7 +80,7 @@ def model_kwargs(args: BaselineArgs, name: str) -> dict:
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     setup_logging()
-    (args,) = parse_config(BaselineArgs, args=argv)
+    (args,) = parse_config(BaselineArgs, args=argv, section="baselines")
     if args.split not in ("valid", "test"):
         raise SystemExit(f"--split must be valid or test, got {args.split!r}")
     bundle = load_bundle(args.data)
