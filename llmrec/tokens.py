@@ -173,30 +173,38 @@ class RecVocab:
         """Every placeholder in id order (for the export path; O(total new tokens))."""
         return [self.placeholder(t) for t in range(self.base_size, self.total_size)]
 
-    def _placeholder_id(self, match: re.Match) -> int:
-        index = int(match["index"])
-        try:
-            if match["user"] is not None:
-                return self.user_token(index)
-            if match["item"] is not None:
-                return self.item_token(index)
-            return self.semantic_token(int(match["level"]), index)
-        except ValueError as err:
-            raise ValueError(f"placeholder {match[0]!r}: {err}") from None
+    def _placeholder_id(self, user: str | None, item: str | None, level: str | None, index: str) -> int:
+        """Id of one parsed placeholder (the regex groups); out-of-range indices name the placeholder."""
+        i = int(index)
+        if user is not None:
+            if i < self.n_users:
+                return self._user_start + i
+            text, err = f"<{user}_{index}>", f"user index {i} out of range [0, {self.n_users})"
+        elif item is not None:
+            if i < self.n_items:
+                return self._item_start + i
+            text, err = f"<{item}_{index}>", f"item index {i} out of range [0, {self.n_items})"
+        else:
+            text = f"<{self.names.semantic}{level}_{index}>"
+            try:
+                return self.semantic_token(int(level), i)
+            except ValueError as error:
+                err = str(error)
+        raise ValueError(f"placeholder {text!r}: {err}")
 
     def _split(self, text: str) -> list[str | int]:
         """Text -> word parts (str, whitespace rules applied) and new token ids (int), in order."""
+        # re.split with the 4 groups gives [words, user, item, level, index, words, ...] in one C call
+        pieces = self._pattern.split(text)
         parts: list[str | int] = []
-        pos = 0
-        for match in self._pattern.finditer(text):
-            words = text[pos : match.start()].rstrip()
+        for k in range(0, len(pieces) - 1, 5):
+            words = pieces[k].rstrip()
             if words:
                 parts.append(words)
-            parts.append(self._placeholder_id(match))
-            pos = match.end()
-        words = text[pos:]
-        if words and not (pos and words.isspace()):
-            parts.append(words)
+            parts.append(self._placeholder_id(*pieces[k + 1 : k + 5]))
+        tail = pieces[-1]
+        if tail and not (len(pieces) > 1 and tail.isspace()):
+            parts.append(tail)
         return parts
 
     def encode(self, text: str, tokenizer: Any) -> list[int]:
@@ -204,13 +212,24 @@ class RecVocab:
         return self.encode_batch([text], tokenizer)[0]
 
     def encode_batch(self, texts: Iterable[str], tokenizer: Any) -> list[list[int]]:
-        """Like :meth:`encode` for many texts, with all word parts tokenized in one call (fast path)."""
+        """Like :meth:`encode` for many texts: each distinct word part is tokenized once, in one call.
+
+        Prompts built from templates repeat the same few word parts (" has interacted with"), so
+        deduplicating them removes most of the tokenizer work.
+        """
         split = [self._split(text) for text in texts]
-        words = [p for parts in split for p in parts if isinstance(p, str)]
-        encoded = iter(_tokenize(tokenizer, words))
-        return [
-            [t for p in parts for t in ((p,) if isinstance(p, int) else next(encoded))] for parts in split
-        ]
+        words = list(dict.fromkeys(p for parts in split for p in parts if isinstance(p, str)))
+        table = dict(zip(words, _tokenize(tokenizer, words), strict=True))
+        out = []
+        for parts in split:
+            ids: list[int] = []
+            for p in parts:
+                if isinstance(p, int):
+                    ids.append(p)
+                else:
+                    ids.extend(table[p])
+            out.append(ids)
+        return out
 
     def decode(self, ids: Iterable[int], tokenizer: Any, **decode_kwargs: Any) -> str:
         """Ids -> text: base runs through ``tokenizer.decode``, new ids as placeholders.
@@ -285,9 +304,16 @@ class RecVocab:
 
 
 def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """Token ids of many texts in one call, without special tokens."""
+    """Token ids of many texts in one call, without special tokens.
+
+    A fast tokenizer's Rust backend is called directly: transformers' BatchEncoding conversion
+    costs more than the tokenization itself for short word parts.
+    """
     if not texts:
         return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
     return tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
 
 
