@@ -43,7 +43,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
@@ -51,7 +50,6 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
-Method = Literal["naive", "cached", "trie"]
 METHODS: tuple[str, ...] = ("naive", "cached", "trie")
 EOS = "<eos>"  # item_suffix value meaning "the tokenizer's EOS / end-of-turn token"
 
