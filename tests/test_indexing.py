@@ -22,7 +22,7 @@ from llmrec.indexing import (
     make_indexer,
     train_pieces,
 )
-from llmrec.indexing.base import collision_stats, describe, digits
+from llmrec.indexing.base import collision_stats, describe, digits, shared_attribute_ratio
 from llmrec.indexing.rqvae import resolve_extra_level, resolve_sinkhorn, train_rqvae
 from llmrec.tokens import RecVocab
 
@@ -156,6 +156,7 @@ def test_sinkhorn_separates_and_refuses_overfull_prefixes():
     distances = np.random.default_rng(0).random((4, 4))
     fixed, stats = resolve_sinkhorn(codes, distances, epsilon=0.003, iters=50, rounds=5)
     assert collision_stats(fixed)["collision_rate"] == 0 and (fixed[:, 0] == codes[:, 0]).all()
+    assert stats["collision_rate_after_sinkhorn"] == 0  # Sinkhorn alone separated distinct items
     with pytest.raises(ValueError, match="share the prefix"):
         resolve_sinkhorn(np.zeros((5, 2), dtype=int), np.zeros((5, 4)), 0.003, 10, 2)
 
@@ -185,6 +186,15 @@ def test_save_load_round_trip(rqvae_index, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["index"]
     with pytest.raises(FileNotFoundError, match="no item index"):
         ItemIndex.load(tmp_path / "missing")
+
+
+def test_shared_attribute_ratio():
+    codes = np.array([0, 0, 1, 1])
+    attrs = [{"a"}, {"a", "b"}, {"c"}, {"d"}]
+    r = shared_attribute_ratio(codes, attrs)
+    # same-code pairs (0,1) share, (2,3) do not: 1/2; all 6 pairs: only (0,1) shares: 1/6
+    assert r["p_share_same_code"] == 0.5 and r["p_share_random_pair"] == pytest.approx(1 / 6)
+    assert r["ratio"] == pytest.approx(3.0)
 
 
 def test_item_index_validation():

