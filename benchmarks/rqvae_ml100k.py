@@ -1,9 +1,9 @@
 """Item-indexing quality on ML-100K: RQ-VAE semantic IDs (both collision resolutions) against random,
 sequential and collaborative IDs, plus SentencePiece pieces over the RQ-VAE codes.
 
-    python benchmarks/rqvae_ml100k.py [--data BUNDLE] [--epochs 3000] [--seed 0] [--out FILE.json]
+    python benchmarks/rqvae_ml100k.py [--data data/ml-100k] [--epochs 3000] [--seed 0] [--out FILE.json]
 
-Without --data, an ML-100K bundle is built from ../shared (fixed ml-100k-random split) in a temp dir.
+A missing --data bundle is built from ../shared (fixed ml-100k-random split) first.
 Item text (for MiniLM embeddings) comes from the bundle; genres for the genre-sharing ratio come from
 the ``class`` column of ml-100k.item. Prints a table and writes JSON (default
 benchmarks/results/rqvae_ml100k.json) with the machine, config and seed.
@@ -16,12 +16,12 @@ import dataclasses
 import json
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 import torch
+from quality_ml100k import ensure_bundle  # benchmarks/ is on sys.path when run as a script
 
 from data_prep import load_bundle
 from llmrec.indexing import IndexData, PiecesConfig, RQVAEConfig, RQVAEIndexer, make_indexer, train_pieces
@@ -34,20 +34,6 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
-def build_bundle(out: Path) -> Path:
-    from data_prep.build import BuildConfig, build
-
-    return build(
-        BuildConfig(
-            format="recbole",
-            input=str(SHARED / "datasets" / "ml-100k"),
-            split="presplit",
-            presplit=str(SHARED / "benchmarks" / "ml-100k-random"),
-            out=str(out),
-        )
-    )
-
-
 def genres_by_item(item_file: Path, raw_ids: list[str]) -> list[set[str]]:
     table = pd.read_csv(item_file, sep="\t", dtype=str, keep_default_na=False)
     genres = dict(zip(table["item_id:token"], table["class:token_seq"].str.split(), strict=True))
@@ -56,7 +42,9 @@ def genres_by_item(item_file: Path, raw_ids: list[str]) -> list[set[str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", help="ML-100K bundle (default: build one from ../shared)")
+    parser.add_argument(
+        "--data", default=str(REPO / "data" / "ml-100k"), help="ML-100K bundle (built if missing)"
+    )
     parser.add_argument("--item_file", default=str(SHARED / "datasets" / "ml-100k" / "ml-100k.item"))
     parser.add_argument("--epochs", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
@@ -65,29 +53,29 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        data_dir = Path(args.data) if args.data else build_bundle(Path(tmp) / "ml-100k")
-        bundle = load_bundle(data_dir)
-        genres = genres_by_item(Path(args.item_file), bundle.item_ids)
-        start = time.perf_counter()
-        emb = item_embeddings(bundle.item_text, "minilm", cache_dir=data_dir / "embeddings")
-        encode_s = time.perf_counter() - start
-        data = IndexData(bundle.n_items, interactions=bundle.interactions("train"), embeddings=emb)
+    data_dir = Path(args.data)
+    ensure_bundle(data_dir, SHARED)
+    bundle = load_bundle(data_dir)
+    genres = genres_by_item(Path(args.item_file), bundle.item_ids)
+    start = time.perf_counter()
+    emb = item_embeddings(bundle.item_text, "minilm", cache_dir=data_dir / "embeddings")
+    encode_s = time.perf_counter() - start
+    data = IndexData(bundle.n_items, interactions=bundle.interactions("train"), embeddings=emb)
 
-        config = RQVAEConfig(epochs=args.epochs, seed=args.seed)
-        start = time.perf_counter()
-        trained = train_rqvae(emb, config)
-        train_s = time.perf_counter() - start
-        indexes = {
-            f"rqvae+{resolve}": RQVAEIndexer(dataclasses.replace(config, resolve=resolve)).index_from(trained)
-            for resolve in ("sinkhorn", "extra_level")
-        }
-        for method in ("random", "sequential", "collaborative"):
-            indexes[method] = make_indexer(method, seed=args.seed).build(data)
-        pieces = {
-            int(v): train_pieces(indexes["rqvae+sinkhorn"], PiecesConfig(vocab_size=int(v), seed=args.seed))
-            for v in args.pieces.split(",")
-        }
+    config = RQVAEConfig(epochs=args.epochs, seed=args.seed)
+    start = time.perf_counter()
+    trained = train_rqvae(emb, config)
+    train_s = time.perf_counter() - start
+    indexes = {
+        f"rqvae+{resolve}": RQVAEIndexer(dataclasses.replace(config, resolve=resolve)).index_from(trained)
+        for resolve in ("sinkhorn", "extra_level")
+    }
+    for method in ("random", "sequential", "collaborative"):
+        indexes[method] = make_indexer(method, seed=args.seed).build(data)
+    pieces = {
+        int(v): train_pieces(indexes["rqvae+sinkhorn"], PiecesConfig(vocab_size=int(v), seed=args.seed))
+        for v in args.pieces.split(",")
+    }
 
     rows = {}
     for name, index in indexes.items():
@@ -129,7 +117,7 @@ def main() -> None:
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
         },
-        "config": {"rqvae": dataclasses.asdict(config), "seed": args.seed, "data": str(args.data or "built")},
+        "config": {"rqvae": dataclasses.asdict(config), "seed": args.seed, "data": str(data_dir)},
         "seconds": {"encode": encode_s, "rqvae_train": train_s},
         "indexes": rows,
         "pieces": {str(k): p.stats for k, p in pieces.items()},

@@ -24,7 +24,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -487,6 +486,8 @@ def export_plain_model(
     """
     from transformers import AddedToken
 
+    from data_prep.bundle import atomic_directory
+
     out_dir = Path(out_dir)
     if len(tokenizer) > vocab.base_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but vocab.base_size={vocab.base_size}")
@@ -507,18 +508,10 @@ def export_plain_model(
         outp = model.get_output_embeddings()
         if outp is not None and outp.weight.data_ptr() != inp.data_ptr():
             outp.weight[vocab.base_size :] = new_rows.to(outp.weight)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with atomic_directory(out_dir, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         vocab.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

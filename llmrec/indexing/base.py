@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +19,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from data_prep.bundle import atomic_directory
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -101,30 +100,22 @@ class ItemIndex:
     def save(self, directory: str | Path) -> Path:
         """Write the index into ``directory`` atomically (temp dir + rename, replacing an old one)."""
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-        try:
-            meta = {
-                "format_version": FORMAT_VERSION,
-                "method": self.method,
-                "n_items": self.n_items,
-                "max_len": self.max_len,
-                "codebook_sizes": list(self.codebook_sizes),
-                "shared_codebook": self.shared_codebook,
-                "artifacts": sorted(self.artifacts),
-                "stats": self.stats,
-                "config": self.config,
-            }
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "method": self.method,
+            "n_items": self.n_items,
+            "max_len": self.max_len,
+            "codebook_sizes": list(self.codebook_sizes),
+            "shared_codebook": self.shared_codebook,
+            "artifacts": sorted(self.artifacts),
+            "stats": self.stats,
+            "config": self.config,
+        }
+        with atomic_directory(directory, overwrite=True) as tmp:
             (tmp / INDEX_FILE).write_text(json.dumps(meta, indent=2, default=_json_default), encoding="utf-8")
             save_file({"codes": torch.from_numpy(self.codes)}, tmp / CODES_FILE)
             for name, blob in self.artifacts.items():
                 (tmp / name).write_bytes(blob)
-            if directory.exists():
-                shutil.rmtree(directory)
-            os.replace(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return directory
 
     @classmethod
