@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--item_file", default=str(SHARED / "datasets" / "ml-100k" / "ml-100k.item"))
     parser.add_argument("--epochs", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pieces", default="512,1024,2048", help="SentencePiece vocab sizes")
+    parser.add_argument("--pieces", default="1024,2048,4096", help="SentencePiece vocab sizes")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "rqvae_ml100k.json"))
     args = parser.parse_args()
     setup_logging()

@@ -37,6 +37,18 @@ def test_minilm_embeddings_and_cache(tmp_path, monkeypatch):
         item_embeddings(texts[:2], cache_dir=tmp_path)
 
 
+def test_backbone_mean_pooled_embeddings():
+    texts = ["a short title", "a much longer title with more words in it", "x"]
+    emb = item_embeddings(texts, "backbone:tiny-llama")
+    assert emb.shape[0] == 3 and np.isfinite(emb).all()
+    # batching (with padding) does not change an item's embedding
+    model, tokenizer = encoders.load_encoder("backbone:tiny-llama")
+    alone = encoders.mean_pooled_embeddings(model, tokenizer, texts[1:2])
+    np.testing.assert_allclose(alone[0], emb[1], atol=1e-5)
+    with pytest.raises(ValueError, match="unknown encoder"):
+        item_embeddings(texts, "word2vec")
+
+
 def test_recipe_sequential_with_pieces(ml100k_bundle, tmp_path):
     out = tmp_path / "seq"
     report = recipe_main()(

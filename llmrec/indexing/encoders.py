@@ -57,6 +57,7 @@ def load_encoder(encoder: str = MINILM, device: str = "cpu") -> tuple[Any, Any]:
         raise ValueError(f"unknown encoder {encoder!r}; expected {MINILM!r} or 'backbone:SPEC'")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"  # causal LMs number positions from the left: padding goes after the text
     return model.to(device).eval(), tokenizer
 
 
@@ -76,7 +77,6 @@ def mean_pooled_embeddings(
     """
     device = next(model.parameters()).device
     order = np.argsort([len(t) for t in texts], kind="stable")
-    out = np.zeros((len(texts), 0), dtype=np.float32)
     chunks = []
     for start in tqdm(range(0, len(texts), batch_size), desc="encode items", leave=False, mininterval=2):
         batch = [texts[i] for i in order[start : start + batch_size]]
@@ -89,9 +89,10 @@ def mean_pooled_embeddings(
         if normalize:
             pooled = torch.nn.functional.normalize(pooled, dim=-1)
         chunks.append(pooled.cpu().numpy())
-    if chunks:
-        out = np.empty((len(texts), chunks[0].shape[1]), dtype=np.float32)
-        out[order] = np.concatenate(chunks)
+    if not chunks:
+        raise ValueError("no texts to embed")
+    out = np.empty((len(texts), chunks[0].shape[1]), dtype=np.float32)
+    out[order] = np.concatenate(chunks)
     return out
 
 

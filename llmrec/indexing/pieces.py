@@ -29,7 +29,7 @@ SYMBOL_LIMIT = 0x9FFF - SYMBOL_BASE + 1
 @dataclasses.dataclass
 class PiecesConfig:
     vocab_size: int = 1024
-    model_type: str = "bpe"  # or "unigram"
+    model_type: str = "bpe"  # or "unigram" (on ML-100K RQ-VAE codes unigram keeps single symbols only)
     seed: int = 0
 
 
@@ -85,12 +85,15 @@ def train_pieces(index: ItemIndex, config: PiecesConfig | None = None) -> ItemIn
     codes = np.full((index.n_items, width), PAD, dtype=np.int64)
     for item, ids in enumerate(pieces):
         codes[item, : len(ids)] = ids
+    if (
+        codes == processor.unk_id()
+    ).any():  # cannot happen with character_coverage=1.0; IDs must stay lossless
+        raise RuntimeError("SentencePiece mapped a code symbol to <unk>; the pieces would not be unique")
     vocab_size = processor.get_piece_size()
     stats = index_stats(codes, (vocab_size,), shared=True)
     stats.update(
         vocab_size=vocab_size,
         fixed_tokens_per_item=float(index.lengths().mean()),
-        unk_pieces=int((codes == processor.unk_id()).sum()),
     )
     logger.info(
         "sentencepiece pieces: vocab %d, %.2f tokens/item (fixed form: %.2f)",
