@@ -120,13 +120,17 @@ def scorer_for(bundle: Bundle, model: CLLM4Rec, batch_size: int = 32) -> PromptS
     return PromptScorer(model, prompts_for(bundle, model), train_histories(bundle), batch_size=batch_size)
 
 
-def generative_scorer(bundle: Bundle, model: CLLM4Rec, split: str, beam: int = 100) -> GenerativeScorer:
+def generative_scorer(
+    bundle: Bundle, model: CLLM4Rec, split: str, beam: int = 100, batch_size: int = 32
+) -> GenerativeScorer:
     """Constrained beam search over the model's item index; the items that ``split``'s ranking excludes
     (training items, plus validation items for the test split) are kept out of the search itself."""
     exclude = bundle.matrix("train")
     if split == "test":
         exclude = exclude + bundle.matrix("valid")
-    return GenerativeScorer(model, prompts_for(bundle, model), train_histories(bundle), exclude, beam=beam)
+    return GenerativeScorer(
+        model, prompts_for(bundle, model), train_histories(bundle), exclude, beam=beam, batch_size=batch_size
+    )
 
 
 def item_softmax(
@@ -161,7 +165,7 @@ def evaluate_model(
             raise ValueError(
                 f"beam {beam} is shorter than the largest cut-off @{largest}: lists would be padded"
             )
-        scorer = generative_scorer(bundle, model, split, beam)
+        scorer = generative_scorer(bundle, model, split, beam, batch_size)
     else:
         scorer = scorer_for(bundle, model, batch_size)
     return with_selection_metric(evaluate_scorer(scorer, bundle, split, batch_size=batch_size, **kwargs))

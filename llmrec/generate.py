@@ -6,8 +6,8 @@ masked share of the user's training history, the main text is the semantic ID of
 the collaborative semantic table (tied, as CLLM4Rec ties the item tokens); see
 `CLLM4Rec.semantic_loss`.
 
-Decoding (:func:`constrained_beam_search`): the prompt runs once, then one token per level for every
-beam, reusing the prompt's KV cache. At each level a beam may only continue with the codes that the
+Decoding (:func:`constrained_beam_search`): the prompt runs once; each level then runs the beams' code
+prefixes against the prompt's KV cache, shared by a user's beams (:class:`ModelDecoder`). At each level a beam may only continue with the codes that the
 :class:`~llmrec.indexing.PrefixTrie` allows after its prefix (and only towards items not excluded for
 that user), so every finished beam is a real, unseen item: no hallucinated IDs, which a per-level
 token mask alone cannot promise. An item's score is the sum of its codes' log-probabilities under the
@@ -204,11 +204,16 @@ def constrained_beam_search(
 
 
 class ModelDecoder:
-    """`SemanticDecoder` over a `CLLM4Rec`: the prompts run once, then one semantic token per beam and level.
+    """`SemanticDecoder` over a `CLLM4Rec`: the prompts run once, then every step runs the beams' code prefixes
+    against the prompts' KV cache, which a user's beams share instead of copying it per beam.
 
-    Prompts are right-padded as in training; each continuation token goes at its row's own position
-    (prompt length + step) with the padding masked out, so cached decoding sees exactly the positions a
-    teacher-forced forward of prompt + code tuple sees.
+    A user's beams are laid side by side as one short sequence after the prompt, with a 4D attention mask
+    that lets each code see its (unpadded) prompt and the earlier codes of its own beam only, at the
+    positions a teacher-forced forward of prompt + code tuple uses (right-padded prompts continue at each
+    row's own length). Why not HF's beam layout (the cache repeated per beam and re-indexed every step):
+    that copies users x beams x prompt length of keys and values per step and holds the prompt ``beam``
+    times, while re-running prefixes of a few codes costs only beams x levels extra tokens per user.
+    The prefix tokens are cropped off the cache after each step.
     """
 
     def __init__(
@@ -217,6 +222,7 @@ class ModelDecoder:
         self.model, self.input_ids, self.mask, self.trie = model, input_ids, attention_mask, trie
         self.cache = None
         self.lengths = attention_mask.sum(dim=1)
+        self.prefix = input_ids.new_zeros(len(input_ids), 1, 0)  # (users, beams, depth) token ids so far
 
     def _log_probs(self, hidden: torch.Tensor, depth: int) -> torch.Tensor:
         return F.log_softmax(self.model.semantic_logits(hidden, self.trie.level(depth)).float(), dim=-1)
@@ -227,15 +233,35 @@ class ModelDecoder:
         return self._log_probs(last, 0)
 
     def advance(self, parents: torch.Tensor, depth: int, codes: torch.Tensor) -> torch.Tensor:
-        self.cache.reorder_cache(parents)
-        self.mask, self.lengths = self.mask[parents], self.lengths[parents]
-        tokens = self.model.vocab.level_range(self.trie.level(depth)).start + codes
-        self.mask = torch.cat([self.mask, self.mask.new_ones(len(parents), 1)], dim=1)
-        hidden, self.cache = self.model.hidden_states_cached(
-            tokens[:, None], self.mask, cache=self.cache, position_ids=self.lengths[:, None]
+        users, prompt_width = self.mask.shape
+        width, steps = len(parents) // users, depth + 1
+        token = self.model.vocab.level_range(self.trie.level(depth)).start + codes
+        previous = self.prefix.reshape(users * self.prefix.shape[1], depth)[parents]
+        self.prefix = torch.cat([previous, token[:, None]], dim=1).view(users, width, steps)
+        device = self.mask.device
+        step = torch.arange(steps, device=device).repeat(width)  # position of each query token in its beam
+        beam = torch.arange(width, device=device).repeat_interleave(steps)
+        own = (beam[:, None] == beam[None, :]) & (step[None, :] <= step[:, None])  # (queries, queries)
+        queries = width * steps
+        allowed = torch.cat(
+            [
+                self.mask.bool()[:, None, :].expand(users, queries, prompt_width),
+                own.expand(users, queries, queries),
+            ],
+            dim=2,
         )
-        self.lengths = self.lengths + 1
-        return self._log_probs(hidden[:, 0], depth + 1)
+        dtype = self.model.collab.base.weight.dtype
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        additive = additive.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]  # (users, 1, q, kv)
+        hidden, self.cache = self.model.hidden_states_cached(
+            self.prefix.view(users, queries),
+            additive,
+            cache=self.cache,
+            position_ids=self.lengths[:, None] + step,
+        )
+        self.cache.crop(-queries)
+        last = hidden.view(users, width, steps, -1)[:, :, -1]
+        return self._log_probs(last.reshape(users * width, -1), depth + 1)
 
 
 def require_index(model: CLLM4Rec) -> ItemIndex:
@@ -251,9 +277,9 @@ class GenerativeScorer:
     """Top-K lists by constrained beam search for users, from prompts that hold all their training items.
 
     ``exclude`` (csr, users x items) removes items from each user's search space (seen items), so every
-    returned list is full whenever enough items remain. ``rows`` bounds users x beams per search: each
-    row holds a copy of its prompt's KV cache. Called with user indices it returns (users, n_items)
-    scores (-inf outside the list) for `llmrec.metrics.evaluate_scorer`; :meth:`recommend` gives the lists.
+    returned list is full whenever enough items remain. ``batch_size`` users are searched together.
+    Called with user indices it returns (users, n_items) scores (-inf outside the list) for
+    `llmrec.metrics.evaluate_scorer`; :meth:`recommend` gives the lists.
     """
 
     def __init__(
@@ -263,14 +289,13 @@ class GenerativeScorer:
         histories: Sequence[Sequence[int]],
         exclude: sp.csr_matrix | None = None,
         beam: int = 20,
-        rows: int = 1024,
+        batch_size: int = 32,
     ):
         self.model, self.prompts, self.histories, self.beam = model, prompts, histories, beam
         self.exclude = None if exclude is None else sp.csr_matrix(exclude)
-        self.users_per_search = max(1, rows // beam)
+        self.batch_size = batch_size
         self.device = next(p for p in model.parameters() if p.requires_grad).device
         self.trie = TrieTensors(require_index(model), self.device)
-        self.short_lists = 0
 
     @torch.no_grad()
     def recommend(
@@ -280,8 +305,8 @@ class GenerativeScorer:
         top_k = top_k or self.beam
         self.model.eval()
         items, scores = [], []
-        for start in range(0, len(users), self.users_per_search):
-            chunk = [int(u) for u in users[start : start + self.users_per_search]]
+        for start in range(0, len(users), self.batch_size):
+            chunk = [int(u) for u in users[start : start + self.batch_size]]
             batch = collate(
                 [
                     {"task": TASKS.index("semantic"), "input_ids": self.prompts.encode(u, self.histories[u])}
@@ -305,7 +330,6 @@ class GenerativeScorer:
         short = int((items[:, -1] < 0).sum())
         if short:
             logger.info("%d of %d users got fewer than %d items", short, len(users), top_k)
-        self.short_lists += short
         return items, scores
 
     def __call__(self, users: np.ndarray) -> torch.Tensor:

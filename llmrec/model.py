@@ -160,7 +160,7 @@ class CLLM4Rec(nn.Module):
         ``item_index`` (default: loaded from ``config.index`` when set) adds one semantic token per code.
         """
         if item_index is None and config.index:
-            from llmrec.indexing.base import ItemIndex  # only runs that generate semantic IDs need it
+            from llmrec.indexing.base import ItemIndex  # indexers load only for semantic-ID runs
 
             item_index = ItemIndex.load(config.index)
         if item_index is not None and item_index.n_items != n_items:
@@ -209,8 +209,8 @@ class CLLM4Rec(nn.Module):
     ) -> tuple[torch.Tensor, object]:
         """Collaborative-view hidden states that also return the decoder's KV cache, for step-by-step decoding.
 
-        ``attention_mask`` covers the cached and the new positions; ``position_ids`` place the new tokens
-        (right-padded prompts continue at each row's own length, not at the padded width).
+        ``attention_mask`` covers the cached and the new positions (2D, or a prepared 4D additive mask);
+        ``position_ids`` place the new tokens (right-padded prompts continue at each row's own length).
         """
         embeds = self.collab(input_ids)
         with self._adapter("collab"):
@@ -369,7 +369,7 @@ class CLLM4Rec(nn.Module):
         vocab = RecVocab.from_pretrained(directory)
         index = None
         if (directory / INDEX_DIR).is_dir():
-            from llmrec.indexing.base import ItemIndex  # only runs that generate semantic IDs need it
+            from llmrec.indexing.base import ItemIndex  # indexers load only for semantic-ID runs
 
             index = ItemIndex.load(directory / INDEX_DIR)
         # the saved tables replace any initialisation, so rebuild with the one that needs no titles
