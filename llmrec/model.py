@@ -137,11 +137,28 @@ class CLLM4Rec(nn.Module):
         self.collab = RecEmbedding(base, vocab, seed=seed, **init)
         self.content = RecEmbedding(base, vocab, seed=seed + 1, **init)
         if config.head == "untied":
-            self.head_weight = nn.Parameter(self.collab.family_weight("item").detach().clone())
-            self.head_bias = nn.Parameter(torch.zeros(vocab.n_items))
+            self._add_untied_head()
         elif config.head != "tied":
             raise ValueError(f"unknown head {config.head!r}: expected 'tied' or 'untied'")
         self.item_softmax = ItemSoftmax()  # recipes swap in chunked or sampled softmax for huge catalogues
+
+    def _add_untied_head(self) -> None:
+        """An item head of its own, started from the collaborative item embeddings, with a bias (popularity)."""
+        self.head_weight = nn.Parameter(self.collab.family_weight("item").detach().clone())
+        self.head_bias = nn.Parameter(torch.zeros(self.vocab.n_items, device=self.head_weight.device))
+
+    def reconfigure(self, **changes) -> None:
+        """Change knobs that leave the saved weights valid: ``mutual_reg``, ``max_doc_tokens``, or tied -> untied head.
+
+        Finetuning from a pretraining run keeps that run's backbone, LoRA and tables but takes these from
+        its own configuration.
+        """
+        config = dataclasses.replace(self.config, **changes)
+        if config.head != self.config.head:
+            if (self.config.head, config.head) != ("tied", "untied"):
+                raise ValueError(f"cannot change the item head from {self.config.head!r} to {config.head!r}")
+            self._add_untied_head()
+        self.config = config
 
     # ------------------------------------------------------------------ building blocks
     @classmethod

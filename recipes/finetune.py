@@ -23,13 +23,17 @@ from llmrec.model import CLLM4Rec, ModelConfig
 from llmrec.train import TrainConfig, make_accelerator, save_run_config, train
 
 logger = get_logger("finetune")
+FINETUNE_FIELDS = ("head", "mutual_reg", "max_doc_tokens")  # model knobs a finetuning run may change
 
 
 @dataclass
 class FinetuneArgs:
     data: str = field(default="data/ml-100k", metadata={"help": "dataset bundle directory"})
     init: str | None = field(
-        default=None, metadata={"help": "pretraining run directory to start from (its configs win)"}
+        default=None,
+        metadata={
+            "help": "pretraining run to start from: its backbone, LoRA, tables; head/mutual_reg/max_doc_tokens from here"
+        },
     )
     mask_ratio: float = field(
         default=0.2, metadata={"help": "share of training items held out of the prompt each epoch"}
@@ -73,8 +77,11 @@ def main(argv: list[str] | None = None) -> dict:
     bundle = load_bundle(args.data)
     if args.init:
         model = CLLM4Rec.from_pretrained(Path(args.init) / "model")
+        model.reconfigure(**{name: getattr(model_config, name) for name in FINETUNE_FIELDS})
         logger.info(
-            "initialised from %s (its backbone and model configs replace the command line's)", args.init
+            "initialised from %s: its backbone, LoRA and tables, with this run's %s",
+            args.init,
+            FINETUNE_FIELDS,
         )
         backbone, model_config = model.backbone, model.config
     else:

@@ -118,3 +118,13 @@ def test_loading_weights_of_another_shape_fails_clearly(model, tmp_path):
     other.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="model.safetensors"):
         model.load_trainable(tmp_path / "model.safetensors")
+
+
+def test_finetuning_can_untie_the_head_of_a_tied_model_but_not_back():
+    model = tiny_model()
+    model.reconfigure(head="untied", mutual_reg=0.5)
+    assert model.config.head == "untied" and model.config.mutual_reg == 0.5
+    assert torch.equal(model.head_weight.detach(), model.collab.family_weight("item").detach())
+    assert "head_bias" in model.trainable_state_dict()
+    with pytest.raises(ValueError, match="cannot change the item head"):
+        model.reconfigure(head="tied")
