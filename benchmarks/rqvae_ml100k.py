@@ -87,7 +87,7 @@ def main() -> None:
             "collision_after": s["collision_rate"],
             "util_first": s["utilisation"][0],
             "perplexity_first": s["perplexity"][0],
-            "genre_ratio": shared_attribute_ratio(index.codes[:, 0], genres)["ratio"],
+            "genre_sharing": shared_attribute_ratio(index.codes[:, 0], genres),
             "stats": s,
         }
     header = f"{'index':<22}{'unique':>7}{'levels':>7}{'coll.before':>12}{'coll.after':>11}{'util L0':>9}{'ppl L0':>8}{'genre ratio':>12}"
@@ -95,7 +95,7 @@ def main() -> None:
     for name, r in rows.items():
         print(
             f"{name:<22}{r['unique']!s:>7}{r['levels']:>7}{r['collision_before']:>12.4f}{r['collision_after']:>11.4f}"
-            f"{r['util_first']:>9.3f}{r['perplexity_first']:>8.1f}{r['genre_ratio']:>12.2f}"
+            f"{r['util_first']:>9.3f}{r['perplexity_first']:>8.1f}{r['genre_sharing']['ratio']:>12.2f}"
         )
     s = indexes["rqvae+sinkhorn"].stats
     print(f"\nRQ-VAE reconstruction MSE {s['recon_mse_before']:.6f} (k-means init) -> {s['recon_mse']:.6f}")
