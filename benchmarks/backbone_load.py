@@ -9,19 +9,14 @@ Each measurement runs ``load_backbone`` in the current process with a fresh cach
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-import transformers
-
 from llmrec import backbone
 from llmrec.log import setup_logging
+from llmrec.reporting import machine_info, write_report
 
 
 def timed_load(spec: str, **kwargs) -> tuple[float, object, object]:
@@ -65,20 +60,10 @@ def main() -> None:
         "parameters": n_params,
         "seconds": rows,
         "cached_loads": cached,
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "load_average_1_5_15min": os.getloadavg(),  # the timings are only comparable on a quiet machine
-        },
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "machine": machine_info(),
         "seed": backbone.TINY_SEED,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {out}")
+    write_report(args.out, result)
 
 
 if __name__ == "__main__":

@@ -11,16 +11,10 @@ exports it once per ``--dtypes`` entry; sizes do not depend on training, so no t
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-
-import torch
-import transformers
 
 from data_prep import load_bundle
 from data_prep.build import BuildConfig, build
@@ -28,6 +22,7 @@ from llmrec.backbone import BackboneConfig
 from llmrec.export import ADAPTER_DIR, MERGED_DIR, WEIGHTS_FILE, export_model
 from llmrec.log import setup_logging
 from llmrec.model import CLLM4Rec, ModelConfig
+from llmrec.reporting import machine_info, write_report
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -116,13 +111,9 @@ def main() -> None:
         "exports": rows,
         "note": "bundle/backbone = bundle without merged/ over the backbone's fp32 parameter bytes",
         "seed": args.seed,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average": os.getloadavg()},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "machine": machine_info(),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {out}")
+    write_report(args.out, result)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +38,7 @@ from llmrec.generate import GenerativeScorer  # noqa: E402
 from llmrec.indexing import IndexData, ItemIndex, make_indexer  # noqa: E402
 from llmrec.metrics import format_table, write_metrics_json  # noqa: E402
 from llmrec.model import CLLM4Rec, ModelConfig  # noqa: E402
+from llmrec.reporting import machine_info, timed  # noqa: E402
 
 
 def head_top_k(scorer: PromptScorer, train, users: np.ndarray, top_k: int, batch_size: int) -> torch.Tensor:
@@ -52,13 +50,6 @@ def head_top_k(scorer: PromptScorer, train, users: np.ndarray, top_k: int, batch
         scores[torch.from_numpy(train[chunk].toarray() > 0)] = float("-inf")
         lists.append(scores.topk(top_k, dim=1).indices)
     return torch.cat(lists)
-
-
-def timed(fn) -> tuple[float, float, object]:
-    """Wall seconds, CPU seconds of this process (all threads; robust on a shared machine), result."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    out = fn()
-    return time.perf_counter() - wall, time.process_time() - cpu, out
 
 
 def main() -> None:
@@ -162,13 +153,7 @@ def main() -> None:
         "seed": args.seed,
         "device": args.device,
         "torch_threads": torch.get_num_threads(),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-            "load_average_1m": os.getloadavg()[0],
-            "torch": torch.__version__,
-        },
+        "machine": machine_info(),
     }
     print(json.dumps(setup, indent=2))
     columns = ["seconds", "ms_per_user", "relative", "cpu_seconds", "cpu_relative"]

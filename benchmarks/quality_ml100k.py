@@ -26,7 +26,7 @@ import pretrain  # noqa: E402
 from llmrec.config import load_yaml  # noqa: E402
 from llmrec.log import setup_logging  # noqa: E402
 from llmrec.metrics import format_table, write_metrics_json  # noqa: E402
-from llmrec.provenance import machine_info  # noqa: E402
+from llmrec.reporting import machine_info  # noqa: E402
 
 COLUMNS = ["recall@20", "recall@40", "ndcg@20", "ndcg@100", "recall_recbole@20", "train_s"]
 

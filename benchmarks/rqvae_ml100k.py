@@ -13,14 +13,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 from quality_ml100k import ensure_bundle  # benchmarks/ is on sys.path when run as a script
 
 from data_prep import load_bundle
@@ -29,6 +25,7 @@ from llmrec.indexing.base import shared_attribute_ratio
 from llmrec.indexing.encoders import item_embeddings
 from llmrec.indexing.rqvae import train_rqvae
 from llmrec.log import setup_logging
+from llmrec.reporting import machine_info, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -111,21 +108,13 @@ def main() -> None:
     print(f"\nMiniLM encoding {encode_s:.1f}s (0 if cached), RQ-VAE training {train_s:.1f}s")
 
     result = {
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-        },
+        "machine": machine_info(),
         "config": {"rqvae": dataclasses.asdict(config), "seed": args.seed, "data": str(data_dir)},
         "seconds": {"encode": encode_s, "rqvae_train": train_s},
         "indexes": rows,
         "pieces": {str(k): p.stats for k, p in pieces.items()},
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
-    print(f"written to {out}")
+    write_report(args.out, result)
 
 
 if __name__ == "__main__":

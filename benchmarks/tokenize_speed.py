@@ -16,10 +16,7 @@ benchmarks/results/tokenize_speed.json) with machine, config and seed.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
-import os
-import platform
 import queue as queue_lib
 import resource
 import time
@@ -124,6 +121,8 @@ def run_naive(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
 
 
 def main() -> None:
+    from llmrec.reporting import machine_info, write_report
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokenizer", default="smollm2-135m")
     parser.add_argument("--n_prompts", type=int, default=10_000)
@@ -175,15 +174,12 @@ def main() -> None:
     print(f"same ids on the first {CHECK} prompts: {same}")
 
     result = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg": os.getloadavg()},
+        "machine": machine_info(),
         "config": vars(args),
         "fast": {"per_prompt_s": per_prompt_s, "batch_s": batch_s, "tokens_per_prompt": tokens / n},
         "naive": {**naive, "per_prompt_done": done, "per_prompt_s": naive_loop_s, "same_ids": same},
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
-    print(f"written to {out}")
+    write_report(args.out, result)
 
 
 if __name__ == "__main__":

@@ -11,19 +11,15 @@ with ``--split valid``, training items (and the numbers are optimistic: they wer
 from __future__ import annotations
 
 import logging
-import os
-import platform
-import sys
 import time
 from dataclasses import dataclass, field
-
-import torch
 
 from data_prep import load_bundle
 from llmrec.baselines import EASE, make_baseline
 from llmrec.config import parse_config, to_dict
 from llmrec.log import setup_logging
 from llmrec.metrics import evaluate_scorer, format_table, write_metrics_json
+from llmrec.reporting import machine_info
 
 logger = logging.getLogger("recipes.baselines")
 
@@ -110,13 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             config=to_dict(args),
             fit_info=fit_info,
             history="train",
-            machine={
-                "platform": platform.platform(),
-                "python": sys.version.split()[0],
-                "torch": torch.__version__,
-                "cpus": os.cpu_count(),
-                "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            },
+            machine=machine_info(),
         )
         logger.info("wrote %s", args.out)
     return rows
