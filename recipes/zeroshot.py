@@ -140,8 +140,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     print(f"{args.split} split of {args.data}, {len(users)} users (history: train), {backbone.name_or_path}")
     print(format_table(rows, [c for c in COLUMNS if "@" not in c or int(c.split("@")[1]) in ks]))
     timing = {"seconds_per_user": seconds / len(users), "tokens_per_user": tokens / len(users)}
+    how = args.method if args.top_k is None else f"{args.method}, exact top-{args.top_k}"
     print(
-        f"scoring ({args.method}): {timing['seconds_per_user']:.2f} s and {timing['tokens_per_user']:.0f} tokens per user"
+        f"scoring ({how}): {timing['seconds_per_user']:.2f} s, {timing['tokens_per_user']:.0f} tokens per user"
     )
     path = write_metrics_json(
         Path(args.output_dir) / "metrics.json",
