@@ -271,7 +271,11 @@ class TokenTrie:
 
 @dataclass
 class ItemLogLikelihoods:
-    """``log p(item | prompt)`` summed over each item's tokens, the token counts, and the work done."""
+    """``log p(item | prompt)`` summed over each item's tokens, the token counts, and the work done.
+
+    The scorers run under ``no_grad`` rather than ``inference_mode`` so that these are plain tensors that
+    callers may mask in place.
+    """
 
     total: torch.Tensor  # (n_items,) float64; -inf for items a top-k search never reached
     lengths: torch.Tensor  # (n_items,) int64
@@ -320,7 +324,7 @@ def _lengths(items: Sequence[Sequence[int]]) -> torch.Tensor:
     return torch.tensor([len(t) for t in items], dtype=torch.int64)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def score_naive(
     model: PreTrainedModel, prompt_ids: Sequence[int], items: Sequence[Sequence[int]]
 ) -> ItemLogLikelihoods:
@@ -336,7 +340,7 @@ def score_naive(
     return ItemLogLikelihoods(total, _lengths(items), tokens)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def score_cached(
     model: PreTrainedModel, prompt_ids: Sequence[int], items: Sequence[Sequence[int]], batch_size: int = 32
 ) -> ItemLogLikelihoods:
@@ -417,7 +421,7 @@ def _root_logprobs(trie: TokenTrie, first: torch.Tensor) -> tuple[np.ndarray, np
     return roots, first[torch.from_numpy(trie.token[roots]).to(first.device)].cpu().numpy()
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def score_trie(
     model: PreTrainedModel,
     prompt_ids: Sequence[int],
@@ -450,7 +454,7 @@ def score_trie(
     return ItemLogLikelihoods(total, torch.from_numpy(trie.depth[trie.terminal]), p + len(inner))
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def score_top_k(
     model: PreTrainedModel,
     prompt_ids: Sequence[int],

@@ -168,6 +168,7 @@ def test_mean_scores_divide_by_token_count(tiny_llama):
     np.testing.assert_allclose(result.scores("mean").numpy(), result.total.numpy() / lengths)
     with pytest.raises(ValueError, match="normalize"):
         result.scores("max")
+    result.total[0] = -torch.inf  # plain tensors: callers may mask scores in place
 
 
 WORDS = ["Heat", "Babe", "Fargo", "Star", "Trek", "Wars", "Toy", "Story", "Night", "Day", "Red", "Blue"]
