@@ -36,8 +36,8 @@ def losses(run: Path, task: str = "collaborative") -> list[float]:
     return [row[f"loss/{task}"] for row in rows if f"loss/{task}" in row]
 
 
-def subprocess_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+def subprocess_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", **extra}
 
 
 def test_pretraining_learns_collaborative_structure(ml100k_bundle, tmp_path):
@@ -45,14 +45,16 @@ def test_pretraining_learns_collaborative_structure(ml100k_bundle, tmp_path):
 
     run = tmp_path / "run"
     pretrain.main(
-        run_args(ml100k_bundle, run, "--corpora", "collaborative", "--max_steps", "120", "--batch_size", "32", "--lr", "3e-2")
+        run_args(ml100k_bundle, run, "--corpora", "collaborative", "--max_steps", "200", "--batch_size", "32")
+        + ["--max_doc_tokens", "32", "--lr", "1e-3", "--embedding_lr", "1e-2", "--scheduler", "constant"]
+        + ["--mutual_reg", "0", "--log_steps", "20"]
     )
     curve = losses(run)
     uniform = math.log(1682)
-    assert curve[0] > uniform - 0.5
-    assert np.mean(curve[-10:]) < uniform - 0.7, curve[-10:]
+    assert curve[0] > uniform - 0.6
+    assert np.mean(curve[-3:]) < uniform - 1.0, curve
 
-    # items watched together end up closer than random pairs (cosine after removing the mean direction)
+    # items watched together by 20+ users end up closer than random pairs (cosine around the mean item)
     weights = load_file(run / "model" / "model.safetensors")
     table = next(v for k, v in weights.items() if k.startswith("collab.") and k.endswith("item.weight"))
     table = torch.nn.functional.normalize(table - table.mean(0), dim=-1)
@@ -64,7 +66,7 @@ def test_pretraining_learns_collaborative_structure(ml100k_bundle, tmp_path):
     together = (table[co.row[pairs]] * table[co.col[pairs]]).sum(-1).mean()
     random_pairs = rng.integers(0, table.shape[0], (2, 2000))
     apart = (table[random_pairs[0]] * table[random_pairs[1]]).sum(-1).mean()
-    assert together > apart + 0.05, (float(together), float(apart))
+    assert together > apart + 0.1, (float(together), float(apart))
 
 
 def test_kill_and_resume_ends_exactly_like_an_uninterrupted_run(ml100k_bundle, tmp_path):
@@ -75,7 +77,7 @@ def test_kill_and_resume_ends_exactly_like_an_uninterrupted_run(ml100k_bundle, t
     killed = tmp_path / "killed"
     process = subprocess.Popen(
         [sys.executable, str(REPO / "recipes" / "pretrain.py"), *run_args(ml100k_bundle, killed, *common)],
-        env=subprocess_env(),
+        env=subprocess_env(),  # the same thread count as this process: the same floating-point sums
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -107,7 +109,7 @@ def test_two_processes_follow_the_single_process_loss_curve(ml100k_bundle, tmp_p
     launch += ["--mixed_precision", "no", "--dynamo_backend", "no"]
     result = subprocess.run(
         [*launch, str(REPO / "recipes" / "pretrain.py"), *run_args(ml100k_bundle, double, *common)],
-        env=subprocess_env(),
+        env=subprocess_env(OMP_NUM_THREADS="1"),  # one core per process
         capture_output=True,
         text=True,
         timeout=600,
