@@ -12,9 +12,9 @@ All methods compute log p(title | prompt) for the same users and prompts (``llmr
 
 Tokens are positions run through the model per user (padding included). Times are per user: wall and CPU
 seconds of this process (all threads; steadier than wall time on a shared machine). Speedups are naive's
-CPU time over each method's. ``max |diff|`` is the largest score difference from naive on the naive subset
-(trie and cached) or from trie on the items top-k reached. Prints a table and writes JSON (default
-``benchmarks/results/zeroshot_scoring.json``).
+CPU time (and token count) over each method's. ``max_diff`` is the largest score difference from naive on
+the naive subset (cached, trie) or from trie on the items the top-k search reached. Prints a table and
+writes JSON (default ``benchmarks/results/zeroshot_scoring.json``).
 
     python benchmarks/zeroshot_scoring.py --data DIR [--backbone smollm2-135m] [--users 3] \\
         [--naive_items 100] [--top_k 20,100] [--dtype float32] [--threads 1]
@@ -133,6 +133,7 @@ def main() -> None:
     for name, s in sums.items():
         row = {key: value / n for key, value in s.items() if key != "max_diff"}
         row["tokens"] = round(row["tokens"])
+        row["speedup_tokens"] = sums["naive"]["tokens"] / s["tokens"]
         row["speedup_cpu"] = sums["naive"]["cpu_s"] / s["cpu_s"]
         row["max_diff"] = s["max_diff"] if name != "naive" else None
         rows[name if name != "naive" else "naive*"] = row
@@ -153,7 +154,15 @@ def main() -> None:
         f"{trie_stats['inner_nodes']} inner (run per user); mean prompt {trie_stats['mean_prompt_tokens']:.0f} tokens"
     )
     print(
-        format_table(rows, ["tokens", "wall_s", "cpu_s", "speedup_cpu", "max_diff"], name="method", digits=2)
+        format_table(
+            {
+                name: {**row, "max_diff": "-" if row["max_diff"] is None else f"{row['max_diff']:.1e}"}
+                for name, row in rows.items()
+            },
+            ["tokens", "wall_s", "cpu_s", "speedup_tokens", "speedup_cpu", "max_diff"],
+            name="method",
+            digits=2,
+        )
     )
     write_metrics_json(
         args.out,
