@@ -120,9 +120,12 @@ class CLLM4Rec(nn.Module):
             self.lm = lm
         else:
             lora = config.lora_config()
-            self.lm = get_peft_model(lm, lora, adapter_name=VIEWS[0])
-            if config.lora_per_view:
-                self.lm.add_adapter(VIEWS[1], lora)
+            # LoRA's random init depends on ``seed`` only, not on whatever ran before in this process
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                self.lm = get_peft_model(lm, lora, adapter_name=VIEWS[0])
+                if config.lora_per_view:
+                    self.lm.add_adapter(VIEWS[1], lora)
         causal_lm = self.lm.get_base_model()
         self.decoder = causal_lm.base_model  # the transformer without the LM head
         self.lm_head = causal_lm.get_output_embeddings()

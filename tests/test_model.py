@@ -128,3 +128,11 @@ def test_finetuning_can_untie_the_head_of_a_tied_model_but_not_back():
     assert "head_bias" in model.trainable_state_dict()
     with pytest.raises(ValueError, match="cannot change the item head"):
         model.reconfigure(head="tied")
+
+
+def test_construction_depends_on_the_seed_only():
+    first = tiny_model().trainable_state_dict()
+    torch.manual_seed(1234)  # whatever ran before must not matter
+    torch.rand(10)
+    second = tiny_model().trainable_state_dict()
+    assert all(torch.equal(first[name], second[name]) for name in first)
