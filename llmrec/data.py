@@ -14,10 +14,11 @@ import numpy as np
 import torch
 
 from data_prep import Bundle
+from llmrec.backbone import BackboneConfig
 from llmrec.collate import TASKS, FinetuneDataset, FinetunePrompts, PretrainDataset, TaskMixture, collate
 from llmrec.generate import GenerativeScorer, SemanticDataset, require_index
 from llmrec.metrics import DEFAULT_KS, evaluate_scorer
-from llmrec.model import CLLM4Rec, ItemSoftmax
+from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig
 
 PRETRAIN_CORPORA = ("collaborative", "content")
 FINETUNE_TASKS = ("multinomial", "semantic", "both")
@@ -33,6 +34,13 @@ def train_histories(bundle: Bundle) -> list[list[int]]:
         if len(chunk_users):
             histories[int(chunk_users[0])] = chunk_items.tolist()
     return histories
+
+
+def model_for(bundle: Bundle, config: ModelConfig, backbone: BackboneConfig, seed: int = 0) -> CLLM4Rec:
+    """A fresh recommender sized to the bundle's users and items (titles for ``title_mean`` init)."""
+    return CLLM4Rec.from_config(
+        config, backbone, bundle.n_users, bundle.n_items, item_titles=bundle.item_titles, seed=seed
+    )
 
 
 def prompts_for(bundle: Bundle, model: CLLM4Rec) -> FinetunePrompts:

@@ -17,7 +17,7 @@ from pathlib import Path
 from data_prep import load_bundle
 from llmrec.backbone import BackboneConfig
 from llmrec.config import parse_config
-from llmrec.data import finetune_dataset, item_softmax, validation_fn
+from llmrec.data import finetune_dataset, item_softmax, model_for, validation_fn
 from llmrec.log import get_logger, setup_logging
 from llmrec.model import CLLM4Rec, ModelConfig
 from llmrec.train import TrainConfig, make_accelerator, save_run_config, train
@@ -85,14 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         backbone, model_config = model.backbone, model.config
     else:
-        model = CLLM4Rec.from_config(
-            model_config,
-            backbone,
-            bundle.n_users,
-            bundle.n_items,
-            item_titles=bundle.item_titles,
-            seed=train_config.seed,
-        )
+        model = model_for(bundle, model_config, backbone, seed=train_config.seed)
     model.item_softmax = item_softmax(
         bundle, args.softmax, chunk_size=args.softmax_chunk, num_samples=args.softmax_samples
     )

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from data_prep import load_bundle
 from llmrec.backbone import BackboneConfig
 from llmrec.config import parse_config
-from llmrec.data import PRETRAIN_CORPORA, pretrain_dataset
+from llmrec.data import PRETRAIN_CORPORA, model_for, pretrain_dataset
 from llmrec.log import setup_logging
-from llmrec.model import CLLM4Rec, ModelConfig
+from llmrec.model import ModelConfig
 from llmrec.train import TrainConfig, make_accelerator, save_run_config, train
 
 
@@ -36,14 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     accelerator = make_accelerator(train_config)
     bundle = load_bundle(args.data)
-    model = CLLM4Rec.from_config(
-        model_config,
-        backbone,
-        bundle.n_users,
-        bundle.n_items,
-        item_titles=bundle.item_titles,
-        seed=train_config.seed,
-    )
+    model = model_for(bundle, model_config, backbone, seed=train_config.seed)
     dataset = pretrain_dataset(bundle, model, train_config.seed, corpora=args.corpora.split(","))
     save_run_config(accelerator, train_config.output_dir, args, backbone, model_config, train_config)
     return train(model, dataset, train_config, accelerator)
