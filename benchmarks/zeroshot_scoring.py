@@ -23,10 +23,7 @@ writes JSON (default ``benchmarks/results/zeroshot_scoring.json``).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from data_prep import load_bundle  # noqa: E402
 from llmrec.backbone import load_backbone  # noqa: E402
 from llmrec.metrics import format_table, write_metrics_json  # noqa: E402
+from llmrec.reporting import machine_info, timed  # noqa: E402
 from llmrec.zeroshot import (  # noqa: E402
     PromptConfig,
     ZeroShotScorer,
@@ -47,13 +45,6 @@ from llmrec.zeroshot import (  # noqa: E402
     score_trie,
     user_histories,
 )
-
-
-def timed(fn):
-    """Wall seconds, CPU seconds of this process, result."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    out = fn()
-    return time.perf_counter() - wall, time.process_time() - cpu, out
 
 
 def main() -> None:
@@ -171,14 +162,7 @@ def main() -> None:
         users=[int(u) for u in users],
         naive_items=[int(i) for i in subset],
         trie=trie_stats,
-        machine={
-            "platform": platform.platform(),
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        },
+        machine=machine_info(),
     )
     print(f"wrote {args.out}")
 

@@ -15,9 +15,6 @@ uniform scores) are evaluated on exactly the same users. Writes ``OUTPUT_DIR/met
 from __future__ import annotations
 
 import logging
-import os
-import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +29,7 @@ from llmrec.baselines import Pop
 from llmrec.config import parse_config, to_dict
 from llmrec.log import setup_logging
 from llmrec.metrics import DEFAULT_KS, evaluate_scorer, format_table, write_metrics_json
+from llmrec.reporting import machine_info
 from llmrec.zeroshot import METHODS, PromptConfig, ZeroShotScorer, user_histories
 
 logger = logging.getLogger("recipes.zeroshot")
@@ -76,17 +74,6 @@ def sample_users(heldout_counts: np.ndarray, max_users: int | None, seed: int) -
 def random_scores(users: np.ndarray, n_items: int, seed: int) -> np.ndarray:
     """Uniform scores seeded per (seed, user), so a user's ranking does not depend on batching."""
     return np.stack([np.random.default_rng([seed, int(u)]).random(n_items) for u in users])
-
-
-def machine() -> dict[str, object]:
-    return {
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
@@ -151,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         split=args.split,
         users=[int(u) for u in users],
         timing=timing,
-        machine=machine(),
+        machine=machine_info(),
     )
     logger.info("wrote %s", path)
     return rows
