@@ -24,7 +24,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "recipes"))
 import pretrain  # noqa: E402
 
-TINY = ["--name_or_path", "tiny-llama", "--lora_r", "4", "--max_doc_tokens", "64", "--log_steps", "1", "--warmup_ratio", "0"]
+TINY = [
+    "--name_or_path",
+    "tiny-llama",
+    "--lora_r",
+    "4",
+    "--max_doc_tokens",
+    "64",
+    "--log_steps",
+    "1",
+    "--warmup_ratio",
+    "0",
+]
 
 
 def run_args(bundle: Path, out: Path, *extra: str) -> list[str]:
@@ -105,7 +116,16 @@ def test_two_processes_follow_the_single_process_loss_curve(ml100k_bundle, tmp_p
     pretrain.main(run_args(ml100k_bundle, single, *common))
 
     double = tmp_path / "double"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1"]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--cpu",
+        "--num_machines",
+        "1",
+    ]
     launch += ["--mixed_precision", "no", "--dynamo_backend", "no"]
     result = subprocess.run(
         [*launch, str(REPO / "recipes" / "pretrain.py"), *run_args(ml100k_bundle, double, *common)],
