@@ -23,6 +23,7 @@ import evaluate  # noqa: E402
 import finetune  # noqa: E402
 import pretrain  # noqa: E402
 
+from data_prep.build import build_ml100k_reference  # noqa: E402
 from llmrec.config import load_yaml  # noqa: E402
 from llmrec.log import setup_logging  # noqa: E402
 from llmrec.metrics import format_table, write_metrics_json  # noqa: E402
@@ -32,19 +33,8 @@ COLUMNS = ["recall@20", "recall@40", "ndcg@20", "ndcg@100", "recall_recbole@20",
 
 
 def ensure_bundle(data: Path, shared: Path) -> None:
-    if (data / "manifest.json").exists():
-        return
-    from data_prep.build import BuildConfig, build
-
-    build(
-        BuildConfig(
-            format="recbole",
-            input=str(shared / "datasets" / "ml-100k"),
-            split="presplit",
-            presplit=str(shared / "benchmarks" / "ml-100k-random"),
-            out=str(data),
-        )
-    )
+    if not (data / "manifest.json").exists():
+        build_ml100k_reference(shared, data)
 
 
 def main() -> None:

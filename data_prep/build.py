@@ -304,3 +304,18 @@ def _build_into(config: BuildConfig, tmp: Path) -> dict[str, int]:
         corpora=corpora,
     )
     return manifest["counts"]
+
+
+def build_ml100k_reference(shared: str | Path, out: str | Path) -> Path:
+    """MovieLens-100K on the fixed per-user random split in ``shared`` (``../shared`` beside a checkout):
+    the bundle that the project's tests and quality numbers use."""
+    shared = Path(shared)
+    return build(
+        BuildConfig(
+            format="recbole",
+            input=str(shared / "datasets" / "ml-100k"),
+            split="presplit",
+            presplit=str(shared / "benchmarks" / "ml-100k-random"),
+            out=str(out),
+        )
+    )

@@ -21,15 +21,6 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def ml100k_bundle(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The ML-100K bundle on the fixed ml-100k-random split, built once per session (~2 s)."""
-    from data_prep.build import BuildConfig, build
+    from data_prep.build import build_ml100k_reference
 
-    out = tmp_path_factory.mktemp("bundles") / "ml-100k"
-    return build(
-        BuildConfig(
-            format="recbole",
-            input=str(shared_dir / "datasets" / "ml-100k"),
-            split="presplit",
-            presplit=str(shared_dir / "benchmarks" / "ml-100k-random"),
-            out=str(out),
-        )
-    )
+    return build_ml100k_reference(shared_dir, tmp_path_factory.mktemp("bundles") / "ml-100k")
