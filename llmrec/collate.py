@@ -209,7 +209,13 @@ class TaskBucketSampler(Sampler[list[int]]):
         yield from self._batches()
 
     def __len__(self) -> int:
-        return len(self._batches())
+        """The batch count, derived from the task sizes alone (the same every epoch; no shuffling or sorting)."""
+        pool = self.batch_size * self.pool_batches
+        sizes = np.bincount([self.dataset.task(index) for index in range(len(self.dataset))])
+        return sum(
+            (n // pool) * -(-pool // self.batch_size) + -(-(n % pool) // self.batch_size)
+            for n in sizes.tolist()
+        )
 
 
 def pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:

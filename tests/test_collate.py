@@ -120,6 +120,10 @@ def test_bucket_sampler_gives_task_pure_batches_deterministically(vocab, tokeniz
     assert sorted(i for batch in batches for i in batch) == list(range(16))
     assert all(len({mixture.task(i) for i in batch}) == 1 for batch in batches)
     assert list(TaskBucketSampler(mixture, batch_size=4, seed=1)) == batches
+    assert len(sampler) == len(batches)
+    assert len(TaskBucketSampler(mixture, batch_size=3, pool_batches=2)) == len(
+        list(TaskBucketSampler(mixture, 3, pool_batches=2))
+    )
     sampler.set_epoch(1)
     assert list(sampler) != batches
 
