@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from data_prep.errors import DataError
+from data_prep.errors import run_cli
 
 USAGE = """usage: python -m data_prep {build,inspect} ...
 
@@ -16,33 +15,35 @@ USAGE = """usage: python -m data_prep {build,inspect} ...
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmrec.config import ConfigError, parse_config
-    from llmrec.log import setup_logging
-
+    """Run a subcommand; the exit code follows :func:`data_prep.errors.run_cli` (2: bad input)."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("build", "inspect"):
         sys.stdout.write(USAGE) if argv and argv[0] in ("-h", "--help") else sys.stderr.write(USAGE)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return run_cli(_COMMANDS[argv[0]], argv[1:], prog=f"python -m data_prep {argv[0]}")
+
+
+def _build(argv: list[str]) -> None:
+    from data_prep.build import BuildConfig, build
+    from llmrec.config import parse_config
+    from llmrec.log import setup_logging
+
     setup_logging()
-    log = logging.getLogger("data_prep")
-    try:
-        if argv[0] == "build":
-            from data_prep.build import BuildConfig, build
+    (config,) = parse_config(BuildConfig, args=argv)
+    build(config)
 
-            (config,) = parse_config(BuildConfig, args=argv[1:])
-            build(config)
-        else:
-            from data_prep.summary import summarize
 
-            parser = argparse.ArgumentParser(prog="python -m data_prep inspect")
-            parser.add_argument("bundle", help="bundle directory")
-            parser.add_argument("--examples", type=int, default=3, help="example documents per corpus")
-            args = parser.parse_args(argv[1:])
-            sys.stdout.write(summarize(args.bundle, examples=args.examples) + "\n")
-    except (DataError, ConfigError) as err:
-        log.error("%s", err)
-        return 1
-    return 0
+def _inspect(argv: list[str]) -> None:
+    from data_prep.summary import summarize
+
+    parser = argparse.ArgumentParser(prog="python -m data_prep inspect")
+    parser.add_argument("bundle", help="bundle directory")
+    parser.add_argument("--examples", type=int, default=3, help="example documents per corpus")
+    args = parser.parse_args(argv)
+    sys.stdout.write(summarize(args.bundle, examples=args.examples) + "\n")
+
+
+_COMMANDS = {"build": _build, "inspect": _inspect}
 
 
 if __name__ == "__main__":

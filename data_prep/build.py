@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -15,7 +14,7 @@ import pandas as pd
 import yaml
 
 from data_prep import readers
-from data_prep.bundle import FORMAT_VERSION, atomic_directory, write_tables
+from data_prep.bundle import FORMAT_VERSION, MANIFEST, atomic_directory, sha256, write_tables
 from data_prep.corpora import collaborative_corpus, content_corpus, finetune_corpus
 from data_prep.errors import DataError
 from data_prep.process import (
@@ -59,7 +58,10 @@ class BuildConfig:
     seed: int = field(default=0, metadata={"help": "seed of the random split and the finetune masks"})
     rating_threshold: float | None = field(
         default=None,
-        metadata={"help": "keep interactions rated at least this; unset, every interaction counts"},
+        metadata={
+            "help": "keep interactions rated at least this; unset, every row counts as one positive "
+            "interaction, whatever its rating (negative ones included)"
+        },
     )
     k_core: int = field(default=0, metadata={"help": "iterative k-core filter on users and items (0: off)"})
     item_meta: str | None = field(default=None, metadata={"help": "item metadata file (amazon, csv)"})
@@ -119,18 +121,92 @@ def load_templates(path: str | None) -> Templates:
     return Templates.from_dict(values, source=path)
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def check_output_path(config: BuildConfig) -> None:
+    """Refuse an ``--out`` that is, contains or lies inside an input: ``--overwrite`` would delete it."""
+    out = Path(config.out).resolve()
+    inputs = [config.input, config.presplit, config.item_meta, config.user_meta, config.templates]
+    for name, value in zip(("input", "presplit", "item_meta", "user_meta", "templates"), inputs, strict=True):
+        if value is None:
+            continue
+        source = Path(value).resolve()
+        if out == source or out in source.parents or source in out.parents:
+            relation = "is" if out == source else "contains" if out in source.parents else "lies inside"
+            raise DataError(
+                f"the output {relation} the --{name} {value!r}; writing the bundle would destroy the source. "
+                "Choose an --out outside the source data",
+                file=config.out,
+                field="out",
+            )
+
+
+def _overlaps(parts: dict[str, pd.DataFrame], directory: Path) -> dict[str, int]:
+    """Collapse repeated (user, item) rows inside each split to the latest (counts returned) and refuse a
+    pair that sits in two splits: evaluation would then score items the model trained on."""
+    removed = {}
+    for name in SPLITS:
+        part = parts[name]
+        repeated = part.duplicated(["user", "item"], keep="last")
+        removed[name] = int(repeated.sum())
+        parts[name] = part[~repeated.to_numpy()]
+        if removed[name]:
+            logger.warning("%s: collapsed %d repeated (user, item) rows", directory / f"{name}.tsv", removed[name])
+    for earlier, later in (("train", "valid"), ("train", "test"), ("valid", "test")):
+        keys = pd.MultiIndex.from_frame(parts[earlier][["user", "item"]])
+        shared = pd.MultiIndex.from_frame(parts[later][["user", "item"]]).isin(keys)
+        if shared.any():
+            line = int(parts[later].index[int(np.argmax(shared))])
+            row = parts[later].loc[line]
+            raise DataError(
+                f"user {row['user']!r} and item {row['item']!r} are also in {earlier}.tsv "
+                f"({int(shared.sum())} {later} rows overlap {earlier}); a pair may sit in one split only",
+                file=directory / f"{later}.tsv",
+                line=line,
+                field="item_id",
+            )
+    return removed
+
+
+def _warn_non_positive(df: pd.DataFrame, threshold: float | None, file: str | Path) -> None:
+    """Every row is a positive interaction unless a threshold drops it: say so when ratings look negative."""
+    if threshold is not None:
+        return
+    negative = int((df["rating"] <= 0).sum())
+    if negative:
+        logger.warning(
+            "%s: %d interactions have a rating <= 0 and still count as positive (every row is one "
+            "interaction); drop them with --rating_threshold",
+            file,
+            negative,
+        )
+
+
+def _warn_empty_held_out(splits: dict[str, pd.DataFrame], config: BuildConfig) -> None:
+    """Say so when a split the protocol asks for comes out empty (users with too few interactions): such a
+    bundle trains, but cannot validate or test."""
+    wanted = {"valid": config.ratios[1] > 0, "test": config.ratios[2] > 0}
+    if config.split == "loo":
+        wanted = {"valid": True, "test": True}
+    empty = [name for name, asked in wanted.items() if asked and splits[name].empty]
+    if empty:
+        per_user = np.bincount(pd.concat(splits.values())["user"])
+        logger.warning(
+            "%s: the %s split(s) came out empty: users have %d to %d interactions (median %g), too few "
+            "for --split %s with ratios %s; use more data, other ratios or --split loo",
+            config.input,
+            " and ".join(empty),
+            per_user.min(),
+            per_user.max(),
+            np.median(per_user),
+            config.split,
+            list(config.ratios),
+        )
 
 
 def _presplit(
     config: BuildConfig,
-) -> tuple[dict[str, pd.DataFrame], list[str], list[str], list[Path]]:
-    """Fixed split: id maps over the union of the three files; valid/test users need training rows."""
+) -> tuple[dict[str, pd.DataFrame], list[str], list[str], list[Path], dict[str, int]]:
+    """Fixed split: id maps over the union of the three files; valid/test users need training rows.
+    Also returns how many repeated rows each split had collapsed."""
     if config.presplit is None:
         raise DataError("--split presplit needs --presplit DIR (train/valid/test.tsv)", field="presplit")
     if config.rating_threshold is not None or config.k_core > 1:
@@ -138,6 +214,9 @@ def _presplit(
             "a fixed split cannot be filtered; drop --rating_threshold/--k_core", field="presplit"
         )
     parts = readers.read_presplit(config.presplit)
+    removed = _overlaps(parts, Path(config.presplit))
+    for name in SPLITS:
+        _warn_non_positive(parts[name], None, Path(config.presplit) / f"{name}.tsv")
     train_users = set(parts["train"]["user"])
     for name in ("valid", "test"):
         orphan = ~parts[name]["user"].isin(train_users)
@@ -157,7 +236,7 @@ def _presplit(
         coded = part.assign(user=encode(part["user"], user_ids), item=encode(part["item"], item_ids))
         splits[name] = sort_rows(coded)
     files = [Path(config.presplit) / f"{name}.tsv" for name in SPLITS]
-    return splits, user_ids, item_ids, files
+    return splits, user_ids, item_ids, files, removed
 
 
 def _split(
@@ -165,6 +244,7 @@ def _split(
 ) -> tuple[dict[str, pd.DataFrame], list[str], list[str], dict]:
     """Filter (threshold, duplicates, k-core), index, split. Ids are encoded to integers first so
     that duplicate removal and k-core work on int columns, then renumbered contiguously."""
+    _warn_non_positive(raw, config.rating_threshold, config.input)
     df = apply_threshold(raw, config.rating_threshold)
     user_ids, item_ids = sorted_ids(df["user"]), sorted_ids(df["item"])
     coded = pd.DataFrame(
@@ -195,6 +275,7 @@ def _split(
         splits = leave_one_out(coded, len(user_ids))
     else:
         raise DataError(f"unknown split {config.split!r}", field="split")
+    _warn_empty_held_out(splits, config)
     return splits, user_ids, item_ids, filters
 
 
@@ -219,7 +300,8 @@ def _reviews(
 def build(config: BuildConfig) -> Path:
     """Build the bundle at ``config.out`` and return its path; raises :class:`DataError` on bad input."""
     start = time.perf_counter()
-    with atomic_directory(config.out, overwrite=config.overwrite) as tmp:
+    check_output_path(config)
+    with atomic_directory(config.out, overwrite=config.overwrite, marker=MANIFEST) as tmp:
         counts = _build_into(config, tmp)
     logger.info("wrote %s in %.1fs: %s", config.out, time.perf_counter() - start, json.dumps(counts))
     return Path(config.out)
@@ -236,9 +318,14 @@ def _build_into(config: BuildConfig, tmp: Path) -> dict[str, int]:
     known_items = set(pd.unique(tables.interactions["item"]))
     files = list(tables.files)
     if config.split == "presplit":
-        splits, user_ids, item_ids, split_files = _presplit(config)
+        splits, user_ids, item_ids, split_files, removed = _presplit(config)
         files += split_files
-        filters = {"rating_threshold": None, "k_core": 0, "duplicates_removed": 0}
+        filters = {
+            "rating_threshold": None,
+            "k_core": 0,
+            "duplicates_removed": sum(removed.values()),
+            "duplicates_removed_per_split": removed,
+        }
         known_users |= set(user_ids)
         known_items |= set(item_ids)
         protocol = {"protocol": "presplit", "source": str(config.presplit), "seed": None}
@@ -273,6 +360,8 @@ def _build_into(config: BuildConfig, tmp: Path) -> dict[str, int]:
         "content": content_corpus(templates, items_text, users_text, reviews),
         "finetune": finetune_corpus(splits["train"], templates, config.seed, config.finetune_keep),
     }
+    if not len(corpora["content"]):
+        logger.warning("no item text, user text or reviews: the content corpus is empty (training skips it)")
     manifest = {
         "format_version": FORMAT_VERSION,
         "source": {

@@ -195,7 +195,7 @@ def test_cli_build_and_inspect(source, tmp_path, capsys):
     assert "split sizes   train 4  valid 1  test 2" in printed
     assert "per user      min 1 / median 2 / max 4" in printed
     assert printed.count("prompt: ") == 3 + 3 + 3
-    assert main(["build", "--format", "recbole", "--input", str(source), "--out", str(out)]) == 1  # exists
+    assert main(["build", "--format", "recbole", "--input", str(source), "--out", str(out)]) == 2  # exists
 
 
 def assert_nothing_written(parent: Path, name: str) -> None:
@@ -206,7 +206,7 @@ def assert_nothing_written(parent: Path, name: str) -> None:
 def test_cli_bad_input_exits_nonzero_without_output(source, tmp_path, capsys):
     (source / "tiny.inter").write_text(INTER.replace("u2\ti2\t4\t150", "u2\ti2\t4\tnoon"))
     out = tmp_path / "bundle"
-    assert main(["build", "--input", str(source), "--out", str(out)]) == 1
+    assert main(["build", "--input", str(source), "--out", str(out)]) == 2
     # setup_logging() replaces the root handlers, so the message is read from stderr
     assert (
         f"{source / 'tiny.inter'}, line 8, field 'timestamp': not a number: 'noon'" in capsys.readouterr().err
