@@ -90,7 +90,7 @@ def atomic_directory(out: str | Path, overwrite: bool = False, marker: str | Non
         out.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(out)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    except PermissionError as err:
+    except OSError as err:  # no permission, a read-only file system, a parent that is a file
         raise DataError(f"cannot write the output directory: {err.strerror}", file=out) from err
     try:
         tmp.chmod(0o777 & ~_umask())

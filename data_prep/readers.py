@@ -132,6 +132,9 @@ def read_delimited(
         raise DataError(
             f"malformed row: {err}", file=path, line=int(found.group(1)) if found else None
         ) from err
+    if header:
+        first = next(csv.reader(io.StringIO(text[: text.find("\n") + 1 or None]), delimiter=sep, quoting=quoting), [])
+        require_unique_columns([c.strip() for c in first], path)
     df.index = np.arange(len(df)) + (2 if header else 1)
     blank = (df == "").all(axis=1)
     if blank.any():
@@ -155,6 +158,15 @@ def _long_row(text: str, sep: str, quoting: int, path: Path) -> DataError:
                 f"malformed row: expected {width} fields, found {len(row)}", file=path, line=reader.line_num
             )
     return DataError("malformed row: more fields than the header", file=path)
+
+
+def require_unique_columns(columns: list[str], path: Path) -> None:
+    """A header naming a column twice: which of the two is meant is a guess, so it is an error."""
+    seen = set()
+    for name in columns:
+        if name in seen:
+            raise DataError("column named twice in the header; rename or drop one", file=path, line=1, field=name)
+        seen.add(name)
 
 
 def require_columns(df: pd.DataFrame, columns: list[str], path: Path) -> None:
@@ -279,6 +291,7 @@ def _recbole_table(path: Path) -> pd.DataFrame:
     """RecBole atomic file: tab-separated, header cells ``name:type``; the types are dropped."""
     df = read_delimited(path)
     df.columns = [str(c).split(":", 1)[0].strip() for c in df.columns]
+    require_unique_columns(list(df.columns), path)
     return df
 
 
@@ -487,6 +500,19 @@ def _read_ml_dat(directory: Path) -> SourceTables:
 # ----------------------------------------------------------------------------------------------
 # Amazon reviews (2014 / 2018 JSON lines, plain or gzipped) + metadata
 # ----------------------------------------------------------------------------------------------
+MAX_JSON_DEPTH = 100  # review and metadata records nest a few levels; far more is a damaged file
+_TOO_DEEP = f"nested more than {MAX_JSON_DEPTH} levels deep: not a review or metadata record"
+
+
+def _depth(line: str) -> int:
+    """Deepest bracket nesting of a line (brackets inside strings count too: an upper bound)."""
+    if sum(line.count(c) for c in "[{(") <= MAX_JSON_DEPTH:  # the usual case, without a per-character pass
+        return 0
+    chars = np.frombuffer(line.encode("utf-8", "replace"), dtype=np.uint8)
+    step = np.isin(chars, list(b"[{(")).astype(np.int64) - np.isin(chars, list(b"]})"))
+    return int(np.cumsum(step).max())
+
+
 def _json_lines(path: Path) -> list[tuple[int, dict]]:
     """(line, record) pairs. The 2014 metadata files are Python literals rather than JSON, so a line
     that is not JSON is tried with ``ast.literal_eval`` (safe: literals only) before it is an error."""
@@ -499,10 +525,14 @@ def _json_lines(path: Path) -> list[tuple[int, dict]]:
             continue
         try:
             record = json.loads(line)
+        except RecursionError as err:
+            raise DataError(_TOO_DEEP, file=path, line=number) from err
         except json.JSONDecodeError as err:
+            if _depth(line) > MAX_JSON_DEPTH:  # bounds the literal_eval fallback too
+                raise DataError(_TOO_DEEP, file=path, line=number) from err
             try:
                 record = ast.literal_eval(line)
-            except (ValueError, SyntaxError):
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
                 raise DataError(f"not valid JSON: {err.msg}", file=path, line=number) from err
         if not isinstance(record, dict):
             raise DataError("expected a JSON object per line", file=path, line=number)
