@@ -149,7 +149,9 @@ def _overlaps(parts: dict[str, pd.DataFrame], directory: Path) -> dict[str, int]
         removed[name] = int(repeated.sum())
         parts[name] = part[~repeated.to_numpy()]
         if removed[name]:
-            logger.warning("%s: collapsed %d repeated (user, item) rows", directory / f"{name}.tsv", removed[name])
+            logger.warning(
+                "%s: collapsed %d repeated (user, item) rows", directory / f"{name}.tsv", removed[name]
+            )
     for earlier, later in (("train", "valid"), ("train", "test"), ("valid", "test")):
         keys = pd.MultiIndex.from_frame(parts[earlier][["user", "item"]])
         shared = pd.MultiIndex.from_frame(parts[later][["user", "item"]]).isin(keys)

@@ -141,7 +141,9 @@ def write_tables(
         )
     for name in CORPORA:
         # an empty corpus (no item text) still needs one shard, or load_from_disk cannot read it back
-        corpora[name].save_to_disk(str(directory / "corpora" / name), num_shards=1 if not len(corpora[name]) else None)
+        corpora[name].save_to_disk(
+            str(directory / "corpora" / name), num_shards=1 if not len(corpora[name]) else None
+        )
     manifest = {**manifest, "files": file_records(directory)}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
@@ -160,15 +162,16 @@ def verify_files(directory: Path, records: dict[str, dict[str, Any]], listed_in:
     for name, record in records.items():
         path = directory / name
         if not path.is_file():
-            raise DataError(f"missing (listed in {listed_in.name}); the bundle is incomplete", file=path)
+            raise DataError(f"missing (listed in {listed_in.name}): incomplete", file=path)
         if path.stat().st_size != record["bytes"]:
             raise DataError(
-                f"{path.stat().st_size} bytes, {listed_in.name} records {record['bytes']}: truncated or "
-                "replaced; rebuild the bundle",
+                f"{path.stat().st_size} bytes, {listed_in.name} records {record['bytes']}: truncated or replaced",
                 file=path,
             )
         if sha256(path) != record["sha256"]:
-            raise DataError(f"content differs from the sha256 in {listed_in.name}: corrupted or edited", file=path)
+            raise DataError(
+                f"content differs from the sha256 in {listed_in.name}: corrupted or edited", file=path
+            )
 
 
 def _read_tsv(path: Path) -> pd.DataFrame:
@@ -205,7 +208,10 @@ class Bundle:
                 file=manifest_path,
             )
         if verify and "files" in self.manifest:
-            verify_files(self.path, self.manifest["files"], manifest_path)
+            try:
+                verify_files(self.path, self.manifest["files"], manifest_path)
+            except DataError as err:
+                raise DataError(f"{err.reason}; rebuild the bundle", file=err.file) from err
         users = self._check_count(_read_tsv(self.path / "users.tsv"), "users", self.path / "users.tsv")
         items = self._check_count(_read_tsv(self.path / "items.tsv"), "items", self.path / "items.tsv")
         self.user_ids: list[str] = users["raw_id"].tolist()
@@ -236,7 +242,9 @@ class Bundle:
             if not path.is_file():
                 raise DataError("bundle file missing", file=path)
             try:
-                df = pd.read_csv(path, sep="\t", dtype={"user": np.int64, "item": np.int64, "rating": np.float64})
+                df = pd.read_csv(
+                    path, sep="\t", dtype={"user": np.int64, "item": np.int64, "rating": np.float64}
+                )
             except (ValueError, pd.errors.ParserError) as err:
                 raise DataError(f"not a bundle split file ({err}); rebuild the bundle", file=path) from err
             df = self._check_count(df, split, path)
@@ -275,7 +283,9 @@ class Bundle:
                 if _no_shards(directory):  # written by data_prep before empty corpora got a shard
                     corpus = Dataset(FEATURES.arrow_schema.empty_table())
                 else:
-                    raise DataError(f"cannot read the corpus ({err}); rebuild the bundle", file=directory) from err
+                    raise DataError(
+                        f"cannot read the corpus ({err}); rebuild the bundle", file=directory
+                    ) from err
             self._corpora[name] = self._check_count(corpus, f"corpus_{name}", directory)
         return self._corpora[name]
 

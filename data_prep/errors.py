@@ -56,7 +56,9 @@ def debug_requested(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("LLMREC_DEBUG", "") not in ("", "0")
 
 
-def run_cli(main: Callable[[list[str]], object], argv: list[str] | None = None, prog: str | None = None) -> int:
+def run_cli(
+    main: Callable[[list[str]], object], argv: list[str] | None = None, prog: str | None = None
+) -> int:
     """Run an entry point ``main(argv)`` under the exit-code policy and return the exit code.
 
     0: done. 2: a :class:`UserError` (one line ``PROG: error: MESSAGE`` on stderr; ``--debug`` or

@@ -133,7 +133,9 @@ def read_delimited(
             f"malformed row: {err}", file=path, line=int(found.group(1)) if found else None
         ) from err
     if header:
-        first = next(csv.reader(io.StringIO(text[: text.find("\n") + 1 or None]), delimiter=sep, quoting=quoting), [])
+        first = next(
+            csv.reader(io.StringIO(text[: text.find("\n") + 1 or None]), delimiter=sep, quoting=quoting), []
+        )
         require_unique_columns([c.strip() for c in first], path)
     df.index = np.arange(len(df)) + (2 if header else 1)
     blank = (df == "").all(axis=1)
@@ -165,7 +167,9 @@ def require_unique_columns(columns: list[str], path: Path) -> None:
     seen = set()
     for name in columns:
         if name in seen:
-            raise DataError("column named twice in the header; rename or drop one", file=path, line=1, field=name)
+            raise DataError(
+                "column named twice in the header; rename or drop one", file=path, line=1, field=name
+            )
         seen.add(name)
 
 

@@ -49,6 +49,8 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from data_prep.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 ALLOW_DOWNLOAD_ENV = "LLMREC_ALLOW_DOWNLOAD"
@@ -101,7 +103,7 @@ class BackboneConfig:
             self.dtype = str(self.dtype).removeprefix("torch.")
 
 
-class BackboneNotFoundError(OSError):
+class BackboneNotFoundError(UserError, OSError):
     """A spec that cannot be resolved to a model without the network (or at all)."""
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from llmrec.config import ConfigError
 from llmrec.tokens import RecVocab
 
 IGNORE = -100
@@ -59,6 +60,14 @@ class PretrainDataset(Dataset):
                 self.examples.append(
                     (TASKS.index("content"), prompt, main[: max(0, max_tokens - len(prompt))])
                 )
+        content = [main for task, _, main in self.examples if task == TASKS.index("content")]
+        if content and not any(content):
+            shortest = min(len(p) for task, p, _ in self.examples if task == TASKS.index("content"))
+            raise ConfigError(
+                f"field 'max_doc_tokens' {max_tokens} leaves no room for content text after prompts of "
+                f"{shortest}+ tokens (every content loss would be 0); raise it",
+                field="max_doc_tokens",
+            )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

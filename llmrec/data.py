@@ -13,13 +13,15 @@ from functools import partial
 import numpy as np
 import torch
 
-from data_prep import Bundle
+from data_prep import Bundle, DataError
 from llmrec.backbone import BackboneConfig
 from llmrec.collate import TASKS, FinetuneDataset, FinetunePrompts, PretrainDataset, TaskMixture, collate
 from llmrec.generate import GenerativeScorer, SemanticDataset, require_index
+from llmrec.log import get_logger
 from llmrec.metrics import DEFAULT_KS, evaluate_scorer
 from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig
 
+logger = get_logger(__name__)
 PRETRAIN_CORPORA = ("collaborative", "content")
 FINETUNE_TASKS = ("multinomial", "semantic", "both")
 
@@ -34,6 +36,27 @@ def train_histories(bundle: Bundle) -> list[list[int]]:
         if len(chunk_users):
             histories[int(chunk_users[0])] = chunk_items.tolist()
     return histories
+
+
+def require_same_catalogue(bundle: Bundle, model: CLLM4Rec, what: str) -> None:
+    """Refuse, before any work, a bundle whose users and items are not the ones ``model`` was built for
+    (its ID tables and head would score the wrong catalogue, or fail with a shape error much later)."""
+    found, expected = (bundle.n_users, bundle.n_items), (model.vocab.n_users, model.vocab.n_items)
+    if found != expected:
+        raise DataError(
+            f"{what} was built for {expected[0]} users and {expected[1]} items, this dataset bundle has "
+            f"{found[0]} and {found[1]}: use the bundle it was trained on",
+            file=bundle.path,
+        )
+
+
+def _present(bundle: Bundle, names: Sequence[str]) -> list[str]:
+    """The corpora among ``names`` that have documents; an empty one (a source without item text, user
+    text or reviews) is skipped with a warning."""
+    present = [name for name in names if len(bundle.corpus(name))]
+    for name in sorted(set(names) - set(present)):
+        logger.warning("the %s corpus of %s is empty: %s training is skipped", name, bundle.path, name)
+    return present
 
 
 def model_for(bundle: Bundle, config: ModelConfig, backbone: BackboneConfig, seed: int = 0) -> CLLM4Rec:
@@ -52,7 +75,10 @@ def prompts_for(bundle: Bundle, model: CLLM4Rec) -> FinetunePrompts:
 def pretrain_dataset(
     bundle: Bundle, model: CLLM4Rec, seed: int, corpora: Sequence[str] = PRETRAIN_CORPORA
 ) -> PretrainDataset:
-    rows = [row for name in corpora for row in bundle.corpus(name)]
+    present = _present(bundle, corpora)
+    if not present:
+        raise DataError(f"the corpora {list(corpora)} are all empty: nothing to train on", file=bundle.path)
+    rows = [row for name in present for row in bundle.corpus(name)]
     return PretrainDataset(
         rows, model.vocab, model.tokenizer, seed=seed, max_tokens=model.config.max_doc_tokens
     )
@@ -81,7 +107,7 @@ def finetune_dataset(
         parts.append(
             SemanticDataset(histories, prompts, require_index(model), seed=seed, mask_ratio=mask_ratio)
         )
-    if with_content:
+    if with_content and _present(bundle, ("content",)):
         parts.append(pretrain_dataset(bundle, model, seed, corpora=("content",)))
     return parts[0] if len(parts) == 1 else TaskMixture(*parts)
 

@@ -52,6 +52,7 @@ from safetensors.torch import load_file, save_file
 import llmrec
 from data_prep import Bundle, load_bundle
 from data_prep.bundle import atomic_directory
+from data_prep.errors import UserError
 from llmrec.backbone import (
     GGUF_ALIASES,
     TINY_MODELS,
@@ -62,11 +63,11 @@ from llmrec.backbone import (
     load_backbone,
 )
 from llmrec.collate import FinetunePrompts
-from llmrec.data import PromptScorer, train_histories
+from llmrec.data import PromptScorer, require_same_catalogue, train_histories
 from llmrec.metrics import RankingMetrics
 from llmrec.model import VIEWS, CLLM4Rec, ModelConfig
 from llmrec.tokens import RecVocab, export_plain_model
-from llmrec.train import run_model_dir
+from llmrec.train import run_data, run_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +96,21 @@ _CHECKPOINT_FILES = (
 _USER_PLACEHOLDER = re.compile(r"\s*<[^<>{}]*\{user\}[^<>{}]*>\s*")
 
 
-class BundleError(ValueError):
-    """A recommender bundle that cannot be used; the message names the file and what is wrong."""
+class BundleError(UserError):
+    """A recommender bundle that cannot be written or used; the message names the file (or tensor) and
+    what is wrong."""
+
+
+def require_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse NaN or infinite weights (a diverged run, or an overflow in the export dtype) by name, so
+    that a broken model never gets a bundle with fresh, valid checksums."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise BundleError(
+                f"{where}: tensor {name!r} has {bad} non-finite value(s) (NaN or inf) of {tensor.numel()}; "
+                "the run diverged or the dtype overflows: export another checkpoint or use --dtype fp32"
+            )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -182,10 +196,7 @@ def export_run(run: str | Path, out: str | Path, data: str | Path | None = None,
     run = Path(run)
     model_path = run_model_dir(run)
     if data is None:
-        run_config = run / "run_config.json"
-        if not run_config.is_file():
-            raise FileNotFoundError(f"{run_config}: missing; pass the dataset bundle explicitly (--data)")
-        data = json.loads(run_config.read_text(encoding="utf-8"))["data"]
+        data = run_data(run)
     model = CLLM4Rec.from_pretrained(model_path)
     source = {"run": str(run), "model": str(model_path), "data": str(data)}
     return export_model(model, load_bundle(data), out, source=source, **options)
@@ -212,11 +223,7 @@ def export_model(
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
     vocab = model.vocab
-    if (vocab.n_users, vocab.n_items) != (data.n_users, data.n_items):
-        raise ValueError(
-            f"the model has {vocab.n_users} users and {vocab.n_items} items but the dataset bundle {data.path} "
-            f"has {data.n_users} and {data.n_items}: export with the bundle the model was trained on"
-        )
+    require_same_catalogue(data, model, "the model")
     if merge and (model.backbone.load_in_4bit or model.backbone.load_in_8bit):
         raise ValueError("--merge needs a full-precision backbone (this model was loaded in 4 or 8 bit)")
     templates = {"user": data.templates.finetune, "cold": cold or cold_template(data.templates.finetune)}
@@ -224,10 +231,12 @@ def export_model(
     _check_template(templates["cold"], "cold", user=False)
     torch_dtype = DTYPES[dtype]
     fingerprint = backbone_fingerprint(model.backbone)
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    trainable = {name: t.detach().to("cpu", torch_dtype) for name, t in model.trainable_state_dict().items()}
+    require_finite(trainable, f"the model to export (as {dtype})")
+    with atomic_directory(out, overwrite=overwrite, marker=CONFIG_FILE) as tmp:
         weights = {
-            name: tensor.detach().to("cpu", torch_dtype).contiguous()
-            for name, tensor in model.trainable_state_dict().items()
+            name: tensor.contiguous()
+            for name, tensor in trainable.items()
             if not name.startswith("lm.")  # LoRA goes to the peft adapter directory
         }
         save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -243,6 +252,8 @@ def export_model(
             str(tmp / HISTORIES_FILE),
             metadata={"format": "pt"},
         )
+        if merge:
+            _export_merged(model, tmp / MERGED_DIR, torch_dtype, templates)
         files = {
             path.relative_to(tmp).as_posix(): _file_record(path)
             for path in sorted(tmp.rglob("*"))
@@ -280,9 +291,7 @@ def export_model(
         }
         config["checksum"] = _config_checksum(config)
         _write_json(tmp / CONFIG_FILE, config)
-        if merge:
-            _export_merged(model, tmp / MERGED_DIR, torch_dtype, templates)
-    size = sum(record["bytes"] for record in files.values())
+    size = sum(record["bytes"] for name, record in files.items() if not name.startswith(f"{MERGED_DIR}/"))
     logger.info("exported %s (%.1f MB without merged/)", out, size / 1e6)
     return Path(out)
 
@@ -309,6 +318,9 @@ def _export_merged(model: CLLM4Rec, directory: Path, dtype: torch.dtype, templat
         .contiguous(),
     }
     merged = model.lm.merge_and_unload(adapter_names=[VIEWS[0]]).to(dtype)
+    require_finite(
+        {**merged.state_dict(), **{f"item_head.{k}": v for k, v in head.items()}}, "the merged model"
+    )
     export_plain_model(merged, model.tokenizer, model.vocab, model.collab, directory)
     save_file(head, str(directory / HEAD_FILE), metadata={"format": "pt"})
     _write_json(
@@ -379,8 +391,9 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     return config
 
 
-def verify_files(directory: str | Path, files: dict[str, dict[str, Any]]) -> None:
-    """Every file listed in config.json is present, of the recorded size, with the recorded sha256."""
+def verify_files(directory: str | Path, files: dict[str, dict[str, Any]], hashes: bool = True) -> None:
+    """Every file listed in config.json is present, of the recorded size and (with ``hashes``) the
+    recorded sha256."""
     directory = Path(directory)
     for name, record in files.items():
         path = directory / name
@@ -391,7 +404,7 @@ def verify_files(directory: str | Path, files: dict[str, dict[str, Any]]) -> Non
             raise BundleError(
                 f"{path}: {size} bytes, {CONFIG_FILE} records {record['bytes']}: truncated or replaced"
             )
-        if _sha256(path) != record["sha256"]:
+        if hashes and _sha256(path) != record["sha256"]:
             raise BundleError(f"{path}: content differs from the sha256 in {CONFIG_FILE}: corrupted")
 
 
@@ -450,6 +463,7 @@ class Recommender:
         device: str | torch.device | None = None,
         batch_size: int = 32,
         trust_remote_code: bool = False,
+        verify: bool = True,
         **backbone_overrides: Any,
     ) -> Recommender:
         """Rebuild backbone + LoRA adapter(s) + ID-token tables + head from a bundle.
@@ -457,11 +471,12 @@ class Recommender:
         ``device`` defaults to CUDA when available. ``backbone_overrides`` are :class:`BackboneConfig`
         fields that change how the backbone loads (``cache_dir``, ``dtype``, ``load_in_4bit``, ...). The
         backbone must have the fingerprint recorded at export. ``trust_remote_code`` is never taken from
-        the bundle.
+        the bundle. ``verify=False`` skips the sha256 of every file (sizes are still checked), for
+        bundles too large to hash at every load.
         """
         directory = Path(directory)
         config = read_config(directory)
-        verify_files(directory, config["files"])
+        verify_files(directory, config["files"], hashes=verify)
         try:
             vocab = RecVocab.from_dict(config["vocab"])
             model_config = ModelConfig(**config["model"])
@@ -527,7 +542,7 @@ class Recommender:
         index = index_of.get(str(raw_id))
         if index is None:
             examples = ", ".join(repr(raw) for raw in ids[:3])
-            raise ValueError(
+            raise UserError(
                 f"unknown {kind} id {str(raw_id)!r}{where}: not one of the {len(ids)} {kind}s of this bundle "
                 f"(e.g. {examples}){hint}"
             )
@@ -552,8 +567,7 @@ class Recommender:
         histories: Sequence[Sequence[str | int]] | None = None,
     ) -> torch.Tensor:
         """Scores (batch, n_items) for many known users, or for many histories of unseen users."""
-        if (users is None) == (histories is None):
-            raise ValueError("give either users (known user ids) or histories (lists of item ids), not both")
+        _exactly_one(users, histories, "users (known user ids)", "histories (lists of item ids)")
         if len(users if users is not None else histories) == 0:
             return torch.empty(0, self.n_items)
         if users is not None:
@@ -564,9 +578,9 @@ class Recommender:
 
     def _cold_history(self, history: Sequence[str | int], row: int) -> list[int]:
         if isinstance(history, (str, bytes)):
-            raise ValueError(f"history {row} is a string; pass a list of item ids")
+            raise UserError(f"history {row} is a string; pass a list of item ids")
         if len(history) == 0:
-            raise ValueError(
+            raise UserError(
                 f"history {row} is empty: a user unseen in training needs at least one item id "
                 "(known users: pass user=ID)"
             )
@@ -599,8 +613,10 @@ class Recommender:
         exclude: Sequence[Sequence[str | int]] | None = None,
     ) -> list[list[Recommendation]]:
         """Top ``k`` lists for many known users or many histories (one forward pass per prompt)."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise TypeError(f"k must be a whole number of items, got {k!r} ({type(k).__name__})")
         if k < 1:
-            raise ValueError(f"k must be a positive number of items, got {k}")
+            raise UserError(f"k must be a positive number of items, got {k}")
         scores = self.score_batch(users, histories=histories)
         if exclude is not None and len(exclude) != len(scores):
             raise ValueError(f"exclude has {len(exclude)} lists for {len(scores)} users")
@@ -624,9 +640,15 @@ class Recommender:
         ]
 
 
+def _exactly_one(first: Any, second: Any, first_name: str, second_name: str) -> None:
+    if first is None and second is None:
+        raise UserError(f"give {first_name} or {second_name}; neither was given")
+    if first is not None and second is not None:
+        raise UserError(f"give {first_name} or {second_name}, not both")
+
+
 def _one(user, history) -> tuple[list | None, list | None]:
-    if (user is None) == (history is None):
-        raise ValueError("give either user (a known user id) or history (a list of item ids), not both")
+    _exactly_one(user, history, "user (a known user id)", "history (a list of item ids)")
     return ([user], None) if user is not None else (None, [history])
 
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from llmrec.backbone import BackboneConfig, load_backbone
 from llmrec.collate import IGNORE, TASKS
+from llmrec.config import require
 from llmrec.tokens import RecEmbedding, RecVocab
 
 if TYPE_CHECKING:
@@ -82,6 +83,12 @@ class ModelConfig:
             "help": "saved ItemIndex directory (recipes/index.py): adds semantic-ID tokens for the semantic task"
         },
     )
+
+    def __post_init__(self) -> None:
+        require(self.lora_r >= 1, "lora_r", self.lora_r, "must be at least 1")
+        require(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "must be in [0, 1)")
+        require(self.mutual_reg >= 0, "mutual_reg", self.mutual_reg, "must be >= 0")
+        require(self.max_doc_tokens >= 1, "max_doc_tokens", self.max_doc_tokens, "must be at least 1")
 
     def lora_config(self) -> LoraConfig:
         targets: str | list[str] | None = None

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,8 +29,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from data_prep.bundle import file_records, verify_files
+from data_prep.errors import DataError, UserError
 from llmrec.collate import TASKS, TaskBucketSampler, collate
-from llmrec.config import to_dict
+from llmrec.config import require, to_dict
 from llmrec.log import get_logger
 from llmrec.model import CLLM4Rec
 
@@ -65,9 +69,13 @@ class TrainConfig:
     save_steps: int = field(
         default=0, metadata={"help": "checkpoint every N optimizer steps (0: only at the end)"}
     )
-    save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept"})
+    save_total_limit: int = field(default=2, metadata={"help": "complete checkpoints kept"})
     resume: bool = field(
-        default=False, metadata={"help": "continue from the latest checkpoint in output_dir"}
+        default=False, metadata={"help": "continue from the newest complete checkpoint in output_dir"}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "start afresh in an output_dir that holds a previous run (deletes its results)"},
     )
     log_steps: int = field(default=10, metadata={"help": "log every N optimizer steps"})
     tensorboard: bool = field(
@@ -78,21 +86,93 @@ class TrainConfig:
         default=0, metadata={"help": "stop after N evaluations without improvement (0: never)"}
     )
 
+    def __post_init__(self) -> None:
+        require(self.lr > 0, "lr", self.lr, "must be > 0")
+        require(
+            self.embedding_lr is None or self.embedding_lr > 0,
+            "embedding_lr",
+            self.embedding_lr,
+            "must be > 0",
+        )
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
+        require(self.grad_accum >= 1, "grad_accum", self.grad_accum, "must be at least 1")
+        require(
+            self.epochs >= 1 or self.max_steps > 0,
+            "epochs",
+            self.epochs,
+            "must be at least 1 (or set max_steps)",
+        )
+        require(
+            self.max_steps == -1 or self.max_steps > 0,
+            "max_steps",
+            self.max_steps,
+            "must be > 0, or -1 for all epochs",
+        )
+        require(0 <= self.warmup_ratio <= 1, "warmup_ratio", self.warmup_ratio, "must be in [0, 1]")
+        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        require(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "must be >= 0")
+        require(self.save_steps >= 0, "save_steps", self.save_steps, "must be >= 0")
+        require(self.save_total_limit >= 1, "save_total_limit", self.save_total_limit, "must be at least 1")
+        require(self.log_steps >= 1, "log_steps", self.log_steps, "must be at least 1")
+        require(self.patience >= 0, "patience", self.patience, "must be >= 0")
+        require(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
+        require(
+            self.mixed_precision in ("no", "bf16", "fp16"),
+            "mixed_precision",
+            self.mixed_precision,
+            "must be no, bf16 or fp16",
+        )
+
+
+class RunError(UserError):
+    """A run directory or checkpoint that cannot be used as asked (missing, damaged, or a previous run in
+    the way)."""
+
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
-    return Accelerator(
+    """The run's accelerator, after :func:`prepare_output_dir` has checked ``output_dir``."""
+    accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.grad_accum,
         dataloader_config=DataLoaderConfiguration(split_batches=True),
-        project_config=ProjectConfiguration(
-            project_dir=config.output_dir,
-            automatic_checkpoint_naming=True,
-            total_limit=config.save_total_limit,
-        ),
+        project_config=ProjectConfiguration(project_dir=config.output_dir),
         log_with="tensorboard" if config.tensorboard else None,
         # steps that touch only one view leave the other view's tables without gradients
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    prepare_output_dir(config, accelerator)
+    return accelerator
+
+
+RUN_OUTPUTS = (
+    "checkpoints",
+    "model",
+    "best",
+    "metrics.jsonl",
+    "metrics.json",
+    "run_config.json",
+    "tensorboard",
+)
+
+
+def prepare_output_dir(config: TrainConfig, accelerator: Accelerator) -> None:
+    """Refuse, before any work, a fresh run into a directory that holds a previous run's results (they
+    would be mixed or overwritten): ``--resume`` continues it, ``--overwrite_output_dir`` deletes them."""
+    out = Path(config.output_dir)
+    used = [name for name in RUN_OUTPUTS if (out / name).exists() and name != "run_config.json"]
+    if not used or config.resume:
+        return
+    if not config.overwrite_output_dir:
+        raise RunError(
+            f"{out}: holds a previous run ({', '.join(used)}); pass --resume to continue it, "
+            "--overwrite_output_dir to start afresh there, or choose another --output_dir"
+        )
+    if accelerator.is_main_process:
+        logger.warning("--overwrite_output_dir: deleting the previous run's %s in %s", ", ".join(used), out)
+        for name in RUN_OUTPUTS:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
 
 
 def param_groups(model: CLLM4Rec, config: TrainConfig) -> list[dict]:
@@ -106,14 +186,86 @@ def param_groups(model: CLLM4Rec, config: TrainConfig) -> list[dict]:
     ]
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
+CHECKPOINT = re.compile(r"^checkpoint_(\d+)$")
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """``checkpoint_STEP`` directories of a run, oldest first. A checkpoint is written under a temporary
+    name and renamed when complete, so these are complete; a directory without its trainer state (left
+    by versions that saved in place) is not counted."""
     folder = Path(output_dir) / "checkpoints"
-    found = (
-        sorted(folder.glob("checkpoint_*"), key=lambda path: int(path.name.split("_")[-1]))
-        if folder.is_dir()
-        else []
-    )
-    return next((path for path in reversed(found) if (path / STATE_FILE).exists()), None)
+    found = [p for p in folder.iterdir() if CHECKPOINT.match(p.name)] if folder.is_dir() else []
+    return sorted((p for p in found if (p / STATE_FILE).is_file()), key=lambda p: int(p.name.split("_")[1]))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    found = complete_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, state: dict, keep: int) -> Path:
+    """Save accelerate's state plus ``state`` as ``checkpoints/checkpoint_STEP``, atomically.
+
+    Everything is written to ``.checkpoint_STEP.tmp`` and renamed once complete (the trainer state, with
+    the size and sha256 of every file, last), so a kill leaves at most a temporary directory that is
+    never loaded and is removed by the next save. Then only the ``keep`` newest complete checkpoints
+    are kept.
+    """
+    folder = Path(output_dir) / "checkpoints"
+    final = folder / f"checkpoint_{state['step']}"
+    tmp = folder / f".{final.name}.tmp"
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.iterdir():  # left by a killed save (in place, by older versions)
+            if (
+                stale.name.startswith(".checkpoint_")
+                or CHECKPOINT.match(stale.name)
+                and not (stale / STATE_FILE).is_file()
+            ):
+                logger.warning("removing %s, left incomplete by an interrupted save", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "files": file_records(tmp)}))
+        if final.exists():  # the same step saved again (a run resumed from its last checkpoint)
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in complete_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> dict:
+    """Restore accelerate's state from ``checkpoint`` after checking every file against the sizes and
+    sha256s recorded at save time; returns the trainer state."""
+    state_path = checkpoint / STATE_FILE
+    advice = "delete this checkpoint to resume from the one before, or start afresh"
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("no integer 'step'")
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise RunError(f"{state_path}: not a trainer state ({err}); {advice}") from err
+    try:
+        verify_files(checkpoint, state.get("files", {}), state_path)
+    except DataError as err:
+        raise RunError(f"{err}; {advice}") from err
+    try:
+        accelerator.load_state(str(checkpoint))
+    except Exception as err:  # torch, safetensors and accelerate raise many types for a damaged file
+        raise RunError(f"{checkpoint}: cannot restore ({type(err).__name__}: {err}); {advice}") from err
+    return {key: value for key, value in state.items() if key != "files"}
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records a resumed run will write again (those after the checkpoint's step)."""
+    if path.is_file():
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(line for line in lines if json.loads(line).get("step", 0) <= step))
 
 
 def register_trainable_checkpointing(accelerator: Accelerator) -> None:
@@ -168,21 +320,20 @@ def train(
     register_trainable_checkpointing(accelerator)
 
     state = {"step": 0, "epoch": 0, "best": None, "best_step": None, "evals_without_improvement": 0}
+    metrics_file = out / "metrics.jsonl"
     if config.resume and (checkpoint := latest_checkpoint(out)) is not None:
-        accelerator.load_state(str(checkpoint))
-        state = json.loads((checkpoint / STATE_FILE).read_text())
-        accelerator.project_configuration.iteration = int(checkpoint.name.split("_")[-1]) + 1
-        logger.info("resumed from %s at step %d", checkpoint, state["step"])
+        state = load_checkpoint(accelerator, checkpoint)
+        if accelerator.is_main_process:
+            _truncate_metrics(metrics_file, state["step"])
+        logger.warning("resuming from %s (step %d of %d)", checkpoint, state["step"], total_steps)
+    elif config.resume:
+        logger.warning("--resume: no complete checkpoint in %s; starting from step 0", out / "checkpoints")
     if config.tensorboard:
         accelerator.init_trackers("tensorboard")
 
     def checkpoint() -> None:
-        location = Path(accelerator.save_state())
-        if accelerator.is_main_process:
-            (location / STATE_FILE).write_text(json.dumps(state))
-        accelerator.wait_for_everyone()
+        save_checkpoint(accelerator, out, state, config.save_total_limit)
 
-    metrics_file = out / "metrics.jsonl"
     window = {task: [0.0, 0.0] for task in (*TASKS, "reg")}
     tokens_seen, window_start = 0, time.perf_counter()
     progress = tqdm(
@@ -301,7 +452,16 @@ def run_model_dir(run: str | Path) -> Path:
     for name in ("best", "model"):
         if (run / name / "config.json").is_file():
             return run / name
-    raise FileNotFoundError(f"{run}: no trained model (expected {run}/best or {run}/model with config.json)")
+    raise RunError(f"{run}: no trained model (expected {run}/best or {run}/model with config.json)")
+
+
+def run_data(run: str | Path) -> str:
+    """The dataset bundle a run trained on, from its ``run_config.json``."""
+    path = Path(run) / "run_config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))["data"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise RunError(f"{path}: cannot read the run's dataset bundle ({err}); pass it with --data") from err
 
 
 def save_run_config(accelerator: Accelerator, output_dir: str | Path, *configs) -> None:

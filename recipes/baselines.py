@@ -11,12 +11,14 @@ with ``--split valid``, training items (and the numbers are optimistic: they wer
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 
 from data_prep import load_bundle
+from data_prep.errors import run_cli
 from llmrec.baselines import EASE, make_baseline
-from llmrec.config import parse_config, to_dict
+from llmrec.config import ConfigError, parse_config, to_dict
 from llmrec.log import setup_logging
 from llmrec.metrics import evaluate_scorer, format_table, write_metrics_json
 from llmrec.reporting import machine_info
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     setup_logging()
     (args,) = parse_config(BaselineArgs, args=argv, section="baselines")
     if args.split not in ("valid", "test"):
-        raise SystemExit(f"--split must be valid or test, got {args.split!r}")
+        raise ConfigError(f"--split must be valid or test, got {args.split!r}")
     bundle = load_bundle(args.data)
     train, valid = bundle.matrix("train"), bundle.matrix("valid")
     rows: dict[str, dict[str, float]] = {}
@@ -113,4 +115,4 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -10,16 +10,18 @@ IDs (runs finetuned with ``--task semantic``) and stores the metrics under ``SPL
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_prep import load_bundle
+from data_prep.errors import run_cli
 from llmrec.config import parse_config
-from llmrec.data import evaluate_model
+from llmrec.data import evaluate_model, require_same_catalogue
 from llmrec.log import setup_logging
 from llmrec.metrics import DEFAULT_KS, format_table, write_metrics_json
 from llmrec.model import CLLM4Rec
-from llmrec.train import run_model_dir
+from llmrec.train import run_data, run_model_dir
 
 
 @dataclass
@@ -45,13 +47,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     setup_logging()
     (args,) = parse_config(EvaluateArgs, args=argv, section="evaluate")
     run = Path(args.run)
-    data = args.data or json.loads((run / "run_config.json").read_text())["data"]
+    data = args.data or run_data(run)
     model = CLLM4Rec.from_pretrained(run_model_dir(run))
+    bundle = load_bundle(data)
+    require_same_catalogue(bundle, model, f"the model of {run}")
     ks = tuple(int(k) for k in args.ks.split(","))
     beam = (args.beam or max(ks)) if args.generate else 0
-    metrics = evaluate_model(
-        load_bundle(data), model, args.split, batch_size=args.batch_size, beam=beam, ks=ks
-    )
+    metrics = evaluate_model(bundle, model, args.split, batch_size=args.batch_size, beam=beam, ks=ks)
     key = f"{args.split}/generate" if args.generate else args.split
     columns = [f"{name}@{k}" for name in ("recall", "ndcg") for k in ks]
     print(format_table({f"{run.name} ({key})": metrics}, columns))
@@ -62,4 +64,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

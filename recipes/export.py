@@ -10,8 +10,10 @@ Load the bundle with ``llmrec.Recommender.from_pretrained(OUT)`` or ``python rec
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
+from data_prep.errors import run_cli
 from llmrec.config import parse_config
 from llmrec.export import DTYPES, export_run
 from llmrec.log import setup_logging
@@ -54,4 +56,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -11,13 +11,21 @@ the LM writes a held-out item's semantic ID, and validation ranks by constrained
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_prep import load_bundle
+from data_prep.errors import run_cli
 from llmrec.backbone import BackboneConfig
 from llmrec.config import parse_config
-from llmrec.data import finetune_dataset, item_softmax, model_for, validation_fn
+from llmrec.data import (
+    finetune_dataset,
+    item_softmax,
+    model_for,
+    require_same_catalogue,
+    validation_fn,
+)
 from llmrec.log import get_logger, setup_logging
 from llmrec.model import CLLM4Rec, ModelConfig
 from llmrec.train import TrainConfig, make_accelerator, save_run_config, train
@@ -77,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     bundle = load_bundle(args.data)
     if args.init:
         model = CLLM4Rec.from_pretrained(Path(args.init) / "model")
+        require_same_catalogue(bundle, model, f"--init {args.init}")
         model.reconfigure(**{name: getattr(model_config, name) for name in FINETUNE_FIELDS})
         logger.info(
             "initialised from %s: its backbone, LoRA and tables, with this run's %s",
@@ -107,4 +116,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -12,11 +12,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_prep import load_bundle
-from llmrec.config import parse_config
+from data_prep.errors import run_cli
+from llmrec.config import ConfigError, parse_config
 from llmrec.indexing import INDEXERS, IndexData, PiecesConfig, make_indexer, train_pieces
 from llmrec.indexing.base import describe
 from llmrec.indexing.encoders import item_embeddings
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
         data.embeddings = item_embeddings(bundle.item_text, args.encoder, cache_dir=cache, device=args.device)
     _, config_cls = INDEXERS.get(args.method, (None, None))
     if config_cls is None:
-        raise SystemExit(f"--method must be one of {sorted(INDEXERS)}, got {args.method!r}")
+        raise ConfigError(f"--method must be one of {sorted(INDEXERS)}, got {args.method!r}")
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls) if hasattr(args, f.name)}
     index = make_indexer(args.method, **options).build(data)
     if args.method == "rqvae":
@@ -95,4 +97,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

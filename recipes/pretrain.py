@@ -8,9 +8,11 @@ model/ (trainable weights, ID vocabulary and configs, loadable with CLLM4Rec.fro
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 from data_prep import load_bundle
+from data_prep.errors import run_cli
 from llmrec.backbone import BackboneConfig
 from llmrec.config import parse_config
 from llmrec.data import PRETRAIN_CORPORA, model_for, pretrain_dataset
@@ -43,4 +45,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -6,9 +6,11 @@ python recipes/recommend.py --bundle bundles/ml-100k --history 50,181,100 -k 10 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
-from llmrec.config import parse_config
+from data_prep.errors import run_cli
+from llmrec.config import ConfigError, parse_config
 from llmrec.export import Recommendation, Recommender
 from llmrec.log import setup_logging
 
@@ -22,6 +24,10 @@ class RecommendArgs:
     )
     k: int = field(default=10, metadata={"aliases": ["-k"], "help": "number of items"})
     exclude_seen: bool = field(default=True, metadata={"help": "leave out the items the user already has"})
+    verify: bool = field(
+        default=True,
+        metadata={"help": "check every bundle file's sha256 (--no_verify: sizes only, for huge bundles)"},
+    )
     device: str | None = field(
         default=None, metadata={"help": "cpu, cuda, ... (default: cuda when available)"}
     )
@@ -37,8 +43,8 @@ def main(argv: list[str] | None = None) -> list[Recommendation]:
     setup_logging()
     (args,) = parse_config(RecommendArgs, args=argv)
     if (args.user is None) == (args.history is None):
-        raise SystemExit("give exactly one of --user ID or --history ID,ID,...")
-    recommender = Recommender.from_pretrained(args.bundle, device=args.device)
+        raise ConfigError("give exactly one of --user ID or --history ID,ID,...")
+    recommender = Recommender.from_pretrained(args.bundle, device=args.device, verify=args.verify)
     if args.user is not None:
         items = recommender.recommend(args.user, k=args.k, exclude_seen=args.exclude_seen)
         seen = len(recommender.history(args.user))
@@ -52,4 +58,4 @@ def main(argv: list[str] | None = None) -> list[Recommendation]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

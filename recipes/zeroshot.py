@@ -15,6 +15,7 @@ uniform scores) are evaluated on exactly the same users. Writes ``OUTPUT_DIR/met
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +25,10 @@ import torch
 from tqdm.auto import tqdm
 
 from data_prep import load_bundle
+from data_prep.errors import run_cli
 from llmrec.backbone import BackboneConfig, load_backbone
 from llmrec.baselines import Pop
-from llmrec.config import parse_config, to_dict
+from llmrec.config import ConfigError, parse_config, to_dict
 from llmrec.log import setup_logging
 from llmrec.metrics import DEFAULT_KS, evaluate_scorer, format_table, write_metrics_json
 from llmrec.reporting import machine_info
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         ZeroShotArgs, BackboneConfig, PromptConfig, args=argv, section="zeroshot"
     )
     if args.split not in ("valid", "test"):
-        raise SystemExit(f"--split must be valid or test, got {args.split!r}")
+        raise ConfigError(f"--split must be valid or test, got {args.split!r}")
     bundle = load_bundle(args.data)
     train = bundle.matrix("train")
     users = sample_users(np.diff(bundle.matrix(args.split).indptr), args.max_users, args.seed)
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     exclude = train + bundle.matrix("valid") if args.split == "test" else train
     ks = tuple(k for k in DEFAULT_KS if args.top_k is None or k <= args.top_k)
     if not ks:
-        raise SystemExit(f"--top_k {args.top_k} is below every metric cut-off {DEFAULT_KS}")
+        raise ConfigError(f"--top_k {args.top_k} is below every metric cut-off {DEFAULT_KS}")
 
     model, tokenizer = load_backbone(backbone)
     scorer = ZeroShotScorer(
@@ -145,4 +147,4 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

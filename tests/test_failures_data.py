@@ -15,7 +15,9 @@ from data_prep import DataError, load_bundle
 from data_prep.build import BuildConfig, build
 from data_prep.readers import read_amazon
 
-LOG = "user_id,item_id,timestamp\n" + "".join(f"u{u},i{(u + k) % 7},{10 * k}\n" for u in range(6) for k in range(5))
+LOG = "user_id,item_id,timestamp\n" + "".join(
+    f"u{u},i{(u + k) % 7},{10 * k}\n" for u in range(6) for k in range(5)
+)
 
 
 @pytest.fixture
@@ -168,14 +170,18 @@ def write_split(directory: Path, train: str, valid: str, test: str) -> Path:
 def test_presplit_overlap_is_refused_with_the_first_row(csv_source, tmp_path):
     split = write_split(tmp_path / "split", "u1\ti1\nu1\ti2\nu2\ti3\n", "u1\ti4\n", "u2\ti5\nu1\ti2\n")
     config = csv_config(csv_source, tmp_path / "b", split="presplit", presplit=str(split), time_col=None)
-    with pytest.raises(DataError, match=r"item 'i2' are also in train.tsv \(1 test rows overlap train\)") as info:
+    with pytest.raises(
+        DataError, match=r"item 'i2' are also in train.tsv \(1 test rows overlap train\)"
+    ) as info:
         build(config)
     assert (info.value.file, info.value.line) == (str(split / "test.tsv"), 3)
     assert leftovers(tmp_path, "b") == [] and not (tmp_path / "b").exists()
 
 
 def test_presplit_duplicates_are_collapsed_and_counted(csv_source, tmp_path):
-    split = write_split(tmp_path / "split", "u1\ti1\nu1\ti1\nu2\ti3\n", "u1\ti4\n", "u2\ti5\nu2\ti5\nu2\ti5\n")
+    split = write_split(
+        tmp_path / "split", "u1\ti1\nu1\ti1\nu2\ti3\n", "u1\ti4\n", "u2\ti5\nu2\ti5\nu2\ti5\n"
+    )
     config = csv_config(csv_source, tmp_path / "b", split="presplit", presplit=str(split), time_col=None)
     bundle = load_bundle(build(config))
     assert len(bundle.interactions("train")) == 2 and len(bundle.interactions("test")) == 1
@@ -200,7 +206,10 @@ def _edit_manifest(bundle: Path, edit) -> None:
 
 
 DAMAGE = {
-    "truncated arrow corpus": (lambda b: _truncate(next((b / "corpora" / "collaborative").glob("*.arrow"))), "collaborative"),
+    "truncated arrow corpus": (
+        lambda b: _truncate(next((b / "corpora" / "collaborative").glob("*.arrow"))),
+        "collaborative",
+    ),
     "items.tsv shorter": (lambda b: _drop_last_line(b / "items.tsv"), "items.tsv"),
     "manifest not JSON": (lambda b: (b / "manifest.json").write_text("{not json"), "manifest.json"),
     "edited count": (lambda b: _edit_manifest(b, lambda m: m["counts"].update(train=1)), "train.tsv"),

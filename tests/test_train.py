@@ -93,13 +93,13 @@ def test_kill_and_resume_ends_exactly_like_an_uninterrupted_run(ml100k_bundle, t
         stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 240
-    while not (killed / "checkpoints" / "checkpoint_1" / "trainer_state.json").exists():
+    while not (killed / "checkpoints" / "checkpoint_6" / "trainer_state.json").exists():
         assert process.poll() is None, "the run ended before it could be killed"
         assert time.time() < deadline, "no checkpoint within 240 s"
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    state = json.loads((killed / "checkpoints" / "checkpoint_1" / "trainer_state.json").read_text())
+    state = json.loads((killed / "checkpoints" / "checkpoint_6" / "trainer_state.json").read_text())
     assert state["step"] < 24 and not (killed / "model").exists()
 
     pretrain.main(run_args(ml100k_bundle, killed, *common, "--resume"))
