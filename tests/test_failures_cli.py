@@ -97,15 +97,17 @@ def test_presplit_overlap_exits_2_naming_file_and_line(source, tmp_path):
     assert not out.exists()
 
 
-def test_interactions_only_csv_builds_inspects_and_pretrains(tmp_path):
+def build_csv_bundle(tmp_path: Path) -> Path:
+    """``LOG`` (user and item ids only, no text) built through the CLI."""
     (tmp_path / "log.csv").write_text(LOG)
     bundle = tmp_path / "bundle"
-    assert (
-        data_prep(
-            "build", "--format", "csv", "--input", str(tmp_path / "log.csv"), "--out", str(bundle)
-        ).returncode
-        == 0
-    )
+    result = data_prep("build", "--format", "csv", "--input", str(tmp_path / "log.csv"), "--out", str(bundle))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return bundle
+
+
+def test_interactions_only_csv_builds_inspects_and_pretrains(tmp_path):
+    bundle = build_csv_bundle(tmp_path)
     inspected = data_prep("inspect", str(bundle))
     assert inspected.returncode == 0, inspected.stderr[-3000:]
     assert "content" in inspected.stdout
@@ -119,14 +121,7 @@ def test_interactions_only_csv_builds_inspects_and_pretrains(tmp_path):
 def test_kill_9_during_checkpoint_saves_then_resume(tmp_path):
     """SIGKILL the run while a checkpoint is being written; a fresh run into the directory is refused
     up front, and --resume continues from the newest complete checkpoint, says which, and finishes."""
-    (tmp_path / "log.csv").write_text(LOG)
-    bundle = tmp_path / "bundle"
-    assert (
-        data_prep(
-            "build", "--format", "csv", "--input", str(tmp_path / "log.csv"), "--out", str(bundle)
-        ).returncode
-        == 0
-    )
+    bundle = build_csv_bundle(tmp_path)
     run = tmp_path / "run"
     base = [
         "--data",

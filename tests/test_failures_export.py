@@ -13,6 +13,7 @@ from test_failures_cli import LOG, TINY, one_line_error, recipe
 
 from data_prep.build import BuildConfig, build
 from llmrec.export import BundleError, Recommender, export_run
+from llmrec.train import run_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def damaged_run(run: Path, tmp_path: Path, value: float) -> tuple[Path, str]:
     """A copy of ``run`` whose model has one weight set to ``value``; returns it and the tensor's name."""
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    path = copy / "model" / "model.safetensors"
+    path = run_model_dir(copy) / "model.safetensors"
     weights = load_file(path)
     name = next(k for k in sorted(weights) if k.startswith("collab.") and k.endswith("item.weight"))
     weights[name][0, 0] = value
