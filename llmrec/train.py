@@ -344,7 +344,10 @@ def train(
     stop = state["step"] >= total_steps
     while not stop:
         epoch = state["epoch"]
-        sampler.set_epoch(epoch)
+        # accelerate's loader re-seeds the sampler from its own pass counter at every pass, and a resumed
+        # run's loader starts counting at 0: set it, so that resuming after epoch 0 replays the right order
+        # (skip_first_batches copies the counter)
+        loader.set_epoch(epoch)
         skip = (state["step"] - epoch * steps_per_epoch) * config.grad_accum
         batches = accelerator.skip_first_batches(loader, skip) if skip > 0 else loader
         for batch in batches:
