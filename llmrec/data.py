@@ -7,7 +7,8 @@ is scored at test time is exactly the one the model was finetuned on (with every
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 
 import numpy as np
@@ -18,7 +19,7 @@ from llmrec.backbone import BackboneConfig
 from llmrec.collate import TASKS, FinetuneDataset, FinetunePrompts, PretrainDataset, TaskMixture, collate
 from llmrec.generate import GenerativeScorer, SemanticDataset, require_index
 from llmrec.metrics import DEFAULT_KS, evaluate_scorer
-from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig
+from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig, standardize
 
 PRETRAIN_CORPORA = ("collaborative", "content")
 FINETUNE_TASKS = ("multinomial", "semantic", "both")
@@ -66,6 +67,7 @@ def finetune_dataset(
     target: str = "all",
     with_content: bool = True,
     task: str = "multinomial",
+    prompt_order: str = "shuffled",
 ) -> FinetuneDataset | TaskMixture:
     """Masked-history examples for the item head (``task="multinomial"``), for writing a held-out item's
     semantic ID (``"semantic"``, needs a model with an item index) or both; with ``with_content`` the
@@ -76,7 +78,11 @@ def finetune_dataset(
     histories, prompts = train_histories(bundle), prompts_for(bundle, model)
     parts: list = []
     if task in ("multinomial", "both"):
-        parts.append(FinetuneDataset(histories, prompts, seed=seed, mask_ratio=mask_ratio, target=target))
+        parts.append(
+            FinetuneDataset(
+                histories, prompts, seed=seed, mask_ratio=mask_ratio, target=target, prompt_order=prompt_order
+            )
+        )
     if task in ("semantic", "both"):
         parts.append(
             SemanticDataset(histories, prompts, require_index(model), seed=seed, mask_ratio=mask_ratio)
@@ -103,10 +109,9 @@ class PromptScorer:
         self.model, self.prompts, self.histories, self.batch_size = model, prompts, histories, batch_size
         self.device = next(p for p in model.parameters() if p.requires_grad).device
 
-    @torch.no_grad()
-    def __call__(self, users: np.ndarray) -> torch.Tensor:
-        self.model.eval()
-        scores = []
+    def batches(self, users: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(input_ids, attention_mask, history) of the users' full-history prompts, ``batch_size`` users at
+        a time; ``history`` holds every history item (padded with -1), also those a long prompt leaves out."""
         for start in range(0, len(users), self.batch_size):
             chunk = users[start : start + self.batch_size]
             batch = collate(
@@ -114,14 +119,25 @@ class PromptScorer:
                     {
                         "task": TASKS.index("finetune"),
                         "input_ids": self.prompts.encode(int(u), self.histories[int(u)]),
+                        "history": list(self.histories[int(u)]),
                     }
                     for u in chunk
                 ],
                 pad_token_id=self.model.tokenizer.pad_token_id or 0,
             )
-            ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-            scores.append(self.model.score_items(ids, mask).cpu())
-        return torch.cat(scores)
+            yield tuple(batch[key].to(self.device) for key in ("input_ids", "attention_mask", "history"))
+
+    @torch.no_grad()
+    def __call__(self, users: np.ndarray) -> torch.Tensor:
+        self.model.eval()
+        return torch.cat([self.model.score_items(*batch).cpu() for batch in self.batches(users)])
+
+    @torch.no_grad()
+    def parts(self, users: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(LM logits, prior scores) of the users, unblended (see `CLLM4Rec.score_parts`)."""
+        self.model.eval()
+        pairs = [tuple(t.cpu() for t in self.model.score_parts(*batch)) for batch in self.batches(users)]
+        return torch.cat([lm for lm, _ in pairs]), torch.cat([prior for _, prior in pairs])
 
 
 def scorer_for(bundle: Bundle, model: CLLM4Rec, batch_size: int = 32) -> PromptScorer:
@@ -139,6 +155,47 @@ def generative_scorer(
     return GenerativeScorer(
         model, prompts_for(bundle, model), train_histories(bundle), exclude, beam=beam, batch_size=batch_size
     )
+
+
+PRIOR_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 100.0)
+
+
+def fit_prior(bundle: Bundle, model: CLLM4Rec) -> dict[str, float]:
+    """Fit the model's collaborative prior on the training matrix (EASE, lambda chosen on valid by NDCG@100)."""
+    from llmrec.baselines import EASE  # the classical models load only when a prior is asked for
+
+    if model.config.prior != "ease":
+        raise ValueError(f"unknown prior {model.config.prior!r}")
+    ease = EASE().fit(bundle.matrix("train"), bundle.matrix("valid"))
+    model.prior.fit(ease.weights)
+    return {"lambda": ease.lam}
+
+
+def choose_prior_weight(
+    bundle: Bundle,
+    model: CLLM4Rec,
+    metric: str = "cllm4rec",
+    batch_size: int = 64,
+    weights: Sequence[float] = PRIOR_WEIGHTS,
+) -> tuple[float, dict[float, float]]:
+    """The blend weight of the prior with the best ``metric`` on valid; sets it on ``model.config``.
+
+    The LM and the prior are scored once; each weight only re-blends the two (standardised) matrices.
+    """
+    scorer = scorer_for(bundle, model, batch_size)
+    users = np.flatnonzero(np.diff(bundle.matrix("valid").indptr) > 0)
+    logits, prior = scorer.parts(users)
+    logits, prior = standardize(logits), standardize(prior)
+    row = np.full(bundle.n_users, -1)
+    row[users] = np.arange(len(users))
+    grid = {}
+    for weight in weights:
+        blend = partial(lambda w, chunk: logits[row[chunk]] + w * prior[row[chunk]], weight)
+        result = evaluate_scorer(blend, bundle, "valid", users=users, batch_size=batch_size, progress=False)
+        grid[weight] = with_selection_metric(result)[metric]
+    best = max(grid, key=grid.get)
+    model.config = dataclasses.replace(model.config, prior_weight=best)
+    return best, grid
 
 
 def item_softmax(
