@@ -15,25 +15,15 @@ import torch
 
 from data_prep import Bundle
 from llmrec.backbone import BackboneConfig
-from llmrec.collate import TASKS, FinetuneDataset, FinetunePrompts, PretrainDataset, TaskMixture, collate
+from llmrec.collate import FinetuneDataset, PretrainDataset, TaskMixture
 from llmrec.generate import GenerativeScorer, SemanticDataset, require_index
 from llmrec.metrics import DEFAULT_KS, evaluate_scorer
 from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig
+from llmrec.prompts import FinetunePrompts
+from llmrec.scoring import ItemHeadScorer
 
 PRETRAIN_CORPORA = ("collaborative", "content")
 FINETUNE_TASKS = ("multinomial", "semantic", "both")
-
-
-def train_histories(bundle: Bundle) -> list[list[int]]:
-    """Every user's training items, oldest first (ties keep the bundle's order)."""
-    frame = bundle.interactions("train").sort_values(["user", "timestamp"], kind="stable")
-    histories: list[list[int]] = [[] for _ in range(bundle.n_users)]
-    users, items = frame["user"].to_numpy(), frame["item"].to_numpy()
-    bounds = np.flatnonzero(np.diff(users)) + 1
-    for chunk_users, chunk_items in zip(np.split(users, bounds), np.split(items, bounds), strict=True):
-        if len(chunk_users):
-            histories[int(chunk_users[0])] = chunk_items.tolist()
-    return histories
 
 
 def model_for(bundle: Bundle, config: ModelConfig, backbone: BackboneConfig, seed: int = 0) -> CLLM4Rec:
@@ -73,7 +63,7 @@ def finetune_dataset(
     CLLM4Rec's finetuning."""
     if task not in FINETUNE_TASKS:
         raise ValueError(f"unknown finetune task {task!r}: expected one of {FINETUNE_TASKS}")
-    histories, prompts = train_histories(bundle), prompts_for(bundle, model)
+    histories, prompts = bundle.histories("train"), prompts_for(bundle, model)
     parts: list = []
     if task in ("multinomial", "both"):
         parts.append(FinetuneDataset(histories, prompts, seed=seed, mask_ratio=mask_ratio, target=target))
@@ -86,46 +76,8 @@ def finetune_dataset(
     return parts[0] if len(parts) == 1 else TaskMixture(*parts)
 
 
-class PromptScorer:
-    """Scores the whole catalogue for users from prompts that hold all their training items.
-
-    One forward pass per user (batched): the hidden state at the prompt's last position goes through the
-    item head. Users are processed in the order given; callers exclude seen items themselves.
-    """
-
-    def __init__(
-        self,
-        model: CLLM4Rec,
-        prompts: FinetunePrompts,
-        histories: Sequence[Sequence[int]],
-        batch_size: int = 32,
-    ):
-        self.model, self.prompts, self.histories, self.batch_size = model, prompts, histories, batch_size
-        self.device = next(p for p in model.parameters() if p.requires_grad).device
-
-    @torch.no_grad()
-    def __call__(self, users: np.ndarray) -> torch.Tensor:
-        self.model.eval()
-        scores = []
-        for start in range(0, len(users), self.batch_size):
-            chunk = users[start : start + self.batch_size]
-            batch = collate(
-                [
-                    {
-                        "task": TASKS.index("finetune"),
-                        "input_ids": self.prompts.encode(int(u), self.histories[int(u)]),
-                    }
-                    for u in chunk
-                ],
-                pad_token_id=self.model.tokenizer.pad_token_id or 0,
-            )
-            ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-            scores.append(self.model.score_items(ids, mask).cpu())
-        return torch.cat(scores)
-
-
-def scorer_for(bundle: Bundle, model: CLLM4Rec, batch_size: int = 32) -> PromptScorer:
-    return PromptScorer(model, prompts_for(bundle, model), train_histories(bundle), batch_size=batch_size)
+def scorer_for(bundle: Bundle, model: CLLM4Rec, batch_size: int = 32) -> ItemHeadScorer:
+    return ItemHeadScorer(model, prompts_for(bundle, model), bundle.histories("train"), batch_size=batch_size)
 
 
 def generative_scorer(
@@ -133,11 +85,13 @@ def generative_scorer(
 ) -> GenerativeScorer:
     """Constrained beam search over the model's item index; the items that ``split``'s ranking excludes
     (training items, plus validation items for the test split) are kept out of the search itself."""
-    exclude = bundle.matrix("train")
-    if split == "test":
-        exclude = exclude + bundle.matrix("valid")
     return GenerativeScorer(
-        model, prompts_for(bundle, model), train_histories(bundle), exclude, beam=beam, batch_size=batch_size
+        model,
+        prompts_for(bundle, model),
+        bundle.histories("train"),
+        bundle.seen(split),
+        beam=beam,
+        batch_size=batch_size,
     )
 
 

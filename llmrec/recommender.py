@@ -1,6 +1,10 @@
-"""A finetuned recommender as a small, safe bundle, and :class:`Recommender`, the API that queries it.
+"""A finetuned recommender as a small, safe bundle: its format, its verification, and :class:`Recommender`.
 
-Bundle layout (``export_model`` / ``python recipes/export.py``)::
+This is the serving side; `llmrec.export` writes bundles. Importing it loads no model code:
+transformers, peft and the model load when a bundle does (``from_pretrained``), and never the training
+stack (`llmrec.train`, `llmrec.collate`, `llmrec.generate`, `data_prep`).
+
+Bundle layout (`llmrec.export.export_model` / ``python recipes/export.py``)::
 
     config.json            format + version, llmrec/library versions, backbone spec + fingerprint,
                            model config (head type, LoRA), ID-token vocabulary (families and sizes),
@@ -34,39 +38,26 @@ import dataclasses
 import hashlib
 import json
 import logging
-import re
-import string
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import peft
 import safetensors
 import torch
-import transformers
-from peft import PeftModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-import llmrec
-from data_prep import Bundle, load_bundle
-from data_prep.bundle import atomic_directory
-from llmrec.backbone import (
-    GGUF_ALIASES,
-    TINY_MODELS,
-    TINY_SEED,
-    BackboneConfig,
-    byte_level_tokenizer,
-    gguf_fingerprint,
-    load_backbone,
-)
-from llmrec.collate import FinetunePrompts
-from llmrec.data import PromptScorer, train_histories
+from common import __version__
+from common.catalogue import Catalogue
+from common.io import ArtifactError, read_json, sha256_file
 from llmrec.metrics import RankingMetrics
-from llmrec.model import VIEWS, CLLM4Rec, ModelConfig
-from llmrec.tokens import RecVocab, export_plain_model
-from llmrec.train import run_model_dir
+from llmrec.prompts import FinetunePrompts
+from llmrec.tokens import RecVocab
+
+if TYPE_CHECKING:
+    from llmrec.backbone import BackboneConfig
+    from llmrec.model import CLLM4Rec, ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -75,276 +66,22 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 ADAPTER_DIR = "adapter"
-USERS_FILE = "users.json"
-ITEMS_FILE = "items.json"
 HISTORIES_FILE = "histories.safetensors"
 MERGED_DIR = "merged"
 HEAD_FILE = "item_head.safetensors"
 MERGED_INFO_FILE = "recommender.json"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CONFIG_KEYS = ("backbone", "model", "vocab", "dtype", "adapters", "templates", "files", "checksum")
-# Files of a local checkpoint that define it cheaply (weights are identified by name and size).
-_CHECKPOINT_FILES = (
-    "config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-)
-_USER_PLACEHOLDER = re.compile(r"\s*<[^<>{}]*\{user\}[^<>{}]*>\s*")
 
 
-class BundleError(ValueError):
+class BundleError(ArtifactError):
     """A recommender bundle that cannot be used; the message names the file and what is wrong."""
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Backbone fingerprints
-
-
-def backbone_fingerprint(config: BackboneConfig) -> dict[str, str | None]:
-    """Identify the checkpoint ``config`` resolves to on this machine, without loading it.
-
-    Returns ``{"kind", "fingerprint", "revision"}``. Built-in tiny models: a hash of their hyperparameters,
-    seed and tokenizer. GGUF files (``smollm2-135m`` included): :func:`llmrec.backbone.gguf_fingerprint`,
-    the same key that names the conversion cache. Local directories and hub snapshots: a hash of
-    config.json and the tokenizer files plus the names and sizes of the weight files (cheap; an in-place
-    edit of weights that keeps their size is not detected); for the hub, ``revision`` is the commit.
-    """
-    name = config.name_or_path
-    if name in TINY_MODELS:
-        spec = json.dumps([TINY_MODELS[name], TINY_SEED], sort_keys=True, default=lambda o: o.__qualname__)
-        tokenizer = byte_level_tokenizer().backend_tokenizer.to_str()
-        return {"kind": "tiny", "fingerprint": _digest(f"{spec}\0{tokenizer}".encode()), "revision": None}
-    if name in GGUF_ALIASES:
-        return {"kind": "gguf", "fingerprint": gguf_fingerprint(GGUF_ALIASES[name]()), "revision": None}
-    if name.endswith(".gguf") and Path(name).is_file():
-        return {"kind": "gguf", "fingerprint": gguf_fingerprint(Path(name)), "revision": None}
-    if Path(name).is_dir():
-        return {"kind": "local", "fingerprint": _checkpoint_digest(Path(name)), "revision": None}
-    from huggingface_hub import snapshot_download
-
-    try:
-        snapshot = Path(
-            snapshot_download(
-                name, revision=config.revision, cache_dir=config.cache_dir, local_files_only=True
-            )
-        )
-    except Exception as err:  # huggingface_hub raises several types for "not in the local cache"
-        raise BundleError(
-            f"backbone {name!r} is neither a built-in name, a *.gguf file, a local directory nor a hub model "
-            f"in the local cache ({type(err).__name__}: {err})"
-        ) from err
-    return {"kind": "hub", "fingerprint": _checkpoint_digest(snapshot), "revision": snapshot.name}
-
-
-def _digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
-def _checkpoint_digest(directory: Path) -> str:
-    digest = hashlib.sha256()
-    for name in _CHECKPOINT_FILES:
-        if (directory / name).is_file():
-            digest.update(name.encode() + b"\0" + (directory / name).read_bytes() + b"\0")
-    for path in sorted([*directory.glob("*.safetensors"), *directory.glob("*.bin")]):
-        digest.update(f"{path.name}:{path.stat().st_size}\0".encode())
-    return digest.hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Export
-
-
-def cold_template(finetune_template: str) -> str:
-    """The finetune template without its user placeholders: the prompt of a user unseen in training."""
-    template = " ".join(_USER_PLACEHOLDER.sub(" ", finetune_template).split())
-    _check_template(template, "cold", user=False)
-    return template
-
-
-def _check_template(template: str, name: str, user: bool) -> None:
-    fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-    allowed = {"user", "history"} if user else {"history"}
-    if "history" not in fields or not fields <= allowed:
-        raise ValueError(
-            f"{name} template {template!r} must contain {{history}} and no other field than {sorted(allowed)}"
-        )
-
-
-def export_run(run: str | Path, out: str | Path, data: str | Path | None = None, **options: Any) -> Path:
-    """Export the model of a finetuning run (see :func:`run_model_dir`) with its dataset bundle.
-
-    ``data`` defaults to the bundle recorded in ``RUN/run_config.json``; ``options`` go to
-    :func:`export_model`.
-    """
-    run = Path(run)
-    model_path = run_model_dir(run)
-    if data is None:
-        run_config = run / "run_config.json"
-        if not run_config.is_file():
-            raise FileNotFoundError(f"{run_config}: missing; pass the dataset bundle explicitly (--data)")
-        data = json.loads(run_config.read_text(encoding="utf-8"))["data"]
-    model = CLLM4Rec.from_pretrained(model_path)
-    source = {"run": str(run), "model": str(model_path), "data": str(data)}
-    return export_model(model, load_bundle(data), out, source=source, **options)
-
-
-def export_model(
-    model: CLLM4Rec,
-    data: Bundle,
-    out: str | Path,
-    *,
-    dtype: str = "fp32",
-    merge: bool = False,
-    cold: str | None = None,
-    overwrite: bool = False,
-    source: dict[str, str] | None = None,
-) -> Path:
-    """Write ``model`` (trained on the dataset bundle ``data``) as a recommender bundle at ``out``.
-
-    ``dtype`` (fp32/fp16/bf16) is the dtype of every saved weight; ``cold`` overrides the cold-user
-    template (default :func:`cold_template` of the finetune template). With ``merge`` the bundle also
-    gets ``merged/`` (see the module docstring); merging folds LoRA into ``model``'s backbone, so
-    ``model`` must not be used afterwards. Written to a temporary directory and renamed.
-    """
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
-    vocab = model.vocab
-    if (vocab.n_users, vocab.n_items) != (data.n_users, data.n_items):
-        raise ValueError(
-            f"the model has {vocab.n_users} users and {vocab.n_items} items but the dataset bundle {data.path} "
-            f"has {data.n_users} and {data.n_items}: export with the bundle the model was trained on"
-        )
-    if merge and (model.backbone.load_in_4bit or model.backbone.load_in_8bit):
-        raise ValueError("--merge needs a full-precision backbone (this model was loaded in 4 or 8 bit)")
-    templates = {"user": data.templates.finetune, "cold": cold or cold_template(data.templates.finetune)}
-    _check_template(templates["user"], "finetune", user=True)
-    _check_template(templates["cold"], "cold", user=False)
-    torch_dtype = DTYPES[dtype]
-    fingerprint = backbone_fingerprint(model.backbone)
-    with atomic_directory(out, overwrite=overwrite) as tmp:
-        weights = {
-            name: tensor.detach().to("cpu", torch_dtype).contiguous()
-            for name, tensor in model.trainable_state_dict().items()
-            if not name.startswith("lm.")  # LoRA goes to the peft adapter directory
-        }
-        save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        adapters = list(model.lm.peft_config)
-        _save_adapters(model, tmp / ADAPTER_DIR, torch_dtype)
-        _write_json(tmp / USERS_FILE, {"raw_ids": data.user_ids})
-        _write_json(tmp / ITEMS_FILE, {"raw_ids": data.item_ids, "titles": data.item_titles})
-        histories = train_histories(data)
-        offsets = np.concatenate([[0], np.cumsum([len(h) for h in histories])]).astype(np.int64)
-        items = np.fromiter((i for h in histories for i in h), dtype=np.int64, count=int(offsets[-1]))
-        save_file(
-            {"offsets": torch.from_numpy(offsets), "items": torch.from_numpy(items)},
-            str(tmp / HISTORIES_FILE),
-            metadata={"format": "pt"},
-        )
-        files = {
-            path.relative_to(tmp).as_posix(): _file_record(path)
-            for path in sorted(tmp.rglob("*"))
-            if path.is_file()
-        }
-        backbone = dataclasses.replace(model.backbone, cache_dir=None, allow_download=False)
-        config = {
-            "format": BUNDLE_FORMAT,
-            "format_version": FORMAT_VERSION,
-            "llmrec_version": llmrec.__version__,
-            "library_versions": {
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "peft": peft.__version__,
-            },
-            "backbone": {
-                "config": asdict(backbone),
-                **fingerprint,
-                "base_vocab_size": vocab.base_size,
-                "hidden_size": int(model.collab.family_weight("item").shape[1]),
-            },
-            "model": asdict(model.config),
-            "head": model.config.head,
-            "vocab": vocab.to_dict(),
-            "dtype": dtype,
-            "adapters": adapters,
-            "templates": templates,
-            "source": {
-                **(source or {}),
-                "data": str(data.path),
-                "dataset_counts": data.manifest.get("counts"),
-            },
-            "merged": MERGED_DIR if merge else None,
-            "files": files,
-        }
-        config["checksum"] = _config_checksum(config)
-        _write_json(tmp / CONFIG_FILE, config)
-        if merge:
-            _export_merged(model, tmp / MERGED_DIR, torch_dtype, templates)
-    size = sum(record["bytes"] for record in files.values())
-    logger.info("exported %s (%.1f MB without merged/)", out, size / 1e6)
-    return Path(out)
-
-
-def _save_adapters(model: CLLM4Rec, directory: Path, dtype: torch.dtype) -> None:
-    """peft's own adapter directories, one per adapter, with the weights cast to ``dtype``."""
-    model.lm.save_pretrained(str(directory))
-    (directory / "README.md").unlink(missing_ok=True)  # peft's model card names local paths
-    for path in directory.rglob("adapter_model.safetensors"):
-        state = load_file(str(path))
-        save_file(
-            {k: v.to(dtype).contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"}
-        )
-
-
-def _export_merged(model: CLLM4Rec, directory: Path, dtype: torch.dtype, templates: dict[str, str]) -> None:
-    """LoRA merged into the backbone, ID tokens as added tokens (:func:`export_plain_model`), plus the head."""
-    head = {
-        "weight": model.item_weight().detach().to("cpu", dtype).contiguous(),
-        "bias": (
-            model.head_bias.detach() if model.config.head == "untied" else torch.zeros(model.vocab.n_items)
-        )
-        .to("cpu", dtype)
-        .contiguous(),
-    }
-    merged = model.lm.merge_and_unload(adapter_names=[VIEWS[0]]).to(dtype)
-    export_plain_model(merged, model.tokenizer, model.vocab, model.collab, directory)
-    save_file(head, str(directory / HEAD_FILE), metadata={"format": "pt"})
-    _write_json(
-        directory / MERGED_INFO_FILE,
-        {
-            "templates": templates,
-            "head": HEAD_FILE,
-            "scoring": "scores = hidden_states[-1][:, last prompt position] @ weight.T + bias; "
-            "column i is the item with index i (../items.json)",
-        },
-    )
-
-
-def _write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _file_record(path: Path) -> dict[str, Any]:
-    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-
-
-def _config_checksum(config: dict[str, Any]) -> str:
+def config_checksum(config: dict[str, Any]) -> str:
+    """sha256 of config.json's content without its own ``checksum`` key (detects hand edits)."""
     content = {key: value for key, value in config.items() if key != "checksum"}
     return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Loading
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:
@@ -355,22 +92,23 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise BundleError(f"{path}: missing; not a recommender bundle (write one with recipes/export.py)")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BundleError(f"{path}: not valid JSON ({err})") from err
+        config = read_json(path, "bundle config")
+    except ArtifactError as err:
+        raise BundleError(str(err)) from err
     if not isinstance(config, dict) or config.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{path}: not a recommender bundle config (format is not {BUNDLE_FORMAT!r})")
     version = config.get("format_version")
     if version != FORMAT_VERSION:
         raise BundleError(
             f"{path}: bundle format_version {version!r} (written by llmrec {config.get('llmrec_version')}) "
-            f"cannot be read by llmrec {llmrec.__version__}, which reads format_version {FORMAT_VERSION}; "
-            "use a matching llmrec version or export the run again"
+            f"cannot be read by llmrec {__version__}, which reads format_version {FORMAT_VERSION}: "
+            f"re-export the run with llmrec {__version__} (format_version {FORMAT_VERSION}; "
+            "python recipes/export.py --run RUN --out DIR) or load it with the llmrec that wrote it"
         )
     missing = [key for key in CONFIG_KEYS if key not in config]
     if missing:
         raise BundleError(f"{path}: missing key(s) {missing}")
-    if config["checksum"] != _config_checksum(config):
+    if config["checksum"] != config_checksum(config):
         raise BundleError(
             f"{path}: edited after export (its checksum does not match its content); export the run again. "
             "Backbone load options (device, dtype, cache_dir, 4/8 bit) are arguments of "
@@ -391,15 +129,8 @@ def verify_files(directory: str | Path, files: dict[str, dict[str, Any]]) -> Non
             raise BundleError(
                 f"{path}: {size} bytes, {CONFIG_FILE} records {record['bytes']}: truncated or replaced"
             )
-        if _sha256(path) != record["sha256"]:
+        if sha256_file(path) != record["sha256"]:
             raise BundleError(f"{path}: content differs from the sha256 in {CONFIG_FILE}: corrupted")
-
-
-def _read_json_list(path: Path, key: str, length: int) -> list[str]:
-    values = json.loads(path.read_text(encoding="utf-8"))[key]
-    if len(values) != length:
-        raise BundleError(f"{path}: {len(values)} {key} but config.json's vocabulary says {length}")
-    return [str(value) for value in values]
 
 
 @dataclass(frozen=True)
@@ -424,24 +155,20 @@ class Recommender:
     def __init__(
         self,
         model: CLLM4Rec,
-        user_ids: list[str],
-        item_ids: list[str],
-        item_titles: list[str],
+        catalogue: Catalogue,
         histories: Sequence[Sequence[int]],
         templates: dict[str, str],
         batch_size: int = 32,
     ):
-        self.model, self.batch_size = model, batch_size
-        self.user_ids, self.item_ids, self.item_titles = user_ids, item_ids, item_titles
-        self.user_index = {raw: index for index, raw in enumerate(user_ids)}
-        self.item_index = {raw: index for index, raw in enumerate(item_ids)}
-        self.histories = histories
+        from llmrec.scoring import ItemHeadScorer
+
+        self.model, self.catalogue, self.histories, self.batch_size = model, catalogue, histories, batch_size
         max_tokens = model.config.max_doc_tokens
         self.prompts = FinetunePrompts(model.vocab, model.tokenizer, templates["user"], max_tokens=max_tokens)
         self.cold_prompts = FinetunePrompts(
             model.vocab, model.tokenizer, templates["cold"], max_tokens=max_tokens
         )
-        self._scorer = PromptScorer(model, self.prompts, histories, batch_size=batch_size)
+        self._scorer = ItemHeadScorer(model, self.prompts, histories, batch_size=batch_size)
 
     @classmethod
     def from_pretrained(
@@ -459,6 +186,9 @@ class Recommender:
         backbone must have the fingerprint recorded at export. ``trust_remote_code`` is never taken from
         the bundle.
         """
+        from llmrec.backbone import BackboneConfig, backbone_fingerprint
+        from llmrec.model import ModelConfig
+
         directory = Path(directory)
         config = read_config(directory)
         verify_files(directory, config["files"])
@@ -476,7 +206,10 @@ class Recommender:
         backbone = dataclasses.replace(
             saved_backbone, trust_remote_code=trust_remote_code, **backbone_overrides
         )
-        found = backbone_fingerprint(backbone)
+        try:
+            found = backbone_fingerprint(backbone)
+        except OSError as err:
+            raise BundleError(f"{directory}: {err}") from err
         expected = config["backbone"]["fingerprint"]
         if found["fingerprint"] != expected:
             raise BundleError(
@@ -484,9 +217,10 @@ class Recommender:
                 f"{found['fingerprint']}) is not the one the bundle was trained on ({config['backbone']['kind']}, "
                 f"fingerprint {expected}); install or point to the original checkpoint"
             )
-        user_ids = _read_json_list(directory / USERS_FILE, "raw_ids", vocab.n_users)
-        item_ids = _read_json_list(directory / ITEMS_FILE, "raw_ids", vocab.n_items)
-        titles = _read_json_list(directory / ITEMS_FILE, "titles", vocab.n_items)
+        try:
+            catalogue = Catalogue.load(directory, vocab.n_users, vocab.n_items)
+        except ArtifactError as err:
+            raise BundleError(str(err)) from err
         histories = _read_histories(directory / HISTORIES_FILE, vocab)
         model = _load_model(directory, config, vocab, model_config, backbone)
         if device is None:
@@ -499,43 +233,30 @@ class Recommender:
             vocab.n_items,
             backbone.name_or_path,
         )
-        return cls(model, user_ids, item_ids, titles, histories, config["templates"], batch_size=batch_size)
+        return cls(model, catalogue, histories, config["templates"], batch_size=batch_size)
 
     # ------------------------------------------------------------------ ids
     @property
     def n_users(self) -> int:
-        return len(self.user_ids)
+        return self.catalogue.n_users
 
     @property
     def n_items(self) -> int:
-        return len(self.item_ids)
+        return self.catalogue.n_items
 
     def user(self, raw_id: str | int) -> int:
         """Index of a known user; a clear error for an id not seen in training."""
-        return self._index(
-            "user", raw_id, hint="; for a user unseen in training pass history=[item ids] instead"
+        return self.catalogue.user(
+            raw_id, hint="; for a user unseen in training pass history=[item ids] instead"
         )
 
     def items(self, raw_ids: Sequence[str | int]) -> list[int]:
         """Indices of catalogue items; a clear error naming the first unknown id and its position."""
-        return [self._index("item", raw, where=f" at position {pos}") for pos, raw in enumerate(raw_ids)]
-
-    def _index(self, kind: str, raw_id: str | int, where: str = "", hint: str = "") -> int:
-        index_of, ids = (
-            (self.user_index, self.user_ids) if kind == "user" else (self.item_index, self.item_ids)
-        )
-        index = index_of.get(str(raw_id))
-        if index is None:
-            examples = ", ".join(repr(raw) for raw in ids[:3])
-            raise ValueError(
-                f"unknown {kind} id {str(raw_id)!r}{where}: not one of the {len(ids)} {kind}s of this bundle "
-                f"(e.g. {examples}){hint}"
-            )
-        return index
+        return self.catalogue.items(raw_ids)
 
     def history(self, user: str | int) -> list[str]:
         """A known user's training items (raw ids, oldest first): their prompt and their seen items."""
-        return [self.item_ids[i] for i in self.histories[self.user(user)]]
+        return [self.catalogue.item_ids[i] for i in self.histories[self.user(user)]]
 
     # ------------------------------------------------------------------ scores
     def score(
@@ -557,10 +278,10 @@ class Recommender:
         if len(users if users is not None else histories) == 0:
             return torch.empty(0, self.n_items)
         if users is not None:
-            return self._scorer(np.asarray([self.user(u) for u in users], dtype=np.int64))
+            return self._scorer.score(np.asarray([self.user(u) for u in users], dtype=np.int64))
         indexed = [self._cold_history(h, row) for row, h in enumerate(histories)]
-        scorer = PromptScorer(self.model, self.cold_prompts, indexed, batch_size=self.batch_size)
-        return scorer(np.arange(len(indexed)))
+        scorer = type(self._scorer)(self.model, self.cold_prompts, indexed, batch_size=self.batch_size)
+        return scorer.score(np.arange(len(indexed)))
 
     def _cold_history(self, history: Sequence[str | int], row: int) -> list[int]:
         if isinstance(history, (str, bytes)):
@@ -616,7 +337,9 @@ class Recommender:
         top = RankingMetrics(self.n_items, ks=(k,)).topk(masked, k)
         return [
             [
-                Recommendation(self.item_ids[i], i, self.item_titles[i], float(masked[row, i]))
+                Recommendation(
+                    self.catalogue.item_ids[i], i, self.catalogue.item_titles[i], float(masked[row, i])
+                )
                 for i in top[row].tolist()
                 if masked[row, i] > float("-inf")
             ]
@@ -650,6 +373,11 @@ def _load_model(
     model_config: ModelConfig,
     backbone: BackboneConfig,
 ) -> CLLM4Rec:
+    from peft import PeftModel
+
+    from llmrec.backbone import load_backbone
+    from llmrec.model import VIEWS, CLLM4Rec
+
     lm, tokenizer = load_backbone(backbone)
     for param in lm.parameters():
         param.requires_grad_(False)
