@@ -162,7 +162,9 @@ class RecVocab:
         if self._sem_start <= token_id < self.total_size:
             offset = token_id - self._sem_start
             level = int(np.searchsorted(self._level_starts, offset, side="right")) - 1
-            return placeholders.semantic_placeholder(n.semantic, level, offset - int(self._level_starts[level]))
+            return placeholders.semantic_placeholder(
+                n.semantic, level, offset - int(self._level_starts[level])
+            )
         raise ValueError(
             f"token id {token_id} is not an ID token (range [{self.base_size}, {self.total_size}))"
         )
@@ -477,7 +479,6 @@ def export_plain_model(
     Tokenizing through 100k+ added tokens is slow; the training path never does it.
     """
     from transformers import AddedToken
-
 
     out_dir = Path(out_dir)
     if len(tokenizer) > vocab.base_size:
