@@ -34,6 +34,8 @@ class Precomputed:
 
     def score(self, users: np.ndarray) -> torch.Tensor:
         return self.scores[torch.as_tensor(users)]
+
+
 N_USERS, N_ITEMS, PER_USER = 30, 40, 12
 
 
@@ -140,7 +142,9 @@ def test_merged_export_loads_with_plain_transformers_and_gives_the_same_scores(b
         with torch.no_grad():
             hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
         scores = hidden @ head["weight"].T + head["bias"]
-        assert torch.allclose(scores, recommender.score(recommender.catalogue.user_ids[user]), atol=1e-5, rtol=0)
+        assert torch.allclose(
+            scores, recommender.score(recommender.catalogue.user_ids[user]), atol=1e-5, rtol=0
+        )
 
 
 def test_bundle_holds_no_pickle_and_records_what_it_needs(bundle, recommender):
@@ -379,3 +383,20 @@ def test_smollm2_bundle_and_merged_model_agree(ml100k_bundle, tmp_path):
             hidden = merged(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
         scores = hidden @ head["weight"].T + head["bias"]
         assert torch.allclose(scores, recommender.score(user), atol=1e-5, rtol=1e-5)
+
+
+FIXTURE = REPO / "tests" / "fixtures" / "bundle-0.1.0"  # written by llmrec 0.1.0 (make_fixture.py)
+
+
+def test_a_bundle_exported_by_llmrec_0_1_loads_and_scores_as_it_did(tmp_path):
+    recommender = Recommender.from_pretrained(FIXTURE / "bundle", device="cpu")
+    expected = load_file(str(FIXTURE / "scores.safetensors"))
+    scores = recommender.score_batch(recommender.catalogue.user_ids)
+    assert torch.allclose(scores, expected["scores"], atol=1e-5, rtol=0)
+    cold = recommender.score_batch(histories=[["m1", "m2"], ["m5"]])
+    assert torch.allclose(cold, expected["cold"], atol=1e-5, rtol=0)
+    # a format this version cannot read names the version to re-export with
+    bundle = copy_bundle(FIXTURE / "bundle", tmp_path)
+    edit_config(bundle, lambda c: c.update(format_version=0))
+    with pytest.raises(BundleError, match=r"re-export the run with llmrec 0\.2\.0 \(format_version 1"):
+        Recommender.from_pretrained(bundle, device="cpu")
