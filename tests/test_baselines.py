@@ -62,9 +62,7 @@ def test_ease_closed_form_matches_constrained_least_squares():
         expected[others, j] = np.linalg.solve(a.T @ a + lam * np.eye(5), a.T @ x[:, j])
     np.testing.assert_allclose(model.weights, expected, rtol=1e-4, atol=1e-6)
     history = sp.csr_matrix(x)
-    np.testing.assert_allclose(
-        model.score_rows(history[[3, 7]]), x[[3, 7]] @ expected, rtol=1e-4, atol=1e-5
-    )
+    np.testing.assert_allclose(model.score_rows(history[[3, 7]]), x[[3, 7]] @ expected, rtol=1e-4, atol=1e-5)
 
 
 def test_ease_chooses_lambda_on_valid():
