@@ -88,6 +88,7 @@ class Bundle:
         self.catalogue = Catalogue(users["raw_id"].tolist(), items["raw_id"].tolist(), items["title"].tolist())
         self.user_ids, self.item_ids = self.catalogue.user_ids, self.catalogue.item_ids
         self.item_titles = self.catalogue.item_titles
+        self.n_users, self.n_items = self.catalogue.n_users, self.catalogue.n_items
         self.user_index, self.item_index = self.catalogue.user_index, self.catalogue.item_index
         self.user_text: list[str] = users["text"].tolist()
         self.item_text: list[str] = items["text"].tolist()
@@ -95,14 +96,6 @@ class Bundle:
         self._interactions: dict[str, pd.DataFrame] = {}
         self._histories: dict[str, list[list[int]]] = {}
         self._corpora: dict[str, Dataset] = {}
-
-    @property
-    def n_users(self) -> int:
-        return len(self.user_ids)
-
-    @property
-    def n_items(self) -> int:
-        return len(self.item_ids)
 
     def interactions(self, split: str) -> pd.DataFrame:
         """``user, item, rating, timestamp`` rows of one split (contiguous int indices)."""
