@@ -85,7 +85,9 @@ class Bundle:
             )
         users = _read_tsv(self.path / "users.tsv")
         items = _read_tsv(self.path / "items.tsv")
-        self.catalogue = Catalogue(users["raw_id"].tolist(), items["raw_id"].tolist(), items["title"].tolist())
+        self.catalogue = Catalogue(
+            users["raw_id"].tolist(), items["raw_id"].tolist(), items["title"].tolist()
+        )
         self.user_ids, self.item_ids = self.catalogue.user_ids, self.catalogue.item_ids
         self.item_titles = self.catalogue.item_titles
         self.n_users, self.n_items = self.catalogue.n_users, self.catalogue.n_items
