@@ -125,3 +125,24 @@ def test_every_shipped_config_parses_for_the_recipes_it_has_sections_for(config,
         module = importlib.import_module(name)
         parsed = parse_config(*module.CONFIGS, args=["--config", str(config)])
         assert parsed[0].data == "data/ml-100k"
+
+
+def test_finetune_init_refuses_settings_that_the_pretraining_run_would_override(monkeypatch):
+    import importlib
+
+    from llmrec.backbone import BackboneConfig
+    from llmrec.model import ModelConfig
+
+    monkeypatch.syspath_prepend(str(REPO / "recipes"))
+    check_init = importlib.import_module("finetune").check_init
+    run = (BackboneConfig("smollm2-135m", num_layers=2), ModelConfig(lora_r=8))
+    check_init(
+        "runs/p", (BackboneConfig(), run[0]), (ModelConfig(head="untied"), run[1])
+    )  # defaults, finetune knobs
+    check_init(
+        "runs/p", (BackboneConfig("smollm2-135m", num_layers=2), run[0]), (ModelConfig(lora_r=8), run[1])
+    )
+    with pytest.raises(
+        ConfigError, match=r"--init runs/p .* sets num_layers=4 \(run: 2\), lora_r=32 \(run: 8\)"
+    ):
+        check_init("runs/p", (BackboneConfig(num_layers=4), run[0]), (ModelConfig(lora_r=32), run[1]))
