@@ -94,18 +94,18 @@ def test_no_module_imports_a_higher_layer():
             rank = layer_of(target)
             if rank is not None and rank > own and module_name(path) != "llmrec":
                 violations.append(f"{path.relative_to(REPO)}:{line} imports {target} (layer {rank} > {own})")
-    assert violations == []
+    assert not violations, "\n".join(violations)
 
 
 def test_the_layer_check_sees_a_violation(tmp_path, monkeypatch):
-    bad = REPO / "common" / "_layer_probe.py"
-    monkeypatch.setattr(sys.modules[__name__], "project_modules", lambda: [bad])
-    bad.write_text("def f():\n    from llmrec.train import train\n")
-    try:
-        with pytest.raises(AssertionError, match=r"_layer_probe.py:2 imports llmrec.train"):
-            test_no_module_imports_a_higher_layer()
-    finally:
-        bad.unlink()
+    probe = tmp_path / "common" / "probe.py"
+    probe.parent.mkdir()
+    probe.write_text("def f():\n    from llmrec.train import train\n")
+    module = sys.modules[__name__]
+    monkeypatch.setattr(module, "REPO", tmp_path)
+    monkeypatch.setattr(module, "project_modules", lambda: [probe])
+    with pytest.raises(AssertionError, match=r"common/probe.py:2 imports llmrec.train"):
+        test_no_module_imports_a_higher_layer()
 
 
 def fresh_modules(code: str) -> set[str]:
