@@ -31,15 +31,15 @@ import baselines  # noqa: E402
 import finetune  # noqa: E402
 import pretrain  # noqa: E402
 
+from common.config import read_yaml  # noqa: E402
+from common.log import setup_logging  # noqa: E402
 from data_prep import load_bundle  # noqa: E402
 from data_prep.build import build_ml100k_reference  # noqa: E402
-from llmrec.config import load_yaml  # noqa: E402
 from llmrec.data import scorer_for  # noqa: E402
-from llmrec.log import setup_logging  # noqa: E402
 from llmrec.metrics import evaluate_scorer, format_table, write_metrics_json  # noqa: E402
-from llmrec.model import CLLM4Rec, standardize  # noqa: E402
+from llmrec.model import CLLM4Rec, run_model_dir, standardize  # noqa: E402
 from llmrec.reporting import machine_info  # noqa: E402
-from llmrec.train import run_model_dir  # noqa: E402
+from llmrec.scoring import PrecomputedScorer  # noqa: E402
 
 METRICS = ["recall@20", "recall@40", "ndcg@20", "ndcg@100", "recall_recbole@20"]
 COLUMNS = [*METRICS, "train_s"]
@@ -64,7 +64,7 @@ def run_seed(config: str, seed: int, variant: str, runs: Path, reuse: bool) -> d
         start = time.perf_counter()
         pretrain.main([*common, "--output_dir", str(pre)])
         timings["pretrain_s"] = time.perf_counter() - start
-    bundle = load_bundle(load_yaml(config)["data"])
+    bundle = load_bundle(read_yaml(config)["data"])
     if not (reuse and (fine / "model" / "config.json").exists()):  # model/ is written when training ends
         start = time.perf_counter()
         finetune.main([*common, "--init", str(pre), "--output_dir", str(fine), *VARIANTS[variant]])
@@ -84,16 +84,16 @@ def run_seed(config: str, seed: int, variant: str, runs: Path, reuse: bool) -> d
         for row in map(json.loads, (fine / "metrics.jsonl").read_text().splitlines())
         if "eval/recall@20" in row
     ]
-    scorer = scorer_for(bundle, model, batch_size=16)
+    scorer, users = scorer_for(bundle, model, batch_size=16), np.arange(bundle.n_users)
     if model.config.prior == "none":
-        scores = {"llm": scorer(np.arange(bundle.n_users))}
+        scores = {"llm": scorer.score(users)}
     else:
-        logits, prior = scorer.parts(np.arange(bundle.n_users))
+        logits, prior = scorer.parts(users)
         logits, prior = standardize(logits), standardize(prior)
         scores = {"llm": logits, "hybrid": logits + model.config.prior_weight * prior}
         result["prior_weight"] = model.config.prior_weight
     for name, matrix in scores.items():
-        result[name] = evaluate_scorer(lambda users, m=matrix: m[users], bundle, "test", progress=False)
+        result[name] = evaluate_scorer(PrecomputedScorer(matrix, users), bundle, "test", progress=False)
     result["evaluate_s"] = time.perf_counter() - start
     return result
 
@@ -159,7 +159,7 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging()
     seeds = [int(s) for s in args.seeds.split(",")]
-    data = Path(load_yaml(args.config)["data"])
+    data = Path(read_yaml(args.config)["data"])
     if not (data / "manifest.json").exists():
         build_ml100k_reference(Path(args.shared), data)
 
@@ -190,7 +190,7 @@ def main() -> None:
         seeds=seeds,
         runs=runs,
         config_file=args.config,
-        config=load_yaml(args.config),
+        config=read_yaml(args.config),
         machine=machine_info(),
     )
     if runs:

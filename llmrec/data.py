@@ -8,7 +8,7 @@ is scored at test time is exactly the one the model was finetuned on (with every
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import numpy as np
@@ -16,25 +16,15 @@ import torch
 
 from data_prep import Bundle
 from llmrec.backbone import BackboneConfig
-from llmrec.collate import TASKS, FinetuneDataset, FinetunePrompts, PretrainDataset, TaskMixture, collate
+from llmrec.collate import FinetuneDataset, PretrainDataset, TaskMixture
 from llmrec.generate import GenerativeScorer, SemanticDataset, require_index
 from llmrec.metrics import DEFAULT_KS, evaluate_scorer
 from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig, standardize
+from llmrec.prompts import FinetunePrompts
+from llmrec.scoring import ItemHeadScorer, PrecomputedScorer
 
 PRETRAIN_CORPORA = ("collaborative", "content")
 FINETUNE_TASKS = ("multinomial", "semantic", "both")
-
-
-def train_histories(bundle: Bundle) -> list[list[int]]:
-    """Every user's training items, oldest first (ties keep the bundle's order)."""
-    frame = bundle.interactions("train").sort_values(["user", "timestamp"], kind="stable")
-    histories: list[list[int]] = [[] for _ in range(bundle.n_users)]
-    users, items = frame["user"].to_numpy(), frame["item"].to_numpy()
-    bounds = np.flatnonzero(np.diff(users)) + 1
-    for chunk_users, chunk_items in zip(np.split(users, bounds), np.split(items, bounds), strict=True):
-        if len(chunk_users):
-            histories[int(chunk_users[0])] = chunk_items.tolist()
-    return histories
 
 
 def model_for(bundle: Bundle, config: ModelConfig, backbone: BackboneConfig, seed: int = 0) -> CLLM4Rec:
@@ -75,7 +65,7 @@ def finetune_dataset(
     CLLM4Rec's finetuning."""
     if task not in FINETUNE_TASKS:
         raise ValueError(f"unknown finetune task {task!r}: expected one of {FINETUNE_TASKS}")
-    histories, prompts = train_histories(bundle), prompts_for(bundle, model)
+    histories, prompts = bundle.histories("train"), prompts_for(bundle, model)
     parts: list = []
     if task in ("multinomial", "both"):
         parts.append(
@@ -92,56 +82,8 @@ def finetune_dataset(
     return parts[0] if len(parts) == 1 else TaskMixture(*parts)
 
 
-class PromptScorer:
-    """Scores the whole catalogue for users from prompts that hold all their training items.
-
-    One forward pass per user (batched): the hidden state at the prompt's last position goes through the
-    item head. Users are processed in the order given; callers exclude seen items themselves.
-    """
-
-    def __init__(
-        self,
-        model: CLLM4Rec,
-        prompts: FinetunePrompts,
-        histories: Sequence[Sequence[int]],
-        batch_size: int = 32,
-    ):
-        self.model, self.prompts, self.histories, self.batch_size = model, prompts, histories, batch_size
-        self.device = next(p for p in model.parameters() if p.requires_grad).device
-
-    def batches(self, users: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(input_ids, attention_mask, history) of the users' full-history prompts, ``batch_size`` users at
-        a time; ``history`` holds every history item (padded with -1), also those a long prompt leaves out."""
-        for start in range(0, len(users), self.batch_size):
-            chunk = users[start : start + self.batch_size]
-            batch = collate(
-                [
-                    {
-                        "task": TASKS.index("finetune"),
-                        "input_ids": self.prompts.encode(int(u), self.histories[int(u)]),
-                        "history": list(self.histories[int(u)]),
-                    }
-                    for u in chunk
-                ],
-                pad_token_id=self.model.tokenizer.pad_token_id or 0,
-            )
-            yield tuple(batch[key].to(self.device) for key in ("input_ids", "attention_mask", "history"))
-
-    @torch.no_grad()
-    def __call__(self, users: np.ndarray) -> torch.Tensor:
-        self.model.eval()
-        return torch.cat([self.model.score_items(*batch).cpu() for batch in self.batches(users)])
-
-    @torch.no_grad()
-    def parts(self, users: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(LM logits, prior scores) of the users, unblended (see `CLLM4Rec.score_parts`)."""
-        self.model.eval()
-        pairs = [tuple(t.cpu() for t in self.model.score_parts(*batch)) for batch in self.batches(users)]
-        return torch.cat([lm for lm, _ in pairs]), torch.cat([prior for _, prior in pairs])
-
-
-def scorer_for(bundle: Bundle, model: CLLM4Rec, batch_size: int = 32) -> PromptScorer:
-    return PromptScorer(model, prompts_for(bundle, model), train_histories(bundle), batch_size=batch_size)
+def scorer_for(bundle: Bundle, model: CLLM4Rec, batch_size: int = 32) -> ItemHeadScorer:
+    return ItemHeadScorer(model, prompts_for(bundle, model), bundle.histories("train"), batch_size=batch_size)
 
 
 def generative_scorer(
@@ -149,11 +91,13 @@ def generative_scorer(
 ) -> GenerativeScorer:
     """Constrained beam search over the model's item index; the items that ``split``'s ranking excludes
     (training items, plus validation items for the test split) are kept out of the search itself."""
-    exclude = bundle.matrix("train")
-    if split == "test":
-        exclude = exclude + bundle.matrix("valid")
     return GenerativeScorer(
-        model, prompts_for(bundle, model), train_histories(bundle), exclude, beam=beam, batch_size=batch_size
+        model,
+        prompts_for(bundle, model),
+        bundle.histories("train"),
+        bundle.seen(split),
+        beam=beam,
+        batch_size=batch_size,
     )
 
 
@@ -186,11 +130,9 @@ def choose_prior_weight(
     users = np.flatnonzero(np.diff(bundle.matrix("valid").indptr) > 0)
     logits, prior = scorer.parts(users)
     logits, prior = standardize(logits), standardize(prior)
-    row = np.full(bundle.n_users, -1)
-    row[users] = np.arange(len(users))
     grid = {}
     for weight in weights:
-        blend = partial(lambda w, chunk: logits[row[chunk]] + w * prior[row[chunk]], weight)
+        blend = PrecomputedScorer(logits + weight * prior, users)
         result = evaluate_scorer(blend, bundle, "valid", users=users, batch_size=batch_size, progress=False)
         grid[weight] = with_selection_metric(result)[metric]
     best = max(grid, key=grid.get)

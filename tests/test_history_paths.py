@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_export import FRESH_PROCESS, REPO, data, recipe  # noqa: F401  (data is a fixture)
+from test_recommender import FRESH_PROCESS, REPO, data, recipe  # noqa: F401  (data is a fixture)
 
 from data_prep import load_bundle
 from llmrec.backbone import BackboneConfig
-from llmrec.collate import FinetuneDataset, FinetunePrompts, collate
+from llmrec.collate import FinetuneDataset, collate
 from llmrec.data import PRIOR_WEIGHTS, scorer_for
-from llmrec.export import Recommender, export_run
-from llmrec.model import CLLM4Rec, ModelConfig, standardize
-from llmrec.train import run_model_dir
+from llmrec.export import export_run
+from llmrec.model import CLLM4Rec, ModelConfig, run_model_dir, standardize
+from llmrec.prompts import FinetunePrompts
+from llmrec.recommender import Recommender
 
 N_USERS, N_ITEMS = 5, 20
 
@@ -128,7 +129,7 @@ def test_prior_weight_is_chosen_on_valid_and_exported_scores_match_training_time
     model = CLLM4Rec.from_pretrained(run_model_dir(run))
     assert model.config.prior_weight == state["prior_weight"] and state["prior_weight"] in PRIOR_WEIGHTS
     b = load_bundle(data)
-    expected = scorer_for(b, model)(np.arange(b.n_users))
+    expected = scorer_for(b, model).score(np.arange(b.n_users))
 
     bundle = export_run(run, tmp_path / "bundle")
     scores_file, lists_file = tmp_path / "scores.safetensors", tmp_path / "lists.json"
