@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import runpy
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from conftest import recipe_main
 
 from llmrec.baselines import EASE, MultVAE, Pop, make_baseline
 from llmrec.metrics import evaluate_matrices
@@ -113,7 +113,7 @@ def test_interface_errors():
 
 
 def run_recipe(bundle: Path, out: Path, *args: str) -> dict:
-    main = runpy.run_path(str(REPO / "recipes" / "baselines.py"))["main"]
+    main = recipe_main("baselines")
     return main(["--data", str(bundle), "--out", str(out), *args])
 
 

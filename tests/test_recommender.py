@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import runpy
 import shutil
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import recipe_main
 from safetensors.torch import load_file
 
 from data_prep import load_bundle
@@ -40,7 +40,7 @@ N_USERS, N_ITEMS, PER_USER = 30, 40, 12
 
 
 def recipe(name: str):
-    return runpy.run_path(str(REPO / "recipes" / f"{name}.py"))["main"]
+    return recipe_main(name)
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import runpy
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import recipe_main
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -189,7 +188,7 @@ def tiny_bundle(tmp_path_factory) -> str:
 
 
 def test_recipe_runs_end_to_end_on_a_tiny_model(tiny_bundle, tmp_path, capsys):
-    main = runpy.run_path(str(Path(__file__).resolve().parents[1] / "recipes" / "zeroshot.py"))["main"]
+    main = recipe_main("zeroshot")
     args = ["--data", tiny_bundle, "--split", "test", "--max_users", "6", "--name_or_path", "tiny-llama"]
     args += ["--output_dir", str(tmp_path / "run"), "--chunk_size", "64", "--max_history", "5"]
     root = logging.getLogger()
