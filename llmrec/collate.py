@@ -86,7 +86,10 @@ class FinetuneDataset(Dataset):
 
     Each epoch a fresh random ``1 - mask_ratio`` share of the user's training items goes into the
     prompt (at least one item in, at least one out, when the user has two or more); the target is all
-    training items (``target="all"``, Mult-VAE style denoising, as DESIGN.md) or only the masked ones.
+    training items (``target="all"``, Mult-VAE style denoising, as DESIGN.md) or only the masked ones
+    (``"masked"``: nothing is gained by copying the prompt, which is what evaluation asks for, since seen
+    items are excluded there). The prompt lists its items in a random order (``prompt_order="shuffled"``)
+    or oldest first (``"chronological"``, the order of evaluation prompts).
     """
 
     def __init__(
@@ -96,9 +99,13 @@ class FinetuneDataset(Dataset):
         seed: int = 0,
         mask_ratio: float = 0.2,
         target: str = "all",
+        prompt_order: str = "shuffled",
     ):
         if target not in ("all", "masked"):
             raise ValueError(f"unknown finetune target {target!r}: expected 'all' or 'masked'")
+        if prompt_order not in ("shuffled", "chronological"):
+            raise ValueError(f"unknown prompt order {prompt_order!r}: expected 'shuffled' or 'chronological'")
+        self.prompt_order = prompt_order
         self.users = [user for user, items in enumerate(histories) if len(items) > 0]
         self.histories = [np.asarray(histories[user], dtype=np.int64) for user in self.users]
         self.prompts, self.seed, self.mask_ratio, self.target, self.epoch = (
@@ -123,10 +130,12 @@ class FinetuneDataset(Dataset):
 
     def split(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(prompt items, held-out items) of row ``index`` for the current epoch."""
-        items = epoch_rng(self.seed, self.epoch, index).permutation(self.histories[index])
-        n = len(items)
+        history = self.histories[index]
+        order = epoch_rng(self.seed, self.epoch, index).permutation(len(history))
+        n = len(history)
         keep = n if n < 2 else int(np.clip(round(n * (1 - self.mask_ratio)), 1, n - 1))
-        return items[:keep], items[keep:]
+        kept = np.sort(order[:keep]) if self.prompt_order == "chronological" else order[:keep]
+        return history[kept], history[order[keep:]]
 
     def __getitem__(self, index: int) -> dict:
         kept, masked = self.split(index)
@@ -137,6 +146,7 @@ class FinetuneDataset(Dataset):
             "input_ids": self.prompts.encode(user, kept),
             "targets": targets.tolist(),
             "user": user,
+            "history": kept.tolist(),  # every prompt item, also those a long prompt had to leave out
         }
 
 
@@ -206,6 +216,8 @@ def collate(examples: Sequence[dict], pad_token_id: int = 0) -> dict[str, torch.
     if "targets" in examples[0]:
         batch["targets"] = pad([example["targets"] for example in examples], -1)
         batch["user"] = torch.tensor([example["user"] for example in examples])
+    if "history" in examples[0]:
+        batch["history"] = pad([example["history"] for example in examples], -1)
     return batch
 
 

@@ -7,6 +7,7 @@ is scored at test time is exactly the one the model was finetuned on (with every
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -18,9 +19,9 @@ from llmrec.backbone import BackboneConfig
 from llmrec.collate import FinetuneDataset, PretrainDataset, TaskMixture
 from llmrec.generate import GenerativeScorer, SemanticDataset, require_index
 from llmrec.metrics import DEFAULT_KS, evaluate_scorer
-from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig
+from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig, standardize
 from llmrec.prompts import FinetunePrompts
-from llmrec.scoring import ItemHeadScorer
+from llmrec.scoring import ItemHeadScorer, PrecomputedScorer
 
 PRETRAIN_CORPORA = ("collaborative", "content")
 FINETUNE_TASKS = ("multinomial", "semantic", "both")
@@ -56,6 +57,7 @@ def finetune_dataset(
     target: str = "all",
     with_content: bool = True,
     task: str = "multinomial",
+    prompt_order: str = "shuffled",
 ) -> FinetuneDataset | TaskMixture:
     """Masked-history examples for the item head (``task="multinomial"``), for writing a held-out item's
     semantic ID (``"semantic"``, needs a model with an item index) or both; with ``with_content`` the
@@ -66,7 +68,11 @@ def finetune_dataset(
     histories, prompts = bundle.histories("train"), prompts_for(bundle, model)
     parts: list = []
     if task in ("multinomial", "both"):
-        parts.append(FinetuneDataset(histories, prompts, seed=seed, mask_ratio=mask_ratio, target=target))
+        parts.append(
+            FinetuneDataset(
+                histories, prompts, seed=seed, mask_ratio=mask_ratio, target=target, prompt_order=prompt_order
+            )
+        )
     if task in ("semantic", "both"):
         parts.append(
             SemanticDataset(histories, prompts, require_index(model), seed=seed, mask_ratio=mask_ratio)
@@ -93,6 +99,45 @@ def generative_scorer(
         beam=beam,
         batch_size=batch_size,
     )
+
+
+PRIOR_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 100.0)
+
+
+def fit_prior(bundle: Bundle, model: CLLM4Rec) -> dict[str, float]:
+    """Fit the model's collaborative prior on the training matrix (EASE, lambda chosen on valid by NDCG@100)."""
+    from llmrec.baselines import EASE  # the classical models load only when a prior is asked for
+
+    if model.config.prior != "ease":
+        raise ValueError(f"unknown prior {model.config.prior!r}")
+    ease = EASE().fit(bundle.matrix("train"), bundle.matrix("valid"))
+    model.prior.fit(ease.weights)
+    return {"lambda": ease.lam}
+
+
+def choose_prior_weight(
+    bundle: Bundle,
+    model: CLLM4Rec,
+    metric: str = "cllm4rec",
+    batch_size: int = 64,
+    weights: Sequence[float] = PRIOR_WEIGHTS,
+) -> tuple[float, dict[float, float]]:
+    """The blend weight of the prior with the best ``metric`` on valid; sets it on ``model.config``.
+
+    The LM and the prior are scored once; each weight only re-blends the two (standardised) matrices.
+    """
+    scorer = scorer_for(bundle, model, batch_size)
+    users = np.flatnonzero(np.diff(bundle.matrix("valid").indptr) > 0)
+    logits, prior = scorer.parts(users)
+    logits, prior = standardize(logits), standardize(prior)
+    grid = {}
+    for weight in weights:
+        blend = PrecomputedScorer(logits + weight * prior, users)
+        result = evaluate_scorer(blend, bundle, "valid", users=users, batch_size=batch_size, progress=False)
+        grid[weight] = with_selection_metric(result)[metric]
+    best = max(grid, key=grid.get)
+    model.config = dataclasses.replace(model.config, prior_weight=best)
+    return best, grid
 
 
 def item_softmax(

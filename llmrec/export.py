@@ -107,6 +107,11 @@ def export_model(
         )
     if merge and (model.backbone.load_in_4bit or model.backbone.load_in_8bit):
         raise ValueError("--merge needs a full-precision backbone (this model was loaded in 4 or 8 bit)")
+    if merge and (model.config.history_pool != "none" or model.config.prior != "none"):
+        raise ValueError(
+            "--merge writes a plain transformers model, which has no place for the history pool or the prior "
+            "this model scores with: export without --merge"
+        )
     templates = {"user": data.templates.finetune, "cold": cold or cold_template(data.templates.finetune)}
     _check_template(templates["user"], "finetune", user=True)
     _check_template(templates["cold"], "cold", user=False)

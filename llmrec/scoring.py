@@ -7,13 +7,13 @@ so evaluation and serving treat them alike.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from llmrec.model import CLLM4Rec
-from llmrec.prompts import FinetunePrompts, prompt_batch
+from llmrec.prompts import FinetunePrompts, pad, prompt_batch
 
 
 class ItemHeadScorer:
@@ -34,17 +34,42 @@ class ItemHeadScorer:
         self.n_items = model.vocab.n_items
         self.device = next(p for p in model.parameters() if p.requires_grad).device
 
-    @torch.no_grad()
-    def score(self, users: Sequence[int] | np.ndarray) -> torch.Tensor:
-        """(len(users), n_items) logits on the CPU; ``users`` index ``histories``."""
-        self.model.eval()
-        scores = []
+    def batches(self, users: Sequence[int] | np.ndarray) -> Iterator[tuple[torch.Tensor, ...]]:
+        """(input_ids, attention_mask, history) of the users' prompts, ``batch_size`` users at a time;
+        ``history`` holds every history item (padded with -1), also those a long prompt leaves out."""
         for start in range(0, len(users), self.batch_size):
-            chunk = users[start : start + self.batch_size]
+            chunk = [int(u) for u in users[start : start + self.batch_size]]
             batch = prompt_batch(
-                [self.prompts.encode(int(u), self.histories[int(u)]) for u in chunk],
+                [self.prompts.encode(u, self.histories[u]) for u in chunk],
                 pad_token_id=self.model.tokenizer.pad_token_id or 0,
             )
-            ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-            scores.append(self.model.score_items(ids, mask).cpu())
-        return torch.cat(scores)
+            history = pad([list(self.histories[u]) for u in chunk], -1)
+            yield (
+                batch["input_ids"].to(self.device),
+                batch["attention_mask"].to(self.device),
+                history.to(self.device),
+            )
+
+    @torch.no_grad()
+    def score(self, users: Sequence[int] | np.ndarray) -> torch.Tensor:
+        """(len(users), n_items) scores on the CPU; ``users`` index ``histories``."""
+        self.model.eval()
+        return torch.cat([self.model.score_items(*batch).cpu() for batch in self.batches(users)])
+
+    @torch.no_grad()
+    def parts(self, users: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(LM logits, prior scores) of the users, unblended (see `CLLM4Rec.score_parts`)."""
+        self.model.eval()
+        pairs = [tuple(t.cpu() for t in self.model.score_parts(*batch)) for batch in self.batches(users)]
+        return torch.cat([lm for lm, _ in pairs]), torch.cat([prior for _, prior in pairs])
+
+
+class PrecomputedScorer:
+    """Scores computed once for a set of users (e.g. a blend of two scorers' outputs), served by user."""
+
+    def __init__(self, scores: torch.Tensor, users: Sequence[int] | np.ndarray):
+        self.scores, self.n_items = scores, scores.shape[1]
+        self.row = {int(user): row for row, user in enumerate(users)}
+
+    def score(self, users: Sequence[int] | np.ndarray) -> torch.Tensor:
+        return self.scores[[self.row[int(u)] for u in users]]

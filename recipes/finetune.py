@@ -12,6 +12,7 @@ the LM writes a held-out item's semantic ID, and validation ranks by constrained
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -20,12 +21,21 @@ from common.log import get_logger, setup_logging
 from data_prep import load_bundle
 from llmrec.backbone import BackboneConfig
 from llmrec.config import ConfigError, parse_config
-from llmrec.data import finetune_dataset, item_softmax, model_for, validation_fn
-from llmrec.model import CLLM4Rec, ModelConfig
+from llmrec.data import (
+    choose_prior_weight,
+    finetune_dataset,
+    fit_prior,
+    item_softmax,
+    model_for,
+    validation_fn,
+)
+from llmrec.model import CLLM4Rec, ModelConfig, run_model_dir
 from llmrec.train import TrainConfig, make_accelerator, save_run_config, train
 
 logger = get_logger("finetune")
-FINETUNE_FIELDS = ("head", "mutual_reg", "max_doc_tokens")  # model knobs a finetuning run may change
+PRIOR_FILE = "prior_weight.json"  # the blend weight chosen on valid, with the score of every weight tried
+# model knobs a finetuning run may change
+FINETUNE_FIELDS = ("head", "mutual_reg", "max_doc_tokens", "history_pool", "prior", "prior_weight")
 
 
 @dataclass
@@ -35,7 +45,8 @@ class FinetuneArgs:
     init: str | None = field(
         default=None,
         metadata={
-            "help": "pretraining run to start from: its backbone, LoRA, tables; head/mutual_reg/max_doc_tokens from here"
+            "help": "pretraining run to start from: its backbone, LoRA, tables; head, mutual_reg, max_doc_tokens, "
+            "history_pool and prior from here"
         },
     )
     mask_ratio: float = field(
@@ -43,6 +54,12 @@ class FinetuneArgs:
     )
     target: str = field(
         default="all", metadata={"help": "multinomial target: all training items | masked ones only"}
+    )
+    prompt_order: str = field(
+        default="shuffled",
+        metadata={
+            "help": "order of the prompt's items while finetuning: shuffled | chronological (as evaluated)"
+        },
     )
     task: str = field(
         default="multinomial",
@@ -121,13 +138,33 @@ def main(argv: list[str] | None = None) -> dict:
         target=args.target,
         with_content=args.with_content,
         task=args.task,
+        prompt_order=args.prompt_order,
     )
+    if model_config.prior != "none":
+        logger.info(
+            "prior %s fitted on the training matrix: %s", model_config.prior, fit_prior(bundle, model)
+        )
     save_run_config(accelerator, train_config.output_dir, args, backbone, model_config, train_config)
     beam = args.eval_beam if args.task == "semantic" else 0  # "both" validates the item head
     evaluate = validation_fn(bundle, batch_size=args.eval_batch_size, beam=beam)
-    return train(
+    state = train(
         model, dataset, train_config, accelerator, evaluate=evaluate, metric_for_best=args.metric_for_best
     )
+    if model_config.prior != "none" and accelerator.is_main_process:
+        state["prior_weight"] = blend_prior(bundle, Path(train_config.output_dir), args)
+    return state
+
+
+def blend_prior(bundle, run: Path, args: FinetuneArgs) -> float:
+    """Choose the prior's blend weight on valid for the run's best model and save it into that model."""
+    directory = run_model_dir(run)
+    model = CLLM4Rec.from_pretrained(directory)
+    weight, grid = choose_prior_weight(bundle, model, args.metric_for_best, batch_size=args.eval_batch_size)
+    logger.info("prior weight %g chosen on valid (%s by weight: %s)", weight, args.metric_for_best, grid)
+    model.save_pretrained(directory)
+    record = {"prior_weight": weight, "model_dir": directory.name, "valid": {args.metric_for_best: grid}}
+    (run / PRIOR_FILE).write_text(json.dumps(record, indent=2))
+    return weight
 
 
 if __name__ == "__main__":
