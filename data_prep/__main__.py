@@ -24,12 +24,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _build(argv: list[str]) -> None:
+    from common.config import parse_dataclasses
+    from common.log import setup_logging
     from data_prep.build import BuildConfig, build
-    from llmrec.config import parse_config
-    from llmrec.log import setup_logging
 
     setup_logging()
-    (config,) = parse_config(BuildConfig, args=argv)
+    (config,) = parse_dataclasses(BuildConfig, args=argv)
     build(config)
 
 

@@ -13,8 +13,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from common import __version__
+from common.io import ArtifactError, atomic_directory, sha256_file
 from data_prep import readers
-from data_prep.bundle import FORMAT_VERSION, MANIFEST, atomic_directory, sha256, write_tables
+from data_prep.bundle import FORMAT_VERSION, MANIFEST, write_tables
 from data_prep.corpora import collaborative_corpus, content_corpus, finetune_corpus
 from data_prep.errors import DataError
 from data_prep.process import (
@@ -29,7 +31,6 @@ from data_prep.process import (
 from data_prep.splits import SPLITS, leave_one_out, random_split, sort_rows, temporal_split
 from data_prep.templates import Templates
 from data_prep.text import item_text, user_text
-from llmrec import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -303,8 +304,11 @@ def build(config: BuildConfig) -> Path:
     """Build the bundle at ``config.out`` and return its path; raises :class:`DataError` on bad input."""
     start = time.perf_counter()
     check_output_path(config)
-    with atomic_directory(config.out, overwrite=config.overwrite, marker=MANIFEST) as tmp:
-        counts = _build_into(config, tmp)
+    try:
+        with atomic_directory(config.out, overwrite=config.overwrite, marker=MANIFEST) as tmp:
+            counts = _build_into(config, tmp)
+    except ArtifactError as err:
+        raise DataError(err.reason, file=err.file) from err
     logger.info("wrote %s in %.1fs: %s", config.out, time.perf_counter() - start, json.dumps(counts))
     return Path(config.out)
 
@@ -369,7 +373,7 @@ def _build_into(config: BuildConfig, tmp: Path) -> dict[str, int]:
         "source": {
             "format": config.format,
             "input": str(config.input),
-            "files": {str(p): sha256(p) for p in files},
+            "files": {str(p): sha256_file(p) for p in files},
         },
         "counts": {
             "users": len(user_ids),

@@ -1,16 +1,9 @@
-"""The dataset bundle on disk: atomic writing and :func:`load_bundle` (see docs/architecture.md)."""
+"""The dataset bundle on disk: writing its files and :func:`load_bundle` (see docs/architecture.md)."""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
-import os
-import re
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,90 +14,16 @@ import pyarrow.csv as pacsv
 import scipy.sparse as sp
 from datasets import Dataset, load_from_disk
 
+from common.catalogue import Catalogue
+from common.io import ArtifactError, file_records, verify_files, write_json
 from data_prep.corpora import CORPORA, FEATURES
 from data_prep.errors import DataError
-from data_prep.splits import SPLITS
+from data_prep.splits import SPLITS, user_histories
 from data_prep.templates import Templates
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 logger = logging.getLogger(__name__)
-
-
-def sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-def _remove_stale(out: Path) -> None:
-    """Temporary siblings of ``out`` left by a killed writer (its pid is in the name and no longer runs)."""
-    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(\d+)(-|$)")
-    for path in out.parent.iterdir():
-        found = pattern.match(path.name)
-        if found and int(found.group(2)) != os.getpid() and not _alive(int(found.group(2))):
-            logger.warning("removing %s, left behind by an interrupted write", path)
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_directory(out: str | Path, overwrite: bool = False, marker: str | None = None) -> Iterator[Path]:
-    """Yield a temporary sibling of ``out`` and rename it to ``out`` only if the block succeeds,
-    so a failed build never leaves a half-written bundle (or clobbers a good one).
-
-    ``overwrite`` replaces an existing directory, but only one holding ``marker`` (the file that makes
-    it a bundle) when one is given, so a mistyped ``--out`` cannot delete unrelated data. Temporary
-    siblings left by a killed writer are removed first; the result gets the user's umask.
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DataError("output path is an existing file, not a bundle directory; choose another", file=out)
-    if out.exists() and not overwrite:
-        raise DataError("output directory already exists (use --overwrite to replace it)", file=out)
-    if out.exists() and marker and not (out / marker).is_file() and any(out.iterdir()):
-        raise DataError(
-            f"output directory is not empty and holds no {marker}: not a bundle, so --overwrite "
-            "will not replace it; choose another output directory",
-            file=out,
-        )
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale(out)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    except OSError as err:  # no permission, a read-only file system, a parent that is a file
-        raise DataError(f"cannot write the output directory: {err.strerror}", file=out) from err
-    try:
-        tmp.chmod(0o777 & ~_umask())
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _write_numeric_tsv(df: pd.DataFrame, path: Path) -> None:
@@ -144,34 +63,8 @@ def write_tables(
         corpora[name].save_to_disk(
             str(directory / "corpora" / name), num_shards=1 if not len(corpora[name]) else None
         )
-    manifest = {**manifest, "files": file_records(directory)}
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-
-
-def file_records(directory: Path) -> dict[str, dict[str, Any]]:
-    """``{relative path: {bytes, sha256}}`` of every file under ``directory`` except the manifest."""
-    return {
-        path.relative_to(directory).as_posix(): {"bytes": path.stat().st_size, "sha256": sha256(path)}
-        for path in sorted(directory.rglob("*"))
-        if path.is_file() and path.name != MANIFEST
-    }
-
-
-def verify_files(directory: Path, records: dict[str, dict[str, Any]], listed_in: Path) -> None:
-    """Every recorded file is present with its recorded size and sha256 (names the first that is not)."""
-    for name, record in records.items():
-        path = directory / name
-        if not path.is_file():
-            raise DataError(f"missing (listed in {listed_in.name}): incomplete", file=path)
-        if path.stat().st_size != record["bytes"]:
-            raise DataError(
-                f"{path.stat().st_size} bytes, {listed_in.name} records {record['bytes']}: truncated or replaced",
-                file=path,
-            )
-        if sha256(path) != record["sha256"]:
-            raise DataError(
-                f"content differs from the sha256 in {listed_in.name}: corrupted or edited", file=path
-            )
+    manifest = {**manifest, "files": file_records(directory, exclude=MANIFEST)}
+    write_json(directory / MANIFEST, manifest)
 
 
 def _read_tsv(path: Path) -> pd.DataFrame:
@@ -210,28 +103,23 @@ class Bundle:
         if verify and "files" in self.manifest:
             try:
                 verify_files(self.path, self.manifest["files"], manifest_path)
-            except DataError as err:
+            except ArtifactError as err:
                 raise DataError(f"{err.reason}; rebuild the bundle", file=err.file) from err
         users = self._check_count(_read_tsv(self.path / "users.tsv"), "users", self.path / "users.tsv")
         items = self._check_count(_read_tsv(self.path / "items.tsv"), "items", self.path / "items.tsv")
-        self.user_ids: list[str] = users["raw_id"].tolist()
+        self.catalogue = Catalogue(
+            users["raw_id"].tolist(), items["raw_id"].tolist(), items["title"].tolist()
+        )
+        self.user_ids, self.item_ids = self.catalogue.user_ids, self.catalogue.item_ids
+        self.item_titles = self.catalogue.item_titles
+        self.n_users, self.n_items = self.catalogue.n_users, self.catalogue.n_items
+        self.user_index, self.item_index = self.catalogue.user_index, self.catalogue.item_index
         self.user_text: list[str] = users["text"].tolist()
-        self.item_ids: list[str] = items["raw_id"].tolist()
-        self.item_titles: list[str] = items["title"].tolist()
         self.item_text: list[str] = items["text"].tolist()
-        self.user_index: dict[str, int] = {raw: i for i, raw in enumerate(self.user_ids)}
-        self.item_index: dict[str, int] = {raw: i for i, raw in enumerate(self.item_ids)}
         self.templates = Templates.from_dict(self.manifest.get("templates", {}), source=str(manifest_path))
         self._interactions: dict[str, pd.DataFrame] = {}
+        self._histories: dict[str, list[list[int]]] = {}
         self._corpora: dict[str, Dataset] = {}
-
-    @property
-    def n_users(self) -> int:
-        return len(self.user_ids)
-
-    @property
-    def n_items(self) -> int:
-        return len(self.item_ids)
 
     def interactions(self, split: str) -> pd.DataFrame:
         """``user, item, rating, timestamp`` rows of one split (contiguous int indices)."""
@@ -270,6 +158,19 @@ class Bundle:
         m.sum_duplicates()
         m.data[:] = 1.0
         return m
+
+    def histories(self, split: str = "train") -> list[list[int]]:
+        """Every user's items in ``split`` (index by user), oldest first; ties keep the file's order."""
+        if split not in self._histories:
+            self._histories[split] = user_histories(self.interactions(split), self.n_users)
+        return self._histories[split]
+
+    def seen(self, split: str) -> sp.csr_matrix:
+        """What a ranking on ``split`` excludes: the training items, plus the validation items for test."""
+        if split not in ("valid", "test"):
+            raise KeyError(f"rankings are made for 'valid' or 'test', not {split!r}")
+        seen = self.matrix("train")
+        return seen + self.matrix("valid") if split == "test" else seen
 
     def corpus(self, name: str) -> Dataset:
         """One of ``collaborative``, ``content``, ``finetune`` as a ``datasets.Dataset``."""

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
@@ -29,12 +30,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from data_prep.bundle import file_records, verify_files
-from data_prep.errors import DataError, UserError
-from llmrec.collate import TASKS, TaskBucketSampler, collate
+from common.io import ArtifactError, file_records, verify_files
+from common.log import get_logger
+from llmrec.collate import TaskBucketSampler, collate
 from llmrec.config import require, to_dict
-from llmrec.log import get_logger
-from llmrec.model import CLLM4Rec
+from llmrec.model import CLLM4Rec, RunError
+from llmrec.prompts import TASKS
 
 logger = get_logger(__name__)
 STATE_FILE = "trainer_state.json"
@@ -42,6 +43,7 @@ STATE_FILE = "trainer_state.json"
 
 @dataclass
 class TrainConfig:
+    section: ClassVar[str] = "train"  # its YAML section (llmrec.config)
     output_dir: str = field(
         default="runs/pretrain", metadata={"help": "run directory: checkpoints, metrics.jsonl, model/"}
     )
@@ -124,11 +126,6 @@ class TrainConfig:
         )
 
 
-class RunError(UserError):
-    """A run directory or checkpoint that cannot be used as asked (missing, damaged, or a previous run in
-    the way)."""
-
-
 def make_accelerator(config: TrainConfig) -> Accelerator:
     """The run's accelerator, after :func:`prepare_output_dir` has checked ``output_dir``."""
     accelerator = Accelerator(
@@ -152,6 +149,7 @@ RUN_OUTPUTS = (
     "metrics.json",
     "run_config.json",
     "tensorboard",
+    "prior_weight.json",  # recipes/finetune.py, after training
 )
 
 
@@ -173,17 +171,6 @@ def prepare_output_dir(config: TrainConfig, accelerator: Accelerator) -> None:
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
-
-
-def param_groups(model: CLLM4Rec, config: TrainConfig) -> list[dict]:
-    lora, tables = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (lora if "lora_" in name else tables).append(param)
-    return [
-        {"params": lora, "lr": config.lr, "weight_decay": config.weight_decay},
-        {"params": tables, "lr": config.embedding_lr or config.lr, "weight_decay": 0.0},
-    ]
 
 
 CHECKPOINT = re.compile(r"^checkpoint_(\d+)$")
@@ -229,7 +216,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, state: dic
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "files": file_records(tmp)}))
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "files": file_records(tmp, exclude=STATE_FILE)}))
         if final.exists():  # the same step saved again (a run resumed from its last checkpoint)
             shutil.rmtree(final)
         tmp.rename(final)
@@ -252,7 +239,7 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> dict:
         raise RunError(f"{state_path}: not a trainer state ({err}); {advice}") from err
     try:
         verify_files(checkpoint, state.get("files", {}), state_path)
-    except DataError as err:
+    except ArtifactError as err:
         raise RunError(f"{err}; {advice}") from err
     try:
         accelerator.load_state(str(checkpoint))
@@ -309,7 +296,9 @@ def train(
     )
     steps_per_epoch = math.ceil(len(loader) / config.grad_accum)
     total_steps = config.max_steps if config.max_steps > 0 else config.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(param_groups(model, config))
+    optimizer = torch.optim.AdamW(
+        model.param_groups(config.lr, config.embedding_lr or config.lr, config.weight_decay)
+    )
     scheduler = get_scheduler(
         config.scheduler,
         optimizer,
@@ -447,24 +436,6 @@ def log_record(accelerator: Accelerator, path: Path, record: dict, step: int) ->
             " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
         )
     accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
-
-
-def run_model_dir(run: str | Path) -> Path:
-    """The model a run is evaluated and exported with: ``RUN/best`` when the run kept one, else ``RUN/model``."""
-    run = Path(run)
-    for name in ("best", "model"):
-        if (run / name / "config.json").is_file():
-            return run / name
-    raise RunError(f"{run}: no trained model (expected {run}/best or {run}/model with config.json)")
-
-
-def run_data(run: str | Path) -> str:
-    """The dataset bundle a run trained on, from its ``run_config.json``."""
-    path = Path(run) / "run_config.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))["data"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise RunError(f"{path}: cannot read the run's dataset bundle ({err}); pass it with --data") from err
 
 
 def save_run_config(accelerator: Accelerator, output_dir: str | Path, *configs) -> None:

@@ -13,19 +13,20 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
+from common.errors import run_cli
+from common.log import setup_logging
 from data_prep import load_bundle
-from data_prep.errors import run_cli
 from llmrec.config import parse_config
 from llmrec.data import evaluate_model, require_same_catalogue
-from llmrec.log import setup_logging
 from llmrec.metrics import DEFAULT_KS, format_table, write_metrics_json
-from llmrec.model import CLLM4Rec
-from llmrec.train import run_data, run_model_dir
+from llmrec.model import CLLM4Rec, run_data, run_model_dir
 
 
 @dataclass
 class EvaluateArgs:
+    section: ClassVar[str] = "evaluate"  # its YAML section (llmrec.config)
     run: str = field(
         default="runs/finetune", metadata={"help": "run directory (recipes/finetune.py or pretrain.py)"}
     )
@@ -43,9 +44,13 @@ class EvaluateArgs:
     )
 
 
+# what this recipe parses; the first is its own YAML section
+CONFIGS = (EvaluateArgs,)
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     setup_logging()
-    (args,) = parse_config(EvaluateArgs, args=argv, section="evaluate")
+    (args,) = parse_config(*CONFIGS, args=argv)
     run = Path(args.run)
     data = args.data or run_data(run)
     model = CLLM4Rec.from_pretrained(run_model_dir(run))

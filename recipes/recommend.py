@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from data_prep.errors import run_cli
+from common.errors import run_cli
+from common.log import setup_logging
 from llmrec.config import ConfigError, parse_config
-from llmrec.export import Recommendation, Recommender
-from llmrec.log import setup_logging
+from llmrec.recommender import Recommendation, Recommender
 
 
 @dataclass
 class RecommendArgs:
+    section: ClassVar[str] = "recommend"  # its YAML section (llmrec.config)
     bundle: str = field(default="runs/export", metadata={"help": "bundle written by recipes/export.py"})
     user: str | None = field(default=None, metadata={"help": "raw id of a user seen in training"})
     history: str | None = field(
@@ -33,6 +35,10 @@ class RecommendArgs:
     )
 
 
+# what this recipe parses; the first is its own YAML section
+CONFIGS = (RecommendArgs,)
+
+
 def format_list(title: str, items: list[Recommendation]) -> str:
     lines = [title, f"{'rank':>4}  {'item':<10} {'score':>9}  title"]
     lines += [f"{rank:>4}  {r.item:<10} {r.score:>9.4f}  {r.title}" for rank, r in enumerate(items, 1)]
@@ -41,7 +47,7 @@ def format_list(title: str, items: list[Recommendation]) -> str:
 
 def main(argv: list[str] | None = None) -> list[Recommendation]:
     setup_logging()
-    (args,) = parse_config(RecommendArgs, args=argv)
+    (args,) = parse_config(*CONFIGS, args=argv)
     if (args.user is None) == (args.history is None):
         raise ConfigError("give exactly one of --user ID or --history ID,ID,...")
     recommender = Recommender.from_pretrained(args.bundle, device=args.device, verify=args.verify)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--name_or_path", "tiny-llama", "--lora_r", "4", "--max_doc_tokens", "48", "--batch_size", "4"]

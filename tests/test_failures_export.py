@@ -12,8 +12,9 @@ from safetensors.torch import load_file, save_file
 from test_failures_cli import LOG, TINY, one_line_error, recipe
 
 from data_prep.build import BuildConfig, build
-from llmrec.export import BundleError, Recommender, export_run
-from llmrec.train import run_model_dir
+from llmrec.export import export_run
+from llmrec.model import run_model_dir
+from llmrec.recommender import BundleError, Recommender
 
 
 @pytest.fixture(scope="module")

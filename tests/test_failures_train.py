@@ -5,27 +5,23 @@ from __future__ import annotations
 
 import json
 import logging
-import runpy
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from conftest import recipe_main as recipe
 from safetensors.torch import load_file
 
 from data_prep import DataError
 from data_prep.build import BuildConfig, build
 from llmrec.config import ConfigError
-from llmrec.train import RunError
+from llmrec.model import RunError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--name_or_path", "tiny-llama", "--lora_r", "4", "--max_doc_tokens", "48", "--batch_size", "8"]
 TINY += ["--warmup_ratio", "0", "--log_steps", "1"]
-
-
-def recipe(name: str):
-    return runpy.run_path(str(REPO / "recipes" / f"{name}.py"))["main"]
 
 
 def write_log(root: Path, users: int, items: int, titles: bool) -> Path:
@@ -184,13 +180,20 @@ BAD_VALUES = [
     ("max_doc_tokens", 0, "must be at least 1"),
     ("lora_r", "four", "must be an integer"),
 ]
+SECTION = {
+    "lr": "train",
+    "batch_size": "train",
+    "epochs": "train",
+    "max_doc_tokens": "model",
+    "lora_r": "model",
+}
 
 
 @pytest.mark.parametrize("where", ["yaml", "cli"])
 @pytest.mark.parametrize(("field", "value", "message"), BAD_VALUES)
 def test_bad_config_value_is_refused_naming_the_field(bundle, tmp_path, field, value, message, where):
     config = tmp_path / "c.yaml"
-    config.write_text(json.dumps({"pretrain": {field: value}}) if where == "yaml" else "{}")
+    config.write_text(json.dumps({SECTION[field]: {field: value}}) if where == "yaml" else "{}")
     cli = [] if where == "yaml" else [f"--{field}", json.dumps(value).strip('"')]
     if where == "cli" and isinstance(value, list):
         pytest.skip("argparse takes one value per flag")
@@ -206,10 +209,10 @@ def test_bad_config_value_is_refused_naming_the_field(bundle, tmp_path, field, v
     assert not (tmp_path / "run" / "run_config.json").exists()
 
 
-def test_unknown_top_level_key_is_refused(bundle, tmp_path):
+def test_unknown_key_is_refused(bundle, tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text("lrr: 0.1\nbatch_size: 8\n")
-    with pytest.raises(ConfigError, match=r"unknown top-level field\(s\) \['lrr'\]"):
+    config.write_text("train:\n  lrr: 0.1\n  batch_size: 8\n")
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['lrr'\] in section 'train'"):
         pretrain(bundle, tmp_path / "run", "--config", str(config))
 
 

@@ -1,0 +1,50 @@
+"""Errors a user can fix, and the one way every command line reports them.
+
+:class:`UserError` is the common base of every "bad input" error (a bad data file, config value,
+dataset or recommender bundle, checkpoint, artefact): :func:`run_cli` prints it as one line on stderr
+and exits with code 2. Anything else is a bug and keeps its traceback. ``--debug`` on the command
+line or ``LLMREC_DEBUG=1`` shows the traceback of user errors too. It lives in ``common`` because
+both ``python -m data_prep`` and the recipes use it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+USER_ERROR_EXIT = 2
+
+
+class UserError(ValueError):
+    """Input that the user has to fix: the message says what is wrong, where, and what to do."""
+
+
+def debug_requested(argv: list[str]) -> bool:
+    """``--debug`` among the arguments or ``LLMREC_DEBUG`` set to anything but ``""``/``0``."""
+    return "--debug" in argv or os.environ.get("LLMREC_DEBUG", "") not in ("", "0")
+
+
+def run_cli(
+    main: Callable[[list[str]], object], argv: list[str] | None = None, prog: str | None = None
+) -> int:
+    """Run an entry point ``main(argv)`` under the exit-code policy and return the exit code.
+
+    0: done. 2: a :class:`UserError` (one line ``PROG: error: MESSAGE`` on stderr; ``--debug`` or
+    ``LLMREC_DEBUG=1`` re-raises it with its traceback). Other exceptions propagate (a bug: Python
+    prints the traceback and exits 1). ``--debug`` is removed before ``main`` sees the arguments.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)
+    argv = [arg for arg in argv if arg != "--debug"]
+    prog = prog or Path(sys.argv[0]).name
+    try:
+        main(argv)
+    except UserError as err:
+        if debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        sys.stderr.write(f"{prog}: error: {message} (--debug for the traceback)\n")
+        return USER_ERROR_EXIT
+    return 0
