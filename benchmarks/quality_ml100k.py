@@ -103,8 +103,9 @@ def summarise(rows: list[dict[str, float]]) -> dict[str, float]:
     out: dict[str, float] = {}
     for key in rows[0]:
         values = np.array([row[key] for row in rows], dtype=float)
-        out[key] = float(values.mean())
-        out[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        timed = values[~np.isnan(values)]  # a reused run has no train time
+        out[key] = float(timed.mean()) if len(timed) else float("nan")
+        out[f"{key}_std"] = float(timed.std(ddof=1)) if len(timed) > 1 else 0.0
     return out
 
 
@@ -142,27 +143,11 @@ def plot(path: Path, runs: list[dict], table: dict[str, dict[str, float]]) -> No
     print(f"wrote {path}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", default=str(REPO / "recipes" / "configs" / "ml-100k-cpu.yaml"))
-    parser.add_argument("--seeds", default="42,43,44", help="comma-separated seeds (LLM runs and Mult-VAE)")
-    parser.add_argument("--variant", action="append", choices=list(VARIANTS), help="default: recipe only")
-    parser.add_argument(
-        "--runs", default=str(REPO / "runs" / "quality_ml100k"), help="where runs are written"
-    )
-    parser.add_argument("--reuse", action="store_true", help="keep runs that already finished")
-    parser.add_argument("--skip_llm", action="store_true", help="baselines only")
-    parser.add_argument("--shared", default=str(REPO.parent / "shared"))
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality_ml100k.json"))
-    args = parser.parse_args()
-    setup_logging()
-    seeds = [int(s) for s in args.seeds.split(",")]
+def measure(args: argparse.Namespace, seeds: list[int]) -> tuple[list[dict], dict[str, list[dict]]]:
+    """Run the LLM recipe (and variants) and fit the baselines for every seed: (runs, rows per model)."""
     data = Path(read_yaml(args.config)["data"])
     if not (data / "manifest.json").exists():
         build_ml100k_reference(Path(args.shared), data)
-
     runs = []
     if not args.skip_llm:
         for variant in args.variant or ["recipe"]:
@@ -180,6 +165,50 @@ def main() -> None:
             per_model.setdefault(name, []).append(
                 {m: metrics[m] for m in METRICS} | {"train_s": metrics["fit_s"]}
             )
+    return runs, per_model
+
+
+def gather(files: list[str]) -> tuple[list[int], list[dict], dict[str, list[dict]]]:
+    """Seeds, runs and per-seed rows of earlier result files, each written for its own seeds."""
+    seeds, runs, per_model = [], [], {}
+    for path in files:
+        result = json.loads(Path(path).read_text())
+        if len(result["seeds"]) != 1:
+            raise SystemExit(f"{path}: --gather takes result files of one seed each")
+        seeds += result["seeds"]
+        runs += result["runs"]
+        for name, row in result["metrics"].items():
+            per_model.setdefault(name, []).append({key: row[key] for key in COLUMNS})
+    return seeds, runs, per_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default=str(REPO / "recipes" / "configs" / "ml-100k-cpu.yaml"))
+    parser.add_argument("--seeds", default="42,43,44", help="comma-separated seeds (LLM runs and Mult-VAE)")
+    parser.add_argument("--variant", action="append", choices=list(VARIANTS), help="default: recipe only")
+    parser.add_argument(
+        "--runs", default=str(REPO / "runs" / "quality_ml100k"), help="where runs are written"
+    )
+    parser.add_argument("--reuse", action="store_true", help="keep runs that already finished")
+    parser.add_argument("--skip_llm", action="store_true", help="baselines only")
+    parser.add_argument(
+        "--gather",
+        nargs="+",
+        metavar="JSON",
+        help="only combine result files of earlier runs of this script (e.g. one per seed) into one table",
+    )
+    parser.add_argument("--shared", default=str(REPO.parent / "shared"))
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality_ml100k.json"))
+    args = parser.parse_args()
+    setup_logging()
+    if args.gather:
+        seeds, runs, per_model = gather(args.gather)
+    else:
+        seeds = [int(s) for s in args.seeds.split(",")]
+        runs, per_model = measure(args, seeds)
     table = {name: summarise(rows) for name, rows in per_model.items()}
     print(f"ML-100K fixed random split, test, mean ± std over seeds {seeds}; config {args.config}")
     print(format_table({name: {m: cell(s, m) for m in COLUMNS} for name, s in table.items()}, COLUMNS))
