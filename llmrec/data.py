@@ -11,22 +11,42 @@ from collections.abc import Callable, Sequence
 from functools import partial
 
 import numpy as np
+import pandas as pd
 import torch
 
 from data_prep import Bundle
 from llmrec.backbone import BackboneConfig
-from llmrec.collate import TASKS, FinetuneDataset, FinetunePrompts, PretrainDataset, TaskMixture, collate
-from llmrec.generate import GenerativeScorer, SemanticDataset, require_index
-from llmrec.metrics import DEFAULT_KS, evaluate_scorer
+from llmrec.collate import (
+    TASKS,
+    FinetuneDataset,
+    FinetunePrompts,
+    PretrainDataset,
+    SequenceDataset,
+    TaskMixture,
+    collate,
+)
+from llmrec.generate import GenerativeScorer, NextSemanticDataset, SemanticDataset, require_index
+from llmrec.metrics import DEFAULT_KS, LOO_KS, evaluate_scorer, history_splits, is_leave_one_out, split_matrix
 from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig
 
 PRETRAIN_CORPORA = ("collaborative", "content")
-FINETUNE_TASKS = ("multinomial", "semantic", "both")
+PROMPT_KINDS = ("masked", "sequence")
+# finetuning task -> the prompt it trains on (and is evaluated with)
+FINETUNE_TASKS = {
+    "multinomial": "masked",
+    "semantic": "masked",
+    "both": "masked",
+    "sequential": "sequence",
+    "semantic_next": "sequence",
+}
+GENERATIVE_TASKS = ("semantic", "semantic_next")  # validated by constrained beam search
 
 
-def train_histories(bundle: Bundle) -> list[list[int]]:
-    """Every user's training items, oldest first (ties keep the bundle's order)."""
-    frame = bundle.interactions("train").sort_values(["user", "timestamp"], kind="stable")
+def train_histories(bundle: Bundle, splits: Sequence[str] = ("train",)) -> list[list[int]]:
+    """Every user's items in ``splits`` (the training split by default), oldest first (ties keep the
+    bundle's order)."""
+    frames = [bundle.interactions(name) for name in splits]
+    frame = pd.concat(frames).sort_values(["user", "timestamp"], kind="stable")
     histories: list[list[int]] = [[] for _ in range(bundle.n_users)]
     users, items = frame["user"].to_numpy(), frame["item"].to_numpy()
     bounds = np.flatnonzero(np.diff(users)) + 1
@@ -43,9 +63,20 @@ def model_for(bundle: Bundle, config: ModelConfig, backbone: BackboneConfig, see
     )
 
 
-def prompts_for(bundle: Bundle, model: CLLM4Rec) -> FinetunePrompts:
+def prompt_template(bundle: Bundle, kind: str = "masked") -> str:
+    """The prompt a task trains and is scored on: ``masked`` is the bundle's finetune template (a masked
+    history, then "<user> will interact with"); ``sequence`` is the collaborative prompt followed by the
+    chronological history, whose last item position predicts the next item."""
+    if kind == "masked":
+        return bundle.templates.finetune
+    if kind == "sequence":
+        return bundle.templates.collaborative + " {history}"
+    raise ValueError(f"unknown prompt kind {kind!r}: expected one of {PROMPT_KINDS}")
+
+
+def prompts_for(bundle: Bundle, model: CLLM4Rec, kind: str = "masked") -> FinetunePrompts:
     return FinetunePrompts(
-        model.vocab, model.tokenizer, bundle.templates.finetune, max_tokens=model.config.max_doc_tokens
+        model.vocab, model.tokenizer, prompt_template(bundle, kind), max_tokens=model.config.max_doc_tokens
     )
 
 
@@ -67,13 +98,15 @@ def finetune_dataset(
     with_content: bool = True,
     task: str = "multinomial",
 ) -> FinetuneDataset | TaskMixture:
-    """Masked-history examples for the item head (``task="multinomial"``), for writing a held-out item's
-    semantic ID (``"semantic"``, needs a model with an item index) or both; with ``with_content`` the
-    content corpus keeps the content view (and the mutual regulariser) training alongside, as in
-    CLLM4Rec's finetuning."""
+    """Finetuning examples of ``task``: masked-history examples for the item head (``"multinomial"``),
+    for writing a held-out item's semantic ID (``"semantic"``, needs a model with an item index) or both;
+    next-item examples on the chronological history for the item head (``"sequential"``, every prefix
+    in one forward) or for writing the next item's semantic ID (``"semantic_next"``). With
+    ``with_content`` the content corpus keeps the content view (and the mutual regulariser) training
+    alongside, as in CLLM4Rec's finetuning."""
     if task not in FINETUNE_TASKS:
-        raise ValueError(f"unknown finetune task {task!r}: expected one of {FINETUNE_TASKS}")
-    histories, prompts = train_histories(bundle), prompts_for(bundle, model)
+        raise ValueError(f"unknown finetune task {task!r}: expected one of {tuple(FINETUNE_TASKS)}")
+    histories, prompts = train_histories(bundle), prompts_for(bundle, model, FINETUNE_TASKS[task])
     parts: list = []
     if task in ("multinomial", "both"):
         parts.append(FinetuneDataset(histories, prompts, seed=seed, mask_ratio=mask_ratio, target=target))
@@ -81,6 +114,10 @@ def finetune_dataset(
         parts.append(
             SemanticDataset(histories, prompts, require_index(model), seed=seed, mask_ratio=mask_ratio)
         )
+    if task == "sequential":
+        parts.append(SequenceDataset(histories, prompts))
+    if task == "semantic_next":
+        parts.append(NextSemanticDataset(histories, prompts, require_index(model), seed=seed))
     if with_content:
         parts.append(pretrain_dataset(bundle, model, seed, corpora=("content",)))
     return parts[0] if len(parts) == 1 else TaskMixture(*parts)
@@ -124,20 +161,32 @@ class PromptScorer:
         return torch.cat(scores)
 
 
-def scorer_for(bundle: Bundle, model: CLLM4Rec, batch_size: int = 32) -> PromptScorer:
-    return PromptScorer(model, prompts_for(bundle, model), train_histories(bundle), batch_size=batch_size)
+def scorer_for(
+    bundle: Bundle, model: CLLM4Rec, batch_size: int = 32, split: str = "valid", prompt: str = "masked"
+) -> PromptScorer:
+    """The item head over prompts of each user's input history for ``split`` (`metrics.history_splits`)."""
+    histories = train_histories(bundle, history_splits(bundle, split))
+    return PromptScorer(model, prompts_for(bundle, model, prompt), histories, batch_size=batch_size)
 
 
 def generative_scorer(
-    bundle: Bundle, model: CLLM4Rec, split: str, beam: int = 100, batch_size: int = 32
+    bundle: Bundle,
+    model: CLLM4Rec,
+    split: str,
+    beam: int = 100,
+    batch_size: int = 32,
+    prompt: str = "masked",
+    exclude_seen: bool = True,
 ) -> GenerativeScorer:
-    """Constrained beam search over the model's item index; the items that ``split``'s ranking excludes
-    (training items, plus validation items for the test split) are kept out of the search itself."""
-    exclude = bundle.matrix("train")
-    if split == "test":
-        exclude = exclude + bundle.matrix("valid")
+    """Constrained beam search over the model's item index; with ``exclude_seen`` the items that
+    ``split``'s ranking excludes (training items, plus validation items for the test split) are kept out
+    of the search itself."""
+    exclude = None
+    if exclude_seen:
+        exclude = split_matrix(bundle, ("train", "valid") if split == "test" else ("train",))
+    histories = train_histories(bundle, history_splits(bundle, split))
     return GenerativeScorer(
-        model, prompts_for(bundle, model), train_histories(bundle), exclude, beam=beam, batch_size=batch_size
+        model, prompts_for(bundle, model, prompt), histories, exclude, beam=beam, batch_size=batch_size
     )
 
 
@@ -160,26 +209,39 @@ def with_selection_metric(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def evaluate_model(
-    bundle: Bundle, model: CLLM4Rec, split: str, batch_size: int = 64, beam: int = 0, **kwargs
+    bundle: Bundle,
+    model: CLLM4Rec,
+    split: str,
+    batch_size: int = 64,
+    beam: int = 0,
+    prompt: str = "masked",
+    exclude_seen: bool = True,
+    **kwargs,
 ) -> dict[str, float]:
-    """Full-catalogue metrics of ``model`` on ``split`` (seen items excluded), one forward pass per user.
+    """Full-catalogue metrics of ``model`` on ``split`` (seen items excluded unless ``exclude_seen`` is
+    off), one forward pass per user over the ``prompt`` kind the model was finetuned on.
 
     With ``beam`` > 0 the ranked lists come from constrained beam search of semantic IDs instead (the
     generative task); a list holds ``beam`` items, so ``beam`` must cover the largest cut-off.
     """
     if beam:
-        largest = max(kwargs.get("ks", DEFAULT_KS))
-        if beam < largest:
+        ks = kwargs.get("ks") or (LOO_KS if is_leave_one_out(bundle) else DEFAULT_KS)
+        if beam < max(ks):
             raise ValueError(
-                f"beam {beam} is shorter than the largest cut-off @{largest}: lists would be padded"
+                f"beam {beam} is shorter than the largest cut-off @{max(ks)}: lists would be padded"
             )
-        scorer = generative_scorer(bundle, model, split, beam, batch_size)
+        scorer = generative_scorer(bundle, model, split, beam, batch_size, prompt, exclude_seen)
     else:
-        scorer = scorer_for(bundle, model, batch_size)
-    return with_selection_metric(evaluate_scorer(scorer, bundle, split, batch_size=batch_size, **kwargs))
+        scorer = scorer_for(bundle, model, batch_size, split, prompt)
+    metrics = evaluate_scorer(
+        scorer, bundle, split, batch_size=batch_size, exclude_seen=exclude_seen, **kwargs
+    )
+    return with_selection_metric(metrics)
 
 
 def validation_fn(
-    bundle: Bundle, batch_size: int = 64, beam: int = 0
+    bundle: Bundle, batch_size: int = 64, beam: int = 0, prompt: str = "masked"
 ) -> Callable[[CLLM4Rec], dict[str, float]]:
-    return partial(evaluate_model, bundle, split="valid", batch_size=batch_size, beam=beam, progress=False)
+    return partial(
+        evaluate_model, bundle, split="valid", batch_size=batch_size, beam=beam, prompt=prompt, progress=False
+    )

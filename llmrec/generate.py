@@ -31,7 +31,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from llmrec.collate import TASKS, FinetuneDataset, FinetunePrompts, collate, lm_example
+from llmrec.collate import TASKS, FinetuneDataset, FinetunePrompts, collate, epoch_rng, lm_example
 from llmrec.model import CLLM4Rec
 
 if TYPE_CHECKING:
@@ -76,6 +76,21 @@ class SemanticDataset(FinetuneDataset):
             self.prompts.encode(self.users[index], kept), tokens, [t - self.first_semantic for t in tokens]
         )
         return {"task": TASKS.index("semantic"), "input_ids": input_ids, "labels": labels}
+
+
+class NextSemanticDataset(SemanticDataset):
+    """The semantic-ID task in the next-item setting: the prompt is a chronological prefix of the history
+    and the target the semantic ID of the item right after it.
+
+    One prefix per user and epoch, its length drawn uniformly from ``(seed, epoch, row)`` (every prefix
+    would be one LM forward each: the codes of the next item follow the prompt, so prefixes cannot share a
+    forward as the item head's do).
+    """
+
+    def split(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        items = self.histories[index]
+        cut = int(epoch_rng(self.seed, self.epoch, index).integers(0, len(items)))
+        return items[:cut], items[cut : cut + 1]
 
 
 class TrieTensors:

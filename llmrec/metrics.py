@@ -14,6 +14,13 @@ tables are comparable. Conventions:
   the top K; ``coverage@K`` is the fraction of the catalogue that appears in at least one user's top K.
 - Users without held-out items are skipped and counted in ``users_skipped``; ``users`` counts the users
   the averages are over.
+- Next-item leave-one-out bundles (every user holds at most one valid and one test interaction, as in
+  SASRec, TIGER and the generative-recommendation literature) are detected by :func:`is_leave_one_out`
+  and reported at @5/@10/@20 with ``hr@K`` (hit ratio: ``hit@K``, which with one held-out item is also
+  recall) next to ``ndcg@K`` (with IDCG 1). The input history for the test split then includes the
+  validation item (:func:`history_splits`), since it precedes the test item in time.
+- Seen items are excluded by default; ``exclude_seen=False`` keeps them in the ranking (the
+  generative-recommendation literature is split on this, so both are one flag apart).
 
 The metrics are written here rather than taken from RecBole or torchmetrics: RecBole brings its whole
 training framework with it, and torchmetrics' retrieval metrics work on per-query candidate lists rather
@@ -39,6 +46,7 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 DEFAULT_KS: tuple[int, ...] = (10, 20, 40, 100)
+LOO_KS: tuple[int, ...] = (5, 10, 20)
 METRIC_NAMES: tuple[str, ...] = ("recall", "recall_recbole", "ndcg", "mrr", "hit", "coverage")
 
 ScoreFn = Callable[[np.ndarray], "np.ndarray | torch.Tensor"]
@@ -205,6 +213,30 @@ def evaluate_matrices(
     return result
 
 
+def is_leave_one_out(bundle: SplitSource) -> bool:
+    """True for a next-item leave-one-out bundle: no user holds more than one valid or test interaction."""
+    return all(int(np.diff(bundle.matrix(split).indptr).max(initial=0)) <= 1 for split in ("valid", "test"))
+
+
+def history_splits(bundle: SplitSource, split: str) -> tuple[str, ...]:
+    """The splits a scorer reads as each user's input when ranking ``split``.
+
+    Always the training split; for the test split of a leave-one-out bundle also the validation item,
+    which comes right before the test item in time (the field's protocol: predict the next item from
+    everything before it). On per-user random splits valid and test are draws of the same kind, so the
+    input stays the training items, as during finetuning.
+    """
+    if split == "test" and is_leave_one_out(bundle):
+        return ("train", "valid")
+    return ("train",)
+
+
+def split_matrix(bundle: SplitSource, splits: Sequence[str]) -> sp.csr_matrix:
+    """The binary union of several splits' interaction matrices."""
+    total = sum((bundle.matrix(name) for name in splits[1:]), bundle.matrix(splits[0]))
+    return sp.csr_matrix(total > 0, dtype=np.float32)
+
+
 def evaluate_scorer(
     score_fn: ScoreFn,
     bundle: SplitSource,
@@ -212,22 +244,28 @@ def evaluate_scorer(
     *,
     users: Iterable[int] | None = None,
     batch_size: int = 256,
-    ks: Sequence[int] = DEFAULT_KS,
+    ks: Sequence[int] | None = None,
+    exclude_seen: bool = True,
     progress: bool = True,
 ) -> dict[str, float]:
     """Evaluate ``score_fn`` on a bundle's ``split`` ("valid" or "test") under the project's protocol.
 
-    Held-out items are ``bundle.matrix(split)``; training items are excluded, and for the test split the
-    validation items are excluded as well.
+    Held-out items are ``bundle.matrix(split)``; with ``exclude_seen`` (the default) training items are
+    excluded, and for the test split the validation items as well. ``ks`` defaults to `LOO_KS` on a
+    leave-one-out bundle, where ``hr@K`` is added, and to `DEFAULT_KS` otherwise.
     """
     if split not in ("valid", "test"):
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
-    exclude = bundle.matrix("train")
-    if split == "test":
-        exclude = exclude + bundle.matrix("valid")
+    loo = is_leave_one_out(bundle)
+    ks = tuple(ks or (LOO_KS if loo else DEFAULT_KS))
+    exclude = (
+        split_matrix(bundle, ("train", "valid") if split == "test" else ("train",)) if exclude_seen else None
+    )
     result = evaluate_matrices(
         score_fn, bundle.matrix(split), exclude, users=users, batch_size=batch_size, ks=ks, progress=progress
     )
+    if loo:
+        result.update({f"hr@{k}": result[f"hit@{k}"] for k in ks})
     logger.info(
         "%s: %d users evaluated, %d skipped (no held-out items)",
         split,

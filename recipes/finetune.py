@@ -7,6 +7,9 @@ Validates after every epoch on the valid split, keeps the best model (output_dir
 
 ``--task semantic --index DIR`` (an index from recipes/index.py) trains the generative task instead:
 the LM writes a held-out item's semantic ID, and validation ranks by constrained beam search.
+``--task sequential`` trains the item head on next-item prediction over the chronological history
+(a loss at every item position, one forward per user), ``--task semantic_next`` the semantic-ID
+generator on the same next-item setting; both are the tasks of the leave-one-out protocol.
 """
 
 from __future__ import annotations
@@ -17,7 +20,14 @@ from pathlib import Path
 from data_prep import load_bundle
 from llmrec.backbone import BackboneConfig
 from llmrec.config import parse_config
-from llmrec.data import finetune_dataset, item_softmax, model_for, validation_fn
+from llmrec.data import (
+    FINETUNE_TASKS,
+    GENERATIVE_TASKS,
+    finetune_dataset,
+    item_softmax,
+    model_for,
+    validation_fn,
+)
 from llmrec.log import get_logger, setup_logging
 from llmrec.model import CLLM4Rec, ModelConfig
 from llmrec.train import TrainConfig, make_accelerator, save_run_config, train
@@ -45,6 +55,8 @@ class FinetuneArgs:
         default="multinomial",
         metadata={
             "help": "multinomial (item head) | semantic (write a held-out item's semantic ID; needs --index) | both"
+            " | sequential (item head at every position of the chronological history) | semantic_next"
+            " (write the next item's semantic ID after a chronological prefix; needs --index)"
         },
     )
     eval_beam: int = field(
@@ -99,8 +111,10 @@ def main(argv: list[str] | None = None) -> dict:
         task=args.task,
     )
     save_run_config(accelerator, train_config.output_dir, args, backbone, model_config, train_config)
-    beam = args.eval_beam if args.task == "semantic" else 0  # "both" validates the item head
-    evaluate = validation_fn(bundle, batch_size=args.eval_batch_size, beam=beam)
+    beam = args.eval_beam if args.task in GENERATIVE_TASKS else 0  # "both" validates the item head
+    evaluate = validation_fn(
+        bundle, batch_size=args.eval_batch_size, beam=beam, prompt=FINETUNE_TASKS[args.task]
+    )
     return train(
         model, dataset, train_config, accelerator, evaluate=evaluate, metric_for_best=args.metric_for_best
     )
