@@ -108,7 +108,8 @@ class FinetunePrompts:
 
     def render(self, user: int, items: Sequence[int]) -> str:
         history = " ".join(self.vocab.placeholder(self.vocab.item_token(i)) for i in items)
-        return self.template.format(user=user, history=history)
+        # no trailing space: an empty history must give the same tokens as the start of a longer one
+        return self.template.format(user=user, history=history).rstrip()
 
 
 class FinetuneDataset(Dataset):

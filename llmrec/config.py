@@ -28,7 +28,17 @@ class ConfigError(ValueError):
     """A configuration file or value that cannot be used."""
 
 
-RECIPES = ("pretrain", "finetune", "evaluate", "zeroshot", "export", "recommend", "index", "baselines")
+RECIPES = (
+    "pretrain",
+    "finetune",
+    "evaluate",
+    "zeroshot",
+    "export",
+    "recommend",
+    "index",
+    "baselines",
+    "align",
+)
 
 
 def load_yaml(path: str | Path, section: str | None = None) -> dict[str, Any]:

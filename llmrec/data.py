@@ -216,13 +216,16 @@ def evaluate_model(
     beam: int = 0,
     prompt: str = "masked",
     exclude_seen: bool = True,
+    diagnostic_users: int = 0,
     **kwargs,
 ) -> dict[str, float]:
     """Full-catalogue metrics of ``model`` on ``split`` (seen items excluded unless ``exclude_seen`` is
     off), one forward pass per user over the ``prompt`` kind the model was finetuned on.
 
     With ``beam`` > 0 the ranked lists come from constrained beam search of semantic IDs instead (the
-    generative task); a list holds ``beam`` items, so ``beam`` must cover the largest cut-off.
+    generative task); a list holds ``beam`` items, so ``beam`` must cover the largest cut-off. Then
+    ``diagnostic_users`` > 0 adds the validity diagnostics (`GenerativeScorer.diagnostics`) of that
+    many evaluated users as ``validity/...`` keys.
     """
     if beam:
         ks = kwargs.get("ks") or (LOO_KS if is_leave_one_out(bundle) else DEFAULT_KS)
@@ -236,6 +239,9 @@ def evaluate_model(
     metrics = evaluate_scorer(
         scorer, bundle, split, batch_size=batch_size, exclude_seen=exclude_seen, **kwargs
     )
+    if beam and diagnostic_users:
+        users = np.flatnonzero(np.diff(bundle.matrix(split).indptr) > 0)[:diagnostic_users]
+        metrics.update({f"validity/{key}": value for key, value in scorer.diagnostics(users).items()})
     return with_selection_metric(metrics)
 
 

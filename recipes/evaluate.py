@@ -51,6 +51,12 @@ class EvaluateArgs:
     beam: int = field(
         default=0, metadata={"help": "beam width with --generate (default: the largest cut-off)"}
     )
+    diagnostic_users: int = field(
+        default=256,
+        metadata={
+            "help": "with --generate: users whose lists get validity diagnostics (with and without the trie)"
+        },
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -72,12 +78,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         beam=beam,
         prompt=FINETUNE_TASKS[saved.get("task", "multinomial")],
         exclude_seen=args.exclude_seen,
+        diagnostic_users=args.diagnostic_users,
         ks=ks,
     )
     key = f"{args.split}/generate" if args.generate else args.split
     key += "" if args.exclude_seen else "/seen_kept"
     columns = [f"{name}@{k}" for name in (("hr", "ndcg") if loo else ("recall", "ndcg")) for k in ks]
     print(format_table({f"{run.name} ({key})": metrics}, columns))
+    validity = {name.split("/", 1)[1]: v for name, v in metrics.items() if name.startswith("validity/")}
+    if validity:
+        print(format_table({"validity": validity}, list(validity)))
     path = run / "metrics.json"
     previous = json.loads(path.read_text())["metrics"] if path.exists() else {}
     write_metrics_json(path, {**previous, key: metrics}, run=str(run), data=str(data))

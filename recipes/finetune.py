@@ -29,6 +29,7 @@ from llmrec.data import (
     validation_fn,
 )
 from llmrec.log import get_logger, setup_logging
+from llmrec.metrics import is_leave_one_out
 from llmrec.model import CLLM4Rec, ModelConfig
 from llmrec.train import TrainConfig, make_accelerator, save_run_config, train
 
@@ -73,9 +74,12 @@ class FinetuneArgs:
     softmax_samples: int = field(
         default=8192, metadata={"help": "negatives per batch for the sampled softmax"}
     )
-    metric_for_best: str = field(
-        default="cllm4rec",
-        metadata={"help": "valid metric to select on; cllm4rec = recall@20 + recall@40 + ndcg@100"},
+    metric_for_best: str | None = field(
+        default=None,
+        metadata={
+            "help": "valid metric to select on (default: ndcg@10 on a leave-one-out bundle, else cllm4rec ="
+            " recall@20 + recall@40 + ndcg@100)"
+        },
     )
     eval_batch_size: int = field(default=64, metadata={"help": "users per forward pass during validation"})
 
@@ -115,9 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
     evaluate = validation_fn(
         bundle, batch_size=args.eval_batch_size, beam=beam, prompt=FINETUNE_TASKS[args.task]
     )
-    return train(
-        model, dataset, train_config, accelerator, evaluate=evaluate, metric_for_best=args.metric_for_best
-    )
+    metric = args.metric_for_best or ("ndcg@10" if is_leave_one_out(bundle) else "cllm4rec")
+    return train(model, dataset, train_config, accelerator, evaluate=evaluate, metric_for_best=metric)
 
 
 if __name__ == "__main__":
