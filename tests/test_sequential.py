@@ -161,7 +161,7 @@ def align_args(bundle: Path, init: Path, out: Path, *extra: str) -> list[str]:
     return [
         "--data", str(bundle), "--init", str(init), "--output_dir", str(out), "--pairs_per_user", "1",
         "--n_rejected", "4", "--batch_size", "16", "--max_steps", "6", "--save_steps", "2", "--log_steps", "1",
-        "--lora_dropout", "0.0", "--warmup_ratio", "0", "--eval_batch_size", "256", *extra,
+        "--warmup_ratio", "0", "--eval_batch_size", "256", *extra,
     ]  # fmt: skip
 
 
