@@ -37,7 +37,7 @@ import evaluate  # noqa: E402
 import finetune  # noqa: E402
 import index  # noqa: E402
 
-from data_prep.build import BuildConfig, build  # noqa: E402
+from data_prep.build import build_ml100k_reference  # noqa: E402
 from llmrec.config import load_yaml  # noqa: E402
 from llmrec.log import setup_logging  # noqa: E402
 from llmrec.metrics import format_table, write_metrics_json  # noqa: E402
@@ -49,15 +49,7 @@ STAGES = ("baselines", "sequential", "semantic", "align")
 
 def ensure_bundle(data: Path, shared: Path) -> None:
     if not (data / "manifest.json").exists():
-        build(
-            BuildConfig(
-                format="recbole",
-                input=str(shared / "datasets" / "ml-100k"),
-                split="presplit",
-                presplit=str(shared / "benchmarks" / "ml-100k-loo"),
-                out=str(data),
-            )
-        )
+        build_ml100k_reference(shared, data, "ml-100k-loo")
 
 
 def valid_curve(run: Path) -> list[float]:
@@ -100,18 +92,24 @@ def run_baselines(args, data: Path) -> dict:
     return rows
 
 
-def llm_run(args, seed: int, name: str, extra: list[str]) -> tuple[Path, float]:
+def run_wall(run: Path) -> float:
+    """Seconds from a run's start (its run_config.json) to its last logged line (metrics.jsonl)."""
+    return (run / "metrics.jsonl").stat().st_mtime - (run / "run_config.json").stat().st_mtime
+
+
+def llm_run(args, seed: int, name: str, recipe, extra: list[str]) -> tuple[Path, float]:
+    """Train (or with ``--reuse``, take a run that already kept a best model, e.g. one stopped by hand
+    after the epochs that fit the machine) and return it with its wall time."""
     run = Path(args.runs) / f"{name}-seed{seed}"
-    _, wall = timed(
-        finetune.main, ["--config", args.config, "--seed", str(seed), "--output_dir", str(run), *extra]
-    )
-    return run, wall
+    if not (args.reuse and (run / "best" / "config.json").exists()):
+        recipe.main(["--config", args.config, "--seed", str(seed), "--output_dir", str(run), *extra])
+    return run, run_wall(run)
 
 
 def run_sequential(args, data: Path) -> dict:
     rows = []
     for seed in args.llm_seeds:
-        run, wall = llm_run(args, seed, "sequential", ["--task", "sequential"])
+        run, wall = llm_run(args, seed, "sequential", finetune, ["--task", "sequential"])
         metrics = evaluate.main(["--config", args.config, "--run", str(run), "--split", "test"])
         rows.append({**metrics, "wall_s": wall, "curve": valid_curve(run), "seed": seed})
     return {"llmrec item head (sequential)": rows}
@@ -121,12 +119,25 @@ def run_semantic(args, data: Path) -> dict:
     index_dir = data / "index" / "rqvae"
     index_wall = 0.0
     if not (index_dir / "index.json").exists():
-        _, index_wall = timed(index.main, ["--data", str(data), "--method", "rqvae", "--out", str(index_dir)])
+        _, index_wall = timed(
+            index.main,
+            [
+                "--data",
+                str(data),
+                "--method",
+                "rqvae",
+                "--out",
+                str(index_dir),
+                "--epochs",
+                str(args.rqvae_epochs),
+            ]
+            + ["--codebook_size", str(args.rqvae_codebook)],
+        )
     rows = []
     extra = ["--task", "semantic_next", "--index", str(index_dir), "--eval_beam", "20"]
     extra += ["--epochs", str(args.semantic_epochs)]
     for seed in args.llm_seeds:
-        run, wall = llm_run(args, seed, "semantic", extra)
+        run, wall = llm_run(args, seed, "semantic", finetune, extra)
         metrics = evaluate.main(
             ["--config", args.config, "--run", str(run), "--split", "test", "--generate", "true"]
         )
@@ -135,17 +146,25 @@ def run_semantic(args, data: Path) -> dict:
 
 
 def run_align(args, data: Path) -> dict:
-    rows = []
+    """DPO from each seed's SFT run (``--align_init``, default the sequential run), and that start's own
+    test numbers beside it."""
+    rows: dict[str, list[dict]] = {"llmrec item head, DPO start (SFT)": [], "llmrec item head + DPO": []}
     for seed in args.llm_seeds:
-        init = Path(args.runs) / f"sequential-seed{seed}"
-        run = Path(args.runs) / f"align-seed{seed}"
-        _, wall = timed(
-            align.main,
-            ["--config", args.config, "--init", str(init), "--output_dir", str(run), "--seed", str(seed)],
+        init = Path(
+            args.align_init.format(seed=seed)
+            if args.align_init
+            else Path(args.runs) / f"sequential-seed{seed}"
         )
+        start = evaluate.main(["--config", args.config, "--run", str(init), "--split", "test"])
+        rows["llmrec item head, DPO start (SFT)"].append(
+            {**start, "wall_s": run_wall(init), "curve": valid_curve(init), "seed": seed}
+        )
+        run, wall = llm_run(args, seed, "align", align, ["--init", str(init)])
         metrics = evaluate.main(["--config", args.config, "--run", str(run), "--split", "test"])
-        rows.append({**metrics, "wall_s": wall, "curve": valid_curve(run), "seed": seed})
-    return {"llmrec item head + DPO": rows}
+        rows["llmrec item head + DPO"].append(
+            {**metrics, "wall_s": wall, "curve": valid_curve(run), "seed": seed}
+        )
+    return rows
 
 
 def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
@@ -200,6 +219,12 @@ def main() -> None:
     parser.add_argument("--sasrec_patience", type=int, default=3)
     parser.add_argument("--sasrec_dropouts", type=float, nargs="+", default=[0.2, 0.5])
     parser.add_argument("--semantic_epochs", type=int, default=3)
+    parser.add_argument("--rqvae_epochs", type=int, default=300, help="RQ-VAE epochs (3 levels)")
+    parser.add_argument("--rqvae_codebook", type=int, default=64, help="codes per RQ-VAE level")
+    parser.add_argument(
+        "--reuse", action="store_true", help="evaluate LLM runs that already kept a best model"
+    )
+    parser.add_argument("--align_init", default=None, help="SFT run to align, '{seed}' filled in")
     parser.add_argument("--shared", default=str(REPO.parent / "shared"))
     parser.add_argument("--runs", default=str(REPO / "runs" / "sequential_ml100k"))
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "sequential_ml100k"))

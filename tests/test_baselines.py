@@ -152,7 +152,9 @@ def chain_sequences(n_items: int = 30, n_users: int = 60, seed: int = 0):
             walk.append(int(successor[walk[-1]]))
         sequences.append(walk[:-1])
         nexts.append(walk[-1])
-    valid = sp.csr_matrix((np.ones(n_users, np.float32), (np.arange(n_users), nexts)), shape=(n_users, n_items))
+    valid = sp.csr_matrix(
+        (np.ones(n_users, np.float32), (np.arange(n_users), nexts)), shape=(n_users, n_items)
+    )
     return sequences, valid, successor
 
 

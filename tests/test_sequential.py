@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -46,19 +43,11 @@ def model() -> CLLM4Rec:
 @pytest.fixture(scope="module")
 def loo_bundle(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """ML-100K on the fixed leave-one-out split (~2 s)."""
-    from data_prep.build import BuildConfig, build
+    from data_prep.build import build_ml100k_reference
 
-    out = tmp_path_factory.mktemp("bundles") / "ml-100k-loo"
-    build(
-        BuildConfig(
-            format="recbole",
-            input=str(shared_dir / "datasets" / "ml-100k"),
-            split="presplit",
-            presplit=str(shared_dir / "benchmarks" / "ml-100k-loo"),
-            out=str(out),
-        )
+    return build_ml100k_reference(
+        shared_dir, tmp_path_factory.mktemp("bundles") / "ml-100k-loo", "ml-100k-loo"
     )
-    return out
 
 
 def prompts_of(model: CLLM4Rec, max_tokens: int = 512) -> FinetunePrompts:
@@ -165,7 +154,9 @@ def align_args(bundle: Path, init: Path, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_sequential_finetune_then_alignment_run_end_to_end_and_resume_after_a_kill(loo_bundle, tmp_path):
+def test_sequential_finetune_then_alignment_run_end_to_end_and_resume_after_a_kill(
+    loo_bundle, tmp_path, kill_after_checkpoint
+):
     import align
     import evaluate
     import finetune
@@ -186,19 +177,7 @@ def test_sequential_finetune_then_alignment_run_end_to_end_and_resume_after_a_ki
     assert json.loads((reference / "run_config.json").read_text())["task"] == "sequential"
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        [sys.executable, str(REPO / "recipes" / "align.py"), *align_args(loo_bundle, sft, killed)],
-        env={**__import__("os").environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 240
-    while not (killed / "checkpoints" / "checkpoint_1" / "trainer_state.json").exists():
-        assert process.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline, "no checkpoint within 240 s"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_after_checkpoint([str(REPO / "recipes" / "align.py"), *align_args(loo_bundle, sft, killed)], killed)
     assert not (killed / "model").exists()
     align.main(align_args(loo_bundle, sft, killed, "--resume", "true"))
     expected = load_file(reference / "model" / "model.safetensors")
