@@ -146,19 +146,17 @@ def run_semantic(args, data: Path) -> dict:
 
 
 def run_align(args, data: Path) -> dict:
-    """DPO from each seed's SFT run (``--align_init``, default the sequential run), and that start's own
-    test numbers beside it."""
-    rows: dict[str, list[dict]] = {"llmrec item head, DPO start (SFT)": [], "llmrec item head + DPO": []}
+    """DPO from each seed's SFT run: the sequential run, or ``--align_init`` (whose own test numbers are
+    then reported beside it as the DPO start)."""
+    rows: dict[str, list[dict]] = {"llmrec item head + DPO": []}
     for seed in args.llm_seeds:
-        init = Path(
-            args.align_init.format(seed=seed)
-            if args.align_init
-            else Path(args.runs) / f"sequential-seed{seed}"
-        )
-        start = evaluate.main(["--config", args.config, "--run", str(init), "--split", "test"])
-        rows["llmrec item head, DPO start (SFT)"].append(
-            {**start, "wall_s": run_wall(init), "curve": valid_curve(init), "seed": seed}
-        )
+        init = Path(args.runs) / f"sequential-seed{seed}"
+        if args.align_init:
+            init = Path(args.align_init.format(seed=seed))
+            start = evaluate.main(["--config", args.config, "--run", str(init), "--split", "test"])
+            rows.setdefault("llmrec item head, DPO start (SFT)", []).append(
+                {**start, "wall_s": run_wall(init), "curve": valid_curve(init), "seed": seed}
+            )
         run, wall = llm_run(args, seed, "align", align, ["--init", str(init)])
         metrics = evaluate.main(["--config", args.config, "--run", str(run), "--split", "test"])
         rows["llmrec item head + DPO"].append(
