@@ -250,7 +250,11 @@ def main() -> None:
         if path.exists():
             results.update(json.loads(path.read_text())["metrics"])
     print(f"ML-100K leave-one-out, test (selected on valid); seen items excluded; config {args.config}")
-    print(format_table(summarise(results), [*METRICS, "wall_s", "seeds"]))
+    table, columns = summarise(results), [*METRICS, "wall_s", "seeds"]
+    print(format_table(table, columns))
+    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(str(row[c]) for c in columns) + " |" for name, row in table.items()]
+    (results_dir / "table.md").write_text("\n".join(lines) + "\n")  # for the README
     plot(results, Path(args.plot))
     print(f"plot: {args.plot}")
 
