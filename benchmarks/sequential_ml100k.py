@@ -180,19 +180,21 @@ def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
     return table
 
 
-def plot(results: dict[str, list[dict]], path: Path) -> None:
+def plot(results: dict[str, list[dict]], pending: dict[str, list[float]], path: Path) -> None:
+    """Validation NDCG@10 by epoch of every model's first seed (a dashed line for models without epochs),
+    plus the curves of ``pending`` runs whose stage has no result yet."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, runs in results.items():
-        curve = runs[0]["curve"]
+    curves = {name: runs[0]["curve"] for name, runs in results.items()} | pending
+    for name, curve in curves.items():
         if curve:
             ax.plot(range(1, len(curve) + 1), curve, marker="." if len(curve) < 30 else None, label=name)
-        elif "valid_ndcg@10" in runs[0]:
-            ax.axhline(runs[0]["valid_ndcg@10"], linestyle="--", label=name)
+        elif "valid_ndcg@10" in results[name][0]:
+            ax.axhline(results[name][0]["valid_ndcg@10"], linestyle="--", color="gray", label=name)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation NDCG@10")
     ax.set_xscale("log")
@@ -255,7 +257,13 @@ def main() -> None:
     lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(str(row[c]) for c in columns) + " |" for name, row in table.items()]
     (results_dir / "table.md").write_text("\n".join(lines) + "\n")  # for the README
-    plot(results, Path(args.plot))
+    finished = {stage for stage in STAGES if (results_dir / f"{stage}.json").exists()}
+    pending = {
+        f"{run.name} (valid only: its stage has not finished)": valid_curve(run)
+        for run in sorted(Path(args.runs).glob("*-seed*"))
+        if run.name.split("-")[0] not in finished and (run / "metrics.jsonl").exists()
+    }
+    plot(results, {name: curve for name, curve in pending.items() if curve}, Path(args.plot))
     print(f"plot: {args.plot}")
 
 
