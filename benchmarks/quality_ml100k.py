@@ -23,9 +23,9 @@ import evaluate  # noqa: E402
 import finetune  # noqa: E402
 import pretrain  # noqa: E402
 
+from common.config import read_yaml  # noqa: E402
+from common.log import setup_logging  # noqa: E402
 from data_prep.build import build_ml100k_reference  # noqa: E402
-from llmrec.config import load_yaml  # noqa: E402
-from llmrec.log import setup_logging  # noqa: E402
 from llmrec.metrics import format_table, write_metrics_json  # noqa: E402
 from llmrec.reporting import machine_info  # noqa: E402
 
@@ -48,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging()
 
-    data = Path(load_yaml(args.config)["data"])
+    data = Path(read_yaml(args.config)["data"])
     ensure_bundle(data, Path(args.shared))
     rows: dict[str, dict[str, float]] = {}
     timings: dict[str, float] = {}
@@ -69,7 +69,7 @@ def main() -> None:
         args.out,
         rows,
         config_file=args.config,
-        config=load_yaml(args.config),
+        config=read_yaml(args.config),
         timings_s=timings,
         machine=machine_info(),
     )

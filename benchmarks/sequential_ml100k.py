@@ -37,9 +37,9 @@ import evaluate  # noqa: E402
 import finetune  # noqa: E402
 import index  # noqa: E402
 
+from common.config import read_yaml  # noqa: E402
+from common.log import setup_logging  # noqa: E402
 from data_prep.build import build_ml100k_reference  # noqa: E402
-from llmrec.config import load_yaml  # noqa: E402
-from llmrec.log import setup_logging  # noqa: E402
 from llmrec.metrics import format_table, write_metrics_json  # noqa: E402
 from llmrec.reporting import machine_info  # noqa: E402
 
@@ -82,7 +82,7 @@ def run_baselines(args, data: Path) -> dict:
     for seed in args.seeds:
         out = Path(args.results) / f"sasrec-seed{seed}.json"  # kept: a stage run again reuses finished seeds
         if not out.exists():
-            seeded = ["--sasrec_dropouts", *dropouts, "--seed", str(seed), "--out", str(out)]
+            seeded = ["--sasrec_dropouts", *dropouts, "--sasrec_seed", str(seed), "--out", str(out)]
             baselines.main([*common, *sasrec, *seeded])
         saved = json.loads(out.read_text())
         info, metrics = saved["fit_info"]["sasrec"], saved["metrics"]["sasrec"]
@@ -233,7 +233,7 @@ def main() -> None:
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.llm_seeds = [int(s) for s in args.llm_seeds.split(",")]
     setup_logging()
-    data = Path(load_yaml(args.config)["data"])
+    data = Path(read_yaml(args.config)["data"])
     ensure_bundle(data, Path(args.shared))
     results_dir = Path(args.results)
     stages = {
@@ -245,7 +245,7 @@ def main() -> None:
     for stage in [s for s in args.stages.split(",") if s]:
         rows, wall = timed(stages[stage], args, data)
         write_metrics_json(results_dir / f"{stage}.json", rows, stage=stage, wall_s=wall, machine=machine_info(),
-                           config_file=args.config, config=load_yaml(args.config), args=vars(args))  # fmt: skip
+                           config_file=args.config, config=read_yaml(args.config), args=vars(args))  # fmt: skip
     results: dict[str, list[dict]] = {}
     for stage in STAGES:
         path = results_dir / f"{stage}.json"

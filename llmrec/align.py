@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from llmrec.collate import TASKS, FinetunePrompts, collate
+from llmrec.prompts import TASKS, FinetunePrompts, prompt_batch
 
 if TYPE_CHECKING:
     from llmrec.model import CLLM4Rec
@@ -129,7 +129,7 @@ def build_preferences(
     for start in tqdm(range(0, len(cuts), batch_size), desc="preferences", unit="batch", leave=False):
         chunk = cuts[start : start + batch_size]
         encoded = [prompts.encode(user, histories[user][:t]) for user, t in chunk]
-        batch = collate([{"task": TASKS.index("preference"), "input_ids": ids} for ids in encoded], pad)
+        batch = prompt_batch(encoded, pad)
         scores = model.score_items(batch["input_ids"].to(device), batch["attention_mask"].to(device))
         log_probs = torch.log_softmax(scores.float(), dim=-1).cpu()
         for row, ((user, t), ids) in enumerate(zip(chunk, encoded, strict=True)):

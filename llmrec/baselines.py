@@ -1,13 +1,15 @@
 """Classical recommenders scored with the same metric code as the LLM: Pop, EASE, Mult-VAE and SASRec.
 
-Pop, EASE and Mult-VAE share one small interface so that a recipe can treat them alike (SASRec reads
-ordered sequences instead; see its docstring):
+All of them follow one protocol (`llmrec.metrics.Scorer`), so a recipe treats them alike:
 
-- ``fit(train, valid=None)`` learns from a binary (n_users, n_items) csr matrix; when ``valid`` is given,
-  hyperparameters (EASE's lambda, Mult-VAE's epoch) are chosen on it by NDCG@100 with the training items
-  excluded, the protocol of :func:`llmrec.metrics.evaluate_matrices`.
-- ``score(users, history)`` returns dense (len(users), n_items) float32 scores computed from the users'
-  rows of ``history`` (the input interactions; the project uses the training matrix, like the LLM's prompt).
+- ``fit(...)`` learns and keeps the training history users are scored from; when ``valid`` is given,
+  hyperparameters (EASE's lambda, Mult-VAE's epoch, SASRec's epoch and dropout) are chosen on it with
+  the training items excluded, the protocol of :func:`llmrec.metrics.evaluate_matrices`. Pop, EASE and
+  Mult-VAE fit a binary (n_users, n_items) csr matrix, ``fit(train, valid=None)``; SASRec reads ordered
+  sequences, ``fit(sequences, n_items, valid=None)``.
+- ``score(users)`` returns dense (len(users), n_items) float32 scores from the users' training history;
+  ``score_rows(rows)`` scores other histories (matrix rows, or sequences for SASRec), e.g. the training
+  plus validation items when ranking the test split of a leave-one-out bundle.
 - ``fit_info`` records what was chosen, for result files.
 
 They are written here rather than taken from RecBole, whose models come bound to its own dataset and
@@ -53,29 +55,41 @@ class Baseline(ABC):
     def __init__(self) -> None:
         self.fit_info: dict[str, Any] = {}
         self.n_items: int | None = None
+        self.history: sp.csr_matrix | None = None
+
+    def fit(self, train: sp.spmatrix, valid: sp.spmatrix | None = None) -> Baseline:
+        """Learn from ``train``, which is also the history users are scored from; choose hyperparameters
+        on ``valid`` when given."""
+        self.history = binarize(train)
+        self.n_items = self.history.shape[1]
+        self._fit(self.history, valid)
+        return self
 
     @abstractmethod
-    def fit(self, train: sp.spmatrix, valid: sp.spmatrix | None = None) -> Baseline:
-        """Learn from ``train``; choose hyperparameters on ``valid`` when given."""
+    def _fit(self, train: sp.csr_matrix, valid: sp.spmatrix | None) -> None:
+        """Learn from the binary training matrix."""
 
     @abstractmethod
     def _score(self, history: sp.csr_matrix) -> np.ndarray:
         """Scores for the binary history rows of a batch of users."""
 
-    def score(self, users: np.ndarray, history: sp.spmatrix) -> np.ndarray:
-        """Dense (len(users), n_items) float32 scores from the users' rows of ``history``."""
-        if self.n_items is None:
+    def score(self, users: np.ndarray) -> np.ndarray:
+        """Dense (len(users), n_items) float32 scores from the users' training rows (`llmrec.metrics.Scorer`)."""
+        if self.history is None:
             raise RuntimeError(f"{type(self).__name__}.score called before fit")
+        return self.score_rows(self.history[np.asarray(users)])
+
+    def score_rows(self, history: sp.spmatrix) -> np.ndarray:
+        """Dense (rows, n_items) float32 scores of arbitrary interaction rows (users folded in)."""
+        if self.n_items is None:
+            raise RuntimeError(f"{type(self).__name__}.score_rows called before fit")
         if history.shape[1] != self.n_items:
             raise ValueError(f"history has {history.shape[1]} items, the model was fit on {self.n_items}")
-        rows = binarize(sp.csr_matrix(history)[np.asarray(users)])
-        return np.asarray(self._score(rows), dtype=np.float32)
+        return np.asarray(self._score(binarize(history)), dtype=np.float32)
 
     def _valid_ndcg(self, train: sp.csr_matrix, valid: sp.spmatrix, batch_size: int = 1024) -> float:
         """NDCG@100 on ``valid`` with ``train`` as input history and exclusion."""
-        result = evaluate_matrices(
-            lambda users: self.score(users, train), valid, train, batch_size=batch_size, ks=(100,)
-        )
+        result = evaluate_matrices(self, valid, train, batch_size=batch_size, ks=(100,))
         return result[SELECT_METRIC]
 
 
@@ -84,11 +98,8 @@ class Pop(Baseline):
 
     name = "pop"
 
-    def fit(self, train: sp.spmatrix, valid: sp.spmatrix | None = None) -> Pop:
-        train = binarize(train)
-        self.n_items = train.shape[1]
+    def _fit(self, train: sp.csr_matrix, valid: sp.spmatrix | None) -> None:
         self.counts = np.asarray(train.sum(axis=0), dtype=np.float32).ravel()
-        return self
 
     def _score(self, history: sp.csr_matrix) -> np.ndarray:
         return np.tile(self.counts, (history.shape[0], 1))
@@ -111,9 +122,7 @@ class EASE(Baseline):
             raise ValueError(f"EASE lambdas must be positive, got {list(lambdas)}")
         self.lambdas = tuple(float(lam) for lam in lambdas)
 
-    def fit(self, train: sp.spmatrix, valid: sp.spmatrix | None = None) -> EASE:
-        train = binarize(train)
-        self.n_items = train.shape[1]
+    def _fit(self, train: sp.csr_matrix, valid: sp.spmatrix | None) -> None:
         if valid is None and len(self.lambdas) > 1:
             raise ValueError("EASE.fit needs valid to choose among several lambdas, or a single lambda")
         gram = (train.T @ train).toarray().astype(np.float64)
@@ -134,7 +143,6 @@ class EASE(Baseline):
                 best = (lam, grid[lam], self.weights)
         self.lam, valid_score, self.weights = best
         self.fit_info = {"lambda": self.lam, f"valid_{SELECT_METRIC}": valid_score, "grid": grid}
-        return self
 
     def _score(self, history: sp.csr_matrix) -> np.ndarray:
         return np.asarray(history @ self.weights)
@@ -204,15 +212,12 @@ class MultVAE(Baseline):
     def _rows(self, matrix: sp.csr_matrix) -> torch.Tensor:
         return torch.from_numpy(matrix.toarray()).to(self.device)
 
-    def fit(self, train: sp.spmatrix, valid: sp.spmatrix | None = None) -> MultVAE:
-        train = binarize(train)
-        self.n_items = train.shape[1]
+    def _fit(self, train: sp.csr_matrix, valid: sp.spmatrix | None) -> None:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed)
             self.net = MultVAENet(self.n_items, self.hidden, self.latent, self.dropout).to(self.device)
             self._train(train, valid)
-        return self
 
     def _train(self, train: sp.csr_matrix, valid: sp.spmatrix | None) -> None:
         optimizer = torch.optim.Adam(self.net.parameters(), lr=self.lr)
@@ -334,13 +339,12 @@ class SASRec:
     (``patience`` epochs without gain) and the dropout from ``dropouts``. Seeded: the same seed gives
     the same weights on CPU.
 
-    Unlike the matrix baselines it reads *ordered* sequences, so it has its own ``fit``/``score``:
-    ``fit(sequences, n_items, valid)`` and ``score(users, sequences)``, where ``sequences[u]`` is user
-    u's items, oldest first.
+    Unlike the matrix baselines it reads *ordered* sequences: ``fit(sequences, n_items, valid)`` keeps
+    them as the history ``score(users)`` reads, and ``score_rows(sequences)`` scores other ones
+    (``sequences[u]`` is user u's items, oldest first).
     """
 
     name = "sasrec"
-    sequential = True
     SELECT = "ndcg@10"
 
     def __init__(
@@ -449,18 +453,22 @@ class SASRec:
         }
 
     def _valid(self, valid: sp.spmatrix, seen: sp.csr_matrix) -> float:
-        result = evaluate_matrices(
-            lambda users: self.score(users, self._sequences), valid, seen, batch_size=1024, ks=(10,)
-        )
+        result = evaluate_matrices(self, valid, seen, batch_size=1024, ks=(10,))
         return result[self.SELECT]
 
-    @torch.no_grad()
-    def score(self, users: np.ndarray, sequences: Sequence[Sequence[int]]) -> np.ndarray:
-        """Dense (len(users), n_items) float32 scores of the item after each user's sequence."""
+    def score(self, users: np.ndarray) -> np.ndarray:
+        """Dense (len(users), n_items) float32 scores of the item after each user's training sequence."""
         if self.n_items is None:
             raise RuntimeError("SASRec.score called before fit")
+        return self.score_rows([self._sequences[int(u)] for u in users])
+
+    @torch.no_grad()
+    def score_rows(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        """Dense (len(sequences), n_items) float32 scores of the item after each sequence."""
+        if self.n_items is None:
+            raise RuntimeError("SASRec.score_rows called before fit")
         self.net.eval()
-        tokens = self._tokens([sequences[int(u)] for u in users])
+        tokens = self._tokens(sequences)
         hidden = self.net(tokens)[:, -1]
         return self.net.logits(hidden).float().cpu().numpy()
 

@@ -9,17 +9,14 @@ a run resumed mid-epoch, or split over several processes, sees exactly the same 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from llmrec.prompts import IGNORE, TASKS, FinetunePrompts, pad, prompt_batch
 from llmrec.tokens import RecVocab
 
-IGNORE = -100
-# batch["task"] holds an index into this tuple
-TASKS = ("collaborative", "content", "finetune", "semantic", "sequential", "preference")
 PREFERENCE_KEYS = (
     "chosen",
     "rejected",
@@ -89,27 +86,6 @@ class PretrainDataset(Dataset):
         else:
             input_ids, labels = lm_example(prompt, main, main)
         return {"task": task, "input_ids": input_ids, "labels": labels}
-
-
-@dataclass
-class FinetunePrompts:
-    """Renders finetuning/evaluation prompts from a user's history with the bundle's template."""
-
-    vocab: RecVocab
-    tokenizer: object
-    template: str  # e.g. "<user_{user}> has interacted with {history}, <user_{user}> will interact with"
-    max_tokens: int = 512
-
-    def encode(self, user: int, items: Sequence[int]) -> list[int]:
-        """Prompt ids for ``user`` with ``items`` as history; the oldest items are dropped to fit ``max_tokens``."""
-        fixed = len(self.vocab.encode(self.render(user, []), self.tokenizer))
-        keep = max(1, self.max_tokens - fixed)
-        return self.vocab.encode(self.render(user, list(items)[-keep:]), self.tokenizer)
-
-    def render(self, user: int, items: Sequence[int]) -> str:
-        history = " ".join(self.vocab.placeholder(self.vocab.item_token(i)) for i in items)
-        # no trailing space: an empty history must give the same tokens as the start of a longer one
-        return self.template.format(user=user, history=history).rstrip()
 
 
 class FinetuneDataset(Dataset):
@@ -258,20 +234,11 @@ class TaskBucketSampler(Sampler[list[int]]):
         )
 
 
-def pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
-    width = max(len(row) for row in rows)
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-    return out
-
-
 def collate(examples: Sequence[dict], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
     """Right-pad a batch of one task; every entry is a tensor so accelerate can split it across processes."""
     batch = {
         "task": torch.tensor([example["task"] for example in examples]),
-        "input_ids": pad([example["input_ids"] for example in examples], pad_token_id),
-        "attention_mask": pad([[1] * len(example["input_ids"]) for example in examples], 0),
+        **prompt_batch([example["input_ids"] for example in examples], pad_token_id),
     }
     if "labels" in examples[0]:
         batch["labels"] = pad([example["labels"] for example in examples], IGNORE)

@@ -11,23 +11,16 @@ from collections.abc import Callable, Sequence
 from functools import partial
 
 import numpy as np
-import pandas as pd
 import torch
 
 from data_prep import Bundle
 from llmrec.backbone import BackboneConfig
-from llmrec.collate import (
-    TASKS,
-    FinetuneDataset,
-    FinetunePrompts,
-    PretrainDataset,
-    SequenceDataset,
-    TaskMixture,
-    collate,
-)
+from llmrec.collate import FinetuneDataset, PretrainDataset, SequenceDataset, TaskMixture
 from llmrec.generate import GenerativeScorer, NextSemanticDataset, SemanticDataset, require_index
-from llmrec.metrics import DEFAULT_KS, LOO_KS, evaluate_scorer, history_splits, is_leave_one_out, split_matrix
+from llmrec.metrics import DEFAULT_KS, LOO_KS, evaluate_scorer, history_splits, is_leave_one_out
 from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig
+from llmrec.prompts import FinetunePrompts
+from llmrec.scoring import ItemHeadScorer
 
 PRETRAIN_CORPORA = ("collaborative", "content")
 PROMPT_KINDS = ("masked", "sequence")
@@ -42,18 +35,12 @@ FINETUNE_TASKS = {
 GENERATIVE_TASKS = ("semantic", "semantic_next")  # validated by constrained beam search
 
 
-def train_histories(bundle: Bundle, splits: Sequence[str] = ("train",)) -> list[list[int]]:
-    """Every user's items in ``splits`` (the training split by default), oldest first (ties keep the
-    bundle's order)."""
-    frames = [bundle.interactions(name) for name in splits]
-    frame = pd.concat(frames).sort_values(["user", "timestamp"], kind="stable")
-    histories: list[list[int]] = [[] for _ in range(bundle.n_users)]
-    users, items = frame["user"].to_numpy(), frame["item"].to_numpy()
-    bounds = np.flatnonzero(np.diff(users)) + 1
-    for chunk_users, chunk_items in zip(np.split(users, bounds), np.split(items, bounds), strict=True):
-        if len(chunk_users):
-            histories[int(chunk_users[0])] = chunk_items.tolist()
-    return histories
+def input_histories(bundle: Bundle, split: str) -> list[list[int]]:
+    """Every user's input when ranking ``split`` (`metrics.history_splits`), oldest first: the training
+    items, then, for the test split of a leave-one-out bundle, the validation item (which follows them
+    in time)."""
+    parts = [bundle.histories(name) for name in history_splits(bundle, split)]
+    return [[item for part in rows for item in part] for rows in zip(*parts, strict=True)]
 
 
 def model_for(bundle: Bundle, config: ModelConfig, backbone: BackboneConfig, seed: int = 0) -> CLLM4Rec:
@@ -106,7 +93,7 @@ def finetune_dataset(
     alongside, as in CLLM4Rec's finetuning."""
     if task not in FINETUNE_TASKS:
         raise ValueError(f"unknown finetune task {task!r}: expected one of {tuple(FINETUNE_TASKS)}")
-    histories, prompts = train_histories(bundle), prompts_for(bundle, model, FINETUNE_TASKS[task])
+    histories, prompts = bundle.histories("train"), prompts_for(bundle, model, FINETUNE_TASKS[task])
     parts: list = []
     if task in ("multinomial", "both"):
         parts.append(FinetuneDataset(histories, prompts, seed=seed, mask_ratio=mask_ratio, target=target))
@@ -123,50 +110,12 @@ def finetune_dataset(
     return parts[0] if len(parts) == 1 else TaskMixture(*parts)
 
 
-class PromptScorer:
-    """Scores the whole catalogue for users from prompts that hold all their training items.
-
-    One forward pass per user (batched): the hidden state at the prompt's last position goes through the
-    item head. Users are processed in the order given; callers exclude seen items themselves.
-    """
-
-    def __init__(
-        self,
-        model: CLLM4Rec,
-        prompts: FinetunePrompts,
-        histories: Sequence[Sequence[int]],
-        batch_size: int = 32,
-    ):
-        self.model, self.prompts, self.histories, self.batch_size = model, prompts, histories, batch_size
-        self.device = next(p for p in model.parameters() if p.requires_grad).device
-
-    @torch.no_grad()
-    def __call__(self, users: np.ndarray) -> torch.Tensor:
-        self.model.eval()
-        scores = []
-        for start in range(0, len(users), self.batch_size):
-            chunk = users[start : start + self.batch_size]
-            batch = collate(
-                [
-                    {
-                        "task": TASKS.index("finetune"),
-                        "input_ids": self.prompts.encode(int(u), self.histories[int(u)]),
-                    }
-                    for u in chunk
-                ],
-                pad_token_id=self.model.tokenizer.pad_token_id or 0,
-            )
-            ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-            scores.append(self.model.score_items(ids, mask).cpu())
-        return torch.cat(scores)
-
-
 def scorer_for(
     bundle: Bundle, model: CLLM4Rec, batch_size: int = 32, split: str = "valid", prompt: str = "masked"
-) -> PromptScorer:
-    """The item head over prompts of each user's input history for ``split`` (`metrics.history_splits`)."""
-    histories = train_histories(bundle, history_splits(bundle, split))
-    return PromptScorer(model, prompts_for(bundle, model, prompt), histories, batch_size=batch_size)
+) -> ItemHeadScorer:
+    """The item head over prompts of each user's input history for ``split`` (`input_histories`)."""
+    histories = input_histories(bundle, split)
+    return ItemHeadScorer(model, prompts_for(bundle, model, prompt), histories, batch_size=batch_size)
 
 
 def generative_scorer(
@@ -181,12 +130,13 @@ def generative_scorer(
     """Constrained beam search over the model's item index; with ``exclude_seen`` the items that
     ``split``'s ranking excludes (training items, plus validation items for the test split) are kept out
     of the search itself."""
-    exclude = None
-    if exclude_seen:
-        exclude = split_matrix(bundle, ("train", "valid") if split == "test" else ("train",))
-    histories = train_histories(bundle, history_splits(bundle, split))
     return GenerativeScorer(
-        model, prompts_for(bundle, model, prompt), histories, exclude, beam=beam, batch_size=batch_size
+        model,
+        prompts_for(bundle, model, prompt),
+        input_histories(bundle, split),
+        bundle.seen(split) if exclude_seen else None,
+        beam=beam,
+        batch_size=batch_size,
     )
 
 

@@ -23,7 +23,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import safetensors
 import torch
@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llmrec.backbone import BackboneConfig, load_backbone
-from llmrec.collate import IGNORE, TASKS
+from llmrec.prompts import IGNORE, TASKS
 from llmrec.tokens import RecEmbedding, RecVocab
 
 if TYPE_CHECKING:
@@ -46,6 +46,8 @@ INDEX_DIR = "index"  # the item index saved beside the weights, so a trained mod
 @dataclass
 class ModelConfig:
     """How the recommender is built on a backbone (the backbone itself is a `BackboneConfig`)."""
+
+    section: ClassVar[str] = "model"  # its YAML section (llmrec.config)
 
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha"})
@@ -385,6 +387,16 @@ class CLLM4Rec(nn.Module):
             lm, view = self.finetune_loss(batch, self.item_softmax), "collab"
         return (*lm, *self.mutual_regularization(ids, view))
 
+    def param_groups(self, lr: float, embedding_lr: float, weight_decay: float = 0.0) -> list[dict]:
+        """Optimizer groups: the LoRA weights (inside the peft model) at ``lr`` with weight decay, the
+        ID-token tables and head at ``embedding_lr`` without."""
+        lora = {id(p) for p in self.lm.parameters() if p.requires_grad}
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in trainable if id(p) in lora], "lr": lr, "weight_decay": weight_decay},
+            {"params": [p for p in trainable if id(p) not in lora], "lr": embedding_lr, "weight_decay": 0.0},
+        ]
+
     # ------------------------------------------------------------------ persistence
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only what training changes: LoRA weights, ID-token tables, head. The frozen backbone is rebuilt from its spec."""
@@ -450,6 +462,15 @@ class CLLM4Rec(nn.Module):
                     f"{path}: {name} has shape {tuple(tensor.shape)}, this model expects {tuple(current[name].shape)}"
                 )
         self.load_state_dict(state, strict=False)
+
+
+def run_model_dir(run: str | Path) -> Path:
+    """The model a run is evaluated and exported with: ``RUN/best`` when the run kept one, else ``RUN/model``."""
+    run = Path(run)
+    for name in ("best", "model"):
+        if (run / name / "config.json").is_file():
+            return run / name
+    raise FileNotFoundError(f"{run}: no trained model (expected {run}/best or {run}/model with config.json)")
 
 
 class ItemSoftmax(nn.Module):

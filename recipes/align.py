@@ -16,20 +16,22 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
+from common.log import get_logger, setup_logging
 from data_prep import load_bundle
 from llmrec.align import DPOLoss, build_preferences
 from llmrec.config import parse_config
-from llmrec.data import FINETUNE_TASKS, GENERATIVE_TASKS, prompts_for, train_histories, validation_fn
-from llmrec.log import get_logger, setup_logging
-from llmrec.model import CLLM4Rec
-from llmrec.train import TrainConfig, make_accelerator, run_model_dir, save_run_config, train
+from llmrec.data import FINETUNE_TASKS, GENERATIVE_TASKS, prompts_for, validation_fn
+from llmrec.model import CLLM4Rec, run_model_dir
+from llmrec.train import TrainConfig, make_accelerator, save_run_config, train
 
 logger = get_logger("align")
 
 
 @dataclass
 class AlignArgs:
+    section: ClassVar[str] = "align"  # its YAML section (llmrec.config)
     data: str = field(default="data/ml-100k", metadata={"help": "dataset bundle directory"})
     init: str = field(
         default="runs/finetune", metadata={"help": "the SFT run (recipes/finetune.py): start and reference"}
@@ -51,9 +53,13 @@ class AlignArgs:
     eval_batch_size: int = field(default=64, metadata={"help": "users per forward pass during validation"})
 
 
+# what this recipe parses; the first is its own YAML section
+CONFIGS = (AlignArgs, TrainConfig)
+
+
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
-    args, train_config = parse_config(AlignArgs, TrainConfig, args=argv, section="align")
+    args, train_config = parse_config(*CONFIGS, args=argv)
     init = Path(args.init)
     args.task = args.task or json.loads((init / "run_config.json").read_text()).get("task", "multinomial")
     if args.task in GENERATIVE_TASKS:
@@ -67,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = build_preferences(
         model,
         prompts_for(bundle, model, prompt),
-        train_histories(bundle),
+        bundle.histories("train"),
         per_user=args.pairs_per_user,
         n_rejected=args.n_rejected,
         batch_size=args.eval_batch_size,

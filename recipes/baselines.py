@@ -14,22 +14,22 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
-from data_prep import load_bundle
-from llmrec.baselines import EASE, make_baseline
+from common.log import setup_logging
+from data_prep import Bundle, load_bundle
+from llmrec.baselines import EASE, Baseline, SASRec, make_baseline, sequence_matrix
 from llmrec.config import parse_config, to_dict
-from llmrec.data import train_histories
-from llmrec.log import setup_logging
+from llmrec.data import input_histories
 from llmrec.metrics import (
+    Scorer,
     evaluate_scorer,
     format_table,
     history_splits,
     is_leave_one_out,
-    split_matrix,
     write_metrics_json,
 )
 from llmrec.reporting import machine_info
@@ -42,6 +42,7 @@ LOO_COLUMNS = ["hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "fit_s"
 
 @dataclass
 class BaselineArgs:
+    section: ClassVar[str] = "baselines"  # its YAML section (llmrec.config)
     data: str = field(
         default="data/ml-100k",
         metadata={"help": "dataset bundle directory written by `python -m data_prep build`"},
@@ -54,24 +55,41 @@ class BaselineArgs:
         default=True, metadata={"help": "exclude training (and for test, validation) items from the rankings"}
     )
     out: str | None = field(default=None, metadata={"help": "JSON file for all metrics (written atomically)"})
-    seed: int = field(
-        default=0, metadata={"help": "seed for Mult-VAE and SASRec (Pop and EASE are deterministic)"}
-    )
     eval_batch_size: int = field(default=1024, metadata={"help": "users per scoring batch"})
-    ease_lambdas: list[float] = field(
+    device: str | None = field(
+        default=None, metadata={"help": "Mult-VAE / SASRec device (default: cuda when available)"}
+    )
+
+
+@dataclass
+class EASEArgs:
+    section: ClassVar[str] = "ease"  # its YAML section (llmrec.config)
+    lambdas: list[float] = field(
         default_factory=lambda: list(EASE.DEFAULT_LAMBDAS), metadata={"help": "EASE L2 grid, chosen on valid"}
     )
-    multvae_epochs: int = field(default=200, metadata={"help": "maximum Mult-VAE epochs"})
-    multvae_patience: int = field(
-        default=50, metadata={"help": "epochs without valid NDCG@100 gain before stopping"}
-    )
-    multvae_batch_size: int = field(default=500, metadata={"help": "users per Mult-VAE update"})
-    multvae_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
-    multvae_anneal_cap: float = field(default=0.2, metadata={"help": "largest KL weight beta"})
-    multvae_anneal_steps: int | None = field(
+
+
+@dataclass
+class MultVAEArgs:
+    section: ClassVar[str] = "multvae"  # its YAML section (llmrec.config)
+    epochs: int = field(default=200, metadata={"help": "maximum Mult-VAE epochs"})
+    patience: int = field(default=50, metadata={"help": "epochs without valid NDCG@100 gain before stopping"})
+    batch_size: int = field(default=500, metadata={"help": "users per Mult-VAE update"})
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
+    anneal_cap: float = field(default=0.2, metadata={"help": "largest KL weight beta"})
+    anneal_steps: int | None = field(
         default=None,
         metadata={"help": "updates for beta to grow by 1 (default: reach the cap halfway through)"},
     )
+    seed: int = field(default=0, metadata={"help": "seed of Mult-VAE (Pop and EASE are deterministic)"})
+
+
+@dataclass
+class SASRecArgs:
+    """SASRec's options; prefixed, as a flag or key must reach one dataclass and Mult-VAE has the
+    same names (``sasrec: {sasrec_epochs: 40}``, ``--sasrec_epochs 40``)."""
+
+    section: ClassVar[str] = "sasrec"  # its YAML section (llmrec.config)
     sasrec_max_len: int = field(default=200, metadata={"help": "SASRec: most recent items read"})
     sasrec_hidden: int = field(default=64, metadata={"help": "SASRec: embedding and hidden size"})
     sasrec_blocks: int = field(default=2, metadata={"help": "SASRec: self-attention blocks"})
@@ -84,66 +102,59 @@ class BaselineArgs:
     )
     sasrec_lr: float = field(default=1e-3, metadata={"help": "SASRec: Adam learning rate"})
     sasrec_batch_size: int = field(default=128, metadata={"help": "SASRec: users per update"})
-    device: str | None = field(
-        default=None, metadata={"help": "Mult-VAE / SASRec device (default: cuda when available)"}
-    )
+    sasrec_seed: int = field(default=0, metadata={"help": "SASRec: seed"})
 
 
-def model_kwargs(args: BaselineArgs, name: str) -> dict:
-    if name == "ease":
-        return {"lambdas": args.ease_lambdas}
-    if name == "multvae":
-        return {
-            "epochs": args.multvae_epochs,
-            "patience": args.multvae_patience,
-            "batch_size": args.multvae_batch_size,
-            "lr": args.multvae_lr,
-            "anneal_cap": args.multvae_anneal_cap,
-            "anneal_steps": args.multvae_anneal_steps,
-            "seed": args.seed,
-            "device": args.device,
-            "progress": True,
-        }
-    if name == "sasrec":
-        return {
-            "max_len": args.sasrec_max_len,
-            "hidden": args.sasrec_hidden,
-            "blocks": args.sasrec_blocks,
-            "dropouts": args.sasrec_dropouts,
-            "epochs": args.sasrec_epochs,
-            "patience": args.sasrec_patience,
-            "lr": args.sasrec_lr,
-            "batch_size": args.sasrec_batch_size,
-            "seed": args.seed,
-            "device": args.device,
-            "progress": True,
-        }
-    return {}
+# what this recipe parses; the first is its own YAML section
+CONFIGS = (BaselineArgs, EASEArgs, MultVAEArgs, SASRecArgs)
 
 
-def fit_scorer(model, bundle, split: str) -> Callable[[np.ndarray], np.ndarray]:
-    """Fit ``model`` on the bundle's training split (selecting on valid) and return its scorer for ``split``:
-    matrix models read the users' input-history rows, SASRec their input sequences, oldest first."""
-    inputs = history_splits(bundle, split)
-    if getattr(model, "sequential", False):
-        model.fit(train_histories(bundle), bundle.n_items, bundle.matrix("valid"))
-        sequences = train_histories(bundle, inputs)
-        return lambda users: model.score(users, sequences)
-    model.fit(bundle.matrix("train"), bundle.matrix("valid"))
-    history = split_matrix(bundle, inputs)
-    return lambda users: model.score(users, history)
+class FoldIn:
+    """A fitted baseline scoring users from input histories other than the training ones it keeps
+    (`Baseline.score_rows`), e.g. training + validation items for a leave-one-out test split."""
+
+    def __init__(self, model: Baseline | SASRec, histories: list[list[int]]) -> None:
+        self.model, self.histories = model, histories
+
+    def score(self, users: np.ndarray) -> np.ndarray:
+        rows = [self.histories[int(u)] for u in users]
+        if isinstance(self.model, SASRec):
+            return self.model.score_rows(rows)
+        return self.model.score_rows(sequence_matrix(rows, self.model.n_items))
+
+
+def fit_scorer(model: Baseline | SASRec, bundle: Bundle, split: str) -> Scorer:
+    """Fit ``model`` on the bundle's training split (selecting on valid) and return its scorer for
+    ``split``: the model itself, or a `FoldIn` of the input histories when they hold more than the
+    training items (`llmrec.metrics.history_splits`)."""
+    if isinstance(model, SASRec):
+        model.fit(bundle.histories("train"), bundle.n_items, bundle.matrix("valid"))
+    else:
+        model.fit(bundle.matrix("train"), bundle.matrix("valid"))
+    if history_splits(bundle, split) == ("train",):
+        return model
+    return FoldIn(model, input_histories(bundle, split))
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     setup_logging()
-    (args,) = parse_config(BaselineArgs, args=argv, section="baselines")
+    args, ease, multvae, sasrec = parse_config(*CONFIGS, args=argv)
+    options = {
+        "ease": {"lambdas": ease.lambdas},
+        "multvae": {**asdict(multvae), "device": args.device, "progress": True},
+        "sasrec": {
+            **{key.removeprefix("sasrec_"): value for key, value in asdict(sasrec).items()},
+            "device": args.device,
+            "progress": True,
+        },
+    }
     if args.split not in ("valid", "test"):
         raise SystemExit(f"--split must be valid or test, got {args.split!r}")
     bundle = load_bundle(args.data)
     rows: dict[str, dict[str, float]] = {}
     fit_info: dict[str, dict] = {}
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        model = make_baseline(name, **model_kwargs(args, name))
+        model = make_baseline(name, **options.get(name, {}))
         start = time.perf_counter()
         scorer = fit_scorer(model, bundle, args.split)
         fit_s = time.perf_counter() - start
@@ -160,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         write_metrics_json(
             args.out,
             rows,
-            config=to_dict(args),
+            config=to_dict(args, ease, multvae, sasrec),
             fit_info=fit_info,
             history=inputs,
             exclude_seen=args.exclude_seen,

@@ -14,12 +14,15 @@ generator on the same next-item setting; both are the tasks of the leave-one-out
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
+from common.log import get_logger, setup_logging
 from data_prep import load_bundle
 from llmrec.backbone import BackboneConfig
-from llmrec.config import parse_config
+from llmrec.config import ConfigError, parse_config
 from llmrec.data import (
     FINETUNE_TASKS,
     GENERATIVE_TASKS,
@@ -28,7 +31,6 @@ from llmrec.data import (
     model_for,
     validation_fn,
 )
-from llmrec.log import get_logger, setup_logging
 from llmrec.metrics import is_leave_one_out
 from llmrec.model import CLLM4Rec, ModelConfig
 from llmrec.train import TrainConfig, make_accelerator, save_run_config, train
@@ -39,6 +41,7 @@ FINETUNE_FIELDS = ("head", "mutual_reg", "max_doc_tokens")  # model knobs a fine
 
 @dataclass
 class FinetuneArgs:
+    section: ClassVar[str] = "finetune"  # its YAML section (llmrec.config)
     data: str = field(default="data/ml-100k", metadata={"help": "dataset bundle directory"})
     init: str | None = field(
         default=None,
@@ -84,15 +87,36 @@ class FinetuneArgs:
     eval_batch_size: int = field(default=64, metadata={"help": "users per forward pass during validation"})
 
 
+# what this recipe parses; the first is its own YAML section
+CONFIGS = (FinetuneArgs, BackboneConfig, ModelConfig, TrainConfig)
+
+
+def check_init(init: str, *pairs: tuple) -> None:
+    """Refuse backbone/model settings that ``--init`` would override: a value set here (not the default)
+    that differs from the pretraining run's, other than the knobs finetuning may change."""
+    conflicts = [
+        f"{name}={getattr(mine, name)!r} (run: {getattr(theirs, name)!r})"
+        for mine, theirs in pairs
+        for f in dataclasses.fields(mine)
+        if (name := f.name) not in FINETUNE_FIELDS
+        and getattr(mine, name) != getattr(theirs, name)
+        and getattr(mine, name) != getattr(type(mine)(), name)
+    ]
+    if conflicts:
+        raise ConfigError(
+            f"--init {init} brings its own backbone and model, but this config sets {', '.join(conflicts)}; "
+            f"remove those settings or make them match (finetuning may change only {', '.join(FINETUNE_FIELDS)})"
+        )
+
+
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
-    args, backbone, model_config, train_config = parse_config(
-        FinetuneArgs, BackboneConfig, ModelConfig, TrainConfig, args=argv, section="finetune"
-    )
+    args, backbone, model_config, train_config = parse_config(*CONFIGS, args=argv)
     accelerator = make_accelerator(train_config)
     bundle = load_bundle(args.data)
     if args.init:
         model = CLLM4Rec.from_pretrained(Path(args.init) / "model")
+        check_init(args.init, (backbone, model.backbone), (model_config, model.config))
         model.reconfigure(**{name: getattr(model_config, name) for name in FINETUNE_FIELDS})
         logger.info(
             "initialised from %s: its backbone, LoRA and tables, with this run's %s",

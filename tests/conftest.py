@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -55,3 +58,15 @@ def _kill_after_checkpoint(command: list[str], run: Path, checkpoint: str = "che
 def kill_after_checkpoint():
     """``kill_after_checkpoint(command, run)``: start a recipe, SIGKILL it at its second checkpoint."""
     return _kill_after_checkpoint
+
+
+def recipe_main(name: str) -> Callable:
+    """``main`` of ``recipes/NAME.py``, imported as a registered module (not ``runpy``), so that the
+    argument parser can resolve the type hints of the recipe's own dataclasses."""
+    module_name = f"recipes_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, REPO / "recipes" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name].main

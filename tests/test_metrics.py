@@ -175,27 +175,35 @@ class TinyBundle:
     def matrix(self, split: str) -> sp.csr_matrix:
         return self.splits[split]
 
+    def seen(self, split: str) -> sp.csr_matrix:
+        return self.splits["train"] + (self.splits["valid"] if split == "test" else 0)
+
+
+class FixedScorer:
+    """Every user gets the same scores; remembers which users it was asked for."""
+
+    def __init__(self, scores: np.ndarray) -> None:
+        self.scores, self.called = scores, []
+
+    def score(self, users: np.ndarray) -> np.ndarray:
+        self.called.append(users.tolist())
+        return np.repeat(self.scores, len(users), axis=0)
+
 
 def test_evaluate_scorer_excludes_train_and_valid_for_test():
     bundle = TinyBundle({"train": [[0], [1], [0]], "valid": [[1], [2], []], "test": [[2], [], [3]]}, 5)
-    scores = np.array([[5.0, 4.0, 3.0, 2.0, 1.0]])  # prefers low item indices
-    called: list[list[int]] = []
-
-    def score_fn(users: np.ndarray) -> np.ndarray:
-        called.append(users.tolist())
-        return np.repeat(scores, len(users), axis=0)
-
-    test = evaluate_scorer(score_fn, bundle, "test", batch_size=1, ks=(1,), progress=False)
+    scorer = FixedScorer(np.array([[5.0, 4.0, 3.0, 2.0, 1.0]]))  # prefers low item indices
+    test = evaluate_scorer(scorer, bundle, "test", batch_size=1, ks=(1,), progress=False)
     # user 0: train 0 and valid 1 excluded -> item 2 first (hit); user 2: train 0 excluded -> item 1 (miss)
     assert test["hit@1"] == pytest.approx(0.5) and test["users"] == 2 and test["users_skipped"] == 1
-    assert called == [[0], [2]]  # the user without test items is never scored
-    valid = evaluate_scorer(score_fn, bundle, "valid", ks=(1,), progress=False)
+    assert scorer.called == [[0], [2]]  # the user without test items is never scored
+    valid = evaluate_scorer(scorer, bundle, "valid", ks=(1,), progress=False)
     # user 0: train 0 excluded -> item 1 (hit); user 1: train 1 excluded -> item 0 (miss)
     assert valid["hit@1"] == pytest.approx(0.5) and valid["users_skipped"] == 1
-    subset = evaluate_matrices(score_fn, bundle.matrix("test"), bundle.matrix("train"), users=[2], ks=(1,))
+    subset = evaluate_matrices(scorer, bundle.matrix("test"), bundle.matrix("train"), users=[2], ks=(1,))
     assert subset["users"] == 1 and subset["users_skipped"] == 0
     with pytest.raises(ValueError, match="split"):
-        evaluate_scorer(score_fn, bundle, "train")
+        evaluate_scorer(scorer, bundle, "train")
 
 
 def test_leave_one_out_hr_and_ndcg_against_hand_computed_ranks():
@@ -204,8 +212,8 @@ def test_leave_one_out_hr_and_ndcg_against_hand_computed_ranks():
     bundle = TinyBundle({"train": train, "valid": [[2], [6], [1], [3]], "test": [[4], [20], [3], []]}, 25)
     assert is_leave_one_out(bundle) and history_splits(bundle, "test") == ("train", "valid")
     assert history_splits(bundle, "valid") == ("train",)
-    scores = np.tile(np.arange(25, 0, -1, dtype=np.float32), (4, 1))
-    test = evaluate_scorer(lambda users: scores[users], bundle, "test", progress=False)
+    scores = np.arange(25, 0, -1, dtype=np.float32)[None]
+    test = evaluate_scorer(FixedScorer(scores), bundle, "test", progress=False)
     # user 0: 0, 1 (train) and 2 (valid) excluded -> 3, 4: test item 4 at rank 2
     # user 1: 5 and 6 excluded -> 0, 1, 2, 3, 4, 7, ... item 20 at rank 19
     # user 2: 0 and 1 excluded -> 2, 3: item 3 at rank 2; user 3 has no test item
@@ -222,7 +230,7 @@ def test_leave_one_out_hr_and_ndcg_against_hand_computed_ranks():
     for key, value in expected.items():
         assert test[key] == pytest.approx(value), key
     # keeping seen items: user 0's item 4 drops to rank 5, user 2's item 3 to rank 4, user 1's to 21
-    kept = evaluate_scorer(lambda users: scores[users], bundle, "test", exclude_seen=False, progress=False)
+    kept = evaluate_scorer(FixedScorer(scores), bundle, "test", exclude_seen=False, progress=False)
     assert kept["hr@5"] == pytest.approx(2 / 3) and kept["hr@20"] == pytest.approx(2 / 3)
     assert kept["ndcg@5"] == pytest.approx((1 / math.log2(6) + 1 / math.log2(5)) / 3)
 
@@ -230,7 +238,7 @@ def test_leave_one_out_hr_and_ndcg_against_hand_computed_ranks():
 def test_a_random_split_bundle_keeps_the_default_cutoffs_and_train_history():
     bundle = TinyBundle({"train": [[0], [1]], "valid": [[1, 2], [3]], "test": [[3], [4]]}, 6)
     assert not is_leave_one_out(bundle) and history_splits(bundle, "test") == ("train",)
-    result = evaluate_scorer(lambda users: np.zeros((len(users), 6)), bundle, "test", progress=False)
+    result = evaluate_scorer(FixedScorer(np.zeros((1, 6))), bundle, "test", progress=False)
     assert "recall@100" in result and "hr@10" not in result
 
 
@@ -245,15 +253,6 @@ def test_format_table():
     assert len({len(line) for line in lines}) == 1
 
 
-def test_write_metrics_json_is_atomic(tmp_path, monkeypatch):
+def test_write_metrics_json_writes_meta_and_metrics(tmp_path):
     path = write_metrics_json(tmp_path / "out" / "m.json", {"recall@20": 0.5}, split="test", seed=0)
     assert json.loads(path.read_text()) == {"split": "test", "seed": 0, "metrics": {"recall@20": 0.5}}
-
-    def fail(*args):
-        raise OSError("disk full")
-
-    monkeypatch.setattr("llmrec.metrics.os.replace", fail)
-    with pytest.raises(OSError, match="disk full"):
-        write_metrics_json(path, {"recall@20": 0.7}, seed=1)
-    assert json.loads(path.read_text())["seed"] == 0  # the old file survives a failed write
-    assert [p.name for p in path.parent.iterdir()] == ["m.json"]  # and no temp file is left

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,18 +12,19 @@ import pytest
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
+from conftest import recipe_main
 from safetensors.torch import load_file
 
 from llmrec.align import DPOLoss, build_preferences, dpo_loss
 from llmrec.backbone import BackboneConfig
-from llmrec.collate import IGNORE, TASKS, FinetunePrompts, SequenceDataset, collate
+from llmrec.collate import SequenceDataset, collate
 from llmrec.generate import GenerativeScorer, NextSemanticDataset
 from llmrec.indexing import NumberIndexConfig, RandomIndexer
 from llmrec.indexing.base import IndexData
 from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig
+from llmrec.prompts import IGNORE, TASKS, FinetunePrompts
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "recipes"))
 SEQUENCE = "<user_{user}> has interacted with {history}"
 N_USERS, N_ITEMS = 4, 25
 TINY = ["--name_or_path", "tiny-llama", "--lora_r", "4", "--max_doc_tokens", "32", "--batch_size", "16"]
@@ -157,21 +157,18 @@ def align_args(bundle: Path, init: Path, out: Path, *extra: str) -> list[str]:
 def test_sequential_finetune_then_alignment_run_end_to_end_and_resume_after_a_kill(
     loo_bundle, tmp_path, kill_after_checkpoint
 ):
-    import align
-    import evaluate
-    import finetune
-
+    finetune, evaluate, align = (recipe_main(name) for name in ("finetune", "evaluate", "align"))
     sft = tmp_path / "sft"
-    finetune.main(
+    finetune(
         ["--data", str(loo_bundle), "--output_dir", str(sft), *TINY, "--task", "sequential"]
         + ["--with_content", "false", "--max_steps", "3", "--eval_batch_size", "256"]
     )
     assert any("loss/sequential" in line for line in (sft / "metrics.jsonl").read_text().splitlines())
-    metrics = evaluate.main(["--run", str(sft), "--split", "test", "--batch_size", "256"])
+    metrics = evaluate(["--run", str(sft), "--split", "test", "--batch_size", "256"])
     assert metrics["users"] == 943 and {"hr@10", "ndcg@10", "hr@20"} <= set(metrics)
 
     reference = tmp_path / "aligned"
-    align.main(align_args(loo_bundle, sft, reference))
+    align(align_args(loo_bundle, sft, reference))
     losses = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
     assert any("loss/preference" in row for row in losses) and any("eval/ndcg@10" in row for row in losses)
     assert json.loads((reference / "run_config.json").read_text())["task"] == "sequential"
@@ -179,7 +176,7 @@ def test_sequential_finetune_then_alignment_run_end_to_end_and_resume_after_a_ki
     killed = tmp_path / "killed"
     kill_after_checkpoint([str(REPO / "recipes" / "align.py"), *align_args(loo_bundle, sft, killed)], killed)
     assert not (killed / "model").exists()
-    align.main(align_args(loo_bundle, sft, killed, "--resume", "true"))
+    align(align_args(loo_bundle, sft, killed, "--resume", "true"))
     expected = load_file(reference / "model" / "model.safetensors")
     resumed = load_file(killed / "model" / "model.safetensors")
     assert expected.keys() == resumed.keys()
