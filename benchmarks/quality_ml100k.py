@@ -84,7 +84,7 @@ def run_seed(config: str, seed: int, variant: str, runs: Path, reuse: bool) -> d
         for row in map(json.loads, (fine / "metrics.jsonl").read_text().splitlines())
         if "eval/recall@20" in row
     ]
-    scorer, users = scorer_for(bundle, model, batch_size=16), np.arange(bundle.n_users)
+    scorer, users = scorer_for(bundle, model, batch_size=16, split="test"), np.arange(bundle.n_users)
     if model.config.prior == "none":
         scores = {"llm": scorer.score(users)}
     else:

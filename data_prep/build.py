@@ -301,16 +301,17 @@ def _build_into(config: BuildConfig, tmp: Path) -> dict[str, int]:
     return manifest["counts"]
 
 
-def build_ml100k_reference(shared: str | Path, out: str | Path) -> Path:
-    """MovieLens-100K on the fixed per-user random split in ``shared`` (``../shared`` beside a checkout):
-    the bundle that the project's tests and quality numbers use."""
+def build_ml100k_reference(shared: str | Path, out: str | Path, split: str = "ml-100k-random") -> Path:
+    """MovieLens-100K on a fixed split in ``shared`` (``../shared`` beside a checkout): the per-user
+    random split (the default) or ``"ml-100k-loo"``, the next-item leave-one-out one; the bundles that
+    the project's tests and quality numbers use."""
     shared = Path(shared)
     return build(
         BuildConfig(
             format="recbole",
             input=str(shared / "datasets" / "ml-100k"),
             split="presplit",
-            presplit=str(shared / "benchmarks" / "ml-100k-random"),
+            presplit=str(shared / "benchmarks" / split),
             out=str(out),
         )
     )

@@ -14,6 +14,13 @@ tables are comparable. Conventions:
   the top K; ``coverage@K`` is the fraction of the catalogue that appears in at least one user's top K.
 - Users without held-out items are skipped and counted in ``users_skipped``; ``users`` counts the users
   the averages are over.
+- Next-item leave-one-out bundles (every user holds at most one valid and one test interaction, as in
+  SASRec, TIGER and the generative-recommendation literature) are detected by :func:`is_leave_one_out`
+  and reported at @5/@10/@20 with ``hr@K`` (hit ratio: ``hit@K``, which with one held-out item is also
+  recall) next to ``ndcg@K`` (with IDCG 1). The input history for the test split then includes the
+  validation item (:func:`history_splits`), since it precedes the test item in time.
+- Seen items are excluded by default; ``exclude_seen=False`` keeps them in the ranking (the
+  generative-recommendation literature is split on this, so both are one flag apart).
 
 The metrics are written here rather than taken from RecBole or torchmetrics: RecBole brings its whole
 training framework with it, and torchmetrics' retrieval metrics work on per-query candidate lists rather
@@ -38,6 +45,7 @@ from common.io import write_json
 logger = logging.getLogger(__name__)
 
 DEFAULT_KS: tuple[int, ...] = (10, 20, 40, 100)
+LOO_KS: tuple[int, ...] = (5, 10, 20)
 METRIC_NAMES: tuple[str, ...] = ("recall", "recall_recbole", "ndcg", "mrr", "hit", "coverage")
 
 
@@ -214,6 +222,24 @@ def evaluate_matrices(
     return result
 
 
+def is_leave_one_out(bundle: SplitSource) -> bool:
+    """True for a next-item leave-one-out bundle: no user holds more than one valid or test interaction."""
+    return all(int(np.diff(bundle.matrix(split).indptr).max(initial=0)) <= 1 for split in ("valid", "test"))
+
+
+def history_splits(bundle: SplitSource, split: str) -> tuple[str, ...]:
+    """The splits a scorer reads as each user's input when ranking ``split``.
+
+    Always the training split; for the test split of a leave-one-out bundle also the validation item,
+    which comes right before the test item in time (the field's protocol: predict the next item from
+    everything before it). On per-user random splits valid and test are draws of the same kind, so the
+    input stays the training items, as during finetuning.
+    """
+    if split == "test" and is_leave_one_out(bundle):
+        return ("train", "valid")
+    return ("train",)
+
+
 def evaluate_scorer(
     scorer: Scorer,
     bundle: SplitSource,
@@ -221,25 +247,31 @@ def evaluate_scorer(
     *,
     users: Iterable[int] | None = None,
     batch_size: int = 256,
-    ks: Sequence[int] = DEFAULT_KS,
+    ks: Sequence[int] | None = None,
+    exclude_seen: bool = True,
     progress: bool = True,
 ) -> dict[str, float]:
     """Evaluate ``scorer`` on a bundle's ``split`` ("valid" or "test") under the project's protocol.
 
-    Held-out items are ``bundle.matrix(split)``; ``bundle.seen(split)`` (training items, plus validation
-    items for the test split) are excluded.
+    Held-out items are ``bundle.matrix(split)``; with ``exclude_seen`` (the default) ``bundle.seen(split)``
+    (training items, plus validation items for the test split) are excluded. ``ks`` defaults to
+    `LOO_KS` on a leave-one-out bundle, where ``hr@K`` is added, and to `DEFAULT_KS` otherwise.
     """
     if split not in ("valid", "test"):
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+    loo = is_leave_one_out(bundle)
+    ks = tuple(ks or (LOO_KS if loo else DEFAULT_KS))
     result = evaluate_matrices(
         scorer,
         bundle.matrix(split),
-        bundle.seen(split),
+        bundle.seen(split) if exclude_seen else None,
         users=users,
         batch_size=batch_size,
         ks=ks,
         progress=progress,
     )
+    if loo:
+        result.update({f"hr@{k}": result[f"hit@{k}"] for k in ks})
     logger.info(
         "%s: %d users evaluated, %d skipped (no held-out items)",
         split,

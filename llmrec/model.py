@@ -168,6 +168,9 @@ class CLLM4Rec(nn.Module):
             raise ValueError(f"unknown head {config.head!r}: expected 'tied' or 'untied'")
         self._add_history_paths()
         self.item_softmax = ItemSoftmax()  # recipes swap in chunked or sampled softmax for huge catalogues
+        self.preference: nn.Module | None = (
+            None  # the alignment loss (`llmrec.align.DPOLoss`), set by recipes/align.py
+        )
 
     def _add_untied_head(self) -> None:
         """An item head of its own, started from the collaborative item embeddings, with a bias (popularity)."""
@@ -427,6 +430,28 @@ class CLLM4Rec(nn.Module):
         nll = softmax(hidden, self.item_weight(), bias, batch["targets"])
         return nll, torch.tensor(hidden.shape[0], device=hidden.device)
 
+    def sequential_loss(
+        self, batch: dict[str, torch.Tensor], softmax: ItemSoftmax
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-item NLL through the item head at every labelled position of one causal forward.
+
+        Position t's hidden state has seen only the prompt and items up to t, so its loss is the loss
+        of the one-prefix prompt that ends there (`collate.SequenceDataset`); the item head and softmax
+        are those of the multinomial task.
+        """
+        hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"], "collab")
+        mask = batch["labels"] != IGNORE
+        bias = self.head_bias if self.config.head == "untied" else None
+        nll = softmax(hidden[mask], self.item_weight(), bias, batch["labels"][mask][:, None])
+        return nll, mask.sum()
+
+    def preference_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The alignment loss of the item head's catalogue log-softmax at each prompt's last position."""
+        if self.preference is None:
+            raise ValueError("a preference batch needs model.preference (e.g. llmrec.align.DPOLoss) set")
+        log_probs = torch.log_softmax(self.score_items(batch["input_ids"], batch["attention_mask"]), dim=-1)
+        return self.preference(log_probs, batch)
+
     def forward(
         self, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -444,6 +469,10 @@ class CLLM4Rec(nn.Module):
             lm, view = self.semantic_loss(batch), "collab"
             # semantic tokens have no content view to agree with: regularise the prompt's user/item tokens only
             ids = ids.masked_fill(ids >= self.vocab.family_range("semantic").start, 0)
+        elif task == "sequential":
+            lm, view = self.sequential_loss(batch, self.item_softmax), "collab"
+        elif task == "preference":
+            lm, view = self.preference_loss(batch), "collab"
         else:
             lm, view = self.finetune_loss(batch, self.item_softmax), "collab"
         return (*lm, *self.mutual_regularization(ids, view))

@@ -4,7 +4,10 @@
 
 Uses ``RUN/best`` when the run kept a best model, else ``RUN/model``; prints a table and merges the
 split's metrics into ``RUN/metrics.json``. ``--generate`` ranks by constrained beam search of semantic
-IDs (runs finetuned with ``--task semantic``) and stores the metrics under ``SPLIT/generate``.
+IDs (runs finetuned with ``--task semantic`` or ``semantic_next``) and stores the metrics under
+``SPLIT/generate``. The prompt is the one the run was finetuned on (its ``task`` in ``run_config.json``).
+On a leave-one-out bundle the metrics are HR/NDCG@5/10/20 and the test prompt also holds the validation
+item; ``--exclude_seen false`` keeps seen items in the ranking (stored under ``SPLIT/seen_kept``).
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from typing import ClassVar
 from common.log import setup_logging
 from data_prep import load_bundle
 from llmrec.config import parse_config
-from llmrec.data import evaluate_model
-from llmrec.metrics import DEFAULT_KS, format_table, write_metrics_json
+from llmrec.data import FINETUNE_TASKS, evaluate_model
+from llmrec.metrics import DEFAULT_KS, LOO_KS, format_table, is_leave_one_out, write_metrics_json
 from llmrec.model import CLLM4Rec, run_model_dir
 
 
@@ -33,12 +36,27 @@ class EvaluateArgs:
     )
     split: str = field(default="test", metadata={"help": "test | valid"})
     batch_size: int = field(default=64, metadata={"help": "users per forward pass"})
-    ks: str = field(default=",".join(map(str, DEFAULT_KS)), metadata={"help": "comma-separated cut-offs"})
+    ks: str | None = field(
+        default=None,
+        metadata={
+            "help": "comma-separated cut-offs (default: 5,10,20 on a leave-one-out bundle, else 10,20,40,100)"
+        },
+    )
+    exclude_seen: bool = field(
+        default=True,
+        metadata={"help": "exclude the user's training (and, for test, validation) items from the ranking"},
+    )
     generate: bool = field(
         default=False, metadata={"help": "rank by constrained beam search of semantic IDs, not the item head"}
     )
     beam: int = field(
         default=0, metadata={"help": "beam width with --generate (default: the largest cut-off)"}
+    )
+    diagnostic_users: int = field(
+        default=256,
+        metadata={
+            "help": "with --generate: users whose lists get validity diagnostics (with and without the trie)"
+        },
     )
 
 
@@ -50,16 +68,31 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     setup_logging()
     (args,) = parse_config(*CONFIGS, args=argv)
     run = Path(args.run)
-    data = args.data or json.loads((run / "run_config.json").read_text())["data"]
+    saved = json.loads((run / "run_config.json").read_text())
+    data = args.data or saved["data"]
+    bundle = load_bundle(data)
     model = CLLM4Rec.from_pretrained(run_model_dir(run))
-    ks = tuple(int(k) for k in args.ks.split(","))
+    loo = is_leave_one_out(bundle)
+    ks = tuple(int(k) for k in args.ks.split(",")) if args.ks else (LOO_KS if loo else DEFAULT_KS)
     beam = (args.beam or max(ks)) if args.generate else 0
     metrics = evaluate_model(
-        load_bundle(data), model, args.split, batch_size=args.batch_size, beam=beam, ks=ks
+        bundle,
+        model,
+        args.split,
+        batch_size=args.batch_size,
+        beam=beam,
+        prompt=FINETUNE_TASKS[saved.get("task", "multinomial")],
+        exclude_seen=args.exclude_seen,
+        diagnostic_users=args.diagnostic_users,
+        ks=ks,
     )
     key = f"{args.split}/generate" if args.generate else args.split
-    columns = [f"{name}@{k}" for name in ("recall", "ndcg") for k in ks]
+    key += "" if args.exclude_seen else "/seen_kept"
+    columns = [f"{name}@{k}" for name in (("hr", "ndcg") if loo else ("recall", "ndcg")) for k in ks]
     print(format_table({f"{run.name} ({key})": metrics}, columns))
+    validity = {name.split("/", 1)[1]: v for name, v in metrics.items() if name.startswith("validity/")}
+    if validity:
+        print(format_table({"validity": validity}, list(validity)))
     path = run / "metrics.json"
     previous = json.loads(path.read_text())["metrics"] if path.exists() else {}
     write_metrics_json(path, {**previous, key: metrics}, run=str(run), data=str(data))

@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("llmrec.model",),
     ("llmrec.scoring",),
     ("llmrec.recommender",),
-    ("llmrec.collate", "llmrec.generate", "llmrec.zeroshot", "llmrec.baselines"),
+    ("llmrec.collate", "llmrec.generate", "llmrec.zeroshot", "llmrec.baselines", "llmrec.align"),
     ("llmrec.data",),
     ("llmrec.train", "llmrec.export"),
     ("llmrec",),  # the package's __init__: the public facade (``llmrec.Recommender``)

@@ -238,7 +238,10 @@ def edit_config(path: Path, change, keep_checksum: bool = False) -> None:
             lambda b: edit_config(b, lambda c: c["model"].update(max_doc_tokens=8)),
             r"config.json: edited after export",
         ),
-        (lambda b: (b / "config.json").write_text('{"format": '), r"config.json: bundle config is not valid JSON"),
+        (
+            lambda b: (b / "config.json").write_text('{"format": '),
+            r"config.json: bundle config is not valid JSON",
+        ),
         (lambda b: (b / "config.json").unlink(), r"config.json: missing; not a recommender bundle"),
         (lambda b: edit_config(b, lambda c: c.pop("files")), r"missing key\(s\) \['files'\]"),
         (

@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -80,25 +78,17 @@ def test_pretraining_learns_collaborative_structure(ml100k_bundle, tmp_path):
     assert together > apart + 0.1, (float(together), float(apart))
 
 
-def test_kill_and_resume_ends_exactly_like_an_uninterrupted_run(ml100k_bundle, tmp_path):
+def test_kill_and_resume_ends_exactly_like_an_uninterrupted_run(
+    ml100k_bundle, tmp_path, kill_after_checkpoint
+):
     common = ["--max_steps", "24", "--batch_size", "8", "--save_steps", "3", "--lora_dropout", "0.1"]
     reference = tmp_path / "reference"
     pretrain.main(run_args(ml100k_bundle, reference, *common))
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        [sys.executable, str(REPO / "recipes" / "pretrain.py"), *run_args(ml100k_bundle, killed, *common)],
-        env=subprocess_env(),  # the same thread count as this process: the same floating-point sums
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    kill_after_checkpoint(
+        [str(REPO / "recipes" / "pretrain.py"), *run_args(ml100k_bundle, killed, *common)], killed
     )
-    deadline = time.time() + 240
-    while not (killed / "checkpoints" / "checkpoint_1" / "trainer_state.json").exists():
-        assert process.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline, "no checkpoint within 240 s"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
     state = json.loads((killed / "checkpoints" / "checkpoint_1" / "trainer_state.json").read_text())
     assert state["step"] < 24 and not (killed / "model").exists()
 
