@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from data_prep import load_bundle
 from llmrec.backbone import load_backbone
-from llmrec.metrics import evaluate_scorer
+from llmrec.metrics import DEFAULT_KS, evaluate_scorer
 from llmrec.zeroshot import (
     EOS,
     PromptBuilder,
@@ -216,6 +216,7 @@ def test_recipe_runs_end_to_end_on_a_tiny_model(tiny_bundle, tmp_path, capsys):
         bundle,
         "test",
         users=users,
+        ks=DEFAULT_KS,  # the recipe's cut-offs, also where the tiny bundle looks leave-one-out
         progress=False,
     )
     assert naive == pytest.approx(rows["zeroshot-sum"])
