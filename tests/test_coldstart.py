@@ -1,0 +1,105 @@
+"""Cold items on a tiny model: the ridge mapper, fold-in and catalogue growth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from llmrec.backbone import BackboneConfig
+from llmrec.coldstart import Ridge, TextToID, extend_items, fold_in, fold_in_items, item_rows
+from llmrec.collate import PretrainDataset, collate
+from llmrec.model import CLLM4Rec, ModelConfig
+
+N_USERS, N_ITEMS = 5, 30
+TEMPLATE = "<item_{item}> is described as:"
+
+
+def tiny_model(head: str = "tied") -> CLLM4Rec:
+    return CLLM4Rec.from_config(
+        ModelConfig(lora_r=4, head=head), BackboneConfig("tiny-llama"), N_USERS, N_ITEMS, seed=0
+    )
+
+
+def test_ridge_recovers_a_linear_map_and_picks_small_l2_without_noise():
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(50, 4, generator=gen), torch.randn(4, 3, generator=gen)
+    y = x @ w + 2.0
+    ridge = Ridge.fit(x, y)
+    assert ridge.l2 == 1e-3
+    assert torch.allclose(ridge(x), y, atol=1e-3)
+    noisy = Ridge.fit(x, torch.randn(50, 3, generator=gen))  # no signal: the largest penalty wins
+    assert noisy.l2 == 100.0
+
+
+@pytest.mark.parametrize("head", ["tied", "untied"])
+def test_mapper_sets_every_row_of_the_new_items_only(head):
+    model = tiny_model(head)
+    emb = np.random.default_rng(0).normal(size=(N_ITEMS, 8)).astype(np.float32)
+    warm, cold = np.arange(24), np.arange(24, N_ITEMS)
+    mapper = TextToID.fit(model, emb, warm, encoder="test")
+    before = item_rows(model)
+    mapper.apply(model, cold, emb[cold])
+    after = item_rows(model)
+    assert torch.equal(after[warm], before[warm])
+    assert torch.allclose(after[cold], mapper.ridge(torch.from_numpy(emb[cold])), atol=1e-6)
+    hidden = model.collab.family_weight("item").shape[1]
+    assert after.shape[1] == (3 * hidden + 1 if head == "untied" else 2 * hidden)
+
+
+def test_mapper_save_load(tmp_path):
+    model = tiny_model()
+    emb = np.random.default_rng(1).normal(size=(N_ITEMS, 8)).astype(np.float32)
+    mapper = TextToID.fit(model, emb, np.arange(20), encoder="backbone:tiny-llama")
+    mapper.save(tmp_path / "m.safetensors")
+    loaded = TextToID.load(tmp_path / "m.safetensors")
+    assert loaded.encoder == "backbone:tiny-llama" and loaded.ridge.l2 == mapper.ridge.l2
+    assert torch.equal(loaded.ridge(torch.from_numpy(emb)), mapper.ridge(torch.from_numpy(emb)))
+
+
+def content_nll(model, items, texts) -> float:
+    rows = [
+        {"kind": "item", "prompt": TEMPLATE.format(item=i), "main": t}
+        for i, t in zip(items, texts, strict=True)
+    ]
+    data = PretrainDataset(rows, model.vocab, model.tokenizer)
+    with torch.no_grad():
+        total, count = model.content_loss(collate([data[i] for i in range(len(rows))]))
+    return float(total / count)
+
+
+def test_fold_in_fits_only_the_new_items_content_rows():
+    model = tiny_model()
+    items, texts = [26, 28], ["a heist film in los angeles", "a space opera"]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {k: p.requires_grad for k, p in model.named_parameters()}
+    before = content_nll(model, items, texts)
+    rows = fold_in(model, items, texts, TEMPLATE, steps=15, lr=0.05)
+    assert content_nll(model, items, texts) < before - 0.01  # one embedding row of a random tiny LM
+    assert torch.equal(rows, model.content.family_weight("item")[items])
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, state[k])}
+    assert changed == {"content.tables.item.weight"}
+    diff = (model.content.family_weight("item") != state["content.tables.item.weight"]).any(1)
+    assert diff.nonzero().ravel().tolist() == items
+    assert flags == {k: p.requires_grad for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("relation", ["linear", "identity"])
+def test_fold_in_items_gives_every_row(relation):
+    model = tiny_model("untied")
+    before = item_rows(model)
+    fold_in_items(model, [29], ["a silent comedy"], TEMPLATE, np.arange(20), relation=relation, steps=2)
+    after = item_rows(model)
+    assert torch.equal(after[:29], before[:29]) and not torch.equal(after[29], before[29])
+
+
+def test_extend_items_keeps_old_scores():
+    model = tiny_model("untied").eval()
+    hidden = torch.randn(3, model.collab.family_weight("item").shape[1])
+    old = model.item_logits(hidden)
+    new = extend_items(model, 4)
+    assert list(new) == [30, 31, 32, 33] and model.vocab.n_items == 34
+    assert model.collab.vocab is model.content.vocab is model.vocab
+    grown = model.item_logits(hidden)
+    assert grown.shape == (3, 34) and torch.allclose(grown[:, :30], old, atol=1e-6, rtol=0)
+    assert model.vocab.encode("<item_33>", model.tokenizer) == [model.vocab.item_token(33)]
