@@ -26,10 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from data_prep import Bundle
+from data_prep.cold import cold_ids
 from llmrec.collate import PretrainDataset, collate
 from llmrec.model import CLLM4Rec
 from llmrec.tokens import RecVocab
@@ -64,7 +67,7 @@ def set_item_rows(model: CLLM4Rec, items: Sequence[int] | np.ndarray, rows: torc
         model.head_bias[index.to(model.head_bias.device)] = rows[:, -1].to(model.head_bias)
 
 
-def warm_items(train: "np.ndarray | object", n_items: int) -> np.ndarray:
+def warm_items(train: sp.spmatrix, n_items: int) -> np.ndarray:
     """Items with at least one training interaction (``train``: a (users, items) sparse matrix)."""
     counts = np.asarray(train.sum(axis=0)).ravel()
     return np.flatnonzero(counts[:n_items] > 0)
@@ -261,6 +264,39 @@ def fold_in_items(
             rows = torch.cat([rows, known[:, -1:].mean(0).expand(len(rows), 1)], dim=1)
     rows[:, hidden : 2 * hidden] = content
     set_item_rows(model, items, rows)
+
+
+# ---------------------------------------------------------------------------------- a cold-items bundle
+def cold_start(
+    model: CLLM4Rec,
+    bundle: Bundle,
+    method: str = "mapper",
+    *,
+    items: Sequence[int] | np.ndarray | None = None,
+    embeddings: np.ndarray | None = None,
+    encoder: str = "minilm",
+    relation: str = "linear",
+    **fold_in_kwargs,
+) -> None:
+    """Give a model trained on ``bundle``'s training split rows for its unseen ``items`` (default: the cold
+    items in the manifest) by ``method``: ``"mapper"``, ``"fold-in"``, or ``"mapper+fold-in"`` (fold-in
+    starting from the mapper's rows). ``embeddings``: the items' text embeddings, if already computed."""
+    if method not in (*COLD_METHODS, "mapper+fold-in"):
+        raise ValueError(f"unknown cold-start method {method!r}: expected mapper, fold-in or mapper+fold-in")
+    items = cold_ids(bundle.manifest, "items") if items is None else np.asarray(items, dtype=np.int64)
+    if not len(items):
+        raise ValueError(f"{bundle.path}: no cold items to score (not a cold-items split)")
+    warm = warm_items(bundle.matrix("train"), bundle.n_items)
+    texts = item_texts(bundle.item_titles, bundle.item_text)
+    if method.startswith("mapper"):
+        if embeddings is None:
+            from llmrec.indexing.encoders import item_embeddings
+
+            embeddings = item_embeddings(texts, encoder)
+        TextToID.fit(model, embeddings, warm, encoder).apply(model, items, embeddings[items])
+    if method.endswith("fold-in"):
+        new_texts = [texts[i] for i in items]
+        fold_in_items(model, items, new_texts, bundle.templates.item, warm, relation, **fold_in_kwargs)
 
 
 # ---------------------------------------------------------------------------------- catalogue growth

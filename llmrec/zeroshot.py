@@ -93,6 +93,13 @@ class PromptConfig:
     recent_first: bool = field(
         default=True, metadata={"help": "list the history most recent first (else chronologically)"}
     )
+    neutral_history: str = field(
+        default="other movies",
+        metadata={
+            "help": "what stands for the history in the neutral prompt of calibrated scores "
+            "(the same template, user-independent)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.style not in ("completion", "chat"):
@@ -142,11 +149,18 @@ class PromptBuilder:
 
     def text(self, history: Sequence[int]) -> str:
         """The prompt text for these history items (already selected and ordered)."""
-        joined = self.config.separator.join(self.titles[i] for i in history)
+        return self.render(self.config.separator.join(self.titles[i] for i in history))
+
+    def render(self, history: str) -> str:
+        """The prompt text with ``history`` where the history titles go."""
         if self.config.style == "completion":
-            return self.config.template.format(history=joined)
-        message = {"role": "user", "content": self.config.instruction.format(history=joined)}
+            return self.config.template.format(history=history)
+        message = {"role": "user", "content": self.config.instruction.format(history=history)}
         return self.tokenizer.apply_chat_template([message], add_generation_prompt=True, tokenize=False)
+
+    def neutral(self) -> list[int]:
+        """Prompt ids with ``PromptConfig.neutral_history`` in place of a user's titles."""
+        return self.encode_text(self.render(self.config.neutral_history))
 
     def encode_text(self, text: str) -> list[int]:
         # A chat template already spells out its special tokens; a completion prompt starts a document.
@@ -542,6 +556,7 @@ class ZeroShotScorer:
         chunk_size: int = 256,
         batch_size: int = 32,
         top_k: int | None = None,
+        candidates: Sequence[int] | None = None,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -550,7 +565,12 @@ class ZeroShotScorer:
         self.prompt = prompt or PromptConfig()
         self.model, self.method = model.eval(), method
         self.chunk_size, self.batch_size, self.top_k = chunk_size, batch_size, top_k
-        self.items = encode_items(titles, tokenizer, self.prompt)
+        # the items scored (default: all); histories may name any item of ``titles``
+        self.candidates = (
+            np.arange(len(titles)) if candidates is None else np.asarray(candidates, dtype=np.int64)
+        )
+        self.items = encode_items([titles[i] for i in self.candidates], tokenizer, self.prompt)
+        self._neutral: ItemLogLikelihoods | None = None
         longest = max(len(t) for t in self.items)
         context = getattr(model.config, "max_position_embeddings", None)
         budget = self.prompt.max_prompt_tokens or (context - longest if context else None)
@@ -576,12 +596,18 @@ class ZeroShotScorer:
             )
 
     def score(self, history: Sequence[int], exclude: Sequence[int] | None = None) -> ItemLogLikelihoods:
-        """Log-likelihood of every item after the prompt built from ``history`` (item indices, oldest first).
+        """Log-likelihood of every candidate after the prompt built from ``history`` (item indices, oldest
+        first); entry j is ``candidates[j]`` (every item by default).
 
-        With ``top_k`` set, only the exact top-k items outside ``exclude`` are guaranteed a score
-        (:func:`score_top_k`); without it ``exclude`` is ignored and every item is scored.
+        With ``top_k`` set, only the exact top-k candidates outside ``exclude`` (positions in the candidate
+        list) are guaranteed a score (:func:`score_top_k`); without it ``exclude`` is ignored and every
+        candidate is scored.
         """
-        prompt_ids = self.build_prompt(history)
+        return self._score_prompt(self.build_prompt(history), exclude)
+
+    def _score_prompt(
+        self, prompt_ids: list[int], exclude: Sequence[int] | None = None
+    ) -> ItemLogLikelihoods:
         if self.top_k is not None:
             return score_top_k(self.model, prompt_ids, self.trie, self.top_k, exclude, self.chunk_size)
         if self.method == "naive":
@@ -589,3 +615,23 @@ class ZeroShotScorer:
         if self.method == "cached":
             return score_cached(self.model, prompt_ids, self.items, self.batch_size)
         return score_trie(self.model, prompt_ids, self.trie, self.chunk_size)
+
+    def neutral(self) -> ItemLogLikelihoods:
+        """``log p(title | neutral prompt)`` of every candidate: the prompt template with
+        ``PromptConfig.neutral_history`` for the history. User-independent, so computed once."""
+        if self._neutral is None:
+            if self.top_k is not None:
+                raise ValueError("calibrated scores need every title scored; this scorer runs a top-k search")
+            self._neutral = self._score_prompt(self.build_prompt.neutral())
+        return self._neutral
+
+    def variants(self, result: ItemLogLikelihoods) -> dict[str, torch.Tensor]:
+        """Every candidate's score three ways from one :meth:`score` result: ``sum`` (log p(title | history prompt)),
+        ``mean`` (per title token) and ``calibrated`` (the sum minus log p(title | neutral prompt): how
+        much the history raises the title's likelihood, which removes the titles' own prior, e.g. short
+        or common titles winning whatever the user watched)."""
+        return {
+            "sum": result.scores("sum"),
+            "mean": result.scores("mean"),
+            "calibrated": result.total - self.neutral().total,
+        }

@@ -1,6 +1,10 @@
-"""Classical baselines (Pop, EASE, Mult-VAE) on a dataset bundle, scored like the LLM recommender.
+"""Classical baselines (Pop, EASE, Mult-VAE, Random, content kNN) on a dataset bundle, scored like the LLM.
 
-    python recipes/baselines.py --data DIR --split test [--models pop,ease,multvae] [--out results.json]
+    python recipes/baselines.py --data DIR --split test [--models pop,ease,multvae,random,knn] [--out results.json]
+
+On a cold-items bundle every model gets two rows, the whole catalogue (``all``) and the split's cold
+items only (``cold``); models that cannot score an item without interactions (EASE, Mult-VAE; Pop has
+no signal for them) say so instead of a cold row. The zero-shot LM scorer is ``recipes/zeroshot.py``.
 
 Every model is fit on the training split, with hyperparameters (EASE's lambda, Mult-VAE's epoch) chosen on
 the validation split by NDCG@100. The input history at scoring time is the training matrix, as in the LLM
@@ -13,12 +17,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from data_prep import load_bundle
-from llmrec.baselines import EASE, make_baseline
+from data_prep.cold import cold_ids
+from llmrec.baselines import EASE, UNSEEN_ITEMS, make_baseline
+from llmrec.coldstart import item_texts
 from llmrec.config import parse_config, to_dict
 from llmrec.log import setup_logging
-from llmrec.metrics import evaluate_scorer, format_table, write_metrics_json
+from llmrec.metrics import evaluate_cold_items, evaluate_scorer, format_table, write_metrics_json
 from llmrec.reporting import machine_info
 
 logger = logging.getLogger("recipes.baselines")
@@ -33,7 +40,12 @@ class BaselineArgs:
         metadata={"help": "dataset bundle directory written by `python -m data_prep build`"},
     )
     split: str = field(default="test", metadata={"help": "split to report: test or valid"})
-    models: str = field(default="pop,ease,multvae", metadata={"help": "comma-separated: pop, ease, multvae"})
+    models: str = field(
+        default="pop,ease,multvae", metadata={"help": "comma-separated: pop, ease, multvae, random, knn"}
+    )
+    encoder: str = field(
+        default="minilm", metadata={"help": "text encoder of the content kNN (cached in DATA/embeddings)"}
+    )
     out: str | None = field(default=None, metadata={"help": "JSON file for all metrics (written atomically)"})
     seed: int = field(default=0, metadata={"help": "seed for Mult-VAE (Pop and EASE are deterministic)"})
     eval_batch_size: int = field(default=1024, metadata={"help": "users per scoring batch"})
@@ -56,7 +68,14 @@ class BaselineArgs:
     )
 
 
-def model_kwargs(args: BaselineArgs, name: str) -> dict:
+def model_kwargs(args: BaselineArgs, name: str, bundle) -> dict:
+    if name == "random":
+        return {"seed": args.seed}
+    if name == "knn":
+        from llmrec.indexing.encoders import item_embeddings
+
+        texts = item_texts(bundle.item_titles, bundle.item_text)
+        return {"embeddings": item_embeddings(texts, args.encoder, cache_dir=Path(args.data) / "embeddings")}
     if name == "ease":
         return {"lambdas": args.ease_lambdas}
     if name == "multvae":
@@ -83,22 +102,31 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     train, valid = bundle.matrix("train"), bundle.matrix("valid")
     rows: dict[str, dict[str, float]] = {}
     fit_info: dict[str, dict] = {}
+    cold = cold_ids(bundle.manifest, "items", args.split)
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        model = make_baseline(name, **model_kwargs(args, name))
+        model = make_baseline(name, **model_kwargs(args, name, bundle))
         start = time.perf_counter()
         model.fit(train, valid)
         fit_s = time.perf_counter() - start
         logger.info("%s fit in %.1f s: %s", name, fit_s, model.fit_info)
-        metrics = evaluate_scorer(
-            lambda users, model=model: model.score(users, train),
-            bundle,
-            args.split,
-            batch_size=args.eval_batch_size,
-        )
-        rows[name] = {**metrics, "fit_s": fit_s}
+        score = lambda users, model=model: model.score(users, train)  # noqa: E731
         fit_info[name] = model.fit_info
+        if not len(cold):
+            metrics = evaluate_scorer(score, bundle, args.split, batch_size=args.eval_batch_size)
+            rows[name] = {**metrics, "fit_s": fit_s}
+            continue
+        views = evaluate_cold_items(score, bundle, args.split, cold, batch_size=args.eval_batch_size)
+        rows[f"{name} (all)"] = {**views["all"], "fit_s": fit_s}
+        if name in UNSEEN_ITEMS:
+            fit_info[name]["cold"] = UNSEEN_ITEMS[name]
+            logger.info("%s on cold items: %s", name, UNSEEN_ITEMS[name])
+        else:
+            rows[f"{name} (cold)"] = {**views["cold"], "fit_s": fit_s}
     print(f"{args.split} split of {args.data} (history: train; hyperparameters chosen on valid)")
     print(format_table(rows, COLUMNS))
+    for name, info in fit_info.items():
+        if "cold" in info:
+            print(f"{name} (cold): {info['cold']}")
     if args.out:
         write_metrics_json(
             args.out,

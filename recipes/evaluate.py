@@ -5,6 +5,10 @@
 Uses ``RUN/best`` when the run kept a best model, else ``RUN/model``; prints a table and merges the
 split's metrics into ``RUN/metrics.json``. ``--generate`` ranks by constrained beam search of semantic
 IDs (runs finetuned with ``--task semantic``) and stores the metrics under ``SPLIT/generate``.
+
+On a cold-items bundle (``data_prep build --split cold-items``) the unseen items first get rows from
+their text (``--cold_method``, see ``llmrec.coldstart``), then two views are reported: ``SPLIT/all``
+ranks the whole catalogue, ``SPLIT/cold`` ranks the split's cold items only.
 """
 
 from __future__ import annotations
@@ -12,12 +16,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from data_prep import load_bundle
+from data_prep.cold import cold_ids
+from llmrec.coldstart import cold_start
 from llmrec.config import parse_config
-from llmrec.data import evaluate_model
+from llmrec.data import evaluate_model, scorer_for, with_selection_metric
 from llmrec.log import setup_logging
-from llmrec.metrics import DEFAULT_KS, format_table, write_metrics_json
+from llmrec.metrics import DEFAULT_KS, evaluate_cold_items, format_table, write_metrics_json
 from llmrec.model import CLLM4Rec
 from llmrec.train import run_model_dir
 
@@ -39,26 +46,41 @@ class EvaluateArgs:
     beam: int = field(
         default=0, metadata={"help": "beam width with --generate (default: the largest cut-off)"}
     )
+    cold_method: str = field(
+        default="mapper",
+        metadata={"help": "cold-items bundles: how unseen items get rows: mapper | fold-in | mapper+fold-in"},
+    )
+    encoder: str = field(default="minilm", metadata={"help": "text encoder of the cold-item mapper"})
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup_logging()
     (args,) = parse_config(EvaluateArgs, args=argv, section="evaluate")
     run = Path(args.run)
     data = args.data or json.loads((run / "run_config.json").read_text())["data"]
     model = CLLM4Rec.from_pretrained(run_model_dir(run))
     ks = tuple(int(k) for k in args.ks.split(","))
-    beam = (args.beam or max(ks)) if args.generate else 0
-    metrics = evaluate_model(
-        load_bundle(data), model, args.split, batch_size=args.batch_size, beam=beam, ks=ks
-    )
-    key = f"{args.split}/generate" if args.generate else args.split
+    bundle = load_bundle(data)
     columns = [f"{name}@{k}" for name in ("recall", "ndcg") for k in ks]
-    print(format_table({f"{run.name} ({key})": metrics}, columns))
+    cold = cold_ids(bundle.manifest, "items", args.split)
+    if len(cold) and not args.generate:
+        cold_start(
+            model, bundle, args.cold_method, items=cold_ids(bundle.manifest, "items"), encoder=args.encoder
+        )
+        views = evaluate_cold_items(
+            scorer_for(bundle, model, args.batch_size), bundle, args.split, cold, ks=ks
+        )
+        results = {f"{args.split}/{name}": with_selection_metric(m) for name, m in views.items()}
+        print(f"cold items: {args.cold_method}; 'cold' ranks the {len(cold)} cold {args.split} items only")
+    else:
+        beam = (args.beam or max(ks)) if args.generate else 0
+        metrics = evaluate_model(bundle, model, args.split, batch_size=args.batch_size, beam=beam, ks=ks)
+        results = {f"{args.split}/generate" if args.generate else args.split: metrics}
+    print(format_table({f"{run.name} ({key})": m for key, m in results.items()}, columns))
     path = run / "metrics.json"
     previous = json.loads(path.read_text())["metrics"] if path.exists() else {}
-    write_metrics_json(path, {**previous, key: metrics}, run=str(run), data=str(data))
-    return metrics
+    write_metrics_json(path, {**previous, **results}, run=str(run), data=str(data))
+    return next(iter(results.values())) if len(results) == 1 else results
 
 
 if __name__ == "__main__":

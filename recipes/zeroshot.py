@@ -5,10 +5,13 @@
 Each user's prompt lists the titles of their training items (most recent first, truncated to fit), every
 catalogue item is scored by the LM log-likelihood of its title after the prompt (``llmrec.zeroshot``),
 and the rankings go through the project's metric code: training items are excluded (and validation
-items for the test split). Both score variants come from one pass: ``zeroshot-sum`` (total
-log-likelihood) and ``zeroshot-mean`` (per token). ``--top_k K`` runs only the part of the title trie
+items for the test split). Every score variant comes from one pass: ``zeroshot-sum`` (total
+log-likelihood), ``zeroshot-mean`` (per token), ``zeroshot-calibrated`` (the sum minus the title's
+log-likelihood after a neutral prompt, computed once) and ``zeroshot-calibrated+pop`` (plus
+``w * log(1 + training count)``, ``w`` from ``--prior_weights`` chosen by NDCG@20 on the valid split of
+the same users: the prompt is the training history for both splits, so no extra LM pass). ``--top_k K`` runs only the part of the title trie
 that the exact top-K of ``zeroshot-sum`` needs (several times less work on ML-100K); the metrics are
-then reported at cut-offs <= K only, and ``zeroshot-mean`` is left out. ``pop`` (training counts) and ``random`` (seeded
+then reported at cut-offs <= K only, and only ``zeroshot-sum`` is reported. ``pop`` (training counts) and ``random`` (seeded
 uniform scores) are evaluated on exactly the same users. Writes ``OUTPUT_DIR/metrics.json``.
 """
 
@@ -61,6 +64,10 @@ class ZeroShotArgs:
             "are unchanged, zeroshot-mean is not reported"
         },
     )
+    prior_weights: list[float] = field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0, 4.0],
+        metadata={"help": "weights of the log-popularity prior added to calibrated scores, chosen on valid"},
+    )
 
 
 def sample_users(heldout_counts: np.ndarray, max_users: int | None, seed: int) -> np.ndarray:
@@ -105,19 +112,35 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         args.top_k,
     )
     logger.info("zero-shot scoring of %d items for %d users (%s)", bundle.n_items, len(users), args.method)
-    results, tokens = {}, 0
+    results: dict[int, dict[str, torch.Tensor]] = {}
+    tokens = 0
     start = time.perf_counter()
+    if args.top_k is None:
+        scorer.neutral()  # once per catalogue; counted in the time
     for user in tqdm(users, desc="zero-shot", unit="user"):
-        results[int(user)] = scorer.score(histories[user], exclude=exclude[user].indices)
-        tokens += results[int(user)].tokens_computed
+        result = scorer.score(histories[user], exclude=exclude[user].indices)
+        tokens += result.tokens_computed
+        results[int(user)] = scorer.variants(result) if result.complete else {"sum": result.scores("sum")}
     seconds = time.perf_counter() - start
 
     pop = Pop().fit(train)
-    variants = ("sum",) if args.top_k is not None else ("sum", "mean")
-    scorers = {
-        f"zeroshot-{v}": lambda batch, v=v: torch.stack([results[int(u)].scores(v) for u in batch])
-        for v in variants
-    }
+    log_pop = torch.log1p(torch.as_tensor(pop.counts, dtype=torch.float64))
+
+    def variant(name: str, weight: float = 0.0):
+        return lambda batch: torch.stack([results[int(u)][name] + weight * log_pop for u in batch])
+
+    scorers = {f"zeroshot-{v}": variant(v) for v in next(iter(results.values()))}
+    choice = {}
+    if args.top_k is None:
+        valid = {
+            w: evaluate_scorer(
+                variant("calibrated", w), bundle, "valid", users=users, ks=(20,), progress=False
+            )
+            for w in args.prior_weights
+        }
+        best = max(args.prior_weights, key=lambda w: valid[w]["ndcg@20"])
+        choice = {"prior_weight": best, "valid_ndcg@20": {str(w): m["ndcg@20"] for w, m in valid.items()}}
+        scorers["zeroshot-calibrated+pop"] = variant("calibrated", best)
     scorers["pop"] = lambda batch: pop.score(batch, train)
     scorers["random"] = lambda batch: random_scores(batch, bundle.n_items, args.seed)
     rows = {
@@ -131,6 +154,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     print(
         f"scoring ({how}): {timing['seconds_per_user']:.2f} s, {timing['tokens_per_user']:.0f} tokens per user"
     )
+    if choice:
+        print(
+            f"log-popularity prior weight {choice['prior_weight']} (chosen on valid NDCG@20 of the same users)"
+        )
     path = write_metrics_json(
         Path(args.output_dir) / "metrics.json",
         rows,
@@ -138,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         split=args.split,
         users=[int(u) for u in users],
         timing=timing,
+        prior=choice,
         machine=machine_info(),
     )
     logger.info("wrote %s", path)
