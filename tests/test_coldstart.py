@@ -6,9 +6,24 @@ import numpy as np
 import pytest
 import torch
 
+from data_prep import load_bundle
+from data_prep.build import BuildConfig, build
+from data_prep.cold import cold_ids
 from llmrec.backbone import BackboneConfig
-from llmrec.coldstart import Ridge, TextToID, extend_items, fold_in, fold_in_items, item_rows
+from llmrec.coldstart import (
+    Ridge,
+    TextToID,
+    cold_start,
+    extend_items,
+    fold_in,
+    fold_in_items,
+    item_rows,
+    item_texts,
+)
 from llmrec.collate import PretrainDataset, collate
+from llmrec.data import scorer_for
+from llmrec.indexing.encoders import item_embeddings
+from llmrec.metrics import evaluate_cold_items, evaluate_matrices, evaluate_scorer
 from llmrec.model import CLLM4Rec, ModelConfig
 
 N_USERS, N_ITEMS = 5, 30
@@ -103,3 +118,55 @@ def test_extend_items_keeps_old_scores():
     grown = model.item_logits(hidden)
     assert grown.shape == (3, 34) and torch.allclose(grown[:, :30], old, atol=1e-6, rtol=0)
     assert model.vocab.encode("<item_33>", model.tokenizer) == [model.vocab.item_token(33)]
+
+
+@pytest.fixture(scope="module")
+def cold_bundle(tmp_path_factory):
+    from test_data_prep_cold import write_source
+
+    root = tmp_path_factory.mktemp("cold")
+    config = BuildConfig(
+        input=str(write_source(root / "toy")), out=str(root / "b"), split="cold-items", cold_ratio=0.2
+    )
+    return load_bundle(build(config))
+
+
+def test_cold_view_ranks_the_cold_items_among_themselves(cold_bundle):
+    cold = cold_ids(cold_bundle.manifest, "items", "test")
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(cold_bundle.n_users, cold_bundle.n_items))
+    views = evaluate_cold_items(lambda users: scores[users], cold_bundle, "test", cold, progress=False)
+    assert views["all"] == evaluate_scorer(lambda users: scores[users], cold_bundle, "test", progress=False)
+    seen = cold_bundle.matrix("train") + cold_bundle.matrix("valid")
+    only = evaluate_matrices(
+        lambda users: scores[users][:, cold], cold_bundle.matrix("test")[:, cold], seen[:, cold]
+    )
+
+    def ranking(metrics: dict) -> dict:  # coverage counts the catalogue, skipped users the split
+        return {k: v for k, v in metrics.items() if k != "users_skipped" and not k.startswith("coverage")}
+
+    assert ranking(views["cold"]) == pytest.approx(ranking(only))
+    boosted = scores.copy()
+    boosted[:, np.setdiff1d(np.arange(cold_bundle.n_items), cold)] += 100.0  # warm items first
+    again = evaluate_cold_items(lambda users: boosted[users], cold_bundle, "test", cold, progress=False)
+    assert again["cold"] == views["cold"] and again["all"] != views["all"]
+
+
+@pytest.mark.parametrize("method", ["mapper", "fold-in", "mapper+fold-in"])
+def test_cold_start_end_to_end_on_a_cold_bundle(cold_bundle, method):
+    model = CLLM4Rec.from_config(
+        ModelConfig(lora_r=4), BackboneConfig("tiny-llama"), cold_bundle.n_users, cold_bundle.n_items, seed=0
+    )
+    cold = cold_ids(cold_bundle.manifest, "items")
+    emb = item_embeddings(item_texts(cold_bundle.item_titles, cold_bundle.item_text), "backbone:tiny-llama")
+    before = item_rows(model)
+    cold_start(model, cold_bundle, method, embeddings=emb, steps=2)
+    after = item_rows(model)
+    warm = np.setdiff1d(np.arange(cold_bundle.n_items), cold)
+    assert torch.equal(after[warm], before[warm])
+    assert not torch.isclose(after[cold], before[cold]).all(1).any()  # every cold item got new rows
+    test_cold = cold_ids(cold_bundle.manifest, "items", "test")
+    views = evaluate_cold_items(
+        scorer_for(cold_bundle, model), cold_bundle, "test", test_cold, progress=False
+    )
+    assert 0 < views["cold"]["users"] <= views["all"]["users"]
