@@ -21,9 +21,10 @@ the leave-one-out choice of the penalty falls out of the same SVD, and it adds n
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -39,7 +40,7 @@ from llmrec.tokens import RecVocab
 
 logger = logging.getLogger(__name__)
 
-L2_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+L2_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
 COLD_METHODS = ("mapper", "fold-in")
 
 
@@ -246,16 +247,27 @@ def fold_in_items(
     relation: str = "linear",
     **fold_in_kwargs,
 ) -> None:
-    """:func:`fold_in` the content rows of ``items``, then give them every other row through the
-    collaborative <-> content relation of the ``warm`` items: ``"linear"`` (a ridge map from content rows
-    to the other rows) or ``"identity"`` (the other embeddings equal the content one, as the mutual
-    regulariser asks; an untied head's bias is the warm items' mean)."""
+    """:func:`fold_in` the content rows of ``items``, then :func:`relate` them to every other row."""
+    relate(model, items, fold_in(model, items, texts, template, **fold_in_kwargs), warm, relation)
+
+
+def relate(
+    model: CLLM4Rec,
+    items: Sequence[int] | np.ndarray,
+    content: torch.Tensor,
+    warm: Sequence[int] | np.ndarray,
+    relation: str = "linear",
+) -> None:
+    """Give ``items`` the content rows ``content`` and every other row through the collaborative <->
+    content relation of the ``warm`` items: ``"linear"`` (a ridge map from content rows to the other
+    rows) or ``"identity"`` (the other embeddings equal the content one, as the mutual regulariser asks;
+    an untied head's bias is the warm items' mean)."""
     if relation not in ("linear", "identity"):
         raise ValueError(f"relation must be 'linear' or 'identity', got {relation!r}")
     warm = np.asarray(warm, dtype=np.int64)
     hidden = model.content.family_weight("item").shape[1]
     known = item_rows(model)[warm].cpu()
-    content = fold_in(model, items, texts, template, **fold_in_kwargs).float().cpu()
+    content = content.float().cpu()
     if relation == "linear":
         rows = Ridge.fit(known[:, hidden : 2 * hidden], known)(content)
     else:
@@ -332,3 +344,52 @@ def extend_items(model: CLLM4Rec, n_new: int) -> range:
         model.head_bias = nn.Parameter(torch.cat([model.head_bias, model.head_bias.new_zeros(n_new)]))
     model.vocab = grown
     return range(vocab.n_items, grown.n_items)
+
+
+ITEM_FIELDS = ("id", "title", "text")
+
+
+def parse_new_items(
+    items: Iterable[Mapping[str, Any]] | Any, known: Mapping[str, int]
+) -> list[dict[str, str]]:
+    """New catalogue items as ``{"id", "title", "text"}`` dicts of strings (``text`` "" when absent), from a
+    list of dicts or a pandas DataFrame with those columns. A clear error names the row and field of an id
+    that is missing, repeated or already in the catalogue (``known``), or a title that is empty."""
+    if hasattr(items, "to_dict") and hasattr(items, "columns"):
+        missing = [name for name in ITEM_FIELDS[:2] if name not in items.columns]
+        if missing:
+            raise ValueError(
+                f"items: the DataFrame has no column {missing[0]!r} (columns: {list(items.columns)})"
+            )
+        items = items.to_dict("records")
+    out: list[dict[str, str]] = []
+    seen: dict[str, int] = {}
+    for row, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            raise ValueError(f"items[{row}]: expected a dict with 'id', 'title' and optionally 'text'")
+        extra = sorted(set(item) - set(ITEM_FIELDS))
+        if extra:
+            raise ValueError(f"items[{row}]: unknown field {extra[0]!r}; expected {list(ITEM_FIELDS)}")
+        values = {}
+        for name in ITEM_FIELDS:
+            value = item.get(name)
+            if value is None or (isinstance(value, float) and np.isnan(value)):  # a DataFrame's empty cell
+                value = ""
+            if name == "text" and not isinstance(value, str):
+                raise ValueError(f"items[{row}]: field 'text' must be a string, got {type(value).__name__}")
+            values[name] = str(value).strip() if name != "text" else value
+        if not values["id"]:
+            raise ValueError(f"items[{row}]: field 'id' is missing or empty")
+        if not values["title"]:
+            raise ValueError(f"items[{row}]: field 'title' is missing or empty (item {values['id']!r})")
+        if values["id"] in known:
+            raise ValueError(f"items[{row}]: field 'id': {values['id']!r} is already in the catalogue")
+        if values["id"] in seen:
+            raise ValueError(
+                f"items[{row}]: field 'id': {values['id']!r} repeats items[{seen[values['id']]}]"
+            )
+        seen[values["id"]] = row
+        out.append(values)
+    if not out:
+        raise ValueError("items: no item given")
+    return out
