@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +142,7 @@ class TextToID:
 
     ridge: Ridge
     encoder: str = "minilm"
+    _loaded: tuple | None = field(default=None, repr=False, compare=False)  # (model, tokenizer) once used
 
     @classmethod
     def fit(
@@ -163,11 +164,25 @@ class TextToID:
         """Give ``items`` the rows predicted from their text embeddings (one matrix product)."""
         set_item_rows(model, items, self.ridge(torch.as_tensor(np.asarray(embeddings))))
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Text embeddings with this mapper's encoder (no cache: new items are new texts)."""
-        from llmrec.indexing.encoders import item_embeddings
+    @classmethod
+    def fit_on_texts(
+        cls, model: CLLM4Rec, texts: Sequence[str], warm: Sequence[int] | np.ndarray, encoder: str = "minilm"
+    ) -> TextToID:
+        """Embed every item's text with ``encoder``, then :meth:`fit` on the ``warm`` items."""
+        from llmrec.indexing.encoders import load_encoder, mean_pooled_embeddings
 
-        return item_embeddings(list(texts), self.encoder)
+        loaded = load_encoder(encoder)
+        fitted = cls.fit(model, mean_pooled_embeddings(*loaded, list(texts)), warm, encoder)
+        fitted._loaded = loaded
+        return fitted
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Text embeddings with this mapper's encoder, loaded on first use and kept."""
+        from llmrec.indexing.encoders import load_encoder, mean_pooled_embeddings
+
+        if self._loaded is None:
+            self._loaded = load_encoder(self.encoder)
+        return mean_pooled_embeddings(*self._loaded, list(texts))
 
     def save(self, path: str | Path) -> None:
         save_file(self.ridge.state_dict(), str(path), metadata={"encoder": self.encoder})

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from data_prep import Bundle
+from data_prep.cold import cold_ids
 from llmrec.backbone import BackboneConfig
 from llmrec.collate import TASKS, FinetuneDataset, FinetunePrompts, PretrainDataset, TaskMixture, collate
 from llmrec.generate import GenerativeScorer, SemanticDataset, require_index
@@ -70,10 +71,12 @@ def finetune_dataset(
     """Masked-history examples for the item head (``task="multinomial"``), for writing a held-out item's
     semantic ID (``"semantic"``, needs a model with an item index) or both; with ``with_content`` the
     content corpus keeps the content view (and the mutual regulariser) training alongside, as in
-    CLLM4Rec's finetuning."""
+    CLLM4Rec's finetuning. Cold users (a cold-users split) are left out."""
     if task not in FINETUNE_TASKS:
         raise ValueError(f"unknown finetune task {task!r}: expected one of {FINETUNE_TASKS}")
     histories, prompts = train_histories(bundle), prompts_for(bundle, model)
+    for user in cold_ids(bundle.manifest, "users"):  # a cold user's history is given at evaluation only
+        histories[user] = []
     parts: list = []
     if task in ("multinomial", "both"):
         parts.append(FinetuneDataset(histories, prompts, seed=seed, mask_ratio=mask_ratio, target=target))

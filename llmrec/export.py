@@ -36,7 +36,7 @@ import json
 import logging
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,7 @@ from llmrec.backbone import (
     gguf_fingerprint,
     load_backbone,
 )
+from llmrec.coldstart import TextToID, extend_items, item_texts, parse_new_items
 from llmrec.collate import FinetunePrompts
 from llmrec.data import PromptScorer, train_histories
 from llmrec.metrics import RankingMetrics
@@ -80,6 +81,7 @@ ITEMS_FILE = "items.json"
 HISTORIES_FILE = "histories.safetensors"
 MERGED_DIR = "merged"
 HEAD_FILE = "item_head.safetensors"
+MAPPER_FILE = "mapper.safetensors"
 MERGED_INFO_FILE = "recommender.json"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CONFIG_KEYS = ("backbone", "model", "vocab", "dtype", "adapters", "templates", "files", "checksum")
@@ -222,7 +224,41 @@ def export_model(
     templates = {"user": data.templates.finetune, "cold": cold or cold_template(data.templates.finetune)}
     _check_template(templates["user"], "finetune", user=True)
     _check_template(templates["cold"], "cold", user=False)
+    source = {**(source or {}), "data": str(data.path), "dataset_counts": data.manifest.get("counts")}
+    catalogue = {"user_ids": data.user_ids, "item_ids": data.item_ids, "item_titles": data.item_titles}
+    return write_bundle(
+        model,
+        out,
+        histories=train_histories(data),
+        templates=templates,
+        source=source,
+        dtype=dtype,
+        merge=merge,
+        overwrite=overwrite,
+        **catalogue,
+    )
+
+
+def write_bundle(
+    model: CLLM4Rec,
+    out: str | Path,
+    *,
+    user_ids: Sequence[str],
+    item_ids: Sequence[str],
+    item_titles: Sequence[str],
+    histories: Sequence[Sequence[int]],
+    templates: dict[str, str],
+    source: dict[str, Any],
+    dtype: str = "fp32",
+    merge: bool = False,
+    overwrite: bool = False,
+    item_texts: Sequence[str] | None = None,
+    mapper: TextToID | None = None,
+) -> Path:
+    """Write the bundle files (see the module docstring); ``item_texts`` and ``mapper`` (the cold-item
+    text-to-ID mapper) are optional extras that :meth:`Recommender.add_items` reads back."""
     torch_dtype = DTYPES[dtype]
+    vocab = model.vocab
     fingerprint = backbone_fingerprint(model.backbone)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         weights = {
@@ -233,9 +269,13 @@ def export_model(
         save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         adapters = list(model.lm.peft_config)
         _save_adapters(model, tmp / ADAPTER_DIR, torch_dtype)
-        _write_json(tmp / USERS_FILE, {"raw_ids": data.user_ids})
-        _write_json(tmp / ITEMS_FILE, {"raw_ids": data.item_ids, "titles": data.item_titles})
-        histories = train_histories(data)
+        _write_json(tmp / USERS_FILE, {"raw_ids": list(user_ids)})
+        items_json = {"raw_ids": list(item_ids), "titles": list(item_titles)}
+        if item_texts is not None:
+            items_json["texts"] = list(item_texts)
+        _write_json(tmp / ITEMS_FILE, items_json)
+        if mapper is not None:
+            mapper.save(tmp / MAPPER_FILE)
         offsets = np.concatenate([[0], np.cumsum([len(h) for h in histories])]).astype(np.int64)
         items = np.fromiter((i for h in histories for i in h), dtype=np.int64, count=int(offsets[-1]))
         save_file(
@@ -270,11 +310,7 @@ def export_model(
             "dtype": dtype,
             "adapters": adapters,
             "templates": templates,
-            "source": {
-                **(source or {}),
-                "data": str(data.path),
-                "dataset_counts": data.manifest.get("counts"),
-            },
+            "source": source,
             "merged": MERGED_DIR if merge else None,
             "files": files,
         }
@@ -395,8 +431,11 @@ def verify_files(directory: str | Path, files: dict[str, dict[str, Any]]) -> Non
             raise BundleError(f"{path}: content differs from the sha256 in {CONFIG_FILE}: corrupted")
 
 
-def _read_json_list(path: Path, key: str, length: int) -> list[str]:
-    values = json.loads(path.read_text(encoding="utf-8"))[key]
+def _read_json_list(path: Path, key: str, length: int, required: bool = True) -> list[str] | None:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if key not in data and not required:
+        return None
+    values = data[key]
     if len(values) != length:
         raise BundleError(f"{path}: {len(values)} {key} but config.json's vocabulary says {length}")
     return [str(value) for value in values]
@@ -430,18 +469,29 @@ class Recommender:
         histories: Sequence[Sequence[int]],
         templates: dict[str, str],
         batch_size: int = 32,
+        item_texts: list[str] | None = None,
+        mapper: TextToID | None = None,
+        dtype: str = "fp32",
     ):
         self.model, self.batch_size = model, batch_size
         self.user_ids, self.item_ids, self.item_titles = user_ids, item_ids, item_titles
+        self.item_texts = item_texts if item_texts is not None else [""] * len(item_ids)
         self.user_index = {raw: index for index, raw in enumerate(user_ids)}
         self.item_index = {raw: index for index, raw in enumerate(item_ids)}
         self.histories = histories
-        max_tokens = model.config.max_doc_tokens
-        self.prompts = FinetunePrompts(model.vocab, model.tokenizer, templates["user"], max_tokens=max_tokens)
-        self.cold_prompts = FinetunePrompts(
-            model.vocab, model.tokenizer, templates["cold"], max_tokens=max_tokens
+        self.templates, self.mapper, self.dtype = templates, mapper, dtype
+        self._build_prompts()
+
+    def _build_prompts(self) -> None:
+        """Prompt encoders over the model's current vocabulary (rebuilt when items are added)."""
+        model, max_tokens = self.model, self.model.config.max_doc_tokens
+        self.prompts = FinetunePrompts(
+            model.vocab, model.tokenizer, self.templates["user"], max_tokens=max_tokens
         )
-        self._scorer = PromptScorer(model, self.prompts, histories, batch_size=batch_size)
+        self.cold_prompts = FinetunePrompts(
+            model.vocab, model.tokenizer, self.templates["cold"], max_tokens=max_tokens
+        )
+        self._scorer = PromptScorer(model, self.prompts, self.histories, batch_size=self.batch_size)
 
     @classmethod
     def from_pretrained(
@@ -487,6 +537,8 @@ class Recommender:
         user_ids = _read_json_list(directory / USERS_FILE, "raw_ids", vocab.n_users)
         item_ids = _read_json_list(directory / ITEMS_FILE, "raw_ids", vocab.n_items)
         titles = _read_json_list(directory / ITEMS_FILE, "titles", vocab.n_items)
+        texts = _read_json_list(directory / ITEMS_FILE, "texts", vocab.n_items, required=False)
+        mapper = TextToID.load(directory / MAPPER_FILE) if MAPPER_FILE in config["files"] else None
         histories = _read_histories(directory / HISTORIES_FILE, vocab)
         model = _load_model(directory, config, vocab, model_config, backbone)
         if device is None:
@@ -499,7 +551,18 @@ class Recommender:
             vocab.n_items,
             backbone.name_or_path,
         )
-        return cls(model, user_ids, item_ids, titles, histories, config["templates"], batch_size=batch_size)
+        return cls(
+            model,
+            user_ids,
+            item_ids,
+            titles,
+            histories,
+            config["templates"],
+            batch_size=batch_size,
+            item_texts=texts,
+            mapper=mapper,
+            dtype=config["dtype"],
+        )
 
     # ------------------------------------------------------------------ ids
     @property
@@ -536,6 +599,52 @@ class Recommender:
     def history(self, user: str | int) -> list[str]:
         """A known user's training items (raw ids, oldest first): their prompt and their seen items."""
         return [self.item_ids[i] for i in self.histories[self.user(user)]]
+
+    # ------------------------------------------------------------------ catalogue
+    def add_items(self, items: Iterable[Mapping[str, Any]] | Any) -> list[int]:
+        """Add items nobody has interacted with, from their text, without retraining; returns their indices.
+
+        ``items``: a list of ``{"id": str, "title": str, "text": str (optional)}`` dicts, or a pandas
+        DataFrame with those columns. Each new item gets every ID-token row from the text-to-ID mapper
+        (``llmrec.coldstart.TextToID``: MiniLM embedding -> rows, fit on the items with a training
+        history the first time and kept by :meth:`save_pretrained`), so the item head ranks new and old
+        items together and a new item may appear in ``history=[...]``. Existing items keep their rows, so
+        their scores do not change.
+        """
+        new = parse_new_items(items, self.item_index)
+        if self.mapper is None:
+            warm = np.unique(np.concatenate([np.asarray(h, dtype=np.int64) for h in self.histories]))
+            texts = item_texts(self.item_titles, self.item_texts)
+            self.mapper = TextToID.fit_on_texts(self.model, texts, warm)
+        embeddings = self.mapper.embed(item_texts([n["title"] for n in new], [n["text"] for n in new]))
+        indices = list(extend_items(self.model, len(new)))
+        self.mapper.apply(self.model, indices, embeddings)
+        for index, item in zip(indices, new, strict=True):
+            self.item_ids.append(item["id"])
+            self.item_titles.append(item["title"])
+            self.item_texts.append(item["text"])
+            self.item_index[item["id"]] = index
+        self._build_prompts()
+        logger.info("added %d items (%d in the catalogue)", len(new), self.n_items)
+        return indices
+
+    def save_pretrained(self, directory: str | Path, overwrite: bool = False) -> Path:
+        """Write this recommender, added items and mapper included, as a bundle that
+        :meth:`from_pretrained` loads."""
+        return write_bundle(
+            self.model,
+            directory,
+            user_ids=self.user_ids,
+            item_ids=self.item_ids,
+            item_titles=self.item_titles,
+            item_texts=self.item_texts,
+            histories=self.histories,
+            templates=self.templates,
+            source={"saved_by": "Recommender.save_pretrained"},
+            dtype=self.dtype,
+            overwrite=overwrite,
+            mapper=self.mapper,
+        )
 
     # ------------------------------------------------------------------ scores
     def score(

@@ -19,6 +19,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import scipy.sparse as sp
+
 from data_prep import load_bundle
 from data_prep.cold import cold_ids
 from llmrec.baselines import EASE, UNSEEN_ITEMS, make_baseline
@@ -103,10 +106,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     rows: dict[str, dict[str, float]] = {}
     fit_info: dict[str, dict] = {}
     cold = cold_ids(bundle.manifest, "items", args.split)
+    fit_on = train
+    cold_users = cold_ids(bundle.manifest, "users")
+    if len(cold_users):  # a cold user's history is the input at scoring time, never fit on
+        keep = np.ones(bundle.n_users, dtype=np.float32)
+        keep[cold_users] = 0.0
+        fit_on = sp.csr_matrix(sp.diags(keep) @ train)
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         model = make_baseline(name, **model_kwargs(args, name, bundle))
         start = time.perf_counter()
-        model.fit(train, valid)
+        model.fit(fit_on, valid)
         fit_s = time.perf_counter() - start
         logger.info("%s fit in %.1f s: %s", name, fit_s, model.fit_info)
         score = lambda users, model=model: model.score(users, train)  # noqa: E731

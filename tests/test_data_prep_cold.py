@@ -115,3 +115,16 @@ def test_cold_users_bundle_keeps_them_out_of_corpora(tmp_path):
     assert len(cold) == 6 and cold <= set(bundle.interactions("train")["user"])  # their history
     for name in ("collaborative", "finetune"):
         assert not set(bundle.corpus(name)["user"]) & cold
+
+
+def test_finetuning_leaves_cold_users_out(tmp_path):
+    from llmrec.backbone import BackboneConfig
+    from llmrec.data import finetune_dataset, model_for
+    from llmrec.model import ModelConfig
+
+    source = write_source(tmp_path / "toy")
+    config = BuildConfig(input=str(source), out=str(tmp_path / "b"), split="cold-users", cold_ratio=0.2)
+    bundle = load_bundle(build(config))
+    model = model_for(bundle, ModelConfig(lora_r=4), BackboneConfig("tiny-llama"))
+    users = set(finetune_dataset(bundle, model, seed=0, with_content=False).users)
+    assert users == set(range(N_USERS)) - set(cold_ids(bundle.manifest, "users").tolist())
