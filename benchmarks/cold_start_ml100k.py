@@ -47,6 +47,7 @@ from llmrec.coldstart import (  # noqa: E402
     fold_in_items,
     item_rows,
     item_texts,
+    neighbour_rows,
     relate,
     set_item_rows,
     warm_items,
@@ -189,6 +190,10 @@ def main() -> None:
     start = time.perf_counter()
     mapper.apply(model, cold_all, emb[cold_all])
     record("llmrec + mapper (MiniLM -> rows)", fit_s + time.perf_counter() - start)
+    restore()
+    start = time.perf_counter()
+    neighbour_rows(model, emb, warm, cold_all)
+    record("llmrec + 20 text neighbours' rows", time.perf_counter() - start)
     restore()
     # --------------------------------------------------------------- baselines
     train, valid = bundle.matrix("train"), bundle.matrix("valid")

@@ -196,6 +196,26 @@ class TextToID:
         return cls(Ridge.from_state_dict(load_file(str(path))), encoder)
 
 
+def neighbour_rows(
+    model: CLLM4Rec,
+    embeddings: torch.Tensor | np.ndarray,
+    warm: Sequence[int] | np.ndarray,
+    items: Sequence[int] | np.ndarray,
+    k: int = 20,
+) -> None:
+    """The non-parametric alternative to :class:`TextToID`: each new item's rows are the mean of the rows
+    of its ``k`` warm text neighbours (cosine of the text embeddings), weighted by similarity."""
+    emb = torch.nn.functional.normalize(torch.as_tensor(np.asarray(embeddings)).float(), dim=1)
+    warm = torch.as_tensor(np.asarray(warm, dtype=np.int64))
+    items = np.asarray(items, dtype=np.int64)
+    sims = emb[torch.as_tensor(items)] @ emb[warm].T
+    top = torch.topk(sims, min(k, len(warm)), dim=1)
+    weights = top.values.clamp(min=1e-6)
+    weights = weights / weights.sum(1, keepdim=True)
+    rows = item_rows(model)[warm].cpu()
+    set_item_rows(model, items, torch.einsum("nk,nkw->nw", weights, rows[top.indices]))
+
+
 # ---------------------------------------------------------------------------------- fold-in
 def fold_in(
     model: CLLM4Rec,

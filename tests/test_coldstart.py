@@ -19,6 +19,7 @@ from llmrec.coldstart import (
     fold_in_items,
     item_rows,
     item_texts,
+    neighbour_rows,
 )
 from llmrec.collate import PretrainDataset, collate
 from llmrec.data import scorer_for
@@ -170,3 +171,12 @@ def test_cold_start_end_to_end_on_a_cold_bundle(cold_bundle, method):
         scorer_for(cold_bundle, model), cold_bundle, "test", test_cold, progress=False
     )
     assert 0 < views["cold"]["users"] <= views["all"]["users"]
+
+
+def test_neighbour_rows_average_the_nearest_warm_items():
+    model = tiny_model()
+    emb = np.eye(N_ITEMS, dtype=np.float32)
+    emb[29] = emb[3] + emb[5]  # item 29 reads like items 3 and 5, equally
+    neighbour_rows(model, emb, np.arange(20), [29], k=2)
+    rows = item_rows(model)
+    assert torch.allclose(rows[29], (rows[3] + rows[5]) / 2, atol=1e-6)
