@@ -36,32 +36,21 @@ sys.path.insert(0, str(REPO / "recipes"))
 import finetune  # noqa: E402
 import pretrain  # noqa: E402
 
+from common.config import read_yaml  # noqa: E402
+from common.log import setup_logging  # noqa: E402
 from data_prep import load_bundle  # noqa: E402
 from data_prep.build import BuildConfig, build  # noqa: E402
 from data_prep.cold import cold_ids  # noqa: E402
 from llmrec.backbone import load_backbone  # noqa: E402
 from llmrec.baselines import EASE, ContentKNN, Pop, Random  # noqa: E402
-from llmrec.coldstart import (  # noqa: E402
-    TextToID,
-    fold_in,
-    fold_in_items,
-    item_rows,
-    item_texts,
-    neighbour_rows,
-    relate,
-    set_item_rows,
-    warm_items,
-)
-from llmrec.collate import TASKS, collate  # noqa: E402
-from llmrec.config import load_yaml  # noqa: E402
-from llmrec.data import prompts_for, train_histories  # noqa: E402
+from llmrec.coldstart import fold_in, fold_in_items, relate, warm_items  # noqa: E402
+from llmrec.data import scorer_for  # noqa: E402
 from llmrec.indexing.encoders import item_embeddings  # noqa: E402
-from llmrec.log import setup_logging  # noqa: E402
+from llmrec.mapper import TextToID, item_rows, item_texts, neighbour_rows, set_item_rows  # noqa: E402
 from llmrec.metrics import evaluate_cold_items, format_table, write_metrics_json  # noqa: E402
-from llmrec.model import CLLM4Rec  # noqa: E402
+from llmrec.model import CLLM4Rec, run_model_dir  # noqa: E402
 from llmrec.reporting import machine_info  # noqa: E402
-from llmrec.train import run_model_dir  # noqa: E402
-from llmrec.zeroshot import PromptConfig, ZeroShotScorer, user_histories  # noqa: E402
+from llmrec.zeroshot import PromptConfig, ZeroShotScorer  # noqa: E402
 
 COLUMNS = ["cold r@20", "cold n@20", "all r@20", "all n@20", "seconds"]
 
@@ -69,19 +58,19 @@ COLUMNS = ["cold r@20", "cold n@20", "all r@20", "all n@20", "seconds"]
 @torch.no_grad()
 def user_hidden(model: CLLM4Rec, bundle, batch_size: int = 32) -> torch.Tensor:
     """Every user's last prompt hidden state (the input of the item head), one forward pass each."""
-    prompts, histories = prompts_for(bundle, model), train_histories(bundle)
     model.eval()
-    out = []
-    for start in range(0, bundle.n_users, batch_size):
-        batch = collate(
-            [
-                {"task": TASKS.index("finetune"), "input_ids": prompts.encode(u, histories[u])}
-                for u in range(start, min(start + batch_size, bundle.n_users))
-            ],
-            pad_token_id=model.tokenizer.pad_token_id or 0,
-        )
-        out.append(model.last_hidden(batch["input_ids"], batch["attention_mask"]))
-    return torch.cat(out)
+    scorer = scorer_for(bundle, model, batch_size)
+    return torch.cat([model.last_hidden(*batch) for batch in scorer.batches(np.arange(bundle.n_users))])
+
+
+class Scores:
+    """A scoring function as a `llmrec.metrics.Scorer` (the variants below swap rows or score subsets)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def score(self, users: np.ndarray):
+        return self.fn(users)
 
 
 def row(views: dict[str, dict], seconds: float) -> dict[str, float]:
@@ -114,7 +103,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cold_start_ml100k.json"))
     args = parser.parse_args()
     setup_logging()
-    config = load_yaml(args.config)
+    config = read_yaml(args.config)
     data = Path(config["data"])
     if not (data / "manifest.json").exists():
         build(
@@ -136,9 +125,9 @@ def main() -> None:
             start = time.perf_counter()
             stage.main(["--config", args.config])
             timings[stage.__name__] = time.perf_counter() - start
-    run = Path(load_yaml(args.config, section="finetune")["output_dir"])
+    run = Path(config["finetune"]["train"]["output_dir"])
     model = CLLM4Rec.from_pretrained(run_model_dir(run)).eval()
-    histories = train_histories(bundle)
+    histories = bundle.histories("train")
     assert not set(cold_all.tolist()) & {i for h in histories for i in h}, (
         "a training history holds a cold item"
     )
@@ -161,7 +150,7 @@ def main() -> None:
         out = {}
         for name in ("valid", "test"):
             cold = cold_ids(bundle.manifest, "items", name)
-            out[name] = evaluate_cold_items(score_fn, bundle, name, cold, users=users, progress=False)
+            out[name] = evaluate_cold_items(Scores(score_fn), bundle, name, cold, users=users, progress=False)
         return out
 
     # --------------------------------------------------------------- llmrec variants
@@ -206,7 +195,7 @@ def main() -> None:
     for name, baseline in baselines.items():
         start = time.perf_counter()
         baseline.fit(train, valid)
-        record(name, time.perf_counter() - start, lambda users, b=baseline: b.score(users, train))
+        record(name, time.perf_counter() - start, baseline.score)
 
     fold = {"steps": args.fold_in_steps, "lr": args.fold_in_lr}
     cold_texts = [texts[i] for i in cold_all]
@@ -273,16 +262,15 @@ def main() -> None:
         test_cold = cold_ids(bundle.manifest, "items", "test")
         has_cold = np.flatnonzero(np.asarray(bundle.matrix("test")[:, test_cold].sum(axis=1)).ravel() > 0)
         users = np.sort(np.random.default_rng(args.seed).choice(has_cold, args.zeroshot_users, replace=False))
-        lm, tokenizer = load_backbone(config["name_or_path"], num_layers=args.zeroshot_layers)
+        lm, tokenizer = load_backbone(config["backbone"]["name_or_path"], num_layers=args.zeroshot_layers)
         scorer = ZeroShotScorer(lm, tokenizer, bundle.item_titles, PromptConfig(), candidates=test_cold)
         start = time.perf_counter()
         scorer.neutral()
         neutral_s = time.perf_counter() - start
-        lm_histories = user_histories(bundle.interactions("train"), bundle.n_users)
         scores = {}
         start = time.perf_counter()
         for user in users:
-            scores[int(user)] = scorer.variants(scorer.score(lm_histories[user]))
+            scores[int(user)] = scorer.variants(scorer.likelihoods(histories[user]))
         per_user = (time.perf_counter() - start) / len(users)
 
         def zs(variant: str):
@@ -295,15 +283,15 @@ def main() -> None:
             return score
 
         same_users = {f"zero-shot SmolLM2 ({v})": zs(v) for v in ("sum", "mean", "calibrated")}
-        same_users["content kNN (MiniLM, mean profile)"] = lambda u: baselines[
+        same_users["content kNN (MiniLM, mean profile)"] = baselines[
             "content kNN (MiniLM, mean profile)"
-        ].score(u, train)
-        same_users["random"] = lambda u: Random(args.seed).fit(train).score(u, train)
+        ].score
+        same_users["random"] = Random(args.seed).fit(train).score
         set_item_rows(model, cold_all, variants[best][1][cold_all])
         same_users[best] = llmrec_scores
         rows = {}
         for name, fn in same_users.items():
-            views = evaluate_cold_items(fn, bundle, "test", test_cold, users=users, progress=False)
+            views = evaluate_cold_items(Scores(fn), bundle, "test", test_cold, users=users, progress=False)
             rows[name] = {"cold r@20": views["cold"]["recall@20"], "cold n@20": views["cold"]["ndcg@20"]}
         restore()
         layers = args.zeroshot_layers or lm.config.num_hidden_layers

@@ -45,20 +45,25 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
 METHODS: tuple[str, ...] = ("naive", "cached", "trie")
+NORMALIZATIONS: tuple[str, ...] = ("sum", "mean", "calibrated")
 EOS = "<eos>"  # item_suffix value meaning "the tokenizer's EOS / end-of-turn token"
 
 
 @dataclass
 class PromptConfig:
     """How a user's history becomes a prompt and how candidate titles are appended to it."""
+
+    section: ClassVar[str] = "prompt"  # its YAML section (llmrec.config)
 
     style: str = field(
         default="completion",
@@ -530,15 +535,6 @@ def score_top_k(
     return ItemLogLikelihoods(torch.from_numpy(total[trie.terminal]), lengths, tokens, complete=False)
 
 
-def user_histories(interactions, n_users: int) -> list[list[int]]:
-    """Each user's items, oldest first (ties keep file order), from a (user, item, timestamp) DataFrame."""
-    ordered = interactions.sort_values(["user", "timestamp"], kind="stable")
-    out: list[list[int]] = [[] for _ in range(n_users)]
-    for user, items in ordered.groupby("user", sort=False)["item"]:
-        out[int(user)] = [int(i) for i in items]
-    return out
-
-
 class ZeroShotScorer:
     """Scores the whole catalogue for a user's history with an untouched causal LM.
 
@@ -595,7 +591,7 @@ class ZeroShotScorer:
                 len(self.trie.inner),
             )
 
-    def score(self, history: Sequence[int], exclude: Sequence[int] | None = None) -> ItemLogLikelihoods:
+    def likelihoods(self, history: Sequence[int], exclude: Sequence[int] | None = None) -> ItemLogLikelihoods:
         """Log-likelihood of every candidate after the prompt built from ``history`` (item indices, oldest
         first); entry j is ``candidates[j]`` (every item by default).
 
@@ -625,13 +621,57 @@ class ZeroShotScorer:
             self._neutral = self._score_prompt(self.build_prompt.neutral())
         return self._neutral
 
-    def variants(self, result: ItemLogLikelihoods) -> dict[str, torch.Tensor]:
-        """Every candidate's score three ways from one :meth:`score` result: ``sum`` (log p(title | history prompt)),
-        ``mean`` (per title token) and ``calibrated`` (the sum minus log p(title | neutral prompt): how
-        much the history raises the title's likelihood, which removes the titles' own prior, e.g. short
+    def normalized(self, result: ItemLogLikelihoods, normalize: str = "sum") -> torch.Tensor:
+        """Every candidate's score from one :meth:`likelihoods` result: ``sum`` (log p(title | history
+        prompt)), ``mean`` (per title token) or ``calibrated`` (the sum minus log p(title | neutral prompt):
+        how much the history raises the title's likelihood, which removes the titles' own prior, e.g. short
         or common titles winning whatever the user watched)."""
-        return {
-            "sum": result.scores("sum"),
-            "mean": result.scores("mean"),
-            "calibrated": result.total - self.neutral().total,
-        }
+        if normalize == "calibrated":
+            return result.total - self.neutral().total
+        return result.scores(normalize)
+
+    def variants(self, result: ItemLogLikelihoods) -> dict[str, torch.Tensor]:
+        """Every normalisation of one :meth:`likelihoods` result, by name."""
+        return {name: self.normalized(result, name) for name in NORMALIZATIONS}
+
+    def users(self, histories: Sequence[Sequence[int]], seen: sp.csr_matrix | None = None) -> ZeroShotUsers:
+        """This scorer over users (`llmrec.metrics.Scorer`): ``histories[u]`` is user u's history,
+        ``seen`` (csr rows) what the exact top-k search leaves out."""
+        return ZeroShotUsers(self, histories, seen)
+
+
+class ZeroShotUsers:
+    """``score(users) -> (batch, n_candidates)`` over a `ZeroShotScorer`; each user's likelihoods are
+    computed once and kept, so every normalisation (:meth:`normalized`) comes from one pass over the LM.
+    ``prior`` (one score per candidate, e.g. a weighted log-popularity) is added to every user's scores."""
+
+    def __init__(
+        self,
+        scorer: ZeroShotScorer,
+        histories: Sequence[Sequence[int]],
+        seen: sp.csr_matrix | None = None,
+        normalize: str = "sum",
+        results: dict[int, ItemLogLikelihoods] | None = None,
+        prior: torch.Tensor | None = None,
+    ) -> None:
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+        self.scorer, self.histories, self.seen, self.normalize = scorer, histories, seen, normalize
+        self.prior = prior
+        self.results = {} if results is None else results
+
+    def likelihoods(self, user: int) -> ItemLogLikelihoods:
+        user = int(user)
+        if user not in self.results:
+            exclude = None if self.seen is None else self.seen[user].indices
+            self.results[user] = self.scorer.likelihoods(self.histories[user], exclude=exclude)
+        return self.results[user]
+
+    def score(self, users: Sequence[int] | np.ndarray) -> torch.Tensor:
+        scores = torch.stack([self.scorer.normalized(self.likelihoods(u), self.normalize) for u in users])
+        return scores if self.prior is None else scores + self.prior
+
+    def normalized(self, normalize: str, prior: torch.Tensor | None = None) -> ZeroShotUsers:
+        """The same users and likelihoods, scored with another normalisation (one of ``NORMALIZATIONS``)
+        and ``prior`` added."""
+        return ZeroShotUsers(self.scorer, self.histories, self.seen, normalize, self.results, prior)

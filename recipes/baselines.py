@@ -16,18 +16,19 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import scipy.sparse as sp
 
+from common.log import setup_logging
 from data_prep import load_bundle
 from data_prep.cold import cold_ids
 from llmrec.baselines import EASE, UNSEEN_ITEMS, make_baseline
 from llmrec.coldstart import item_texts
 from llmrec.config import parse_config, to_dict
-from llmrec.log import setup_logging
 from llmrec.metrics import evaluate_cold_items, evaluate_scorer, format_table, write_metrics_json
 from llmrec.reporting import machine_info
 
@@ -38,6 +39,7 @@ COLUMNS = ["recall@20", "recall@40", "ndcg@20", "ndcg@100", "recall_recbole@20",
 
 @dataclass
 class BaselineArgs:
+    section: ClassVar[str] = "baselines"  # its YAML section (llmrec.config)
     data: str = field(
         default="data/ml-100k",
         metadata={"help": "dataset bundle directory written by `python -m data_prep build`"},
@@ -50,55 +52,59 @@ class BaselineArgs:
         default="minilm", metadata={"help": "text encoder of the content kNN (cached in DATA/embeddings)"}
     )
     out: str | None = field(default=None, metadata={"help": "JSON file for all metrics (written atomically)"})
-    seed: int = field(default=0, metadata={"help": "seed for Mult-VAE (Pop and EASE are deterministic)"})
     eval_batch_size: int = field(default=1024, metadata={"help": "users per scoring batch"})
-    ease_lambdas: list[float] = field(
-        default_factory=lambda: list(EASE.DEFAULT_LAMBDAS), metadata={"help": "EASE L2 grid, chosen on valid"}
-    )
-    multvae_epochs: int = field(default=200, metadata={"help": "maximum Mult-VAE epochs"})
-    multvae_patience: int = field(
-        default=50, metadata={"help": "epochs without valid NDCG@100 gain before stopping"}
-    )
-    multvae_batch_size: int = field(default=500, metadata={"help": "users per Mult-VAE update"})
-    multvae_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
-    multvae_anneal_cap: float = field(default=0.2, metadata={"help": "largest KL weight beta"})
-    multvae_anneal_steps: int | None = field(
-        default=None,
-        metadata={"help": "updates for beta to grow by 1 (default: reach the cap halfway through)"},
-    )
     device: str | None = field(
         default=None, metadata={"help": "Mult-VAE device (default: cuda when available)"}
     )
 
 
-def model_kwargs(args: BaselineArgs, name: str, bundle) -> dict:
-    if name == "random":
-        return {"seed": args.seed}
-    if name == "knn":
-        from llmrec.indexing.encoders import item_embeddings
+@dataclass
+class EASEArgs:
+    section: ClassVar[str] = "ease"  # its YAML section (llmrec.config)
+    lambdas: list[float] = field(
+        default_factory=lambda: list(EASE.DEFAULT_LAMBDAS), metadata={"help": "EASE L2 grid, chosen on valid"}
+    )
 
-        texts = item_texts(bundle.item_titles, bundle.item_text)
-        return {"embeddings": item_embeddings(texts, args.encoder, cache_dir=Path(args.data) / "embeddings")}
-    if name == "ease":
-        return {"lambdas": args.ease_lambdas}
-    if name == "multvae":
-        return {
-            "epochs": args.multvae_epochs,
-            "patience": args.multvae_patience,
-            "batch_size": args.multvae_batch_size,
-            "lr": args.multvae_lr,
-            "anneal_cap": args.multvae_anneal_cap,
-            "anneal_steps": args.multvae_anneal_steps,
-            "seed": args.seed,
-            "device": args.device,
-            "progress": True,
-        }
-    return {}
+
+@dataclass
+class MultVAEArgs:
+    section: ClassVar[str] = "multvae"  # its YAML section (llmrec.config)
+    epochs: int = field(default=200, metadata={"help": "maximum Mult-VAE epochs"})
+    patience: int = field(default=50, metadata={"help": "epochs without valid NDCG@100 gain before stopping"})
+    batch_size: int = field(default=500, metadata={"help": "users per Mult-VAE update"})
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
+    anneal_cap: float = field(default=0.2, metadata={"help": "largest KL weight beta"})
+    anneal_steps: int | None = field(
+        default=None,
+        metadata={"help": "updates for beta to grow by 1 (default: reach the cap halfway through)"},
+    )
+    seed: int = field(
+        default=0,
+        metadata={"help": "seed of Mult-VAE, also used by Random (Pop, EASE and kNN are deterministic)"},
+    )
+
+
+def knn_embeddings(bundle, args: BaselineArgs) -> np.ndarray:
+    """Item text embeddings of the content kNN, cached in the bundle directory."""
+    from llmrec.indexing.encoders import item_embeddings  # loads a text encoder: only when kNN runs
+
+    texts = item_texts(bundle.item_titles, bundle.item_text)
+    return item_embeddings(texts, args.encoder, cache_dir=Path(args.data) / "embeddings")
+
+
+# what this recipe parses; the first is its own YAML section
+CONFIGS = (BaselineArgs, EASEArgs, MultVAEArgs)
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     setup_logging()
-    (args,) = parse_config(BaselineArgs, args=argv, section="baselines")
+    args, ease, multvae = parse_config(*CONFIGS, args=argv)
+    options = {
+        "ease": lambda: {"lambdas": ease.lambdas},
+        "multvae": lambda: {**asdict(multvae), "device": args.device, "progress": True},
+        "random": lambda: {"seed": multvae.seed},
+        "knn": lambda: {"embeddings": knn_embeddings(bundle, args)},
+    }
     if args.split not in ("valid", "test"):
         raise SystemExit(f"--split must be valid or test, got {args.split!r}")
     bundle = load_bundle(args.data)
@@ -113,18 +119,18 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         keep[cold_users] = 0.0
         fit_on = sp.csr_matrix(sp.diags(keep) @ train)
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        model = make_baseline(name, **model_kwargs(args, name, bundle))
+        model = make_baseline(name, **options.get(name, dict)())
         start = time.perf_counter()
         model.fit(fit_on, valid)
         fit_s = time.perf_counter() - start
         logger.info("%s fit in %.1f s: %s", name, fit_s, model.fit_info)
-        score = lambda users, model=model: model.score(users, train)  # noqa: E731
+        model.history = train  # scored from every user's training rows, cold users' given history included
         fit_info[name] = model.fit_info
         if not len(cold):
-            metrics = evaluate_scorer(score, bundle, args.split, batch_size=args.eval_batch_size)
+            metrics = evaluate_scorer(model, bundle, args.split, batch_size=args.eval_batch_size)
             rows[name] = {**metrics, "fit_s": fit_s}
             continue
-        views = evaluate_cold_items(score, bundle, args.split, cold, batch_size=args.eval_batch_size)
+        views = evaluate_cold_items(model, bundle, args.split, cold, batch_size=args.eval_batch_size)
         rows[f"{name} (all)"] = {**views["all"], "fit_s": fit_s}
         if name in UNSEEN_ITEMS:
             fit_info[name]["cold"] = UNSEEN_ITEMS[name]
@@ -140,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         write_metrics_json(
             args.out,
             rows,
-            config=to_dict(args),
+            config=to_dict(args, ease, multvae),
             fit_info=fit_info,
             history="train",
             machine=machine_info(),

@@ -9,18 +9,20 @@ model/ (trainable weights, ID vocabulary and configs, loadable with CLLM4Rec.fro
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
+from common.log import setup_logging
 from data_prep import load_bundle
 from llmrec.backbone import BackboneConfig
 from llmrec.config import parse_config
 from llmrec.data import PRETRAIN_CORPORA, model_for, pretrain_dataset
-from llmrec.log import setup_logging
 from llmrec.model import ModelConfig
 from llmrec.train import TrainConfig, make_accelerator, save_run_config, train
 
 
 @dataclass
 class PretrainArgs:
+    section: ClassVar[str] = "pretrain"  # its YAML section (llmrec.config)
     data: str = field(
         default="data/ml-100k", metadata={"help": "dataset bundle directory (python -m data_prep build)"}
     )
@@ -29,11 +31,13 @@ class PretrainArgs:
     )
 
 
+# what this recipe parses; the first is its own YAML section
+CONFIGS = (PretrainArgs, BackboneConfig, ModelConfig, TrainConfig)
+
+
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
-    args, backbone, model_config, train_config = parse_config(
-        PretrainArgs, BackboneConfig, ModelConfig, TrainConfig, args=argv, section="pretrain"
-    )
+    args, backbone, model_config, train_config = parse_config(*CONFIGS, args=argv)
     accelerator = make_accelerator(train_config)
     bundle = load_bundle(args.data)
     model = model_for(bundle, model_config, backbone, seed=train_config.seed)

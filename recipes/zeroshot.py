@@ -21,19 +21,20 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from common.log import setup_logging
 from data_prep import load_bundle
 from llmrec.backbone import BackboneConfig, load_backbone
 from llmrec.baselines import Pop
 from llmrec.config import parse_config, to_dict
-from llmrec.log import setup_logging
 from llmrec.metrics import DEFAULT_KS, evaluate_scorer, format_table, write_metrics_json
 from llmrec.reporting import machine_info
-from llmrec.zeroshot import METHODS, PromptConfig, ZeroShotScorer, user_histories
+from llmrec.zeroshot import METHODS, NORMALIZATIONS, PromptConfig, ZeroShotScorer
 
 logger = logging.getLogger("recipes.zeroshot")
 
@@ -42,6 +43,7 @@ COLUMNS = ["recall@20", "recall_recbole@20", "ndcg@20", "recall@40", "ndcg@100",
 
 @dataclass
 class ZeroShotArgs:
+    section: ClassVar[str] = "zeroshot"  # its YAML section (llmrec.config)
     data: str = field(
         default="data/ml-100k",
         metadata={"help": "dataset bundle directory written by `python -m data_prep build`"},
@@ -70,6 +72,10 @@ class ZeroShotArgs:
     )
 
 
+# what this recipe parses; the first is its own YAML section
+CONFIGS = (ZeroShotArgs, BackboneConfig, PromptConfig)
+
+
 def sample_users(heldout_counts: np.ndarray, max_users: int | None, seed: int) -> np.ndarray:
     """Users with held-out items; a seeded sample of ``max_users`` of them, in index order."""
     users = np.flatnonzero(heldout_counts > 0)
@@ -78,24 +84,23 @@ def sample_users(heldout_counts: np.ndarray, max_users: int | None, seed: int) -
     return users
 
 
-def random_scores(users: np.ndarray, n_items: int, seed: int) -> np.ndarray:
+class RandomScorer:
     """Uniform scores seeded per (seed, user), so a user's ranking does not depend on batching."""
-    return np.stack([np.random.default_rng([seed, int(u)]).random(n_items) for u in users])
+
+    def __init__(self, n_items: int, seed: int) -> None:
+        self.n_items, self.seed = n_items, seed
+
+    def score(self, users: np.ndarray) -> np.ndarray:
+        return np.stack([np.random.default_rng([self.seed, int(u)]).random(self.n_items) for u in users])
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     setup_logging()
-    args, backbone, prompt = parse_config(
-        ZeroShotArgs, BackboneConfig, PromptConfig, args=argv, section="zeroshot"
-    )
+    args, backbone, prompt = parse_config(*CONFIGS, args=argv)
     if args.split not in ("valid", "test"):
         raise SystemExit(f"--split must be valid or test, got {args.split!r}")
     bundle = load_bundle(args.data)
-    train = bundle.matrix("train")
     users = sample_users(np.diff(bundle.matrix(args.split).indptr), args.max_users, args.seed)
-    histories = user_histories(bundle.interactions("train"), bundle.n_users)
-
-    exclude = train + bundle.matrix("valid") if args.split == "test" else train
     ks = tuple(k for k in DEFAULT_KS if args.top_k is None or k <= args.top_k)
     if not ks:
         raise SystemExit(f"--top_k {args.top_k} is below every metric cut-off {DEFAULT_KS}")
@@ -112,40 +117,38 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         args.top_k,
     )
     logger.info("zero-shot scoring of %d items for %d users (%s)", bundle.n_items, len(users), args.method)
-    results: dict[int, dict[str, torch.Tensor]] = {}
-    tokens = 0
+    zeroshot = scorer.users(bundle.histories("train"), bundle.seen(args.split))
     start = time.perf_counter()
     if args.top_k is None:
         scorer.neutral()  # once per catalogue; counted in the time
-    for user in tqdm(users, desc="zero-shot", unit="user"):
-        result = scorer.score(histories[user], exclude=exclude[user].indices)
-        tokens += result.tokens_computed
-        results[int(user)] = scorer.variants(result) if result.complete else {"sum": result.scores("sum")}
+    tokens = sum(zeroshot.likelihoods(u).tokens_computed for u in tqdm(users, desc="zero-shot", unit="user"))
     seconds = time.perf_counter() - start
 
-    pop = Pop().fit(train)
-    log_pop = torch.log1p(torch.as_tensor(pop.counts, dtype=torch.float64))
-
-    def variant(name: str, weight: float = 0.0):
-        return lambda batch: torch.stack([results[int(u)][name] + weight * log_pop for u in batch])
-
-    scorers = {f"zeroshot-{v}": variant(v) for v in next(iter(results.values()))}
+    pop = Pop().fit(bundle.matrix("train"))
+    variants = ("sum",) if args.top_k is not None else NORMALIZATIONS
+    scorers = {f"zeroshot-{v}": zeroshot.normalized(v) for v in variants}
     choice = {}
     if args.top_k is None:
+        log_pop = torch.log1p(torch.as_tensor(pop.counts, dtype=torch.float64))
         valid = {
             w: evaluate_scorer(
-                variant("calibrated", w), bundle, "valid", users=users, ks=(20,), progress=False
+                zeroshot.normalized("calibrated", w * log_pop),
+                bundle,
+                "valid",
+                users=users,
+                ks=(20,),
+                progress=False,
             )
             for w in args.prior_weights
         }
         best = max(args.prior_weights, key=lambda w: valid[w]["ndcg@20"])
         choice = {"prior_weight": best, "valid_ndcg@20": {str(w): m["ndcg@20"] for w, m in valid.items()}}
-        scorers["zeroshot-calibrated+pop"] = variant("calibrated", best)
-    scorers["pop"] = lambda batch: pop.score(batch, train)
-    scorers["random"] = lambda batch: random_scores(batch, bundle.n_items, args.seed)
+        scorers["zeroshot-calibrated+pop"] = zeroshot.normalized("calibrated", best * log_pop)
+    scorers["pop"] = pop
+    scorers["random"] = RandomScorer(bundle.n_items, args.seed)
     rows = {
-        name: evaluate_scorer(fn, bundle, args.split, users=users, ks=ks, progress=False)
-        for name, fn in scorers.items()
+        name: evaluate_scorer(ranker, bundle, args.split, users=users, ks=ks, progress=False)
+        for name, ranker in scorers.items()
     }
     print(f"{args.split} split of {args.data}, {len(users)} users (history: train), {backbone.name_or_path}")
     print(format_table(rows, [c for c in COLUMNS if "@" not in c or int(c.split("@")[1]) in ks]))

@@ -10,31 +10,33 @@ from data_prep import load_bundle
 from data_prep.build import BuildConfig, build
 from data_prep.cold import cold_ids
 from llmrec.backbone import BackboneConfig
-from llmrec.coldstart import (
-    Ridge,
-    TextToID,
-    cold_start,
-    extend_items,
-    fold_in,
-    fold_in_items,
-    item_rows,
-    item_texts,
-    neighbour_rows,
-)
+from llmrec.coldstart import cold_start, fold_in, fold_in_items
 from llmrec.collate import PretrainDataset, collate
 from llmrec.data import scorer_for
 from llmrec.indexing.encoders import item_embeddings
+from llmrec.mapper import Ridge, TextToID, extend_items, item_rows, item_texts, neighbour_rows
 from llmrec.metrics import evaluate_cold_items, evaluate_matrices, evaluate_scorer
 from llmrec.model import CLLM4Rec, ModelConfig
+from llmrec.prompts import FinetunePrompts, prompt_batch
 
 N_USERS, N_ITEMS = 5, 30
 TEMPLATE = "<item_{item}> is described as:"
 
 
-def tiny_model(head: str = "tied") -> CLLM4Rec:
+def tiny_model(head: str = "tied", **config) -> CLLM4Rec:
     return CLLM4Rec.from_config(
-        ModelConfig(lora_r=4, head=head), BackboneConfig("tiny-llama"), N_USERS, N_ITEMS, seed=0
+        ModelConfig(lora_r=4, head=head, **config), BackboneConfig("tiny-llama"), N_USERS, N_ITEMS, seed=0
     )
+
+
+class Fixed:
+    """Scores given in advance (`llmrec.metrics.Scorer`)."""
+
+    def __init__(self, scores: np.ndarray):
+        self.scores = scores
+
+    def score(self, users: np.ndarray) -> np.ndarray:
+        return self.scores[users]
 
 
 def test_ridge_recovers_a_linear_map_and_picks_small_l2_without_noise():
@@ -121,6 +123,33 @@ def test_extend_items_keeps_old_scores():
     assert model.vocab.encode("<item_33>", model.tokenizer) == [model.vocab.item_token(33)]
 
 
+def test_extend_items_keeps_a_prior_and_history_pool_model_valid(tmp_path):
+    model = tiny_model(history_pool="mean", prior="ease", prior_weight=0.5).eval()
+    matrix = torch.randn(N_ITEMS, N_ITEMS)
+    model.prior.fit(matrix)
+    prompts = FinetunePrompts(model.vocab, model.tokenizer, "<user_{user}> saw {history}, next", 64)
+    encoded = prompt_batch([prompts.encode(0, [1, 2, 3])], pad_token_id=model.tokenizer.pad_token_id or 0)
+    batch = (encoded["input_ids"], encoded["attention_mask"])
+    old = model.score_parts(*batch)
+    extend_items(model, 2)
+    assert model.prior.matrix.shape == (N_ITEMS + 2, N_ITEMS + 2)
+    assert (
+        torch.equal(model.prior.matrix[:N_ITEMS, :N_ITEMS], matrix) and not model.prior.matrix[N_ITEMS:].any()
+    )
+    history = torch.tensor([[1, 2, 3, N_ITEMS + 1]])  # a new item in the history: the pool and prior read it
+    lm, prior = model.score_parts(*batch, history)
+    assert (
+        lm.shape == prior.shape == (1, N_ITEMS + 2)
+        and torch.isfinite(model.score_items(*batch, history)).all()
+    )
+    same_lm, same_prior = model.score_parts(*batch)
+    assert torch.allclose(same_lm[:, :N_ITEMS], old[0], atol=1e-5) and torch.allclose(
+        same_prior[:, :N_ITEMS], old[1]
+    )
+    model.save_pretrained(tmp_path / "m")
+    assert torch.equal(CLLM4Rec.from_pretrained(tmp_path / "m").prior.matrix, model.prior.matrix)
+
+
 @pytest.fixture(scope="module")
 def cold_bundle(tmp_path_factory):
     from test_data_prep_cold import write_source
@@ -136,12 +165,10 @@ def test_cold_view_ranks_the_cold_items_among_themselves(cold_bundle):
     cold = cold_ids(cold_bundle.manifest, "items", "test")
     rng = np.random.default_rng(0)
     scores = rng.normal(size=(cold_bundle.n_users, cold_bundle.n_items))
-    views = evaluate_cold_items(lambda users: scores[users], cold_bundle, "test", cold, progress=False)
-    assert views["all"] == evaluate_scorer(lambda users: scores[users], cold_bundle, "test", progress=False)
+    views = evaluate_cold_items(Fixed(scores), cold_bundle, "test", cold, progress=False)
+    assert views["all"] == evaluate_scorer(Fixed(scores), cold_bundle, "test", progress=False)
     seen = cold_bundle.matrix("train") + cold_bundle.matrix("valid")
-    only = evaluate_matrices(
-        lambda users: scores[users][:, cold], cold_bundle.matrix("test")[:, cold], seen[:, cold]
-    )
+    only = evaluate_matrices(Fixed(scores[:, cold]), cold_bundle.matrix("test")[:, cold], seen[:, cold])
 
     def ranking(metrics: dict) -> dict:  # coverage counts the catalogue, skipped users the split
         return {k: v for k, v in metrics.items() if k != "users_skipped" and not k.startswith("coverage")}
@@ -149,7 +176,7 @@ def test_cold_view_ranks_the_cold_items_among_themselves(cold_bundle):
     assert ranking(views["cold"]) == pytest.approx(ranking(only))
     boosted = scores.copy()
     boosted[:, np.setdiff1d(np.arange(cold_bundle.n_items), cold)] += 100.0  # warm items first
-    again = evaluate_cold_items(lambda users: boosted[users], cold_bundle, "test", cold, progress=False)
+    again = evaluate_cold_items(Fixed(boosted), cold_bundle, "test", cold, progress=False)
     assert again["cold"] == views["cold"] and again["all"] != views["all"]
 
 
