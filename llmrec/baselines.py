@@ -1,4 +1,5 @@
-"""Classical recommenders scored with the same metric code as the LLM: Pop, EASE, Mult-VAE and SASRec.
+"""Classical recommenders scored with the same metric code as the LLM: Pop, EASE, Mult-VAE and SASRec,
+and for cold-start comparisons Random and a content kNN over item text embeddings.
 
 All of them follow one protocol (`llmrec.metrics.Scorer`), so a recipe treats them alike:
 
@@ -473,11 +474,55 @@ class SASRec:
         return self.net.logits(hidden).float().cpu().numpy()
 
 
-BASELINES: dict[str, type] = {cls.name: cls for cls in (Pop, EASE, MultVAE, SASRec)}
+class Random(Baseline):
+    """Uniform random scores, seeded: the floor every ranking must clear."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.seed = seed
+
+    def _fit(self, train: sp.csr_matrix, valid: sp.spmatrix | None) -> None:
+        self.rng = np.random.default_rng(self.seed)
+
+    def _score(self, history: sp.csr_matrix) -> np.ndarray:
+        return self.rng.random((history.shape[0], self.n_items), dtype=np.float32)
+
+
+class ContentKNN(Baseline):
+    """Cosine between a user's profile (the mean embedding of their history's items) and every item's
+    text embedding. Needs no interaction with an item to score it, so it ranks unseen items too."""
+
+    name = "knn"
+
+    def __init__(self, embeddings: np.ndarray) -> None:
+        super().__init__()
+        norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+        self.embeddings = (embeddings / np.maximum(norms, 1e-12)).astype(np.float32)
+
+    def _fit(self, train: sp.csr_matrix, valid: sp.spmatrix | None) -> None:
+        if train.shape[1] != len(self.embeddings):
+            raise ValueError(f"{len(self.embeddings)} item embeddings for {train.shape[1]} items")
+
+    def _score(self, history: sp.csr_matrix) -> np.ndarray:
+        profile = np.asarray(history @ self.embeddings)
+        profile /= np.maximum(np.linalg.norm(profile, axis=1, keepdims=True), 1e-12)
+        return profile @ self.embeddings.T
+
+
+# what each model can say about an item with no training interaction (cold-items splits)
+UNSEEN_ITEMS = {
+    "pop": "no signal for unseen items (popularity 0: they rank by index)",
+    "ease": "cannot score unseen items",
+    "multvae": "cannot score unseen items",
+}
+
+BASELINES: dict[str, type] = {cls.name: cls for cls in (Pop, EASE, MultVAE, SASRec, Random, ContentKNN)}
 
 
 def make_baseline(name: str, **kwargs: Any) -> Baseline | SASRec:
-    """Instantiate a baseline by its name ("pop", "ease", "multvae", "sasrec")."""
+    """Instantiate a baseline by its name ("pop", "ease", "multvae", "sasrec", "random", "knn")."""
     try:
         cls = BASELINES[name]
     except KeyError:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from data_prep import Bundle
+from data_prep.cold import cold_ids
 from llmrec.backbone import BackboneConfig
 from llmrec.collate import FinetuneDataset, PretrainDataset, SequenceDataset, TaskMixture
 from llmrec.generate import GenerativeScorer, NextSemanticDataset, SemanticDataset, require_index
@@ -92,10 +93,13 @@ def finetune_dataset(
     next-item examples on the chronological history for the item head (``"sequential"``, every prefix
     in one forward) or for writing the next item's semantic ID (``"semantic_next"``). With
     ``with_content`` the content corpus keeps the content view (and the mutual regulariser) training
-    alongside, as in CLLM4Rec's finetuning."""
+    alongside, as in CLLM4Rec's finetuning. Cold users (a cold-users split) are left out."""
     if task not in FINETUNE_TASKS:
         raise ValueError(f"unknown finetune task {task!r}: expected one of {tuple(FINETUNE_TASKS)}")
-    histories, prompts = bundle.histories("train"), prompts_for(bundle, model, FINETUNE_TASKS[task])
+    histories = list(bundle.histories("train"))  # a copy: the bundle caches
+    prompts = prompts_for(bundle, model, FINETUNE_TASKS[task])
+    for user in cold_ids(bundle.manifest, "users"):  # a cold user's history is given at evaluation only
+        histories[user] = []
     parts: list = []
     if task in ("multinomial", "both"):
         parts.append(

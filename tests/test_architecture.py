@@ -28,10 +28,10 @@ LAYERS: list[tuple[str, ...]] = [
     ),
     ("llmrec.prompts",),
     ("llmrec.model",),
-    ("llmrec.scoring",),
+    ("llmrec.scoring", "llmrec.mapper"),
     ("llmrec.recommender",),
     ("llmrec.collate", "llmrec.generate", "llmrec.zeroshot", "llmrec.baselines", "llmrec.align"),
-    ("llmrec.data",),
+    ("llmrec.data", "llmrec.coldstart"),
     ("llmrec.train", "llmrec.export"),
     ("llmrec",),  # the package's __init__: the public facade (``llmrec.Recommender``)
 ]
