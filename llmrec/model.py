@@ -357,20 +357,32 @@ class CLLM4Rec(nn.Module):
         return (*lm, *self.mutual_regularization(ids, view))
 
     # ------------------------------------------------------------------ persistence
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Only what training changes: LoRA weights, ID-token tables, head. The frozen backbone is rebuilt from its spec."""
-        names = {name for name, param in self.named_parameters() if param.requires_grad}
-        return {name: tensor for name, tensor in self.state_dict().items() if name in names}
+    def trainable_state_dict(
+        self, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Only what training changes: LoRA weights, ID-token tables, head. The frozen backbone is rebuilt from its spec.
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json``, ``vocab.json`` and ``model.safetensors`` (trainable weights only)."""
+        ``state_dict``: a full state dict to pick from (e.g. one gathered from FSDP shards) instead of this module's.
+        """
+        names = {name for name, param in self.named_parameters() if param.requires_grad}
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        return {name: tensor for name, tensor in state_dict.items() if name in names}
+
+    def save_pretrained(
+        self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Write ``config.json``, ``vocab.json`` and ``model.safetensors`` (trainable weights only).
+
+        ``state_dict``: the full weights to save from, when this module's own are sharded (FSDP, ZeRO-3).
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = {"model": asdict(self.config), "backbone": asdict(self.backbone)}
         (directory / "config.json").write_text(json.dumps(config, indent=2))
         self.vocab.save_pretrained(directory)
         state = {
-            name: tensor.detach().contiguous().cpu() for name, tensor in self.trainable_state_dict().items()
+            name: tensor.detach().contiguous().cpu()
+            for name, tensor in self.trainable_state_dict(state_dict).items()
         }
         save_file(state, str(directory / "model.safetensors"))
         if self.item_index is not None:

@@ -21,8 +21,15 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    ProjectConfiguration,
+    parse_flag_from_env,
+    set_seed,
+)
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -80,7 +87,7 @@ class TrainConfig:
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.grad_accum,
         dataloader_config=DataLoaderConfiguration(split_batches=True),
@@ -93,6 +100,22 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         # steps that touch only one view leave the other view's tables without gradients
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    _fsdp_on_cpu(accelerator)
+    return accelerator
+
+
+def _fsdp_on_cpu(accelerator: Accelerator) -> None:
+    """Honour an FSDP launch config on CPU processes (gloo), which accelerate would silently run as DDP.
+
+    accelerate 1.15 switches its state to FSDP only for accelerator devices (``AcceleratorState``
+    checks MULTI_GPU/NPU/XPU/...), while torch's FSDP2 ``fully_shard`` runs on CPU with gloo; so a
+    CPU launch with ``recipes/accelerate/fsdp.yaml`` gets the FSDP plugin of that config here.
+    """
+    state = accelerator.state
+    if state.distributed_type == DistributedType.MULTI_CPU and parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        for shared in (PartialState(), state):  # every AcceleratorState() re-reads PartialState's copy
+            shared.distributed_type = DistributedType.FSDP
+        state.fsdp_plugin = FullyShardedDataParallelPlugin()
 
 
 def param_groups(model: CLLM4Rec, config: TrainConfig) -> list[dict]:
@@ -128,6 +151,8 @@ def register_trainable_checkpointing(accelerator: Accelerator) -> None:
             accelerator.unwrap_model(model).load_trainable(Path(input_dir) / "model.safetensors")
         models.clear()
 
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return  # sharded engines save and load their own (sharded) model state
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
@@ -251,10 +276,7 @@ def train(
             )
     progress.close()
     checkpoint()
-    unwrapped = accelerator.unwrap_model(model)
-    if accelerator.is_main_process:
-        unwrapped.save_pretrained(out / "model")
-    accelerator.wait_for_everyone()
+    save_model(accelerator, model, out / "model")
     accelerator.end_training()
     return state
 
@@ -276,12 +298,18 @@ def evaluate_and_select(model, evaluate, metric_for_best, config, accelerator, s
     value = metrics[metric_for_best]
     if state["best"] is None or value > state["best"]:
         state.update(best=value, best_step=state["step"], evals_without_improvement=0)
-        if accelerator.is_main_process:
-            accelerator.unwrap_model(model).save_pretrained(Path(config.output_dir) / "best")
-        accelerator.wait_for_everyone()
+        save_model(accelerator, model, Path(config.output_dir) / "best")
         return False
     state["evals_without_improvement"] += 1
     return config.patience > 0 and state["evals_without_improvement"] >= config.patience
+
+
+def save_model(accelerator: Accelerator, model: CLLM4Rec, directory: Path) -> None:
+    """``save_pretrained`` from the main process, with the weights gathered first where they are sharded."""
+    state_dict = accelerator.get_state_dict(model)  # a collective under FSDP / ZeRO-3: every process calls it
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(directory, state_dict=state_dict)
+    accelerator.wait_for_everyone()
 
 
 def log_record(accelerator: Accelerator, path: Path, record: dict, step: int) -> None:
