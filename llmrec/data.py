@@ -19,8 +19,8 @@ from llmrec.collate import TASKS, FinetuneDataset, FinetunePrompts, PretrainData
 from llmrec.generate import GenerativeScorer, SemanticDataset, require_index
 from llmrec.metrics import DEFAULT_KS, evaluate_scorer
 from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig
+from llmrec.options import PRETRAIN_CORPORA
 
-PRETRAIN_CORPORA = ("collaborative", "content")
 FINETUNE_TASKS = ("multinomial", "semantic", "both")
 
 

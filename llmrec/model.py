@@ -21,19 +21,20 @@ import dataclasses
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import safetensors
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from llmrec.backbone import BackboneConfig, load_backbone
+from llmrec.backbone import load_backbone
 from llmrec.collate import IGNORE, TASKS
+from llmrec.options import BackboneConfig, ModelConfig
 from llmrec.tokens import RecEmbedding, RecVocab
 
 if TYPE_CHECKING:
@@ -41,57 +42,6 @@ if TYPE_CHECKING:
 
 VIEWS = ("collab", "content")
 INDEX_DIR = "index"  # the item index saved beside the weights, so a trained model decodes on its own
-
-
-@dataclass
-class ModelConfig:
-    """How the recommender is built on a backbone (the backbone itself is a `BackboneConfig`)."""
-
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    lora_target_modules: str | None = field(
-        default=None,
-        metadata={
-            "help": "comma-separated module names, 'all-linear', or empty for peft's per-architecture default"
-        },
-    )
-    lora_per_view: bool = field(
-        default=False,
-        metadata={"help": "one LoRA adapter per view (collab, content) instead of one shared adapter"},
-    )
-    embedding_init: str = field(
-        default="normal", metadata={"help": "ID-token init: normal | title_mean | semantic_sum (needs index)"}
-    )
-    embedding_init_std: float | None = field(
-        default=None, metadata={"help": "std for normal init (default: the word embeddings' std)"}
-    )
-    mutual_reg: float = field(
-        default=1.0, metadata={"help": "lambda of the mutual regulariser; 0 turns it off"}
-    )
-    head: str = field(
-        default="tied",
-        metadata={"help": "item head: tied (to collaborative item embeddings) | untied (own weights + bias)"},
-    )
-    max_doc_tokens: int = field(
-        default=512, metadata={"help": "longest document fed to the LM (prompt + main)"}
-    )
-    index: str | None = field(
-        default=None,
-        metadata={
-            "help": "saved ItemIndex directory (recipes/index.py): adds semantic-ID tokens for the semantic task"
-        },
-    )
-
-    def lora_config(self) -> LoraConfig:
-        targets: str | list[str] | None = None
-        if self.lora_target_modules:
-            targets = self.lora_target_modules
-            if targets != "all-linear":
-                targets = [name.strip() for name in targets.split(",") if name.strip()]
-        return LoraConfig(
-            r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, target_modules=targets
-        )
 
 
 class CLLM4Rec(nn.Module):

@@ -16,7 +16,6 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -38,52 +37,10 @@ from llmrec.collate import TASKS, TaskBucketSampler, collate
 from llmrec.config import to_dict
 from llmrec.log import get_logger
 from llmrec.model import CLLM4Rec
+from llmrec.options import TrainConfig
 
 logger = get_logger(__name__)
 STATE_FILE = "trainer_state.json"
-
-
-@dataclass
-class TrainConfig:
-    output_dir: str = field(
-        default="runs/pretrain", metadata={"help": "run directory: checkpoints, metrics.jsonl, model/"}
-    )
-    seed: int = field(default=42, metadata={"help": "seeds weights init, shuffling, masking and dropout"})
-    epochs: int = field(default=1, metadata={"help": "passes over the training examples"})
-    max_steps: int = field(
-        default=-1, metadata={"help": "stop after this many optimizer steps (-1: run all epochs)"}
-    )
-    batch_size: int = field(
-        default=8, metadata={"help": "global batch (split over processes) per micro-step"}
-    )
-    grad_accum: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the LoRA weights"})
-    embedding_lr: float | None = field(
-        default=None, metadata={"help": "learning rate of ID-token tables and head (default: lr)"}
-    )
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (LoRA weights only)"})
-    scheduler: str = field(
-        default="cosine",
-        metadata={"help": "a transformers scheduler name: linear, cosine, constant_with_warmup, ..."},
-    )
-    warmup_ratio: float = field(default=0.05, metadata={"help": "share of the steps spent warming up"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: off)"})
-    mixed_precision: str = field(default="no", metadata={"help": "no | bf16 | fp16"})
-    save_steps: int = field(
-        default=0, metadata={"help": "checkpoint every N optimizer steps (0: only at the end)"}
-    )
-    save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept"})
-    resume: bool = field(
-        default=False, metadata={"help": "continue from the latest checkpoint in output_dir"}
-    )
-    log_steps: int = field(default=10, metadata={"help": "log every N optimizer steps"})
-    tensorboard: bool = field(
-        default=False, metadata={"help": "also log to TensorBoard in output_dir/tensorboard"}
-    )
-    num_workers: int = field(default=0, metadata={"help": "DataLoader workers"})
-    patience: int = field(
-        default=0, metadata={"help": "stop after N evaluations without improvement (0: never)"}
-    )
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:

@@ -14,13 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_prep import load_bundle
-from llmrec.backbone import BackboneConfig
 from llmrec.config import parse_config
-from llmrec.data import finetune_dataset, item_softmax, model_for, validation_fn
 from llmrec.log import get_logger, setup_logging
-from llmrec.model import CLLM4Rec, ModelConfig
-from llmrec.train import TrainConfig, make_accelerator, save_run_config, train
+from llmrec.options import BackboneConfig, ModelConfig, TrainConfig
 
 logger = get_logger("finetune")
 FINETUNE_FIELDS = ("head", "mutual_reg", "max_doc_tokens")  # model knobs a finetuning run may change
@@ -73,6 +69,12 @@ def main(argv: list[str] | None = None) -> dict:
     args, backbone, model_config, train_config = parse_config(
         FinetuneArgs, BackboneConfig, ModelConfig, TrainConfig, args=argv, section="finetune"
     )
+    # the model stack loads after parsing, so --help and argument errors answer at once
+    from data_prep import load_bundle
+    from llmrec.data import finetune_dataset, item_softmax, model_for, validation_fn
+    from llmrec.model import CLLM4Rec
+    from llmrec.train import make_accelerator, save_run_config, train
+
     accelerator = make_accelerator(train_config)
     bundle = load_bundle(args.data)
     if args.init:
