@@ -23,6 +23,7 @@ writes JSON plus a PNG plot next to it.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -44,7 +45,17 @@ SOFTMAXES = ("full", "chunked", "sampled")
 
 
 def peak_rss_mb() -> float:
+    """This process's peak RSS since the last :func:`reset_peak` (Linux VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak() -> None:
+    """Restart the peak-RSS count (``5`` to clear_refs resets VmHWM), so several measurements share one process."""
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def histories(n_users: int, n_items: int, seed: int) -> list[list[int]]:
@@ -190,8 +201,8 @@ def child_build(n_interactions: int, n_items: int, seed: int) -> dict:
     }
 
 
-def run_child(*argv: str) -> dict:
-    """One measurement in a fresh interpreter; adds that process's peak RSS."""
+def run_child(*argv: str) -> dict | list[dict]:
+    """Measurements in a fresh interpreter (its own peak RSS)."""
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
@@ -206,14 +217,29 @@ def run_child(*argv: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def child_catalogue(n_items: int, users: int, seed: int) -> list[dict]:
+    """Every softmax and the evaluation at one catalogue size, each with its own peak RSS."""
+    rows = []
+    for kind in (*SOFTMAXES, "evaluate"):
+        reset_peak()
+        before = peak_rss_mb()
+        result = (
+            child_finetune(n_items, kind, users, seed)
+            if kind in SOFTMAXES
+            else child_evaluate(n_items, users, seed)
+        )
+        rows.append(
+            {"kind": kind, "items": n_items, **result, "peak_rss_mb": peak_rss_mb(), "rss_before_mb": before}
+        )
+    return rows
+
+
 def child_main(kind: str, *args: str) -> None:
-    numbers = [int(a) if a.isdigit() else a for a in args]
-    children = {
-        "finetune": child_finetune,
-        "evaluate": child_evaluate,
-        "rqvae": child_rqvae,
-        "build": child_build,
-    }
+    numbers = [int(a) for a in args]
+    if kind == "catalogue":
+        print(json.dumps(child_catalogue(*numbers)))
+        return
+    children = {"rqvae": child_rqvae, "build": child_build}
     print(json.dumps({**children[kind](*numbers), "peak_rss_mb": peak_rss_mb()}))
 
 
@@ -262,19 +288,8 @@ def main() -> None:
 
     rows = []
     for n in args.items:
-        for mode in SOFTMAXES:
-            rows.append(
-                {
-                    "kind": mode,
-                    "items": n,
-                    **run_child("finetune", str(n), mode, str(args.users), str(args.seed)),
-                }
-            )
-            print(rows[-1], file=sys.stderr)
-        rows.append(
-            {"kind": "evaluate", "items": n, **run_child("evaluate", str(n), str(args.users), str(args.seed))}
-        )
-        print(rows[-1], file=sys.stderr)
+        rows += run_child("catalogue", str(n), str(args.users), str(args.seed))
+        print(rows[-4:], file=sys.stderr)
     for n in args.rqvae_items:
         rows.append({"kind": "rqvae", "items": n, **run_child("rqvae", str(n), str(args.seed))})
         print(rows[-1], file=sys.stderr)
