@@ -168,7 +168,7 @@ def train(
     # per-task (loss sum, count) and the token count since the last log line, summed on this process's
     # device: one reduction and one host sync per log line instead of five every step
     names = (*TASKS, "reg", "tokens")
-    window = torch.zeros(len(names), 2, dtype=torch.float64, device=accelerator.device)
+    window = torch.zeros(len(names), 2, device=accelerator.device)  # float32: MPS has no float64
     window_start = time.perf_counter()
     progress = tqdm(
         total=total_steps, initial=state["step"], disable=not accelerator.is_main_process, desc="train"
@@ -195,8 +195,8 @@ def train(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            window[TASKS.index(task)] += torch.stack([lm_sum.detach(), lm_count]).to(window.dtype)
-            window[-2] += torch.stack([reg_sum.detach(), reg_count]).to(window.dtype)
+            window[TASKS.index(task)] += torch.stack([lm_sum.detach().float(), lm_count.float()])
+            window[-2] += torch.stack([reg_sum.detach().float(), reg_count.float()])
             window[-1, 0] += batch["attention_mask"].sum()
             if not accelerator.sync_gradients:
                 continue
