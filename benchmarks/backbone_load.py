@@ -14,8 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common.log import setup_logging
 from llmrec import backbone
-from llmrec.log import setup_logging
 from llmrec.reporting import machine_info, write_report
 
 

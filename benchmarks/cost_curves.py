@@ -72,9 +72,10 @@ def child_finetune(n_items: int, mode: str, users: int, seed: int) -> dict:
     import torch
 
     from data_prep import Templates
-    from llmrec.collate import FinetuneDataset, FinetunePrompts, collate
+    from llmrec.collate import FinetuneDataset, collate
     from llmrec.model import CLLM4Rec, ItemSoftmax
     from llmrec.options import BackboneConfig, ModelConfig
+    from llmrec.prompts import FinetunePrompts
 
     torch.manual_seed(seed)
     model = CLLM4Rec.from_config(
@@ -111,13 +112,13 @@ def child_finetune(n_items: int, mode: str, users: int, seed: int) -> dict:
 def child_evaluate(n_items: int, users: int, seed: int) -> dict:
     """Score and rank the whole catalogue for ``users`` users, ``BATCH`` users at a time."""
     import scipy.sparse as sp
-    import torch
 
     from data_prep import Templates
-    from llmrec.collate import FinetunePrompts, collate
     from llmrec.metrics import evaluate_matrices
     from llmrec.model import CLLM4Rec
     from llmrec.options import BackboneConfig, ModelConfig
+    from llmrec.prompts import FinetunePrompts
+    from llmrec.scoring import ItemHeadScorer
 
     model = CLLM4Rec.from_config(
         ModelConfig(max_doc_tokens=256), BackboneConfig("tiny-llama"), users, n_items, seed=seed
@@ -134,14 +135,9 @@ def child_evaluate(n_items: int, users: int, seed: int) -> dict:
         ),
         shape=(users, n_items),
     )
-
-    @torch.no_grad()
-    def score(batch_users: np.ndarray) -> torch.Tensor:
-        batch = collate([{"task": 2, "input_ids": prompts.encode(int(u), rows[u][:-1])} for u in batch_users])
-        return model.score_items(batch["input_ids"], batch["attention_mask"])
-
+    scorer = ItemHeadScorer(model, prompts, [r[:-1] for r in rows], batch_size=BATCH)
     wall, cpu = time.perf_counter(), time.process_time()
-    metrics = evaluate_matrices(score, heldout, exclude, batch_size=BATCH)
+    metrics = evaluate_matrices(scorer, heldout, exclude, batch_size=BATCH)
     return {
         "s_per_user": (time.perf_counter() - wall) / users,
         "cpu_s_per_user": (time.process_time() - cpu) / users,

@@ -16,12 +16,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from common.log import setup_logging
 from data_prep import load_bundle
 from data_prep.build import BuildConfig, build
 from llmrec.backbone import BackboneConfig
-from llmrec.export import ADAPTER_DIR, MERGED_DIR, WEIGHTS_FILE, export_model
-from llmrec.log import setup_logging
 from llmrec.model import CLLM4Rec, ModelConfig
+from llmrec.recommender import ADAPTER_DIR, MERGED_DIR, WEIGHTS_FILE, export_model
 from llmrec.reporting import machine_info, write_report
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -2,7 +2,7 @@
 
 CLLM4Rec argues for its item head on efficiency: one forward pass per user scores the whole catalogue,
 where generative recommenders decode an item ID token by token with a beam. This measures that on one
-model: the same backbone, LoRA, prompts (all training items) and users, with (a) `PromptScorer` + top-K
+model: the same backbone, LoRA, prompts (all training items) and users, with (a) `ItemHeadScorer` + top-K
 of the head's scores (training items masked) and (b) `GenerativeScorer` (beam search constrained by the
 index's prefix trie, training items kept out of the search). Weights are untrained: the timing does not
 depend on them, nor on the quality of the index, only on its shape (levels, codebook sizes).
@@ -33,20 +33,21 @@ sys.path.insert(0, str(ROOT))
 
 from data_prep import load_bundle  # noqa: E402
 from llmrec.backbone import BackboneConfig  # noqa: E402
-from llmrec.data import PromptScorer, prompts_for, train_histories  # noqa: E402
+from llmrec.data import prompts_for  # noqa: E402
 from llmrec.generate import GenerativeScorer  # noqa: E402
 from llmrec.indexing import IndexData, ItemIndex, make_indexer  # noqa: E402
 from llmrec.metrics import format_table, write_metrics_json  # noqa: E402
 from llmrec.model import CLLM4Rec, ModelConfig  # noqa: E402
 from llmrec.reporting import machine_info, timed  # noqa: E402
+from llmrec.scoring import ItemHeadScorer  # noqa: E402
 
 
-def head_top_k(scorer: PromptScorer, train, users: np.ndarray, top_k: int, batch_size: int) -> torch.Tensor:
+def head_top_k(scorer: ItemHeadScorer, train, users: np.ndarray, top_k: int, batch_size: int) -> torch.Tensor:
     """(a): one forward per user (batched), training items masked, ``torch.topk``."""
     lists = []
     for start in range(0, len(users), batch_size):
         chunk = users[start : start + batch_size]
-        scores = scorer(chunk)
+        scores = scorer.score(chunk)
         scores[torch.from_numpy(train[chunk].toarray() > 0)] = float("-inf")
         lists.append(scores.topk(top_k, dim=1).indices)
     return torch.cat(lists)
@@ -94,8 +95,8 @@ def main() -> None:
     model.to(args.device).eval()
     train = bundle.matrix("train")
     users = np.arange(bundle.n_users)
-    prompts, histories = prompts_for(bundle, model), train_histories(bundle)
-    head = PromptScorer(model, prompts, histories, batch_size=args.batch_size)
+    prompts, histories = prompts_for(bundle, model), bundle.histories("train")
+    head = ItemHeadScorer(model, prompts, histories, batch_size=args.batch_size)
     beam = GenerativeScorer(model, prompts, histories, train, beam=args.beam, batch_size=args.batch_size)
 
     def run_head():

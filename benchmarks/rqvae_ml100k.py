@@ -19,12 +19,12 @@ from pathlib import Path
 import pandas as pd
 from quality_ml100k import ensure_bundle  # benchmarks/ is on sys.path when run as a script
 
+from common.log import setup_logging
 from data_prep import load_bundle
 from llmrec.indexing import IndexData, PiecesConfig, RQVAEConfig, RQVAEIndexer, make_indexer, train_pieces
 from llmrec.indexing.base import shared_attribute_ratio
 from llmrec.indexing.encoders import item_embeddings
 from llmrec.indexing.rqvae import train_rqvae
-from llmrec.log import setup_logging
 from llmrec.reporting import machine_info, timed, write_report
 
 REPO = Path(__file__).resolve().parents[1]

@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality_ml100k import ensure_bundle  # noqa: E402
 
+from common.log import setup_logging  # noqa: E402
 from data_prep import load_bundle  # noqa: E402
 from llmrec.backbone import BackboneConfig  # noqa: E402
 from llmrec.collate import PretrainDataset  # noqa: E402
 from llmrec.data import model_for  # noqa: E402
-from llmrec.log import setup_logging  # noqa: E402
 from llmrec.metrics import format_table  # noqa: E402
 from llmrec.model import ModelConfig  # noqa: E402
 from llmrec.reporting import machine_info, write_report  # noqa: E402

@@ -43,7 +43,6 @@ from llmrec.zeroshot import (  # noqa: E402
     score_naive,
     score_top_k,
     score_trie,
-    user_histories,
 )
 
 
@@ -75,8 +74,7 @@ def main() -> None:
     test_users = np.flatnonzero(np.diff(bundle.matrix("test").indptr) > 0)
     users = np.sort(rng.choice(test_users, size=args.users, replace=False))
     subset = np.sort(rng.choice(bundle.n_items, size=min(args.naive_items, bundle.n_items), replace=False))
-    histories = user_histories(bundle.interactions("train"), bundle.n_users)
-    exclude = bundle.matrix("train") + bundle.matrix("valid")
+    histories, exclude = bundle.histories("train"), bundle.seen("test")
     ks = [int(k) for k in args.top_k.split(",") if k.strip()]
     scale = bundle.n_items / len(subset)
 

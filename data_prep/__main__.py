@@ -16,8 +16,8 @@ USAGE = """usage: python -m data_prep {build,inspect} ...
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmrec.config import ConfigError, parse_config
-    from llmrec.log import setup_logging
+    from common.config import ConfigError, parse_dataclasses
+    from common.log import setup_logging
 
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("build", "inspect"):
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] == "build":
             from data_prep.build import BuildConfig, build
 
-            (config,) = parse_config(BuildConfig, args=argv[1:])
+            (config,) = parse_dataclasses(BuildConfig, args=argv[1:])
             build(config)
         else:
             from data_prep.summary import summarize

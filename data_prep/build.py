@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -14,8 +13,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from common import __version__
+from common.io import ArtifactError, atomic_directory, sha256_file
 from data_prep import readers
-from data_prep.bundle import FORMAT_VERSION, atomic_directory, write_tables
+from data_prep.bundle import FORMAT_VERSION, write_tables
 from data_prep.corpora import collaborative_corpus, content_corpus, finetune_corpus
 from data_prep.errors import DataError
 from data_prep.process import (
@@ -30,7 +31,6 @@ from data_prep.process import (
 from data_prep.splits import SPLITS, leave_one_out, random_split, sort_rows, temporal_split
 from data_prep.templates import Templates
 from data_prep.text import item_text, user_text
-from llmrec import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -117,14 +117,6 @@ def load_templates(path: str | None) -> Templates:
     if not isinstance(values, dict):
         raise DataError("expected a mapping of template name: format string", file=path)
     return Templates.from_dict(values, source=path)
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _presplit(
@@ -219,8 +211,11 @@ def _reviews(
 def build(config: BuildConfig) -> Path:
     """Build the bundle at ``config.out`` and return its path; raises :class:`DataError` on bad input."""
     start = time.perf_counter()
-    with atomic_directory(config.out, overwrite=config.overwrite) as tmp:
-        counts = _build_into(config, tmp)
+    try:
+        with atomic_directory(config.out, overwrite=config.overwrite) as tmp:
+            counts = _build_into(config, tmp)
+    except ArtifactError as err:
+        raise DataError(err.reason, file=err.file) from err
     logger.info("wrote %s in %.1fs: %s", config.out, time.perf_counter() - start, json.dumps(counts))
     return Path(config.out)
 
@@ -278,7 +273,7 @@ def _build_into(config: BuildConfig, tmp: Path) -> dict[str, int]:
         "source": {
             "format": config.format,
             "input": str(config.input),
-            "files": {str(p): sha256(p) for p in files},
+            "files": {str(p): sha256_file(p) for p in files},
         },
         "counts": {
             "users": len(user_ids),

@@ -1,13 +1,8 @@
-"""The dataset bundle on disk: atomic writing and :func:`load_bundle` (see docs/architecture.md)."""
+"""The dataset bundle on disk: writing its files and :func:`load_bundle` (see docs/architecture.md)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,35 +13,14 @@ import pyarrow.csv as pacsv
 import scipy.sparse as sp
 from datasets import Dataset, load_from_disk
 
+from common.catalogue import Catalogue
+from common.io import write_json
 from data_prep.corpora import CORPORA
 from data_prep.errors import DataError
-from data_prep.splits import SPLITS
+from data_prep.splits import SPLITS, user_histories
 from data_prep.templates import Templates
 
 FORMAT_VERSION = 1
-
-
-@contextlib.contextmanager
-def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of ``out`` and rename it to ``out`` only if the block succeeds,
-    so a failed build never leaves a half-written bundle (or clobbers a good one)."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise DataError("output directory already exists (use --overwrite to replace it)", file=out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _write_numeric_tsv(df: pd.DataFrame, path: Path) -> None:
@@ -83,7 +57,7 @@ def write_tables(
         )
     for name in CORPORA:
         corpora[name].save_to_disk(str(directory / "corpora" / name))
-    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    write_json(directory / "manifest.json", manifest)
 
 
 def _read_tsv(path: Path) -> pd.DataFrame:
@@ -111,24 +85,19 @@ class Bundle:
             )
         users = _read_tsv(self.path / "users.tsv")
         items = _read_tsv(self.path / "items.tsv")
-        self.user_ids: list[str] = users["raw_id"].tolist()
+        self.catalogue = Catalogue(
+            users["raw_id"].tolist(), items["raw_id"].tolist(), items["title"].tolist()
+        )
+        self.user_ids, self.item_ids = self.catalogue.user_ids, self.catalogue.item_ids
+        self.item_titles = self.catalogue.item_titles
+        self.n_users, self.n_items = self.catalogue.n_users, self.catalogue.n_items
+        self.user_index, self.item_index = self.catalogue.user_index, self.catalogue.item_index
         self.user_text: list[str] = users["text"].tolist()
-        self.item_ids: list[str] = items["raw_id"].tolist()
-        self.item_titles: list[str] = items["title"].tolist()
         self.item_text: list[str] = items["text"].tolist()
-        self.user_index: dict[str, int] = {raw: i for i, raw in enumerate(self.user_ids)}
-        self.item_index: dict[str, int] = {raw: i for i, raw in enumerate(self.item_ids)}
         self.templates = Templates.from_dict(self.manifest.get("templates", {}), source=str(manifest_path))
         self._interactions: dict[str, pd.DataFrame] = {}
+        self._histories: dict[str, list[list[int]]] = {}
         self._corpora: dict[str, Dataset] = {}
-
-    @property
-    def n_users(self) -> int:
-        return len(self.user_ids)
-
-    @property
-    def n_items(self) -> int:
-        return len(self.item_ids)
 
     def interactions(self, split: str) -> pd.DataFrame:
         """``user, item, rating, timestamp`` rows of one split (contiguous int indices)."""
@@ -152,6 +121,19 @@ class Bundle:
         m.sum_duplicates()
         m.data[:] = 1.0
         return m
+
+    def histories(self, split: str = "train") -> list[list[int]]:
+        """Every user's items in ``split`` (index by user), oldest first; ties keep the file's order."""
+        if split not in self._histories:
+            self._histories[split] = user_histories(self.interactions(split), self.n_users)
+        return self._histories[split]
+
+    def seen(self, split: str) -> sp.csr_matrix:
+        """What a ranking on ``split`` excludes: the training items, plus the validation items for test."""
+        if split not in ("valid", "test"):
+            raise KeyError(f"rankings are made for 'valid' or 'test', not {split!r}")
+        seen = self.matrix("train")
+        return seen + self.matrix("valid") if split == "test" else seen
 
     def corpus(self, name: str) -> Dataset:
         """One of ``collaborative``, ``content``, ``finetune`` as a ``datasets.Dataset``."""

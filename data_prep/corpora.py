@@ -11,8 +11,9 @@ import pandas as pd
 import pyarrow as pa
 from datasets import Dataset, Features, Value
 
-from data_prep.splits import random_rank, sort_rows
-from data_prep.templates import Templates, placeholder
+from common.placeholders import placeholder
+from data_prep.splits import random_rank, sort_rows, user_histories
+from data_prep.templates import Templates
 
 FEATURES = Features(
     {
@@ -41,21 +42,18 @@ def _dataset(kind: list[str] | str, user, item, prompt: list[str], main: list[st
 
 
 def _histories(train: pd.DataFrame) -> pd.Series:
-    """user -> placeholders of the user's rows joined by spaces, for rows in (user, time) order.
+    """user -> placeholders of the user's items joined by spaces, oldest first, for users with items.
 
-    Joins Python list slices per user: pandas' groupby-join iterates Arrow strings one by one and is
-    an order of magnitude slower on a million rows.
+    Joins Python lists of names per user: pandas' groupby-join iterates Arrow strings one by one and
+    is an order of magnitude slower on a million rows.
     """
-    users = train["user"].to_numpy()
-    items = train["item"].to_numpy()
-    if not len(users):
+    if not len(train):
         return pd.Series([], dtype=object)
-    names = np.array([placeholder("item", i) for i in range(int(items.max()) + 1)], dtype=object)
-    placeholders = names[items].tolist()
-    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
-    ends = np.r_[starts[1:], len(users)]
-    joined = [" ".join(placeholders[s:e]) for s, e in zip(starts.tolist(), ends.tolist(), strict=True)]
-    return pd.Series(joined, index=users[starts], dtype=object)
+    names = np.array([placeholder("item", i) for i in range(int(train["item"].max()) + 1)], dtype=object)
+    histories = user_histories(train, int(train["user"].max()) + 1)
+    users = [user for user, items in enumerate(histories) if items]
+    joined = [" ".join(names[histories[user]].tolist()) for user in users]
+    return pd.Series(joined, index=np.asarray(users, dtype=np.int64), dtype=object)
 
 
 def collaborative_corpus(train: pd.DataFrame, templates: Templates) -> Dataset:

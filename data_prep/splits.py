@@ -29,6 +29,18 @@ def sort_rows(df: pd.DataFrame) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
+def user_histories(df: pd.DataFrame, n_users: int) -> list[list[int]]:
+    """Each user's items, oldest first (ties keep the frame's order), indexed by user."""
+    ordered = df.sort_values(["user", "timestamp"], kind="stable")
+    users, items = ordered["user"].to_numpy(), ordered["item"].to_numpy()
+    histories: list[list[int]] = [[] for _ in range(n_users)]
+    bounds = np.flatnonzero(np.diff(users)) + 1
+    for chunk_users, chunk_items in zip(np.split(users, bounds), np.split(items, bounds), strict=True):
+        if len(chunk_users):
+            histories[int(chunk_users[0])] = chunk_items.tolist()
+    return histories
+
+
 def _starts(users: np.ndarray) -> np.ndarray:
     """Per user, the position of its first row in a user-sorted array (indexable by user id)."""
     counts = np.bincount(users) if len(users) else np.zeros(0, dtype=np.int64)

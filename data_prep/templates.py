@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from common import placeholders
 from data_prep.errors import DataError
 
 # The fields each template may use; anything else in a template is a typo.
@@ -18,11 +19,6 @@ _ALLOWED = {
     "user": {"user"},
     "finetune": {"user", "history"},
 }
-
-
-def placeholder(kind: str, index: int) -> str:
-    """``<user_12>`` / ``<item_7>``: how corpus text refers to a user or item by contiguous index."""
-    return f"<{kind}_{int(index)}>"
 
 
 @dataclass(frozen=True)
@@ -56,7 +52,7 @@ class Templates:
     @staticmethod
     def history(items: Iterable[int]) -> str:
         """Item placeholders joined by single spaces, e.g. ``<item_3> <item_7>``."""
-        return " ".join(placeholder("item", i) for i in items)
+        return placeholders.history(items)
 
     def to_dict(self) -> dict[str, str]:
         return dataclasses.asdict(self)

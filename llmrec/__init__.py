@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from common import __version__
+
 __all__ = ["Recommender", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
     """``llmrec.Recommender`` without importing torch/transformers on ``import llmrec``."""
     if name == "Recommender":
-        from llmrec.export import Recommender
+        from llmrec.recommender import Recommender
 
         return Recommender
     raise AttributeError(f"module 'llmrec' has no attribute {name!r}")

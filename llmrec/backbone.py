@@ -412,3 +412,67 @@ def truncate_layers(model: PreTrainedModel, num_layers: int) -> PreTrainedModel:
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = config.layer_types[:num_layers]
     return model
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fingerprints: which checkpoint a trained model was built on
+
+# Files of a local checkpoint that define it cheaply (weights are identified by name and size).
+_CHECKPOINT_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+def backbone_fingerprint(config: BackboneConfig) -> dict[str, str | None]:
+    """Identify the checkpoint ``config`` resolves to on this machine, without loading it.
+
+    Returns ``{"kind", "fingerprint", "revision"}``. Built-in tiny models: a hash of their hyperparameters,
+    seed and tokenizer. GGUF files (``smollm2-135m`` included): :func:`llmrec.backbone.gguf_fingerprint`,
+    the same key that names the conversion cache. Local directories and hub snapshots: a hash of
+    config.json and the tokenizer files plus the names and sizes of the weight files (cheap; an in-place
+    edit of weights that keeps their size is not detected); for the hub, ``revision`` is the commit.
+    """
+    name = config.name_or_path
+    if name in TINY_MODELS:
+        spec = json.dumps([TINY_MODELS[name], TINY_SEED], sort_keys=True, default=lambda o: o.__qualname__)
+        tokenizer = byte_level_tokenizer().backend_tokenizer.to_str()
+        return {"kind": "tiny", "fingerprint": _digest(f"{spec}\0{tokenizer}".encode()), "revision": None}
+    if name in GGUF_ALIASES:
+        return {"kind": "gguf", "fingerprint": gguf_fingerprint(GGUF_ALIASES[name]()), "revision": None}
+    if name.endswith(".gguf") and Path(name).is_file():
+        return {"kind": "gguf", "fingerprint": gguf_fingerprint(Path(name)), "revision": None}
+    if Path(name).is_dir():
+        return {"kind": "local", "fingerprint": _checkpoint_digest(Path(name)), "revision": None}
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot = Path(
+            snapshot_download(
+                name, revision=config.revision, cache_dir=config.cache_dir, local_files_only=True
+            )
+        )
+    except Exception as err:  # huggingface_hub raises several types for "not in the local cache"
+        raise BackboneNotFoundError(
+            f"backbone {name!r} is neither a built-in name, a *.gguf file, a local directory nor a hub model "
+            f"in the local cache ({type(err).__name__}: {err})"
+        ) from err
+    return {"kind": "hub", "fingerprint": _checkpoint_digest(snapshot), "revision": snapshot.name}
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _checkpoint_digest(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for name in _CHECKPOINT_FILES:
+        if (directory / name).is_file():
+            digest.update(name.encode() + b"\0" + (directory / name).read_bytes() + b"\0")
+    for path in sorted([*directory.glob("*.safetensors"), *directory.glob("*.bin")]):
+        digest.update(f"{path.name}:{path.stat().st_size}\0".encode())
+    return digest.hexdigest()[:16]

@@ -52,29 +52,41 @@ class Baseline(ABC):
     def __init__(self) -> None:
         self.fit_info: dict[str, Any] = {}
         self.n_items: int | None = None
+        self.history: sp.csr_matrix | None = None
+
+    def fit(self, train: sp.spmatrix, valid: sp.spmatrix | None = None) -> Baseline:
+        """Learn from ``train``, which is also the history users are scored from; choose hyperparameters
+        on ``valid`` when given."""
+        self.history = binarize(train)
+        self.n_items = self.history.shape[1]
+        self._fit(self.history, valid)
+        return self
 
     @abstractmethod
-    def fit(self, train: sp.spmatrix, valid: sp.spmatrix | None = None) -> Baseline:
-        """Learn from ``train``; choose hyperparameters on ``valid`` when given."""
+    def _fit(self, train: sp.csr_matrix, valid: sp.spmatrix | None) -> None:
+        """Learn from the binary training matrix."""
 
     @abstractmethod
     def _score(self, history: sp.csr_matrix) -> np.ndarray:
         """Scores for the binary history rows of a batch of users."""
 
-    def score(self, users: np.ndarray, history: sp.spmatrix) -> np.ndarray:
-        """Dense (len(users), n_items) float32 scores from the users' rows of ``history``."""
-        if self.n_items is None:
+    def score(self, users: np.ndarray) -> np.ndarray:
+        """Dense (len(users), n_items) float32 scores from the users' training rows (`llmrec.metrics.Scorer`)."""
+        if self.history is None:
             raise RuntimeError(f"{type(self).__name__}.score called before fit")
+        return self.score_rows(self.history[np.asarray(users)])
+
+    def score_rows(self, history: sp.spmatrix) -> np.ndarray:
+        """Dense (rows, n_items) float32 scores of arbitrary interaction rows (users folded in)."""
+        if self.n_items is None:
+            raise RuntimeError(f"{type(self).__name__}.score_rows called before fit")
         if history.shape[1] != self.n_items:
             raise ValueError(f"history has {history.shape[1]} items, the model was fit on {self.n_items}")
-        rows = binarize(sp.csr_matrix(history)[np.asarray(users)])
-        return np.asarray(self._score(rows), dtype=np.float32)
+        return np.asarray(self._score(binarize(history)), dtype=np.float32)
 
     def _valid_ndcg(self, train: sp.csr_matrix, valid: sp.spmatrix, batch_size: int = 1024) -> float:
         """NDCG@100 on ``valid`` with ``train`` as input history and exclusion."""
-        result = evaluate_matrices(
-            lambda users: self.score(users, train), valid, train, batch_size=batch_size, ks=(100,)
-        )
+        result = evaluate_matrices(self, valid, train, batch_size=batch_size, ks=(100,))
         return result[SELECT_METRIC]
 
 
@@ -83,11 +95,8 @@ class Pop(Baseline):
 
     name = "pop"
 
-    def fit(self, train: sp.spmatrix, valid: sp.spmatrix | None = None) -> Pop:
-        train = binarize(train)
-        self.n_items = train.shape[1]
+    def _fit(self, train: sp.csr_matrix, valid: sp.spmatrix | None) -> None:
         self.counts = np.asarray(train.sum(axis=0), dtype=np.float32).ravel()
-        return self
 
     def _score(self, history: sp.csr_matrix) -> np.ndarray:
         return np.tile(self.counts, (history.shape[0], 1))
@@ -110,9 +119,7 @@ class EASE(Baseline):
             raise ValueError(f"EASE lambdas must be positive, got {list(lambdas)}")
         self.lambdas = tuple(float(lam) for lam in lambdas)
 
-    def fit(self, train: sp.spmatrix, valid: sp.spmatrix | None = None) -> EASE:
-        train = binarize(train)
-        self.n_items = train.shape[1]
+    def _fit(self, train: sp.csr_matrix, valid: sp.spmatrix | None) -> None:
         if valid is None and len(self.lambdas) > 1:
             raise ValueError("EASE.fit needs valid to choose among several lambdas, or a single lambda")
         gram = (train.T @ train).toarray().astype(np.float64)
@@ -133,7 +140,6 @@ class EASE(Baseline):
                 best = (lam, grid[lam], self.weights)
         self.lam, valid_score, self.weights = best
         self.fit_info = {"lambda": self.lam, f"valid_{SELECT_METRIC}": valid_score, "grid": grid}
-        return self
 
     def _score(self, history: sp.csr_matrix) -> np.ndarray:
         return np.asarray(history @ self.weights)
@@ -203,15 +209,12 @@ class MultVAE(Baseline):
     def _rows(self, matrix: sp.csr_matrix) -> torch.Tensor:
         return torch.from_numpy(matrix.toarray()).to(self.device)
 
-    def fit(self, train: sp.spmatrix, valid: sp.spmatrix | None = None) -> MultVAE:
-        train = binarize(train)
-        self.n_items = train.shape[1]
+    def _fit(self, train: sp.csr_matrix, valid: sp.spmatrix | None) -> None:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed)
             self.net = MultVAENet(self.n_items, self.hidden, self.latent, self.dropout).to(self.device)
             self._train(train, valid)
-        return self
 
     def _train(self, train: sp.csr_matrix, valid: sp.spmatrix | None) -> None:
         optimizer = torch.optim.Adam(self.net.parameters(), lr=self.lr)

@@ -9,16 +9,13 @@ a run resumed mid-epoch, or split over several processes, sees exactly the same 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from llmrec.prompts import IGNORE, TASKS, FinetunePrompts, pad, prompt_batch
 from llmrec.tokens import RecVocab
-
-IGNORE = -100
-TASKS = ("collaborative", "content", "finetune", "semantic")  # batch["task"] holds an index into this tuple
 
 
 def epoch_rng(seed: int, epoch: int, row: int | None = None) -> np.random.Generator:
@@ -84,32 +81,15 @@ class PretrainDataset(Dataset):
         return {"task": task, "input_ids": input_ids, "labels": labels}
 
 
-@dataclass
-class FinetunePrompts:
-    """Renders finetuning/evaluation prompts from a user's history with the bundle's template."""
-
-    vocab: RecVocab
-    tokenizer: object
-    template: str  # e.g. "<user_{user}> has interacted with {history}, <user_{user}> will interact with"
-    max_tokens: int = 512
-
-    def encode(self, user: int, items: Sequence[int]) -> list[int]:
-        """Prompt ids for ``user`` with ``items`` as history; the oldest items are dropped to fit ``max_tokens``."""
-        fixed = len(self.vocab.encode(self.render(user, []), self.tokenizer))
-        keep = max(1, self.max_tokens - fixed)
-        return self.vocab.encode(self.render(user, list(items)[-keep:]), self.tokenizer)
-
-    def render(self, user: int, items: Sequence[int]) -> str:
-        history = " ".join(self.vocab.placeholder(self.vocab.item_token(i)) for i in items)
-        return self.template.format(user=user, history=history)
-
-
 class FinetuneDataset(Dataset):
     """CLLM4Rec's recommendation-oriented finetuning examples, one per user with training items.
 
     Each epoch a fresh random ``1 - mask_ratio`` share of the user's training items goes into the
     prompt (at least one item in, at least one out, when the user has two or more); the target is all
-    training items (``target="all"``, Mult-VAE style denoising, as DESIGN.md) or only the masked ones.
+    training items (``target="all"``, Mult-VAE style denoising, as DESIGN.md) or only the masked ones
+    (``"masked"``: nothing is gained by copying the prompt, which is what evaluation asks for, since seen
+    items are excluded there). The prompt lists its items in a random order (``prompt_order="shuffled"``)
+    or oldest first (``"chronological"``, the order of evaluation prompts).
     """
 
     def __init__(
@@ -119,9 +99,13 @@ class FinetuneDataset(Dataset):
         seed: int = 0,
         mask_ratio: float = 0.2,
         target: str = "all",
+        prompt_order: str = "shuffled",
     ):
         if target not in ("all", "masked"):
             raise ValueError(f"unknown finetune target {target!r}: expected 'all' or 'masked'")
+        if prompt_order not in ("shuffled", "chronological"):
+            raise ValueError(f"unknown prompt order {prompt_order!r}: expected 'shuffled' or 'chronological'")
+        self.prompt_order = prompt_order
         self.users = [user for user, items in enumerate(histories) if len(items) > 0]
         self.histories = [np.asarray(histories[user], dtype=np.int64) for user in self.users]
         self.prompts, self.seed, self.mask_ratio, self.target, self.epoch = (
@@ -146,10 +130,12 @@ class FinetuneDataset(Dataset):
 
     def split(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(prompt items, held-out items) of row ``index`` for the current epoch."""
-        items = epoch_rng(self.seed, self.epoch, index).permutation(self.histories[index])
-        n = len(items)
+        history = self.histories[index]
+        order = epoch_rng(self.seed, self.epoch, index).permutation(len(history))
+        n = len(history)
         keep = n if n < 2 else int(np.clip(round(n * (1 - self.mask_ratio)), 1, n - 1))
-        return items[:keep], items[keep:]
+        kept = np.sort(order[:keep]) if self.prompt_order == "chronological" else order[:keep]
+        return history[kept], history[order[keep:]]
 
     def __getitem__(self, index: int) -> dict:
         kept, masked = self.split(index)
@@ -160,6 +146,7 @@ class FinetuneDataset(Dataset):
             "input_ids": self.prompts.encode(user, kept),
             "targets": targets.tolist(),
             "user": user,
+            "history": kept.tolist(),  # every prompt item, also those a long prompt had to leave out
         }
 
 
@@ -218,26 +205,19 @@ class TaskBucketSampler(Sampler[list[int]]):
         )
 
 
-def pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
-    width = max(len(row) for row in rows)
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-    return out
-
-
 def collate(examples: Sequence[dict], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
     """Right-pad a batch of one task; every entry is a tensor so accelerate can split it across processes."""
     batch = {
         "task": torch.tensor([example["task"] for example in examples]),
-        "input_ids": pad([example["input_ids"] for example in examples], pad_token_id),
-        "attention_mask": pad([[1] * len(example["input_ids"]) for example in examples], 0),
+        **prompt_batch([example["input_ids"] for example in examples], pad_token_id),
     }
     if "labels" in examples[0]:
         batch["labels"] = pad([example["labels"] for example in examples], IGNORE)
     if "targets" in examples[0]:
         batch["targets"] = pad([example["targets"] for example in examples], -1)
         batch["user"] = torch.tensor([example["user"] for example in examples])
+    if "history" in examples[0]:
+        batch["history"] = pad([example["history"] for example in examples], -1)
     return batch
 
 

@@ -1,87 +1,95 @@
-"""One configuration system for every recipe: dataclasses, a YAML file, command-line overrides.
+"""One configuration system for every recipe: dataclasses, one YAML file per experiment nested by
+component, command-line overrides.
 
-Built on transformers' ``HfArgumentParser`` so that ``--help`` lists every field with its type,
-default and help text. A ``--config FILE.yaml`` supplies new defaults; any field given on the
-command line wins over the file. Unknown YAML keys are an error naming the file and key, so a
-typo never silently falls back to a default.
+Every config dataclass names its YAML section (``section``: ``backbone``, ``model``, ``train``,
+``prompt``, ``ease``, ``multvae``, or the recipe's own: ``pretrain``, ``finetune``, ...)::
+
+    data: data/ml-100k                 # the dataset bundle of every recipe that reads one
+    backbone: {name_or_path: smollm2-135m, num_layers: 2}
+    model: {lora_r: 8}
+    train: {batch_size: 16, seed: 42}
+    pretrain:
+      train: {output_dir: runs/x/pretrain, max_steps: 40}   # this recipe's own train values
+    finetune:
+      init: runs/x/pretrain
+      train: {output_dir: runs/x/finetune, epochs: 2}
+    evaluate: {run: runs/x/finetune, split: test}
+
+A recipe reads the sections of its dataclasses; its own section (that of its first dataclass) holds its
+own fields and may nest component sections that override the shared ones for this recipe only. So
+every key reaches exactly one dataclass: a key that is no field of its section, a top-level key other
+than ``data`` (the flat format of llmrec 0.1), and a field name two of a recipe's dataclasses share are
+errors naming the file and the key. Sections of other recipes are left alone.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import yaml
-from transformers import HfArgumentParser
+from common.config import ConfigError, field_names, parse_dataclasses, read_yaml
 
-from llmrec.log import get_logger
+__all__ = ["SHARED", "ConfigError", "nested_values", "parse_config", "to_dict"]
 
-logger = get_logger(__name__)
-
-T = TypeVar("T")
+SHARED = {"data"}  # top-level values read by the field of that name in the recipe's own dataclass
 
 
-class ConfigError(ValueError):
-    """A configuration file or value that cannot be used."""
+def section_of(cls: type) -> str:
+    section = getattr(cls, "section", None)
+    if not isinstance(section, str):
+        raise ConfigError(f"{cls.__name__} names no YAML section (a `section: ClassVar[str]` attribute)")
+    return section
 
 
-RECIPES = ("pretrain", "finetune", "evaluate", "zeroshot", "export", "recommend", "index", "baselines")
+def _mapping(value: Any, path: Path, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: section {where!r} must be a mapping of field: value")
+    return value
 
 
-def load_yaml(path: str | Path, section: str | None = None) -> dict[str, Any]:
-    """Read a YAML mapping of field -> value.
-
-    One file describes one experiment: top-level keys are shared by every recipe, and a mapping named
-    after a recipe (``pretrain:``, ``finetune:``, ...) holds that recipe's own values, which win. Other
-    recipes' sections are ignored.
-    """
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError as err:
-        raise ConfigError(f"config file not found: {path}") from err
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of field: value at the top level")
-    values = {key: value for key, value in data.items() if key not in RECIPES}
-    for key in RECIPES:
-        if key in data and not isinstance(data[key], dict):
-            raise ConfigError(f"{path}: section {key!r} must be a mapping of field: value")
-    if section is not None:
-        values.update(data.get(section) or {})
+def nested_values(path: Path, types: tuple[type, ...]) -> dict[str, Any]:
+    """The defaults a nested experiment file gives ``types`` (the recipe's own dataclass first)."""
+    data = read_yaml(path)
+    sections = {section_of(cls) for cls in types}
+    stray = sorted(k for k, v in data.items() if k not in SHARED | sections and not isinstance(v, dict))
+    if stray:
+        moves = [f"{key} -> {section_of(cls)}:" for key in stray for cls in types if key in field_names(cls)]
+        raise ConfigError(
+            f"{path}: top-level key(s) {stray} outside a section; configs are nested by component since "
+            f"llmrec 0.2 (README, Configuration){': move ' + ', '.join(moves) if moves else ''}"
+        )
+    own = section_of(types[0])
+    components = {section_of(cls) for cls in types[1:]}
+    recipe = _mapping(data.get(own), path, own)
+    values: dict[str, Any] = {
+        key: data[key] for key in SHARED if key in data and key in field_names(types[0])
+    }
+    for cls in types:
+        name = section_of(cls)
+        if cls is types[0]:
+            section = {key: value for key, value in recipe.items() if key not in components}
+        else:
+            section = {
+                **_mapping(data.get(name), path, name),
+                **_mapping(recipe.get(name), path, f"{own}.{name}"),
+            }
+        unknown = sorted(set(section) - field_names(cls))
+        if unknown:
+            raise ConfigError(
+                f"{path}: unknown field(s) {unknown} in section {name!r} ({cls.__name__}); see --help"
+            )
+        values.update(section)
     return values
 
 
-def parse_config(*types: type, args: list[str] | None = None, section: str | None = None) -> tuple:
-    """Parse ``--config FILE`` plus command-line overrides into instances of ``types``.
-
-    ``section`` names the recipe whose YAML section applies (see `load_yaml`). Returns one instance per
-    dataclass type, in order.
-    """
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", type=str, default=None)
-    known, rest = pre.parse_known_args(args)
-
-    parser = HfArgumentParser(types)
-    parser.add_argument("--config", type=str, default=None, help="YAML file whose keys set field defaults")
-    if known.config:
-        fields = {f.name for t in types for f in dataclasses.fields(t)}
-        own = load_yaml(known.config, section) if section else {}
-        shared = load_yaml(known.config)
-        typos = sorted(set(own) - set(shared) - fields) if section else []
-        if typos:
-            raise ConfigError(f"{known.config}: unknown field(s) {typos} in section {section!r}; see --help")
-        unused = sorted(set(shared) - fields)
-        if unused:
-            logger.warning("%s: fields %s are not used by this recipe", known.config, unused)
-        values = load_yaml(known.config, section)
-        parser.set_defaults(**{key: value for key, value in values.items() if key in fields})
-    parsed = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=False)
-    return tuple(parsed[: len(types)])
+def parse_config(*types: type, args: list[str] | None = None) -> tuple:
+    """Parse ``--config FILE`` (nested, see the module docstring) plus command-line overrides into
+    one instance per dataclass, in order; the first is the recipe's own."""
+    return parse_dataclasses(*types, args=args, values=nested_values)
 
 
 def to_dict(*configs: Any) -> dict[str, Any]:

@@ -7,6 +7,7 @@ is scored at test time is exactly the one the model was finetuned on (with every
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -15,25 +16,15 @@ import torch
 
 from data_prep import Bundle
 from llmrec.backbone import BackboneConfig
-from llmrec.collate import TASKS, FinetuneDataset, FinetunePrompts, PretrainDataset, TaskMixture, collate
+from llmrec.collate import FinetuneDataset, PretrainDataset, TaskMixture
 from llmrec.generate import GenerativeScorer, SemanticDataset, require_index
 from llmrec.metrics import DEFAULT_KS, evaluate_scorer
-from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig
+from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig, standardize
 from llmrec.options import PRETRAIN_CORPORA
+from llmrec.prompts import FinetunePrompts
+from llmrec.scoring import ItemHeadScorer, PrecomputedScorer
 
 FINETUNE_TASKS = ("multinomial", "semantic", "both")
-
-
-def train_histories(bundle: Bundle) -> list[list[int]]:
-    """Every user's training items, oldest first (ties keep the bundle's order)."""
-    frame = bundle.interactions("train").sort_values(["user", "timestamp"], kind="stable")
-    histories: list[list[int]] = [[] for _ in range(bundle.n_users)]
-    users, items = frame["user"].to_numpy(), frame["item"].to_numpy()
-    bounds = np.flatnonzero(np.diff(users)) + 1
-    for chunk_users, chunk_items in zip(np.split(users, bounds), np.split(items, bounds), strict=True):
-        if len(chunk_users):
-            histories[int(chunk_users[0])] = chunk_items.tolist()
-    return histories
 
 
 def model_for(bundle: Bundle, config: ModelConfig, backbone: BackboneConfig, seed: int = 0) -> CLLM4Rec:
@@ -66,6 +57,7 @@ def finetune_dataset(
     target: str = "all",
     with_content: bool = True,
     task: str = "multinomial",
+    prompt_order: str = "shuffled",
 ) -> FinetuneDataset | TaskMixture:
     """Masked-history examples for the item head (``task="multinomial"``), for writing a held-out item's
     semantic ID (``"semantic"``, needs a model with an item index) or both; with ``with_content`` the
@@ -73,10 +65,14 @@ def finetune_dataset(
     CLLM4Rec's finetuning."""
     if task not in FINETUNE_TASKS:
         raise ValueError(f"unknown finetune task {task!r}: expected one of {FINETUNE_TASKS}")
-    histories, prompts = train_histories(bundle), prompts_for(bundle, model)
+    histories, prompts = bundle.histories("train"), prompts_for(bundle, model)
     parts: list = []
     if task in ("multinomial", "both"):
-        parts.append(FinetuneDataset(histories, prompts, seed=seed, mask_ratio=mask_ratio, target=target))
+        parts.append(
+            FinetuneDataset(
+                histories, prompts, seed=seed, mask_ratio=mask_ratio, target=target, prompt_order=prompt_order
+            )
+        )
     if task in ("semantic", "both"):
         parts.append(
             SemanticDataset(histories, prompts, require_index(model), seed=seed, mask_ratio=mask_ratio)
@@ -86,46 +82,8 @@ def finetune_dataset(
     return parts[0] if len(parts) == 1 else TaskMixture(*parts)
 
 
-class PromptScorer:
-    """Scores the whole catalogue for users from prompts that hold all their training items.
-
-    One forward pass per user (batched): the hidden state at the prompt's last position goes through the
-    item head. Users are processed in the order given; callers exclude seen items themselves.
-    """
-
-    def __init__(
-        self,
-        model: CLLM4Rec,
-        prompts: FinetunePrompts,
-        histories: Sequence[Sequence[int]],
-        batch_size: int = 32,
-    ):
-        self.model, self.prompts, self.histories, self.batch_size = model, prompts, histories, batch_size
-        self.device = next(p for p in model.parameters() if p.requires_grad).device
-
-    @torch.no_grad()
-    def __call__(self, users: np.ndarray) -> torch.Tensor:
-        self.model.eval()
-        scores = []
-        for start in range(0, len(users), self.batch_size):
-            chunk = users[start : start + self.batch_size]
-            batch = collate(
-                [
-                    {
-                        "task": TASKS.index("finetune"),
-                        "input_ids": self.prompts.encode(int(u), self.histories[int(u)]),
-                    }
-                    for u in chunk
-                ],
-                pad_token_id=self.model.tokenizer.pad_token_id or 0,
-            )
-            ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-            scores.append(self.model.score_items(ids, mask).cpu())
-        return torch.cat(scores)
-
-
-def scorer_for(bundle: Bundle, model: CLLM4Rec, batch_size: int = 32) -> PromptScorer:
-    return PromptScorer(model, prompts_for(bundle, model), train_histories(bundle), batch_size=batch_size)
+def scorer_for(bundle: Bundle, model: CLLM4Rec, batch_size: int = 32) -> ItemHeadScorer:
+    return ItemHeadScorer(model, prompts_for(bundle, model), bundle.histories("train"), batch_size=batch_size)
 
 
 def generative_scorer(
@@ -133,12 +91,53 @@ def generative_scorer(
 ) -> GenerativeScorer:
     """Constrained beam search over the model's item index; the items that ``split``'s ranking excludes
     (training items, plus validation items for the test split) are kept out of the search itself."""
-    exclude = bundle.matrix("train")
-    if split == "test":
-        exclude = exclude + bundle.matrix("valid")
     return GenerativeScorer(
-        model, prompts_for(bundle, model), train_histories(bundle), exclude, beam=beam, batch_size=batch_size
+        model,
+        prompts_for(bundle, model),
+        bundle.histories("train"),
+        bundle.seen(split),
+        beam=beam,
+        batch_size=batch_size,
     )
+
+
+PRIOR_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 100.0)
+
+
+def fit_prior(bundle: Bundle, model: CLLM4Rec) -> dict[str, float]:
+    """Fit the model's collaborative prior on the training matrix (EASE, lambda chosen on valid by NDCG@100)."""
+    from llmrec.baselines import EASE  # the classical models load only when a prior is asked for
+
+    if model.config.prior != "ease":
+        raise ValueError(f"unknown prior {model.config.prior!r}")
+    ease = EASE().fit(bundle.matrix("train"), bundle.matrix("valid"))
+    model.prior.fit(ease.weights)
+    return {"lambda": ease.lam}
+
+
+def choose_prior_weight(
+    bundle: Bundle,
+    model: CLLM4Rec,
+    metric: str = "cllm4rec",
+    batch_size: int = 64,
+    weights: Sequence[float] = PRIOR_WEIGHTS,
+) -> tuple[float, dict[float, float]]:
+    """The blend weight of the prior with the best ``metric`` on valid; sets it on ``model.config``.
+
+    The LM and the prior are scored once; each weight only re-blends the two (standardised) matrices.
+    """
+    scorer = scorer_for(bundle, model, batch_size)
+    users = np.flatnonzero(np.diff(bundle.matrix("valid").indptr) > 0)
+    logits, prior = scorer.parts(users)
+    logits, prior = standardize(logits), standardize(prior)
+    grid = {}
+    for weight in weights:
+        blend = PrecomputedScorer(logits + weight * prior, users)
+        result = evaluate_scorer(blend, bundle, "valid", users=users, batch_size=batch_size, progress=False)
+        grid[weight] = with_selection_metric(result)[metric]
+    best = max(grid, key=grid.get)
+    model.config = dataclasses.replace(model.config, prior_weight=best)
+    return best, grid
 
 
 def item_softmax(

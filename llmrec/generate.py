@@ -31,8 +31,9 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from llmrec.collate import TASKS, FinetuneDataset, FinetunePrompts, collate, lm_example
+from llmrec.collate import FinetuneDataset, lm_example
 from llmrec.model import CLLM4Rec
+from llmrec.prompts import TASKS, FinetunePrompts, prompt_batch
 
 if TYPE_CHECKING:
     from llmrec.indexing.base import ItemIndex
@@ -278,8 +279,8 @@ class GenerativeScorer:
 
     ``exclude`` (csr, users x items) removes items from each user's search space (seen items), so every
     returned list is full whenever enough items remain. ``batch_size`` users are searched together.
-    Called with user indices it returns (users, n_items) scores (-inf outside the list) for
-    `llmrec.metrics.evaluate_scorer`; :meth:`recommend` gives the lists.
+    :meth:`score` gives (users, n_items) scores (-inf outside the list; `llmrec.metrics.Scorer`),
+    :meth:`recommend` the lists.
     """
 
     def __init__(
@@ -307,11 +308,8 @@ class GenerativeScorer:
         items, scores = [], []
         for start in range(0, len(users), self.batch_size):
             chunk = [int(u) for u in users[start : start + self.batch_size]]
-            batch = collate(
-                [
-                    {"task": TASKS.index("semantic"), "input_ids": self.prompts.encode(u, self.histories[u])}
-                    for u in chunk
-                ],
+            batch = prompt_batch(
+                [self.prompts.encode(u, self.histories[u]) for u in chunk],
                 pad_token_id=self.model.tokenizer.pad_token_id or 0,
             )
             decoder = ModelDecoder(
@@ -332,7 +330,8 @@ class GenerativeScorer:
             logger.info("%d of %d users got fewer than %d items", short, len(users), top_k)
         return items, scores
 
-    def __call__(self, users: np.ndarray) -> torch.Tensor:
+    def score(self, users: np.ndarray) -> torch.Tensor:
+        """(len(users), n_items): each found item's beam score, -inf for the items not in the list."""
         items, scores = self.recommend(users)
         dense = torch.full((len(users), self.trie.n_items), float("-inf"))
         found = items >= 0

@@ -22,12 +22,9 @@ than a full catalogue with exclusions, and have no min(K, |held-out|) recall.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -36,12 +33,22 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
+from common.io import write_json
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_KS: tuple[int, ...] = (10, 20, 40, 100)
 METRIC_NAMES: tuple[str, ...] = ("recall", "recall_recbole", "ndcg", "mrr", "hit", "coverage")
 
-ScoreFn = Callable[[np.ndarray], "np.ndarray | torch.Tensor"]
+
+class Scorer(Protocol):
+    """The one scoring interface of the project (item head, generation, zero-shot, baselines).
+
+    ``score(users)`` takes user indices and returns (len(users), n_items) scores, higher is better;
+    evaluation masks the excluded items itself.
+    """
+
+    def score(self, users: np.ndarray) -> np.ndarray | torch.Tensor: ...
 
 
 def _dense_rows(
@@ -172,9 +179,11 @@ class SplitSource(Protocol):
 
     def matrix(self, split: str) -> sp.csr_matrix: ...
 
+    def seen(self, split: str) -> sp.csr_matrix: ...
+
 
 def evaluate_matrices(
-    score_fn: ScoreFn,
+    scorer: Scorer,
     heldout: sp.csr_matrix,
     exclude: sp.csr_matrix | None = None,
     *,
@@ -183,9 +192,9 @@ def evaluate_matrices(
     ks: Sequence[int] = DEFAULT_KS,
     progress: bool = False,
 ) -> dict[str, float]:
-    """Score users in batches with ``score_fn(user_indices) -> (batch, n_items)`` and rank against ``heldout``.
+    """Score users in batches with ``scorer.score(user_indices) -> (batch, n_items)``, rank against ``heldout``.
 
-    Only users with held-out items are passed to ``score_fn`` (scoring is the expensive part for an LLM);
+    Only users with held-out items are passed to the scorer (scoring is the expensive part for an LLM);
     the others are counted in ``users_skipped``. ``users`` restricts the evaluation to a subset.
     """
     heldout = sp.csr_matrix(heldout)
@@ -199,14 +208,14 @@ def evaluate_matrices(
     starts = range(0, len(evaluable), batch_size)
     for start in tqdm(starts, desc="evaluating", unit="batch", disable=not progress):
         batch = evaluable[start : start + batch_size]
-        metrics.update(score_fn(batch), heldout[batch], None if exclude is None else exclude[batch])
+        metrics.update(scorer.score(batch), heldout[batch], None if exclude is None else exclude[batch])
     result = metrics.compute()
     result["users_skipped"] += int((~has_heldout).sum())
     return result
 
 
 def evaluate_scorer(
-    score_fn: ScoreFn,
+    scorer: Scorer,
     bundle: SplitSource,
     split: str = "test",
     *,
@@ -215,18 +224,21 @@ def evaluate_scorer(
     ks: Sequence[int] = DEFAULT_KS,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Evaluate ``score_fn`` on a bundle's ``split`` ("valid" or "test") under the project's protocol.
+    """Evaluate ``scorer`` on a bundle's ``split`` ("valid" or "test") under the project's protocol.
 
-    Held-out items are ``bundle.matrix(split)``; training items are excluded, and for the test split the
-    validation items are excluded as well.
+    Held-out items are ``bundle.matrix(split)``; ``bundle.seen(split)`` (training items, plus validation
+    items for the test split) are excluded.
     """
     if split not in ("valid", "test"):
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
-    exclude = bundle.matrix("train")
-    if split == "test":
-        exclude = exclude + bundle.matrix("valid")
     result = evaluate_matrices(
-        score_fn, bundle.matrix(split), exclude, users=users, batch_size=batch_size, ks=ks, progress=progress
+        scorer,
+        bundle.matrix(split),
+        bundle.seen(split),
+        users=users,
+        batch_size=batch_size,
+        ks=ks,
+        progress=progress,
     )
     logger.info(
         "%s: %d users evaluated, %d skipped (no held-out items)",
@@ -265,15 +277,4 @@ def format_table(
 
 def write_metrics_json(path: str | Path, metrics: dict[str, Any], **meta: Any) -> Path:
     """Write ``{**meta, "metrics": metrics}`` as JSON atomically (temp file in the same directory + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = json.dumps({**meta, "metrics": metrics}, indent=2, sort_keys=False, default=str)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(payload + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_json(path, {**meta, "metrics": metrics}, default=str)

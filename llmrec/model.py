@@ -25,6 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import safetensors
 import torch
 import torch.nn.functional as F
@@ -33,8 +34,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llmrec.backbone import load_backbone
-from llmrec.collate import IGNORE, TASKS
 from llmrec.options import BackboneConfig, ModelConfig
+from llmrec.prompts import IGNORE, TASKS
 from llmrec.tokens import RecEmbedding, RecVocab
 
 if TYPE_CHECKING:
@@ -93,6 +94,7 @@ class CLLM4Rec(nn.Module):
             self._add_untied_head()
         elif config.head != "tied":
             raise ValueError(f"unknown head {config.head!r}: expected 'tied' or 'untied'")
+        self._add_history_paths()
         self.item_softmax = ItemSoftmax()  # recipes swap in chunked or sampled softmax for huge catalogues
 
     def _add_untied_head(self) -> None:
@@ -100,8 +102,23 @@ class CLLM4Rec(nn.Module):
         self.head_weight = nn.Parameter(self.collab.family_weight("item").detach().clone())
         self.head_bias = nn.Parameter(torch.zeros(self.vocab.n_items, device=self.head_weight.device))
 
+    def _add_history_paths(self) -> None:
+        """The bag-of-items scale and the prior's item-item matrix, as the config asks (idempotent)."""
+        if self.config.history_pool not in HISTORY_POOLS:
+            raise ValueError(
+                f"unknown history_pool {self.config.history_pool!r}: expected one of {HISTORY_POOLS}"
+            )
+        if self.config.prior not in PRIORS:
+            raise ValueError(f"unknown prior {self.config.prior!r}: expected one of {PRIORS}")
+        device = self.collab.family_weight("item").device
+        if self.config.history_pool == "mean" and not hasattr(self, "pool_scale"):
+            self.pool_scale = nn.Parameter(torch.ones((), device=device))
+        if self.config.prior != "none" and not hasattr(self, "prior"):
+            self.prior = ItemItemPrior(self.vocab.n_items).to(device)
+
     def reconfigure(self, **changes) -> None:
-        """Change knobs that leave the saved weights valid: ``mutual_reg``, ``max_doc_tokens``, or tied -> untied head.
+        """Change knobs that leave the saved weights valid: ``mutual_reg``, ``max_doc_tokens``, tied -> untied
+        head, and adding the history paths (``history_pool``, ``prior``).
 
         Finetuning from a pretraining run keeps that run's backbone, LoRA and tables but takes these from
         its own configuration.
@@ -111,7 +128,12 @@ class CLLM4Rec(nn.Module):
             if (self.config.head, config.head) != ("tied", "untied"):
                 raise ValueError(f"cannot change the item head from {self.config.head!r} to {config.head!r}")
             self._add_untied_head()
+        for name in ("history_pool", "prior"):
+            old, new = getattr(self.config, name), getattr(config, name)
+            if old != new and old != "none":
+                raise ValueError(f"cannot change {name} from {old!r} to {new!r}")
         self.config = config
+        self._add_history_paths()
 
     # ------------------------------------------------------------------ building blocks
     @classmethod
@@ -266,21 +288,69 @@ class CLLM4Rec(nn.Module):
         logits = self.lm_head(hidden[mask])
         return F.cross_entropy(logits.float(), batch["labels"][mask], reduction="sum"), mask.sum()
 
-    def last_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Hidden state at each row's last real token (right padding)."""
+    def last_hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, history: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The item head's input: the hidden state at each row's last real token (right padding), plus,
+        with ``history_pool="mean"``, the mean collaborative embedding of the user's history items,
+        RMS-normalised and times a learned scale.
+
+        The pooled path hands the head the whole bag of history items directly (as Mult-VAE's encoder
+        sees it) instead of only through what the last position attends to. ``history`` (batch, length)
+        holds the items, padded with -1; without it the prompt's own item tokens are the history (a
+        prompt cut to ``max_doc_tokens`` then loses the oldest ones).
+        """
         hidden = self.hidden_states(input_ids, attention_mask, "collab")
         last = attention_mask.sum(dim=1) - 1
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        state = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        if self.config.history_pool == "mean":
+            bag = self.history_bag(input_ids, attention_mask, history)
+            table = self.collab.family_weight("item")
+            pooled = (bag.to(table.dtype) @ table).to(state.dtype)
+            # RMS-normalised like the decoder's output, so both paths start at the same scale
+            pooled = pooled * torch.rsqrt(pooled.pow(2).mean(dim=-1, keepdim=True) + 1e-6)
+            state = state + self.pool_scale * pooled
+        return state
 
-    def score_items(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """One forward pass per prompt scores the whole catalogue: (batch, n_items) logits."""
-        return self.item_logits(self.last_hidden(input_ids, attention_mask)).float()
+    def history_bag(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, history: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(batch, n_items) 0/1 rows of the users' history items: ``history`` (padded with -1) when given,
+        else the prompt's item tokens."""
+        if history is None:
+            index = input_ids - self.vocab.family_range("item").start
+            inside = (index >= 0) & (index < self.vocab.n_items) & attention_mask.bool()
+        else:
+            index, inside = history, history >= 0
+        bag = torch.zeros(index.shape[0], self.vocab.n_items + 1, device=index.device)
+        bag.scatter_(1, torch.where(inside, index, self.vocab.n_items), 1.0)
+        return bag[:, :-1]
+
+    def score_items(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, history: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One forward pass per prompt scores the whole catalogue: (batch, n_items) scores.
+
+        With a prior, scores are z(LM logits) + prior_weight * z(prior scores of the history), each
+        standardised per user so that one weight means the same for every user and catalogue.
+        """
+        if self.config.prior == "none":
+            return self.item_logits(self.last_hidden(input_ids, attention_mask, history)).float()
+        logits, prior = self.score_parts(input_ids, attention_mask, history)
+        return standardize(logits) + self.config.prior_weight * standardize(prior)
+
+    def score_parts(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, history: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(LM logits, prior scores) before blending, so the prior's weight can be chosen on validation."""
+        logits = self.item_logits(self.last_hidden(input_ids, attention_mask, history)).float()
+        return logits, self.prior(self.history_bag(input_ids, attention_mask, history))
 
     def finetune_loss(
         self, batch: dict[str, torch.Tensor], softmax: ItemSoftmax
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Multinomial NLL -sum_j y_j log softmax(logits)_j of each user's target items, summed over users."""
-        hidden = self.last_hidden(batch["input_ids"], batch["attention_mask"])
+        hidden = self.last_hidden(batch["input_ids"], batch["attention_mask"], batch.get("history"))
         bias = self.head_bias if self.config.head == "untied" else None
         nll = softmax(hidden, self.item_weight(), bias, batch["targets"])
         return nll, torch.tensor(hidden.shape[0], device=hidden.device)
@@ -306,15 +376,28 @@ class CLLM4Rec(nn.Module):
             lm, view = self.finetune_loss(batch, self.item_softmax), "collab"
         return (*lm, *self.mutual_regularization(ids, view))
 
+    def param_groups(self, lr: float, embedding_lr: float, weight_decay: float = 0.0) -> list[dict]:
+        """Optimizer groups: the LoRA weights (inside the peft model) at ``lr`` with weight decay, the
+        ID-token tables and head at ``embedding_lr`` without."""
+        lora = {id(p) for p in self.lm.parameters() if p.requires_grad}
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in trainable if id(p) in lora], "lr": lr, "weight_decay": weight_decay},
+            {"params": [p for p in trainable if id(p) not in lora], "lr": embedding_lr, "weight_decay": 0.0},
+        ]
+
     # ------------------------------------------------------------------ persistence
     def trainable_state_dict(
         self, state_dict: dict[str, torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor]:
-        """Only what training changes: LoRA weights, ID-token tables, head. The frozen backbone is rebuilt from its spec.
+        """Only what training produces: LoRA weights, ID-token tables, head, and a fitted prior (a buffer).
 
-        ``state_dict``: a full state dict to pick from (e.g. one gathered from FSDP shards) instead of this module's.
+        The frozen backbone is rebuilt from its spec. ``state_dict``: a full state dict to pick from (e.g.
+        one gathered from FSDP shards) instead of this module's.
         """
         names = {name for name, param in self.named_parameters() if param.requires_grad}
+        if self.config.prior != "none":
+            names |= {f"prior.{name}" for name in self.prior.state_dict()}
         state_dict = self.state_dict() if state_dict is None else state_dict
         return {name: tensor for name, tensor in state_dict.items() if name in names}
 
@@ -383,6 +466,50 @@ class CLLM4Rec(nn.Module):
                     f"{path}: {name} has shape {tuple(tensor.shape)}, this model expects {tuple(current[name].shape)}"
                 )
         self.load_state_dict(state, strict=False)
+
+
+def run_model_dir(run: str | Path) -> Path:
+    """The model a run is evaluated and exported with: ``RUN/best`` when the run kept one, else ``RUN/model``."""
+    run = Path(run)
+    for name in ("best", "model"):
+        if (run / name / "config.json").is_file():
+            return run / name
+    raise FileNotFoundError(f"{run}: no trained model (expected {run}/best or {run}/model with config.json)")
+
+
+HISTORY_POOLS = ("none", "mean")
+PRIORS = ("none", "ease")
+
+
+def standardize(scores: torch.Tensor) -> torch.Tensor:
+    """Per-row z-scores over the catalogue (rows with no spread become 0)."""
+    centred = scores - scores.mean(dim=-1, keepdim=True)
+    return centred / centred.std(dim=-1, keepdim=True).clamp(min=1e-8)
+
+
+class ItemItemPrior(nn.Module):
+    """A frozen linear item-item scorer ``prior(x) = x @ W`` over a user's 0/1 history row (EASE's B).
+
+    Finetuning fits ``W`` on the training matrix (`llmrec.baselines.EASE`, lambda chosen on valid) and
+    chooses the blend weight (``ModelConfig.prior_weight``) on validation. ``W`` is a buffer saved with
+    the model, so a run's evaluation, an export bundle and `Recommender` compute the same scores. The
+    dense (n_items, n_items) matrix suits catalogues up to some tens of thousands of items.
+    """
+
+    def __init__(self, n_items: int):
+        super().__init__()
+        self.register_buffer("matrix", torch.zeros(n_items, n_items))
+
+    def fit(self, matrix: torch.Tensor | np.ndarray) -> None:
+        matrix = torch.as_tensor(np.asarray(matrix), dtype=self.matrix.dtype)
+        if matrix.shape != self.matrix.shape:
+            raise ValueError(
+                f"prior matrix has shape {tuple(matrix.shape)}, expected {tuple(self.matrix.shape)}"
+            )
+        self.matrix.copy_(matrix)
+
+    def forward(self, bag: torch.Tensor) -> torch.Tensor:
+        return bag.to(self.matrix.dtype) @ self.matrix
 
 
 class ItemSoftmax(nn.Module):

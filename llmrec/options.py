@@ -8,7 +8,7 @@ Recipes parse their command line into these dataclasses before they import the m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -21,6 +21,8 @@ PRETRAIN_CORPORA = ("collaborative", "content")
 @dataclass
 class BackboneConfig:
     """Which causal LM to load and how; embed it in a recipe's config or pass it to :func:`load_backbone`."""
+
+    section: ClassVar[str] = "backbone"  # its YAML section (llmrec.config)
 
     name_or_path: str = field(
         default="smollm2-135m",
@@ -60,6 +62,8 @@ class BackboneConfig:
 class ModelConfig:
     """How the recommender is built on a backbone (the backbone itself is a `BackboneConfig`)."""
 
+    section: ClassVar[str] = "model"  # its YAML section (llmrec.config)
+
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
@@ -95,6 +99,26 @@ class ModelConfig:
             "help": "saved ItemIndex directory (recipes/index.py): adds semantic-ID tokens for the semantic task"
         },
     )
+    history_pool: str = field(
+        default="none",
+        metadata={
+            "help": "bag-of-items path into the item head: none | mean (the last hidden state plus a learned "
+            "scale times the RMS-normalised mean collaborative embedding of the history's items)"
+        },
+    )
+    prior: str = field(
+        default="none",
+        metadata={
+            "help": "collaborative prior blended into the item scores: none | ease (fitted on the training "
+            "matrix by finetuning, carried with the model)"
+        },
+    )
+    prior_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of the z-scored prior against the z-scored LM scores (finetuning chooses it on valid)"
+        },
+    )
 
     def lora_config(self) -> LoraConfig:
         from peft import LoraConfig  # imported on use: recipes parse configs before loading the stack
@@ -111,6 +135,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
+    section: ClassVar[str] = "train"  # its YAML section (llmrec.config)
     output_dir: str = field(
         default="runs/pretrain", metadata={"help": "run directory: checkpoints, metrics.jsonl, model/"}
     )

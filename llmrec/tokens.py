@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -34,6 +33,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from common import placeholders
+from common.io import atomic_directory, write_json
+
 FAMILIES = ("user", "item", "semantic")
 VOCAB_FILE = "rec_vocab.json"
 FORMAT_VERSION = 1
@@ -44,9 +46,9 @@ _NAME_RE = re.compile(r"[A-Za-z][A-Za-z_]*\Z")
 class TokenNames:
     """Placeholder name prefixes: ``<{user}_3>``, ``<{item}_7>``, ``<{semantic}{level}_{code}>``."""
 
-    user: str = "user"
-    item: str = "item"
-    semantic: str = "s"
+    user: str = placeholders.USER
+    item: str = placeholders.ITEM
+    semantic: str = placeholders.SEMANTIC
 
     def __post_init__(self) -> None:
         names = dataclasses.astuple(self)
@@ -92,10 +94,7 @@ class RecVocab:
         self._sem_start = self._item_start + self.n_items
         self._level_starts = np.concatenate([[0], np.cumsum(self.semantic_codebooks, dtype=np.int64)])
         self.total_size = self._sem_start + int(self._level_starts[-1])
-        user, item, sem = (re.escape(n) for n in (names.user, names.item, names.semantic))
-        self._pattern = re.compile(
-            rf"<(?:(?P<user>{user})|(?P<item>{item})|{sem}(?P<level>\d+))_(?P<index>\d+)>"
-        )
+        self._pattern = placeholders.pattern(names.user, names.item, names.semantic)
 
     # ------------------------------------------------------------------ ids
     def __repr__(self) -> str:
@@ -157,13 +156,15 @@ class RecVocab:
         """The placeholder text of a new token id (``<user_3>``, ``<item_7>``, ``<s0_12>``)."""
         n = self.names
         if self._user_start <= token_id < self._item_start:
-            return f"<{n.user}_{token_id - self._user_start}>"
+            return placeholders.placeholder(n.user, token_id - self._user_start)
         if self._item_start <= token_id < self._sem_start:
-            return f"<{n.item}_{token_id - self._item_start}>"
+            return placeholders.placeholder(n.item, token_id - self._item_start)
         if self._sem_start <= token_id < self.total_size:
             offset = token_id - self._sem_start
             level = int(np.searchsorted(self._level_starts, offset, side="right")) - 1
-            return f"<{n.semantic}{level}_{offset - int(self._level_starts[level])}>"
+            return placeholders.semantic_placeholder(
+                n.semantic, level, offset - int(self._level_starts[level])
+            )
         raise ValueError(
             f"token id {token_id} is not an ID token (range [{self.base_size}, {self.total_size}))"
         )
@@ -178,13 +179,13 @@ class RecVocab:
         if user is not None:
             if i < self.n_users:
                 return self._user_start + i
-            text, err = f"<{user}_{index}>", f"user index {i} out of range [0, {self.n_users})"
+            text, err = placeholders.placeholder(user, i), f"user index {i} out of range [0, {self.n_users})"
         elif item is not None:
             if i < self.n_items:
                 return self._item_start + i
-            text, err = f"<{item}_{index}>", f"item index {i} out of range [0, {self.n_items})"
+            text, err = placeholders.placeholder(item, i), f"item index {i} out of range [0, {self.n_items})"
         else:
-            text = f"<{self.names.semantic}{level}_{index}>"
+            text = placeholders.semantic_placeholder(self.names.semantic, int(level), i)
             try:
                 return self.semantic_token(int(level), i)
             except ValueError as error:
@@ -281,14 +282,7 @@ class RecVocab:
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``rec_vocab.json`` into ``directory`` (created if needed) atomically."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / VOCAB_FILE
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".rec_vocab.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2)
-        os.replace(tmp, path)
-        return path
+        return write_json(Path(directory) / VOCAB_FILE, self.to_dict())
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> RecVocab:
@@ -485,8 +479,6 @@ def export_plain_model(
     Tokenizing through 100k+ added tokens is slow; the training path never does it.
     """
     from transformers import AddedToken
-
-    from data_prep.bundle import atomic_directory
 
     out_dir = Path(out_dir)
     if len(tokenizer) > vocab.base_size:

@@ -33,11 +33,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from llmrec.collate import TASKS, TaskBucketSampler, collate
+from common.log import get_logger
+from llmrec.collate import TaskBucketSampler, collate
 from llmrec.config import to_dict
-from llmrec.log import get_logger
 from llmrec.model import CLLM4Rec
 from llmrec.options import TrainConfig
+from llmrec.prompts import TASKS
 
 logger = get_logger(__name__)
 STATE_FILE = "trainer_state.json"
@@ -73,17 +74,6 @@ def _fsdp_on_cpu(accelerator: Accelerator) -> None:
         for shared in (PartialState(), state):  # every AcceleratorState() re-reads PartialState's copy
             shared.distributed_type = DistributedType.FSDP
         state.fsdp_plugin = FullyShardedDataParallelPlugin()
-
-
-def param_groups(model: CLLM4Rec, config: TrainConfig) -> list[dict]:
-    lora, tables = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (lora if "lora_" in name else tables).append(param)
-    return [
-        {"params": lora, "lr": config.lr, "weight_decay": config.weight_decay},
-        {"params": tables, "lr": config.embedding_lr or config.lr, "weight_decay": 0.0},
-    ]
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -139,7 +129,9 @@ def train(
     )
     steps_per_epoch = math.ceil(len(loader) / config.grad_accum)
     total_steps = config.max_steps if config.max_steps > 0 else config.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(param_groups(model, config))
+    optimizer = torch.optim.AdamW(
+        model.param_groups(config.lr, config.embedding_lr or config.lr, config.weight_decay)
+    )
     scheduler = get_scheduler(
         config.scheduler,
         optimizer,
@@ -280,15 +272,6 @@ def log_record(accelerator: Accelerator, path: Path, record: dict, step: int) ->
             " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
         )
     accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
-
-
-def run_model_dir(run: str | Path) -> Path:
-    """The model a run is evaluated and exported with: ``RUN/best`` when the run kept one, else ``RUN/model``."""
-    run = Path(run)
-    for name in ("best", "model"):
-        if (run / name / "config.json").is_file():
-            return run / name
-    raise FileNotFoundError(f"{run}: no trained model (expected {run}/best or {run}/model with config.json)")
 
 
 def save_run_config(accelerator: Accelerator, output_dir: str | Path, *configs) -> None:

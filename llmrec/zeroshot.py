@@ -45,8 +45,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -59,6 +61,8 @@ EOS = "<eos>"  # item_suffix value meaning "the tokenizer's EOS / end-of-turn to
 @dataclass
 class PromptConfig:
     """How a user's history becomes a prompt and how candidate titles are appended to it."""
+
+    section: ClassVar[str] = "prompt"  # its YAML section (llmrec.config)
 
     style: str = field(
         default="completion",
@@ -516,15 +520,6 @@ def score_top_k(
     return ItemLogLikelihoods(torch.from_numpy(total[trie.terminal]), lengths, tokens, complete=False)
 
 
-def user_histories(interactions, n_users: int) -> list[list[int]]:
-    """Each user's items, oldest first (ties keep file order), from a (user, item, timestamp) DataFrame."""
-    ordered = interactions.sort_values(["user", "timestamp"], kind="stable")
-    out: list[list[int]] = [[] for _ in range(n_users)]
-    for user, items in ordered.groupby("user", sort=False)["item"]:
-        out[int(user)] = [int(i) for i in items]
-    return out
-
-
 class ZeroShotScorer:
     """Scores the whole catalogue for a user's history with an untouched causal LM.
 
@@ -575,7 +570,7 @@ class ZeroShotScorer:
                 len(self.trie.inner),
             )
 
-    def score(self, history: Sequence[int], exclude: Sequence[int] | None = None) -> ItemLogLikelihoods:
+    def likelihoods(self, history: Sequence[int], exclude: Sequence[int] | None = None) -> ItemLogLikelihoods:
         """Log-likelihood of every item after the prompt built from ``history`` (item indices, oldest first).
 
         With ``top_k`` set, only the exact top-k items outside ``exclude`` are guaranteed a score
@@ -589,3 +584,38 @@ class ZeroShotScorer:
         if self.method == "cached":
             return score_cached(self.model, prompt_ids, self.items, self.batch_size)
         return score_trie(self.model, prompt_ids, self.trie, self.chunk_size)
+
+    def users(self, histories: Sequence[Sequence[int]], seen: sp.csr_matrix | None = None) -> ZeroShotUsers:
+        """This scorer over users (`llmrec.metrics.Scorer`): ``histories[u]`` is user u's history,
+        ``seen`` (csr rows) what the exact top-k search leaves out."""
+        return ZeroShotUsers(self, histories, seen)
+
+
+class ZeroShotUsers:
+    """``score(users) -> (batch, n_items)`` over a `ZeroShotScorer`; each user's likelihoods are computed
+    once and kept, so both normalisations (:meth:`normalized`) come from one pass over the LM."""
+
+    def __init__(
+        self,
+        scorer: ZeroShotScorer,
+        histories: Sequence[Sequence[int]],
+        seen: sp.csr_matrix | None = None,
+        normalize: str = "sum",
+        results: dict[int, ItemLogLikelihoods] | None = None,
+    ) -> None:
+        self.scorer, self.histories, self.seen, self.normalize = scorer, histories, seen, normalize
+        self.results = {} if results is None else results
+
+    def likelihoods(self, user: int) -> ItemLogLikelihoods:
+        user = int(user)
+        if user not in self.results:
+            exclude = None if self.seen is None else self.seen[user].indices
+            self.results[user] = self.scorer.likelihoods(self.histories[user], exclude=exclude)
+        return self.results[user]
+
+    def score(self, users: Sequence[int] | np.ndarray) -> torch.Tensor:
+        return torch.stack([self.likelihoods(u).scores(self.normalize) for u in users])
+
+    def normalized(self, normalize: str) -> ZeroShotUsers:
+        """The same users and likelihoods, scored with another normalisation (``sum`` or ``mean``)."""
+        return ZeroShotUsers(self.scorer, self.histories, self.seen, normalize, self.results)

@@ -12,18 +12,19 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
+from common.log import setup_logging
 from data_prep import load_bundle
 from llmrec.config import parse_config
 from llmrec.data import evaluate_model
-from llmrec.log import setup_logging
 from llmrec.metrics import DEFAULT_KS, format_table, write_metrics_json
-from llmrec.model import CLLM4Rec
-from llmrec.train import run_model_dir
+from llmrec.model import CLLM4Rec, run_model_dir
 
 
 @dataclass
 class EvaluateArgs:
+    section: ClassVar[str] = "evaluate"  # its YAML section (llmrec.config)
     run: str = field(
         default="runs/finetune", metadata={"help": "run directory (recipes/finetune.py or pretrain.py)"}
     )
@@ -41,9 +42,13 @@ class EvaluateArgs:
     )
 
 
+# what this recipe parses; the first is its own YAML section
+CONFIGS = (EvaluateArgs,)
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     setup_logging()
-    (args,) = parse_config(EvaluateArgs, args=argv, section="evaluate")
+    (args,) = parse_config(*CONFIGS, args=argv)
     run = Path(args.run)
     data = args.data or json.loads((run / "run_config.json").read_text())["data"]
     model = CLLM4Rec.from_pretrained(run_model_dir(run))

@@ -11,14 +11,17 @@ Load the bundle with ``llmrec.Recommender.from_pretrained(OUT)`` or ``python rec
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
+from common.log import setup_logging
 from llmrec.config import parse_config
-from llmrec.export import DTYPES, export_run
-from llmrec.log import setup_logging
+from llmrec.export import export_run
+from llmrec.recommender import DTYPES
 
 
 @dataclass
 class ExportArgs:
+    section: ClassVar[str] = "export"  # its YAML section (llmrec.config)
     run: str = field(default="runs/finetune", metadata={"help": "finetuning run directory"})
     out: str = field(default="runs/export", metadata={"help": "bundle directory to create"})
     data: str | None = field(
@@ -38,9 +41,13 @@ class ExportArgs:
     overwrite: bool = field(default=False, metadata={"help": "replace an existing bundle directory"})
 
 
+# what this recipe parses; the first is its own YAML section
+CONFIGS = (ExportArgs,)
+
+
 def main(argv: list[str] | None = None) -> str:
     setup_logging()
-    (args,) = parse_config(ExportArgs, args=argv)
+    (args,) = parse_config(*CONFIGS, args=argv)
     out = export_run(
         args.run,
         args.out,

@@ -11,24 +11,31 @@ the LM writes a held-out item's semantic ID, and validation ranks by constrained
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
-from llmrec.config import parse_config
-from llmrec.log import get_logger, setup_logging
+from common.log import get_logger, setup_logging
+from llmrec.config import ConfigError, parse_config
 from llmrec.options import BackboneConfig, ModelConfig, TrainConfig
 
 logger = get_logger("finetune")
-FINETUNE_FIELDS = ("head", "mutual_reg", "max_doc_tokens")  # model knobs a finetuning run may change
+PRIOR_FILE = "prior_weight.json"  # the blend weight chosen on valid, with the score of every weight tried
+# model knobs a finetuning run may change
+FINETUNE_FIELDS = ("head", "mutual_reg", "max_doc_tokens", "history_pool", "prior", "prior_weight")
 
 
 @dataclass
 class FinetuneArgs:
+    section: ClassVar[str] = "finetune"  # its YAML section (llmrec.config)
     data: str = field(default="data/ml-100k", metadata={"help": "dataset bundle directory"})
     init: str | None = field(
         default=None,
         metadata={
-            "help": "pretraining run to start from: its backbone, LoRA, tables; head/mutual_reg/max_doc_tokens from here"
+            "help": "pretraining run to start from: its backbone, LoRA, tables; head, mutual_reg, max_doc_tokens, "
+            "history_pool and prior from here"
         },
     )
     mask_ratio: float = field(
@@ -36,6 +43,12 @@ class FinetuneArgs:
     )
     target: str = field(
         default="all", metadata={"help": "multinomial target: all training items | masked ones only"}
+    )
+    prompt_order: str = field(
+        default="shuffled",
+        metadata={
+            "help": "order of the prompt's items while finetuning: shuffled | chronological (as evaluated)"
+        },
     )
     task: str = field(
         default="multinomial",
@@ -64,14 +77,34 @@ class FinetuneArgs:
     eval_batch_size: int = field(default=64, metadata={"help": "users per forward pass during validation"})
 
 
+# what this recipe parses; the first is its own YAML section
+CONFIGS = (FinetuneArgs, BackboneConfig, ModelConfig, TrainConfig)
+
+
+def check_init(init: str, *pairs: tuple) -> None:
+    """Refuse backbone/model settings that ``--init`` would override: a value set here (not the default)
+    that differs from the pretraining run's, other than the knobs finetuning may change."""
+    conflicts = [
+        f"{name}={getattr(mine, name)!r} (run: {getattr(theirs, name)!r})"
+        for mine, theirs in pairs
+        for f in dataclasses.fields(mine)
+        if (name := f.name) not in FINETUNE_FIELDS
+        and getattr(mine, name) != getattr(theirs, name)
+        and getattr(mine, name) != getattr(type(mine)(), name)
+    ]
+    if conflicts:
+        raise ConfigError(
+            f"--init {init} brings its own backbone and model, but this config sets {', '.join(conflicts)}; "
+            f"remove those settings or make them match (finetuning may change only {', '.join(FINETUNE_FIELDS)})"
+        )
+
+
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
-    args, backbone, model_config, train_config = parse_config(
-        FinetuneArgs, BackboneConfig, ModelConfig, TrainConfig, args=argv, section="finetune"
-    )
+    args, backbone, model_config, train_config = parse_config(*CONFIGS, args=argv)
     # the model stack loads after parsing, so --help and argument errors answer at once
     from data_prep import load_bundle
-    from llmrec.data import finetune_dataset, item_softmax, model_for, validation_fn
+    from llmrec.data import finetune_dataset, fit_prior, item_softmax, model_for, validation_fn
     from llmrec.model import CLLM4Rec
     from llmrec.train import make_accelerator, save_run_config, train
 
@@ -79,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     bundle = load_bundle(args.data)
     if args.init:
         model = CLLM4Rec.from_pretrained(Path(args.init) / "model")
+        check_init(args.init, (backbone, model.backbone), (model_config, model.config))
         model.reconfigure(**{name: getattr(model_config, name) for name in FINETUNE_FIELDS})
         logger.info(
             "initialised from %s: its backbone, LoRA and tables, with this run's %s",
@@ -99,13 +133,36 @@ def main(argv: list[str] | None = None) -> dict:
         target=args.target,
         with_content=args.with_content,
         task=args.task,
+        prompt_order=args.prompt_order,
     )
+    if model_config.prior != "none":
+        logger.info(
+            "prior %s fitted on the training matrix: %s", model_config.prior, fit_prior(bundle, model)
+        )
     save_run_config(accelerator, train_config.output_dir, args, backbone, model_config, train_config)
     beam = args.eval_beam if args.task == "semantic" else 0  # "both" validates the item head
     evaluate = validation_fn(bundle, batch_size=args.eval_batch_size, beam=beam)
-    return train(
+    state = train(
         model, dataset, train_config, accelerator, evaluate=evaluate, metric_for_best=args.metric_for_best
     )
+    if model_config.prior != "none" and accelerator.is_main_process:
+        state["prior_weight"] = blend_prior(bundle, Path(train_config.output_dir), args)
+    return state
+
+
+def blend_prior(bundle, run: Path, args: FinetuneArgs) -> float:
+    """Choose the prior's blend weight on valid for the run's best model and save it into that model."""
+    from llmrec.data import choose_prior_weight
+    from llmrec.model import CLLM4Rec, run_model_dir
+
+    directory = run_model_dir(run)
+    model = CLLM4Rec.from_pretrained(directory)
+    weight, grid = choose_prior_weight(bundle, model, args.metric_for_best, batch_size=args.eval_batch_size)
+    logger.info("prior weight %g chosen on valid (%s by weight: %s)", weight, args.metric_for_best, grid)
+    model.save_pretrained(directory)
+    record = {"prior_weight": weight, "model_dir": directory.name, "valid": {args.metric_for_best: grid}}
+    (run / PRIOR_FILE).write_text(json.dumps(record, indent=2))
+    return weight
 
 
 if __name__ == "__main__":

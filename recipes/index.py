@@ -14,19 +14,21 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
+from common.log import setup_logging
 from data_prep import load_bundle
 from llmrec.config import parse_config
 from llmrec.indexing import INDEXERS, IndexData, PiecesConfig, make_indexer, train_pieces
 from llmrec.indexing.base import describe
 from llmrec.indexing.encoders import item_embeddings
-from llmrec.log import setup_logging
 
 logger = logging.getLogger("recipes.index")
 
 
 @dataclass
 class IndexArgs:
+    section: ClassVar[str] = "index"  # its YAML section (llmrec.config)
     data: str = field(default="data/ml-100k", metadata={"help": "dataset bundle directory"})
     method: str = field(default="rqvae", metadata={"help": f"one of {sorted(INDEXERS)}"})
     out: str | None = field(default=None, metadata={"help": "index directory (default DATA/index/METHOD)"})
@@ -66,9 +68,13 @@ class IndexArgs:
     pieces_model_type: str = field(default="bpe", metadata={"help": "pieces: bpe or unigram"})
 
 
+# what this recipe parses; the first is its own YAML section
+CONFIGS = (IndexArgs,)
+
+
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
-    (args,) = parse_config(IndexArgs, args=argv)
+    (args,) = parse_config(*CONFIGS, args=argv)
     bundle = load_bundle(args.data)
     data = IndexData(n_items=bundle.n_items, interactions=bundle.interactions("train"))
     if args.method == "rqvae":

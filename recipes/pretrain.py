@@ -9,14 +9,16 @@ model/ (trainable weights, ID vocabulary and configs, loadable with CLLM4Rec.fro
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
+from common.log import setup_logging
 from llmrec.config import parse_config
-from llmrec.log import setup_logging
 from llmrec.options import PRETRAIN_CORPORA, BackboneConfig, ModelConfig, TrainConfig
 
 
 @dataclass
 class PretrainArgs:
+    section: ClassVar[str] = "pretrain"  # its YAML section (llmrec.config)
     data: str = field(
         default="data/ml-100k", metadata={"help": "dataset bundle directory (python -m data_prep build)"}
     )
@@ -25,11 +27,13 @@ class PretrainArgs:
     )
 
 
+# what this recipe parses; the first is its own YAML section
+CONFIGS = (PretrainArgs, BackboneConfig, ModelConfig, TrainConfig)
+
+
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
-    args, backbone, model_config, train_config = parse_config(
-        PretrainArgs, BackboneConfig, ModelConfig, TrainConfig, args=argv, section="pretrain"
-    )
+    args, backbone, model_config, train_config = parse_config(*CONFIGS, args=argv)
     # the model stack loads after parsing, so --help and argument errors answer at once
     from data_prep import load_bundle
     from llmrec.data import model_for, pretrain_dataset

@@ -7,14 +7,16 @@ python recipes/recommend.py --bundle bundles/ml-100k --history 50,181,100 -k 10 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
+from common.log import setup_logging
 from llmrec.config import parse_config
-from llmrec.export import Recommendation, Recommender
-from llmrec.log import setup_logging
+from llmrec.recommender import Recommendation, Recommender
 
 
 @dataclass
 class RecommendArgs:
+    section: ClassVar[str] = "recommend"  # its YAML section (llmrec.config)
     bundle: str = field(default="runs/export", metadata={"help": "bundle written by recipes/export.py"})
     user: str | None = field(default=None, metadata={"help": "raw id of a user seen in training"})
     history: str | None = field(
@@ -27,6 +29,10 @@ class RecommendArgs:
     )
 
 
+# what this recipe parses; the first is its own YAML section
+CONFIGS = (RecommendArgs,)
+
+
 def format_list(title: str, items: list[Recommendation]) -> str:
     lines = [title, f"{'rank':>4}  {'item':<10} {'score':>9}  title"]
     lines += [f"{rank:>4}  {r.item:<10} {r.score:>9.4f}  {r.title}" for rank, r in enumerate(items, 1)]
@@ -35,7 +41,7 @@ def format_list(title: str, items: list[Recommendation]) -> str:
 
 def main(argv: list[str] | None = None) -> list[Recommendation]:
     setup_logging()
-    (args,) = parse_config(RecommendArgs, args=argv)
+    (args,) = parse_config(*CONFIGS, args=argv)
     if (args.user is None) == (args.history is None):
         raise SystemExit("give exactly one of --user ID or --history ID,ID,...")
     recommender = Recommender.from_pretrained(args.bundle, device=args.device)

@@ -18,19 +18,19 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
+from common.log import setup_logging
 from data_prep import load_bundle
 from llmrec.backbone import BackboneConfig, load_backbone
 from llmrec.baselines import Pop
 from llmrec.config import parse_config, to_dict
-from llmrec.log import setup_logging
 from llmrec.metrics import DEFAULT_KS, evaluate_scorer, format_table, write_metrics_json
 from llmrec.reporting import machine_info
-from llmrec.zeroshot import METHODS, PromptConfig, ZeroShotScorer, user_histories
+from llmrec.zeroshot import METHODS, PromptConfig, ZeroShotScorer
 
 logger = logging.getLogger("recipes.zeroshot")
 
@@ -39,6 +39,7 @@ COLUMNS = ["recall@20", "recall_recbole@20", "ndcg@20", "recall@40", "ndcg@100",
 
 @dataclass
 class ZeroShotArgs:
+    section: ClassVar[str] = "zeroshot"  # its YAML section (llmrec.config)
     data: str = field(
         default="data/ml-100k",
         metadata={"help": "dataset bundle directory written by `python -m data_prep build`"},
@@ -63,6 +64,10 @@ class ZeroShotArgs:
     )
 
 
+# what this recipe parses; the first is its own YAML section
+CONFIGS = (ZeroShotArgs, BackboneConfig, PromptConfig)
+
+
 def sample_users(heldout_counts: np.ndarray, max_users: int | None, seed: int) -> np.ndarray:
     """Users with held-out items; a seeded sample of ``max_users`` of them, in index order."""
     users = np.flatnonzero(heldout_counts > 0)
@@ -71,24 +76,23 @@ def sample_users(heldout_counts: np.ndarray, max_users: int | None, seed: int) -
     return users
 
 
-def random_scores(users: np.ndarray, n_items: int, seed: int) -> np.ndarray:
+class RandomScorer:
     """Uniform scores seeded per (seed, user), so a user's ranking does not depend on batching."""
-    return np.stack([np.random.default_rng([seed, int(u)]).random(n_items) for u in users])
+
+    def __init__(self, n_items: int, seed: int) -> None:
+        self.n_items, self.seed = n_items, seed
+
+    def score(self, users: np.ndarray) -> np.ndarray:
+        return np.stack([np.random.default_rng([self.seed, int(u)]).random(self.n_items) for u in users])
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     setup_logging()
-    args, backbone, prompt = parse_config(
-        ZeroShotArgs, BackboneConfig, PromptConfig, args=argv, section="zeroshot"
-    )
+    args, backbone, prompt = parse_config(*CONFIGS, args=argv)
     if args.split not in ("valid", "test"):
         raise SystemExit(f"--split must be valid or test, got {args.split!r}")
     bundle = load_bundle(args.data)
-    train = bundle.matrix("train")
     users = sample_users(np.diff(bundle.matrix(args.split).indptr), args.max_users, args.seed)
-    histories = user_histories(bundle.interactions("train"), bundle.n_users)
-
-    exclude = train + bundle.matrix("valid") if args.split == "test" else train
     ks = tuple(k for k in DEFAULT_KS if args.top_k is None or k <= args.top_k)
     if not ks:
         raise SystemExit(f"--top_k {args.top_k} is below every metric cut-off {DEFAULT_KS}")
@@ -105,24 +109,18 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         args.top_k,
     )
     logger.info("zero-shot scoring of %d items for %d users (%s)", bundle.n_items, len(users), args.method)
-    results, tokens = {}, 0
+    zeroshot = scorer.users(bundle.histories("train"), bundle.seen(args.split))
     start = time.perf_counter()
-    for user in tqdm(users, desc="zero-shot", unit="user"):
-        results[int(user)] = scorer.score(histories[user], exclude=exclude[user].indices)
-        tokens += results[int(user)].tokens_computed
+    tokens = sum(zeroshot.likelihoods(u).tokens_computed for u in tqdm(users, desc="zero-shot", unit="user"))
     seconds = time.perf_counter() - start
 
-    pop = Pop().fit(train)
     variants = ("sum",) if args.top_k is not None else ("sum", "mean")
-    scorers = {
-        f"zeroshot-{v}": lambda batch, v=v: torch.stack([results[int(u)].scores(v) for u in batch])
-        for v in variants
-    }
-    scorers["pop"] = lambda batch: pop.score(batch, train)
-    scorers["random"] = lambda batch: random_scores(batch, bundle.n_items, args.seed)
+    scorers = {f"zeroshot-{v}": zeroshot.normalized(v) for v in variants}
+    scorers["pop"] = Pop().fit(bundle.matrix("train"))
+    scorers["random"] = RandomScorer(bundle.n_items, args.seed)
     rows = {
-        name: evaluate_scorer(fn, bundle, args.split, users=users, ks=ks, progress=False)
-        for name, fn in scorers.items()
+        name: evaluate_scorer(ranker, bundle, args.split, users=users, ks=ks, progress=False)
+        for name, ranker in scorers.items()
     }
     print(f"{args.split} split of {args.data}, {len(users)} users (history: train), {backbone.name_or_path}")
     print(format_table(rows, [c for c in COLUMNS if "@" not in c or int(c.split("@")[1]) in ks]))

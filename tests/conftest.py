@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,3 +27,15 @@ def ml100k_bundle(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     from data_prep.build import build_ml100k_reference
 
     return build_ml100k_reference(shared_dir, tmp_path_factory.mktemp("bundles") / "ml-100k")
+
+
+def recipe_main(name: str) -> Callable:
+    """``main`` of ``recipes/NAME.py``, imported as a registered module (not ``runpy``), so that the
+    argument parser can resolve the type hints of the recipe's own dataclasses."""
+    module_name = f"recipes_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, REPO / "recipes" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name].main

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import runpy
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from conftest import recipe_main
 
 from llmrec.baselines import EASE, MultVAE, Pop, make_baseline
 from llmrec.metrics import evaluate_matrices
@@ -45,7 +45,7 @@ def planted(n_groups: int = 4, items_per_group: int = 10, users_per_group: int =
 def test_pop_scores_training_counts():
     train = sp.csr_matrix(np.array([[1, 0, 2, 0], [1, 0, 0, 0], [1, 1, 0, 0]], dtype=np.float32))
     model = Pop().fit(train)
-    scores = model.score(np.array([0, 2]), train)
+    scores = model.score(np.array([0, 2]))
     # counts are of users (a stored 2 counts once), identical for every user
     assert scores.dtype == np.float32 and scores.tolist() == [[3, 1, 1, 0], [3, 1, 1, 0]]
 
@@ -62,9 +62,7 @@ def test_ease_closed_form_matches_constrained_least_squares():
         expected[others, j] = np.linalg.solve(a.T @ a + lam * np.eye(5), a.T @ x[:, j])
     np.testing.assert_allclose(model.weights, expected, rtol=1e-4, atol=1e-6)
     history = sp.csr_matrix(x)
-    np.testing.assert_allclose(
-        model.score(np.array([3, 7]), history), x[[3, 7]] @ expected, rtol=1e-4, atol=1e-5
-    )
+    np.testing.assert_allclose(model.score_rows(history[[3, 7]]), x[[3, 7]] @ expected, rtol=1e-4, atol=1e-5)
 
 
 def test_ease_chooses_lambda_on_valid():
@@ -85,7 +83,7 @@ def test_multvae_learns_planted_groups_better_than_pop_and_is_seeded():
     train, test = planted()
 
     def recall(model) -> float:  # a perfect model puts the 5 unseen group items first: recall@5 = 1
-        scores = evaluate_matrices(lambda users: model.score(users, train), test, train, ks=(5,))
+        scores = evaluate_matrices(model, test, train, ks=(5,))
         return scores["recall@5"]
 
     kwargs = dict(
@@ -97,10 +95,10 @@ def test_multvae_learns_planted_groups_better_than_pop_and_is_seeded():
     assert vae_recall > 0.95 and pop_recall < 0.3, (vae_recall, pop_recall)
     short = {**kwargs, "epochs": 3}  # same seed, same weights (checked on a short run to keep the test fast)
     first, second = MultVAE(**short).fit(train), MultVAE(**short).fit(train)
-    np.testing.assert_array_equal(first.score(np.arange(10), train), second.score(np.arange(10), train))
+    np.testing.assert_array_equal(first.score(np.arange(10)), second.score(np.arange(10)))
     assert not np.array_equal(
-        first.score(np.arange(10), train),
-        MultVAE(**{**short, "seed": 4}).fit(train).score(np.arange(10), train),
+        first.score(np.arange(10)),
+        MultVAE(**{**short, "seed": 4}).fit(train).score(np.arange(10)),
     )
 
 
@@ -108,14 +106,14 @@ def test_interface_errors():
     with pytest.raises(ValueError, match="unknown baseline"):
         make_baseline("svd")
     with pytest.raises(RuntimeError, match="before fit"):
-        make_baseline("pop").score(np.array([0]), random_binary(2, 3, 0.5, seed=0))
+        make_baseline("pop").score(np.array([0]))
     model = make_baseline("ease", lambdas=[1.0]).fit(random_binary(5, 4, 0.5, seed=0))
     with pytest.raises(ValueError, match="items"):
-        model.score(np.array([0]), random_binary(5, 3, 0.5, seed=0))
+        model.score_rows(random_binary(5, 3, 0.5, seed=0))
 
 
 def run_recipe(bundle: Path, out: Path, *args: str) -> dict:
-    main = runpy.run_path(str(REPO / "recipes" / "baselines.py"))["main"]
+    main = recipe_main("baselines")
     return main(["--data", str(bundle), "--out", str(out), *args])
 
 
@@ -133,6 +131,6 @@ def test_recipe_on_ml100k(ml100k_bundle, tmp_path, capsys):
 @pytest.mark.slow
 def test_recipe_ease_matches_recbole_on_ml100k(ml100k_bundle, tmp_path):
     """EASE with the λ chosen on valid (300) lands near RecBole 1.2.1's 0.3892 R@20 / 0.4533 N@100 (test)."""
-    rows = run_recipe(ml100k_bundle, tmp_path / "b.json", "--models", "ease", "--ease_lambdas", "300")
+    rows = run_recipe(ml100k_bundle, tmp_path / "b.json", "--models", "ease", "--lambdas", "300")
     assert rows["ease"]["recall_recbole@20"] == pytest.approx(0.3892, abs=0.01)
     assert rows["ease"]["ndcg@100"] == pytest.approx(0.4533, abs=0.01)

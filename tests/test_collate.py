@@ -7,16 +7,14 @@ import pytest
 
 from llmrec.backbone import byte_level_tokenizer
 from llmrec.collate import (
-    IGNORE,
-    TASKS,
     FinetuneDataset,
-    FinetunePrompts,
     PretrainDataset,
     TaskBucketSampler,
     TaskMixture,
     collate,
     lm_example,
 )
+from llmrec.prompts import IGNORE, TASKS, FinetunePrompts
 from llmrec.tokens import RecVocab
 
 TEMPLATE = "<user_{user}> has interacted with {history}, <user_{user}> will interact with"

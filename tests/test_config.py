@@ -1,57 +1,148 @@
-"""One config system: dataclasses, a YAML experiment file with per-recipe sections, CLI overrides."""
+"""One config system: dataclasses, a YAML experiment file nested by component, CLI overrides."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
 from llmrec.config import ConfigError, parse_config
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 @dataclass
-class Alpha:
+class Recipe:
+    section: ClassVar[str] = "pretrain"
     data: str = "data/x"
-    lr: float = 1e-3
+    corpora: str = "collaborative"
 
 
 @dataclass
-class Beta:
+class Other:
+    section: ClassVar[str] = "finetune"
+    data: str = "data/x"
+    init: str | None = None
+
+
+@dataclass
+class Train:
+    section: ClassVar[str] = "train"
     epochs: int = 1
+    batch_size: int = 8
     tags: str | None = field(default=None, metadata={"help": "comma-separated"})
 
 
-def test_defaults_yaml_section_and_cli_override_in_that_order(tmp_path):
-    path = tmp_path / "exp.yaml"
-    path.write_text("data: data/ml\nlr: 1.0e-2\nepochs: 3\npretrain:\n  epochs: 5\nfinetune:\n  epochs: 9\n")
-    alpha, beta = parse_config(Alpha, Beta, args=["--config", str(path)], section="pretrain")
-    assert (alpha.data, alpha.lr, beta.epochs) == ("data/ml", 1e-2, 5)
-    alpha, beta = parse_config(Alpha, Beta, args=["--config", str(path), "--epochs", "7"], section="pretrain")
-    assert beta.epochs == 7
-    _, beta = parse_config(Alpha, Beta, args=["--config", str(path)], section="finetune")
-    assert beta.epochs == 9
-    assert parse_config(Alpha, Beta, args=[])[1].epochs == 1
+EXPERIMENT = """
+data: data/ml
+train: {epochs: 3, batch_size: 16}
+pretrain:
+  corpora: content
+  train: {epochs: 5}
+finetune:
+  init: runs/p
+  train: {epochs: 9}
+"""
 
 
-def test_a_typo_in_the_recipe_section_is_an_error_naming_file_and_field(tmp_path):
+def write(tmp_path: Path, text: str) -> str:
     path = tmp_path / "exp.yaml"
-    path.write_text("pretrain:\n  epohcs: 5\n")
-    with pytest.raises(ConfigError, match=r"exp.yaml.*epohcs"):
-        parse_config(Alpha, Beta, args=["--config", str(path)], section="pretrain")
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_component_section_recipe_override_and_cli_in_that_order(tmp_path):
+    path = write(tmp_path, EXPERIMENT)
+    recipe, train = parse_config(Recipe, Train, args=["--config", path])
+    assert (recipe.data, recipe.corpora, train.epochs, train.batch_size) == ("data/ml", "content", 5, 16)
+    _, train = parse_config(Recipe, Train, args=["--config", path, "--epochs", "7"])
+    assert train.epochs == 7
+    other, train = parse_config(Other, Train, args=["--config", path])
+    assert (other.init, train.epochs, train.batch_size) == ("runs/p", 9, 16)
+    assert parse_config(Recipe, Train, args=[])[1].epochs == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("pretrain:\n  epohcs: 5\n", r"exp.yaml: unknown field\(s\) \['epohcs'\] in section 'pretrain'"),
+        ("train:\n  corpora: x\n", r"unknown field\(s\) \['corpora'\] in section 'train' \(Train\)"),
+        ("pretrain:\n  train: {init: x}\n", r"unknown field\(s\) \['init'\] in section 'train'"),
+        ("epochs: 3\n", r"top-level key\(s\) \['epochs'\] outside a section.*move epochs -> train:"),
+        ("train: 3\n", r"section 'train' must be a mapping"),
+    ],
+    ids=["typo", "wrong-section", "wrong-nested-section", "flat-0.1-format", "scalar-section"],
+)
+def test_every_key_reaches_one_dataclass_or_is_an_error(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(Recipe, Train, args=["--config", write(tmp_path, text)])
+
+
+def test_a_field_two_dataclasses_could_take_is_an_error():
+    @dataclass
+    class Clash:
+        section: ClassVar[str] = "clash"
+        epochs: int = 2
+
+    with pytest.raises(ConfigError, match=r"'epochs' is in both Train and Clash"):
+        parse_config(Recipe, Train, Clash, args=[])
 
 
 def test_bad_yaml_and_missing_file_are_clear_errors(tmp_path):
-    path = tmp_path / "bad.yaml"
-    path.write_text("data: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
-        parse_config(Alpha, args=["--config", str(path)])
+        parse_config(Recipe, args=["--config", write(tmp_path, "data: [unclosed\n")])
     with pytest.raises(ConfigError, match="not found"):
-        parse_config(Alpha, args=["--config", str(tmp_path / "nope.yaml")])
+        parse_config(Recipe, args=["--config", str(tmp_path / "nope.yaml")])
 
 
 def test_help_lists_every_field(capsys):
     with pytest.raises(SystemExit):
-        parse_config(Alpha, Beta, args=["--help"])
+        parse_config(Recipe, Train, args=["--help"])
     out = capsys.readouterr().out
-    for name in ("--data", "--lr", "--epochs", "--tags", "--config", "comma-separated"):
+    for name in ("--data", "--corpora", "--epochs", "--tags", "--config", "comma-separated"):
         assert name in out
+
+
+RECIPES = ("pretrain", "finetune", "evaluate", "baselines", "zeroshot", "export", "recommend", "index")
+
+
+@pytest.mark.parametrize(
+    "config", sorted((REPO / "recipes" / "configs").glob("*.yaml")), ids=lambda p: p.stem
+)
+def test_every_shipped_config_parses_for_the_recipes_it_has_sections_for(config, monkeypatch):
+    import importlib
+
+    import yaml
+
+    monkeypatch.syspath_prepend(str(REPO / "recipes"))
+
+    sections = set(yaml.safe_load(config.read_text()))
+    used = [name for name in RECIPES if name in sections]
+    assert used, f"{config.name} configures no recipe"
+    for name in used:
+        module = importlib.import_module(name)
+        parsed = parse_config(*module.CONFIGS, args=["--config", str(config)])
+        assert parsed[0].data == "data/ml-100k"
+
+
+def test_finetune_init_refuses_settings_that_the_pretraining_run_would_override(monkeypatch):
+    import importlib
+
+    from llmrec.backbone import BackboneConfig
+    from llmrec.model import ModelConfig
+
+    monkeypatch.syspath_prepend(str(REPO / "recipes"))
+    check_init = importlib.import_module("finetune").check_init
+    run = (BackboneConfig("smollm2-135m", num_layers=2), ModelConfig(lora_r=8))
+    check_init(
+        "runs/p", (BackboneConfig(), run[0]), (ModelConfig(head="untied"), run[1])
+    )  # defaults, finetune knobs
+    check_init(
+        "runs/p", (BackboneConfig("smollm2-135m", num_layers=2), run[0]), (ModelConfig(lora_r=8), run[1])
+    )
+    with pytest.raises(
+        ConfigError, match=r"--init runs/p .* sets num_layers=4 \(run: 2\), lora_r=32 \(run: 8\)"
+    ):
+        check_init("runs/p", (BackboneConfig(num_layers=4), run[0]), (ModelConfig(lora_r=32), run[1]))

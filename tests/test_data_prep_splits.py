@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from data_prep.errors import DataError
 from data_prep.process import align_metadata, apply_threshold, drop_duplicates, encode, k_core, sorted_ids
-from data_prep.splits import leave_one_out, random_split, temporal_split
+from data_prep.splits import leave_one_out, random_split, temporal_split, user_histories
 
 
 def frame(rows: list[tuple]) -> pd.DataFrame:
@@ -146,3 +146,8 @@ def test_bad_ratios():
     df, n_users = prepared(pd.DataFrame({"user": [0, 0], "item": [1, 2], "timestamp": [1, 2]}))
     with pytest.raises(DataError, match="three non-negative numbers"):
         random_split(df, n_users, (0.8, 0.2), 0)
+
+
+def test_user_histories_are_time_ordered():
+    frame = pd.DataFrame({"user": [1, 0, 1, 1], "item": [5, 2, 3, 4], "timestamp": [30, 1, 10, 20]})
+    assert user_histories(frame, n_users=3) == [[2], [3, 4, 5], []]

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmrec.backbone import BackboneConfig
-from llmrec.collate import IGNORE, TASKS, FinetunePrompts, collate, lm_example
+from llmrec.collate import collate, lm_example
 from llmrec.generate import (
     GenerativeScorer,
     ModelDecoder,
@@ -26,6 +26,7 @@ from llmrec.generate import (
 from llmrec.indexing import ItemIndex, NumberIndexConfig, RandomIndexer
 from llmrec.indexing.base import IndexData
 from llmrec.model import CLLM4Rec, ModelConfig
+from llmrec.prompts import IGNORE, TASKS, FinetunePrompts
 
 TEMPLATE = "<user_{user}> has interacted with {history}, <user_{user}> will interact with"
 N_USERS, N_ITEMS = 6, 25
@@ -250,7 +251,7 @@ def test_training_the_semantic_task_makes_beam_search_return_the_target(index):
     items, scores = scorer.recommend(np.array([0, 1]))
     assert items[:, 0].tolist() == [targets[0], targets[1]]
     assert not set(items[0].tolist()) & set(histories[0]) and not set(items[1].tolist()) & set(histories[1])
-    dense = scorer(np.array([0, 1]))
+    dense = scorer.score(np.array([0, 1]))
     assert dense.shape == (2, N_ITEMS) and torch.isinf(dense).sum(1).tolist() == [N_ITEMS - 5] * 2
     assert dense.argmax(1).tolist() == [targets[0], targets[1]]
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import runpy
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import recipe_main
 from safetensors.torch import save_file
 
 from data_prep import load_bundle
@@ -15,10 +15,6 @@ from llmrec.indexing import ItemIndex, encoders
 from llmrec.indexing.encoders import item_embeddings, texts_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def recipe_main():
-    return runpy.run_path(str(REPO / "recipes" / "index.py"))["main"]
 
 
 def test_minilm_embeddings_and_cache(tmp_path, monkeypatch):
@@ -51,7 +47,7 @@ def test_backbone_mean_pooled_embeddings():
 
 def test_recipe_sequential_with_pieces(ml100k_bundle, tmp_path):
     out = tmp_path / "seq"
-    report = recipe_main()(
+    report = recipe_main("index")(
         ["--data", str(ml100k_bundle), "--method", "sequential", "--codebook_size", "64", "--out", str(out)]
         + ["--pieces_vocab_size", "300"]
     )
@@ -81,7 +77,7 @@ def test_recipe_rqvae_from_cached_embeddings(ml100k_bundle, tmp_path):
         str(out),
     ]
     args += ["--epochs", "5", "--codebook_size", "32", "--hidden_dims", "32", "--latent_dim", "8"]
-    report = recipe_main()(args)
+    report = recipe_main("index")(args)
     index = ItemIndex.load(out)
     assert index.is_unique() and index.codebook_sizes == (32, 32, 32)
     assert report["stats"]["collision_rate"] == 0 and "rqvae.safetensors" in index.artifacts

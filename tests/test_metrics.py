@@ -173,27 +173,35 @@ class TinyBundle:
     def matrix(self, split: str) -> sp.csr_matrix:
         return self.splits[split]
 
+    def seen(self, split: str) -> sp.csr_matrix:
+        return self.splits["train"] + (self.splits["valid"] if split == "test" else 0)
+
+
+class FixedScorer:
+    """Every user gets the same scores; remembers which users it was asked for."""
+
+    def __init__(self, scores: np.ndarray) -> None:
+        self.scores, self.called = scores, []
+
+    def score(self, users: np.ndarray) -> np.ndarray:
+        self.called.append(users.tolist())
+        return np.repeat(self.scores, len(users), axis=0)
+
 
 def test_evaluate_scorer_excludes_train_and_valid_for_test():
     bundle = TinyBundle({"train": [[0], [1], [0]], "valid": [[1], [2], []], "test": [[2], [], [3]]}, 5)
-    scores = np.array([[5.0, 4.0, 3.0, 2.0, 1.0]])  # prefers low item indices
-    called: list[list[int]] = []
-
-    def score_fn(users: np.ndarray) -> np.ndarray:
-        called.append(users.tolist())
-        return np.repeat(scores, len(users), axis=0)
-
-    test = evaluate_scorer(score_fn, bundle, "test", batch_size=1, ks=(1,), progress=False)
+    scorer = FixedScorer(np.array([[5.0, 4.0, 3.0, 2.0, 1.0]]))  # prefers low item indices
+    test = evaluate_scorer(scorer, bundle, "test", batch_size=1, ks=(1,), progress=False)
     # user 0: train 0 and valid 1 excluded -> item 2 first (hit); user 2: train 0 excluded -> item 1 (miss)
     assert test["hit@1"] == pytest.approx(0.5) and test["users"] == 2 and test["users_skipped"] == 1
-    assert called == [[0], [2]]  # the user without test items is never scored
-    valid = evaluate_scorer(score_fn, bundle, "valid", ks=(1,), progress=False)
+    assert scorer.called == [[0], [2]]  # the user without test items is never scored
+    valid = evaluate_scorer(scorer, bundle, "valid", ks=(1,), progress=False)
     # user 0: train 0 excluded -> item 1 (hit); user 1: train 1 excluded -> item 0 (miss)
     assert valid["hit@1"] == pytest.approx(0.5) and valid["users_skipped"] == 1
-    subset = evaluate_matrices(score_fn, bundle.matrix("test"), bundle.matrix("train"), users=[2], ks=(1,))
+    subset = evaluate_matrices(scorer, bundle.matrix("test"), bundle.matrix("train"), users=[2], ks=(1,))
     assert subset["users"] == 1 and subset["users_skipped"] == 0
     with pytest.raises(ValueError, match="split"):
-        evaluate_scorer(score_fn, bundle, "train")
+        evaluate_scorer(scorer, bundle, "train")
 
 
 def test_format_table():
@@ -207,15 +215,6 @@ def test_format_table():
     assert len({len(line) for line in lines}) == 1
 
 
-def test_write_metrics_json_is_atomic(tmp_path, monkeypatch):
+def test_write_metrics_json_writes_meta_and_metrics(tmp_path):
     path = write_metrics_json(tmp_path / "out" / "m.json", {"recall@20": 0.5}, split="test", seed=0)
     assert json.loads(path.read_text()) == {"split": "test", "seed": 0, "metrics": {"recall@20": 0.5}}
-
-    def fail(*args):
-        raise OSError("disk full")
-
-    monkeypatch.setattr("llmrec.metrics.os.replace", fail)
-    with pytest.raises(OSError, match="disk full"):
-        write_metrics_json(path, {"recall@20": 0.7}, seed=1)
-    assert json.loads(path.read_text())["seed"] == 0  # the old file survives a failed write
-    assert [p.name for p in path.parent.iterdir()] == ["m.json"]  # and no temp file is left

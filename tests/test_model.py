@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from llmrec.backbone import BackboneConfig
-from llmrec.collate import TASKS, PretrainDataset, collate
+from llmrec.collate import PretrainDataset, collate
 from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig
+from llmrec.prompts import TASKS
 
 N_USERS, N_ITEMS = 6, 25
 
@@ -40,6 +41,21 @@ def test_only_lora_and_id_tables_train(model):
     assert trainable and all("lora_" in name or ".tables." in name for name in trainable)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     assert frozen > 0 and set(model.trainable_state_dict()) == set(trainable)
+
+
+def test_param_groups_split_lora_from_tables_and_head():
+    model = tiny_model(head="untied", lora_per_view=True)
+    lora, tables = model.param_groups(lr=1e-3, embedding_lr=1e-2, weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    assert sorted(names[id(p)] for p in lora["params"] + tables["params"]) == sorted(names.values())
+    assert lora["params"] and all("lora_" in names[id(p)] for p in lora["params"])
+    assert {names[id(p)].split(".")[0] for p in tables["params"]} == {
+        "collab",
+        "content",
+        "head_weight",
+        "head_bias",
+    }
+    assert (lora["lr"], lora["weight_decay"], tables["lr"], tables["weight_decay"]) == (1e-3, 0.1, 1e-2, 0.0)
 
 
 def test_collaborative_loss_scores_item_tokens_only(model):

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import runpy
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
+from conftest import recipe_main
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -28,7 +26,6 @@ from llmrec.zeroshot import (
     score_naive,
     score_top_k,
     score_trie,
-    user_histories,
 )
 
 # Shared prefixes ("Star Trek", "Heat"), a duplicate title and a title that is a prefix of another.
@@ -116,7 +113,7 @@ def test_trie_equals_naive_with_eager_attention_and_chat_prompt():
     prompt = scorer.build_prompt(history)
     assert tokenizer.decode(prompt).endswith("assistant\n")
     naive = score_naive(model, prompt, scorer.items)
-    torch.testing.assert_close(scorer.score(history).total, naive.total, atol=1e-4, rtol=0)
+    torch.testing.assert_close(scorer.likelihoods(history).total, naive.total, atol=1e-4, rtol=0)
 
 
 def test_end_of_title_is_scored():
@@ -155,15 +152,10 @@ def test_scorer_rejects_a_budget_over_the_context(tiny_llama):
         ZeroShotScorer(model, tokenizer, TITLES, method="beam")
 
 
-def test_user_histories_are_time_ordered():
-    frame = pd.DataFrame({"user": [1, 0, 1, 1], "item": [5, 2, 3, 4], "timestamp": [30, 1, 10, 20]})
-    assert user_histories(frame, n_users=3) == [[2], [3, 4, 5], []]
-
-
 def test_mean_scores_divide_by_token_count(tiny_llama):
     model, tokenizer = tiny_llama
     scorer = ZeroShotScorer(model, tokenizer, TITLES, method="cached")
-    result = scorer.score([1])
+    result = scorer.likelihoods([1])
     lengths = np.array([len(t) for t in scorer.items])
     np.testing.assert_allclose(result.scores("mean").numpy(), result.total.numpy() / lengths)
     with pytest.raises(ValueError, match="normalize"):
@@ -196,7 +188,7 @@ def tiny_bundle(tmp_path_factory) -> str:
 
 
 def test_recipe_runs_end_to_end_on_a_tiny_model(tiny_bundle, tmp_path, capsys):
-    main = runpy.run_path(str(Path(__file__).resolve().parents[1] / "recipes" / "zeroshot.py"))["main"]
+    main = recipe_main("zeroshot")
     args = ["--data", tiny_bundle, "--split", "test", "--max_users", "6", "--name_or_path", "tiny-llama"]
     args += ["--output_dir", str(tmp_path / "run"), "--chunk_size", "64", "--max_history", "5"]
     root = logging.getLogger()
@@ -218,10 +210,9 @@ def test_recipe_runs_end_to_end_on_a_tiny_model(tiny_bundle, tmp_path, capsys):
     bundle = load_bundle(tiny_bundle)
     model, tokenizer = load_backbone("tiny-llama")
     scorer = ZeroShotScorer(model, tokenizer, bundle.item_titles, PromptConfig(max_history=5), method="naive")
-    histories = user_histories(bundle.interactions("train"), bundle.n_users)
     users = saved["users"]
     naive = evaluate_scorer(
-        lambda batch: torch.stack([scorer.score(histories[u]).scores("sum") for u in batch]),
+        scorer.users(bundle.histories("train")),
         bundle,
         "test",
         users=users,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from data_prep.bundle import atomic_directory
+from common.io import atomic_directory
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+
+from common.io import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -127,13 +127,10 @@ def item_embeddings(
     model, tokenizer = load_encoder(encoder, device)
     emb = mean_pooled_embeddings(model, tokenizer, texts, batch_size=batch_size)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        save_file(
-            {"embeddings": torch.from_numpy(emb)},
-            tmp,
-            metadata={"texts_sha256": fingerprint, "encoder": encoder},
-        )
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            save_file(
+                {"embeddings": torch.from_numpy(emb)},
+                str(tmp),
+                metadata={"texts_sha256": fingerprint, "encoder": encoder},
+            )
     return emb

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import runpy
 import shutil
 import subprocess
 import sys
@@ -12,30 +11,36 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import recipe_main
 from safetensors.torch import load_file
 
 from data_prep import load_bundle
 from data_prep.build import BuildConfig, build
 from llmrec.backbone import BackboneConfig, load_backbone
-from llmrec.data import scorer_for, train_histories
-from llmrec.export import (
-    BundleError,
-    Recommender,
-    _config_checksum,
-    cold_template,
-    export_model,
-    export_run,
-)
+from llmrec.data import scorer_for
+from llmrec.export import cold_template, export_model, export_run
 from llmrec.metrics import RankingMetrics, evaluate_scorer
-from llmrec.model import CLLM4Rec, ModelConfig
-from llmrec.train import run_model_dir
+from llmrec.model import CLLM4Rec, ModelConfig, run_model_dir
+from llmrec.recommender import BundleError, Recommender, config_checksum
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+class Precomputed:
+    """Scores of every user computed beforehand, as a `llmrec.metrics.Scorer`."""
+
+    def __init__(self, scores: torch.Tensor) -> None:
+        self.scores = scores
+
+    def score(self, users: np.ndarray) -> torch.Tensor:
+        return self.scores[torch.as_tensor(users)]
+
+
 N_USERS, N_ITEMS, PER_USER = 30, 40, 12
 
 
 def recipe(name: str):
-    return runpy.run_path(str(REPO / "recipes" / f"{name}.py"))["main"]
+    return recipe_main(name)
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +90,8 @@ import json, sys
 from safetensors.torch import save_file
 from llmrec import Recommender
 rec = Recommender.from_pretrained(sys.argv[1], device="cpu")
-save_file({"scores": rec.score_batch(rec.user_ids)}, sys.argv[2])
-lists = rec.recommend_batch(rec.user_ids, k=10)
+save_file({"scores": rec.score_batch(rec.catalogue.user_ids)}, sys.argv[2])
+lists = rec.recommend_batch(rec.catalogue.user_ids, k=10)
 json.dump([[[r.item, r.score] for r in top] for top in lists], open(sys.argv[3], "w"))
 """
 
@@ -102,7 +107,7 @@ def test_fresh_process_gives_the_runs_own_scores_rankings_and_metrics(run, bundl
     lists = json.loads(lists_file.read_text())
 
     b = load_bundle(data)
-    expected = scorer_for(b, CLLM4Rec.from_pretrained(run_model_dir(run)))(np.arange(b.n_users))
+    expected = scorer_for(b, CLLM4Rec.from_pretrained(run_model_dir(run))).score(np.arange(b.n_users))
     assert scores.shape == (N_USERS, N_ITEMS)
     assert torch.allclose(scores, expected, atol=1e-5, rtol=0)
 
@@ -114,7 +119,7 @@ def test_fresh_process_gives_the_runs_own_scores_rankings_and_metrics(run, bundl
 
     # the run's own evaluation (recipes/evaluate.py) and the bundle's scores give the same test metrics
     metrics = recipe("evaluate")(["--run", str(run), "--split", "test"])
-    again = evaluate_scorer(lambda users: scores[torch.as_tensor(users)], b, "test", progress=False)
+    again = evaluate_scorer(Precomputed(scores), b, "test", progress=False)
     assert metrics["users"] > 0 and set(again) <= set(metrics)
     for key, value in again.items():
         assert value == pytest.approx(metrics[key], abs=1e-9), key
@@ -137,7 +142,9 @@ def test_merged_export_loads_with_plain_transformers_and_gives_the_same_scores(b
         with torch.no_grad():
             hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
         scores = hidden @ head["weight"].T + head["bias"]
-        assert torch.allclose(scores, recommender.score(recommender.user_ids[user]), atol=1e-5, rtol=0)
+        assert torch.allclose(
+            scores, recommender.score(recommender.catalogue.user_ids[user]), atol=1e-5, rtol=0
+        )
 
 
 def test_bundle_holds_no_pickle_and_records_what_it_needs(bundle, recommender):
@@ -155,11 +162,11 @@ def test_bundle_holds_no_pickle_and_records_what_it_needs(bundle, recommender):
     assert set(load_file(str(bundle / "weights.safetensors"))) == {
         f"{view}.tables.{family}.weight" for view in ("collab", "content") for family in ("user", "item")
     }
-    assert recommender.history("u0") == [recommender.item_ids[i] for i in recommender.histories[0]]
+    assert recommender.history("u0") == [recommender.catalogue.item_ids[i] for i in recommender.histories[0]]
 
 
 def test_recommend_known_user_excludes_seen_items_and_carries_titles(recommender):
-    user = recommender.user_ids[3]
+    user = recommender.catalogue.user_ids[3]
     seen = set(recommender.history(user))
     top = recommender.recommend(user, k=5)
     assert len(top) == 5 and not seen & {r.item for r in top}
@@ -188,7 +195,7 @@ def test_recommend_for_an_unseen_user_uses_the_cold_prompt(recommender):
 
 
 def test_recommend_recipe_prints_titles(bundle, recommender, capsys):
-    user = recommender.user_ids[2]
+    user = recommender.catalogue.user_ids[2]
     items = recipe("recommend")(["--bundle", str(bundle), "--user", user, "-k", "3", "--device", "cpu"])
     printed = capsys.readouterr().out
     assert f"Top 3 for user {user}" in printed and len(items) == 3
@@ -216,7 +223,7 @@ def edit_config(path: Path, change, keep_checksum: bool = False) -> None:
     config = json.loads((path / "config.json").read_text())
     change(config)
     if keep_checksum:  # a crafted bundle that passes the edit check
-        config["checksum"] = _config_checksum(config)
+        config["checksum"] = config_checksum(config)
     (path / "config.json").write_text(json.dumps(config))
 
 
@@ -225,7 +232,7 @@ def edit_config(path: Path, change, keep_checksum: bool = False) -> None:
     [
         (
             lambda b: edit_config(b, lambda c: c.update(format_version=2)),
-            r"format_version 2 .* reads format_version 1",
+            r"format_version 2 .* reads format_version 1: re-export the run with llmrec 0\.\d+\.\d+",
         ),
         (
             lambda b: edit_config(b, lambda c: c["model"].update(max_doc_tokens=8)),
@@ -256,7 +263,7 @@ def edit_config(path: Path, change, keep_checksum: bool = False) -> None:
         ),
         (
             lambda b: edit_config(b, lambda c: c["vocab"].update(n_items=N_ITEMS + 1), True),
-            r"items.json: 40 raw_ids but config.json's vocabulary says 41",
+            r"items.json: 40 raw_ids but the model's vocabulary says 41",
         ),
     ],
     ids=[
@@ -325,7 +332,7 @@ def test_cold_template_drops_user_placeholders():
 
 
 def test_histories_are_the_evaluation_histories(data, recommender):
-    expected = train_histories(load_bundle(data))
+    expected = load_bundle(data).histories("train")
     assert [list(h) for h in recommender.histories] == expected
 
 
@@ -344,7 +351,7 @@ def test_untied_head_and_one_adapter_per_view_round_trip(data, tmp_path):
     loaded = Recommender.from_pretrained(out, device="cpu")
     assert loaded.model.config == config
     expected = model.score_items(*_prompt(model, loaded))[0]
-    assert torch.allclose(loaded.score(loaded.user_ids[0]), expected, atol=1e-5, rtol=0)
+    assert torch.allclose(loaded.score(loaded.catalogue.user_ids[0]), expected, atol=1e-5, rtol=0)
     assert loaded.score_batch([]).shape == (0, N_ITEMS)
 
 
@@ -376,3 +383,20 @@ def test_smollm2_bundle_and_merged_model_agree(ml100k_bundle, tmp_path):
             hidden = merged(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
         scores = hidden @ head["weight"].T + head["bias"]
         assert torch.allclose(scores, recommender.score(user), atol=1e-5, rtol=1e-5)
+
+
+FIXTURE = REPO / "tests" / "fixtures" / "bundle-0.1.0"  # written by llmrec 0.1.0 (make_fixture.py)
+
+
+def test_a_bundle_exported_by_llmrec_0_1_loads_and_scores_as_it_did(tmp_path):
+    recommender = Recommender.from_pretrained(FIXTURE / "bundle", device="cpu")
+    expected = load_file(str(FIXTURE / "scores.safetensors"))
+    scores = recommender.score_batch(recommender.catalogue.user_ids)
+    assert torch.allclose(scores, expected["scores"], atol=1e-5, rtol=0)
+    cold = recommender.score_batch(histories=[["m1", "m2"], ["m5"]])
+    assert torch.allclose(cold, expected["cold"], atol=1e-5, rtol=0)
+    # a format this version cannot read names the version to re-export with
+    bundle = copy_bundle(FIXTURE / "bundle", tmp_path)
+    edit_config(bundle, lambda c: c.update(format_version=0))
+    with pytest.raises(BundleError, match=r"re-export the run with llmrec 0\.2\.0 \(format_version 1"):
+        Recommender.from_pretrained(bundle, device="cpu")

@@ -1,0 +1,412 @@
+"""A finetuned recommender as a small, safe bundle: its format, its verification, and :class:`Recommender`.
+
+This is the serving side; `llmrec.export` writes bundles. Importing it loads no model code:
+transformers, peft and the model load when a bundle does (``from_pretrained``), and never the training
+stack (`llmrec.train`, `llmrec.collate`, `llmrec.generate`, `data_prep`).
+
+Bundle layout (`llmrec.export.export_model` / ``python recipes/export.py``)::
+
+    config.json            format + version, llmrec/library versions, backbone spec + fingerprint,
+                           model config (head type, LoRA), ID-token vocabulary (families and sizes),
+                           prompt templates, weight dtype, sha256 + size of every other file, and a
+                           checksum of config.json's own content
+    weights.safetensors    ID-token tables of both views (``collab.tables.*``, ``content.tables.*``)
+                           and, for an untied head, ``head_weight``/``head_bias``
+    adapter/<name>/        peft LoRA adapter(s) (adapter_config.json + adapter_model.safetensors)
+    users.json             raw user ids by index
+    items.json             raw item ids and titles by index
+    histories.safetensors  every user's training items, oldest first (CSR: ``offsets``, ``items``)
+    merged/                (``--merge`` only) a plain transformers model: LoRA merged, ID tokens as
+                           added tokens, resized embeddings, plus ``item_head.safetensors``
+
+The frozen backbone is not copied: the bundle names it (a :class:`BackboneConfig`) with a fingerprint of
+the checkpoint it was trained on, and loading refuses a backbone whose fingerprint differs. Loading
+reads JSON and safetensors only (no pickle) and never runs code from the bundle: a bundle asking for
+``trust_remote_code`` is refused unless the caller passes it explicitly.
+
+Prompts. A known user is scored exactly as evaluation scores them: the dataset's finetune template over
+all their training items (``<user_u> has interacted with <item_a> <item_b>, <user_u> will interact
+with``). A user unseen in training has no user token, so ``history=`` prompts use the *cold* template:
+the finetune template with its user placeholders removed (``has interacted with <item_a> <item_b>,
+will interact with``). The model never saw that prompt shape during finetuning, so cold scores are out
+of distribution; they are a usable fallback, not what the model was selected for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import safetensors
+import torch
+from safetensors.torch import load_file
+
+from common import __version__
+from common.catalogue import Catalogue
+from common.io import ArtifactError, read_json, sha256_file
+from llmrec.metrics import RankingMetrics
+from llmrec.prompts import FinetunePrompts
+from llmrec.tokens import RecVocab
+
+if TYPE_CHECKING:
+    from llmrec.backbone import BackboneConfig
+    from llmrec.model import CLLM4Rec, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_FORMAT = "llmrec-recommender"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.safetensors"
+ADAPTER_DIR = "adapter"
+HISTORIES_FILE = "histories.safetensors"
+MERGED_DIR = "merged"
+HEAD_FILE = "item_head.safetensors"
+MERGED_INFO_FILE = "recommender.json"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CONFIG_KEYS = ("backbone", "model", "vocab", "dtype", "adapters", "templates", "files", "checksum")
+
+
+class BundleError(ArtifactError):
+    """A recommender bundle that cannot be used; the message names the file and what is wrong."""
+
+
+def config_checksum(config: dict[str, Any]) -> str:
+    """sha256 of config.json's content without its own ``checksum`` key (detects hand edits)."""
+    content = {key: value for key, value in config.items() if key != "checksum"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    """``config.json`` of a bundle, checked: format, version, its own checksum, and the required keys."""
+    path = Path(directory) / CONFIG_FILE
+    if not Path(directory).is_dir():
+        raise BundleError(f"{directory}: no such bundle directory")
+    if not path.is_file():
+        raise BundleError(f"{path}: missing; not a recommender bundle (write one with recipes/export.py)")
+    try:
+        config = read_json(path, "bundle config")
+    except ArtifactError as err:
+        raise BundleError(str(err)) from err
+    if not isinstance(config, dict) or config.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{path}: not a recommender bundle config (format is not {BUNDLE_FORMAT!r})")
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"{path}: bundle format_version {version!r} (written by llmrec {config.get('llmrec_version')}) "
+            f"cannot be read by llmrec {__version__}, which reads format_version {FORMAT_VERSION}: "
+            f"re-export the run with llmrec {__version__} (format_version {FORMAT_VERSION}; "
+            "python recipes/export.py --run RUN --out DIR) or load it with the llmrec that wrote it"
+        )
+    missing = [key for key in CONFIG_KEYS if key not in config]
+    if missing:
+        raise BundleError(f"{path}: missing key(s) {missing}")
+    if config["checksum"] != config_checksum(config):
+        raise BundleError(
+            f"{path}: edited after export (its checksum does not match its content); export the run again. "
+            "Backbone load options (device, dtype, cache_dir, 4/8 bit) are arguments of "
+            "Recommender.from_pretrained, not edits of this file"
+        )
+    return config
+
+
+def verify_files(directory: str | Path, files: dict[str, dict[str, Any]]) -> None:
+    """Every file listed in config.json is present, of the recorded size, with the recorded sha256."""
+    directory = Path(directory)
+    for name, record in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise BundleError(f"{path}: missing (listed in {CONFIG_FILE}); the bundle is incomplete")
+        size = path.stat().st_size
+        if size != record["bytes"]:
+            raise BundleError(
+                f"{path}: {size} bytes, {CONFIG_FILE} records {record['bytes']}: truncated or replaced"
+            )
+        if sha256_file(path) != record["sha256"]:
+            raise BundleError(f"{path}: content differs from the sha256 in {CONFIG_FILE}: corrupted")
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """One recommended item: raw id, catalogue index, title and score (the item head's logit)."""
+
+    item: str
+    index: int
+    title: str
+    score: float
+
+
+class Recommender:
+    """Top-K recommendations and full-catalogue scores from an exported bundle.
+
+    Known users (``user=RAW_ID``) are scored from the same prompt as evaluation (all training items,
+    finetune template); ``history=[RAW_ITEM_IDS]`` scores a user unseen in training from the cold
+    template (out of distribution; see the module docstring). Ties are broken by the lower item index,
+    as in evaluation.
+    """
+
+    def __init__(
+        self,
+        model: CLLM4Rec,
+        catalogue: Catalogue,
+        histories: Sequence[Sequence[int]],
+        templates: dict[str, str],
+        batch_size: int = 32,
+    ):
+        from llmrec.scoring import ItemHeadScorer
+
+        self.model, self.catalogue, self.histories, self.batch_size = model, catalogue, histories, batch_size
+        max_tokens = model.config.max_doc_tokens
+        self.prompts = FinetunePrompts(model.vocab, model.tokenizer, templates["user"], max_tokens=max_tokens)
+        self.cold_prompts = FinetunePrompts(
+            model.vocab, model.tokenizer, templates["cold"], max_tokens=max_tokens
+        )
+        self._scorer = ItemHeadScorer(model, self.prompts, histories, batch_size=batch_size)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        device: str | torch.device | None = None,
+        batch_size: int = 32,
+        trust_remote_code: bool = False,
+        **backbone_overrides: Any,
+    ) -> Recommender:
+        """Rebuild backbone + LoRA adapter(s) + ID-token tables + head from a bundle.
+
+        ``device`` defaults to CUDA when available. ``backbone_overrides`` are :class:`BackboneConfig`
+        fields that change how the backbone loads (``cache_dir``, ``dtype``, ``load_in_4bit``, ...). The
+        backbone must have the fingerprint recorded at export. ``trust_remote_code`` is never taken from
+        the bundle.
+        """
+        from llmrec.backbone import BackboneConfig, backbone_fingerprint
+        from llmrec.model import ModelConfig
+
+        directory = Path(directory)
+        config = read_config(directory)
+        verify_files(directory, config["files"])
+        try:
+            vocab = RecVocab.from_dict(config["vocab"])
+            model_config = ModelConfig(**config["model"])
+            saved_backbone = BackboneConfig(**config["backbone"]["config"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise BundleError(f"{directory / CONFIG_FILE}: invalid content ({err})") from err
+        if saved_backbone.trust_remote_code and not trust_remote_code:
+            raise BundleError(
+                f"{directory / CONFIG_FILE}: the backbone {saved_backbone.name_or_path!r} needs "
+                "trust_remote_code=True; pass it to from_pretrained only if you trust that model's code"
+            )
+        backbone = dataclasses.replace(
+            saved_backbone, trust_remote_code=trust_remote_code, **backbone_overrides
+        )
+        try:
+            found = backbone_fingerprint(backbone)
+        except OSError as err:
+            raise BundleError(f"{directory}: {err}") from err
+        expected = config["backbone"]["fingerprint"]
+        if found["fingerprint"] != expected:
+            raise BundleError(
+                f"{directory}: backbone {backbone.name_or_path!r} on this machine ({found['kind']}, fingerprint "
+                f"{found['fingerprint']}) is not the one the bundle was trained on ({config['backbone']['kind']}, "
+                f"fingerprint {expected}); install or point to the original checkpoint"
+            )
+        try:
+            catalogue = Catalogue.load(directory, vocab.n_users, vocab.n_items)
+        except ArtifactError as err:
+            raise BundleError(str(err)) from err
+        histories = _read_histories(directory / HISTORIES_FILE, vocab)
+        model = _load_model(directory, config, vocab, model_config, backbone)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        model.to(device).eval()
+        logger.info(
+            "loaded recommender %s: %d users, %d items, backbone %s",
+            directory,
+            vocab.n_users,
+            vocab.n_items,
+            backbone.name_or_path,
+        )
+        return cls(model, catalogue, histories, config["templates"], batch_size=batch_size)
+
+    # ------------------------------------------------------------------ ids
+    @property
+    def n_users(self) -> int:
+        return self.catalogue.n_users
+
+    @property
+    def n_items(self) -> int:
+        return self.catalogue.n_items
+
+    def user(self, raw_id: str | int) -> int:
+        """Index of a known user; a clear error for an id not seen in training."""
+        return self.catalogue.user(
+            raw_id, hint="; for a user unseen in training pass history=[item ids] instead"
+        )
+
+    def items(self, raw_ids: Sequence[str | int]) -> list[int]:
+        """Indices of catalogue items; a clear error naming the first unknown id and its position."""
+        return self.catalogue.items(raw_ids)
+
+    def history(self, user: str | int) -> list[str]:
+        """A known user's training items (raw ids, oldest first): their prompt and their seen items."""
+        return [self.catalogue.item_ids[i] for i in self.histories[self.user(user)]]
+
+    # ------------------------------------------------------------------ scores
+    def score(
+        self, user: str | int | None = None, *, history: Sequence[str | int] | None = None
+    ) -> torch.Tensor:
+        """Scores of the whole catalogue (n_items,) for one known user or one history; column i = item_ids[i]."""
+        users, histories = _one(user, history)
+        return self.score_batch(users, histories=histories)[0]
+
+    def score_batch(
+        self,
+        users: Sequence[str | int] | None = None,
+        *,
+        histories: Sequence[Sequence[str | int]] | None = None,
+    ) -> torch.Tensor:
+        """Scores (batch, n_items) for many known users, or for many histories of unseen users."""
+        if (users is None) == (histories is None):
+            raise ValueError("give either users (known user ids) or histories (lists of item ids), not both")
+        if len(users if users is not None else histories) == 0:
+            return torch.empty(0, self.n_items)
+        if users is not None:
+            return self._scorer.score(np.asarray([self.user(u) for u in users], dtype=np.int64))
+        indexed = [self._cold_history(h, row) for row, h in enumerate(histories)]
+        scorer = type(self._scorer)(self.model, self.cold_prompts, indexed, batch_size=self.batch_size)
+        return scorer.score(np.arange(len(indexed)))
+
+    def _cold_history(self, history: Sequence[str | int], row: int) -> list[int]:
+        if isinstance(history, (str, bytes)):
+            raise ValueError(f"history {row} is a string; pass a list of item ids")
+        if len(history) == 0:
+            raise ValueError(
+                f"history {row} is empty: a user unseen in training needs at least one item id "
+                "(known users: pass user=ID)"
+            )
+        return self.items(history)
+
+    # ------------------------------------------------------------------ top-K
+    def recommend(
+        self,
+        user: str | int | None = None,
+        *,
+        history: Sequence[str | int] | None = None,
+        k: int = 10,
+        exclude_seen: bool = True,
+        exclude: Sequence[str | int] = (),
+    ) -> list[Recommendation]:
+        """Top ``k`` items for one known user or one history; ``exclude_seen`` drops the user's training
+        items (or the given history), ``exclude`` drops more raw item ids."""
+        users, histories = _one(user, history)
+        return self.recommend_batch(
+            users, histories=histories, k=k, exclude_seen=exclude_seen, exclude=[exclude]
+        )[0]
+
+    def recommend_batch(
+        self,
+        users: Sequence[str | int] | None = None,
+        *,
+        histories: Sequence[Sequence[str | int]] | None = None,
+        k: int = 10,
+        exclude_seen: bool = True,
+        exclude: Sequence[Sequence[str | int]] | None = None,
+    ) -> list[list[Recommendation]]:
+        """Top ``k`` lists for many known users or many histories (one forward pass per prompt)."""
+        if k < 1:
+            raise ValueError(f"k must be a positive number of items, got {k}")
+        scores = self.score_batch(users, histories=histories)
+        if exclude is not None and len(exclude) != len(scores):
+            raise ValueError(f"exclude has {len(exclude)} lists for {len(scores)} users")
+        masked = scores.clone()
+        for row in range(len(scores)):
+            drop = self.items(exclude[row]) if exclude is not None else []
+            if exclude_seen and users is not None:
+                drop += list(self.histories[self.user(users[row])])
+            elif exclude_seen:
+                drop += self.items(histories[row])
+            masked[row, drop] = float("-inf")
+        k = min(k, self.n_items)
+        top = RankingMetrics(self.n_items, ks=(k,)).topk(masked, k)
+        return [
+            [
+                Recommendation(
+                    self.catalogue.item_ids[i], i, self.catalogue.item_titles[i], float(masked[row, i])
+                )
+                for i in top[row].tolist()
+                if masked[row, i] > float("-inf")
+            ]
+            for row in range(len(scores))
+        ]
+
+
+def _one(user, history) -> tuple[list | None, list | None]:
+    if (user is None) == (history is None):
+        raise ValueError("give either user (a known user id) or history (a list of item ids), not both")
+    return ([user], None) if user is not None else (None, [history])
+
+
+def _read_histories(path: Path, vocab: RecVocab) -> list[np.ndarray]:
+    try:
+        state = load_file(str(path))
+        offsets, items = state["offsets"].numpy(), state["items"].numpy()
+    except (OSError, KeyError, safetensors.SafetensorError) as err:
+        raise BundleError(f"{path}: cannot read the training histories ({err})") from err
+    if len(offsets) != vocab.n_users + 1 or offsets[-1] != len(items) or np.any(np.diff(offsets) < 0):
+        raise BundleError(f"{path}: offsets do not describe {vocab.n_users} users over {len(items)} items")
+    if len(items) and (items.min() < 0 or items.max() >= vocab.n_items):
+        raise BundleError(f"{path}: item indices outside [0, {vocab.n_items})")
+    return np.split(items, offsets[1:-1])
+
+
+def _load_model(
+    directory: Path,
+    config: dict[str, Any],
+    vocab: RecVocab,
+    model_config: ModelConfig,
+    backbone: BackboneConfig,
+) -> CLLM4Rec:
+    from peft import PeftModel
+
+    from llmrec.backbone import load_backbone
+    from llmrec.model import VIEWS, CLLM4Rec
+
+    lm, tokenizer = load_backbone(backbone)
+    for param in lm.parameters():
+        param.requires_grad_(False)
+    rows = lm.get_input_embeddings().weight.shape[0]
+    if rows != vocab.base_size:
+        raise BundleError(
+            f"{directory}: backbone {backbone.name_or_path!r} has {rows} embedding rows, the bundle's "
+            f"vocabulary was built on {vocab.base_size}"
+        )
+    adapters = config["adapters"]
+    expected = list(VIEWS if model_config.lora_per_view else VIEWS[:1])
+    if adapters != expected:
+        raise BundleError(
+            f"{directory / CONFIG_FILE}: adapters {adapters}, this model config needs {expected}"
+        )
+    try:
+        lm = PeftModel.from_pretrained(
+            lm, str(directory / ADAPTER_DIR / adapters[0]), adapter_name=adapters[0]
+        )
+        for name in adapters[1:]:
+            lm.load_adapter(str(directory / ADAPTER_DIR / name), adapter_name=name)
+    except (OSError, ValueError, RuntimeError, safetensors.SafetensorError) as err:
+        raise BundleError(f"{directory / ADAPTER_DIR}: cannot load the LoRA adapter ({err})") from err
+    # the tables are overwritten below; a normal init needs no titles
+    build_config = dataclasses.replace(model_config, embedding_init="normal")
+    model = CLLM4Rec(lm, tokenizer, vocab, build_config, backbone)
+    model.config = model_config  # report the config it was trained with (re-exports keep it)
+    try:
+        model.load_trainable(directory / WEIGHTS_FILE)
+    except ValueError as err:
+        raise BundleError(str(err)) from err
+    return model

@@ -1,0 +1,52 @@
+"""The I/O kernel: atomic files and directories, sha256, JSON with errors that name the file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from common.io import ArtifactError, atomic_directory, read_json, sha256_file, write_json
+
+
+def test_a_failed_file_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    path = write_json(tmp_path / "out" / "m.json", {"seed": 0})
+    assert json.loads(path.read_text()) == {"seed": 0}
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("common.io.os.replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_json(path, {"seed": 1})
+    assert json.loads(path.read_text()) == {"seed": 0}
+    assert [p.name for p in path.parent.iterdir()] == ["m.json"]
+
+
+def test_a_failed_directory_write_keeps_the_old_directory(tmp_path):
+    out = tmp_path / "bundle"
+    with atomic_directory(out) as tmp:
+        (tmp / "a.txt").write_text("old")
+    with pytest.raises(ArtifactError, match=r"bundle: output directory already exists"):
+        with atomic_directory(out):
+            pass
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_directory(out, overwrite=True) as tmp:
+            (tmp / "a.txt").write_text("new")
+            raise RuntimeError("boom")
+    assert (out / "a.txt").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["bundle"]
+    with atomic_directory(out, overwrite=True) as tmp:
+        (tmp / "a.txt").write_text("new")
+    assert (out / "a.txt").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["bundle"]
+
+
+def test_sha256_and_json_errors_name_the_file(tmp_path):
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"abc" * 1_000_000)
+    assert sha256_file(path) == hashlib.sha256(b"abc" * 1_000_000).hexdigest()
+    with pytest.raises(ArtifactError, match=r"nope.json: run config missing"):
+        read_json(tmp_path / "nope.json", "run config")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ArtifactError, match=r"bad.json: JSON file is not valid JSON"):
+        read_json(tmp_path / "bad.json")
