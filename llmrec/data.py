@@ -21,10 +21,10 @@ from llmrec.collate import FinetuneDataset, PretrainDataset, SequenceDataset, Ta
 from llmrec.generate import GenerativeScorer, NextSemanticDataset, SemanticDataset, require_index
 from llmrec.metrics import DEFAULT_KS, LOO_KS, evaluate_scorer, history_splits, is_leave_one_out
 from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig, standardize
+from llmrec.options import PRETRAIN_CORPORA
 from llmrec.prompts import FinetunePrompts
 from llmrec.scoring import ItemHeadScorer, PrecomputedScorer
 
-PRETRAIN_CORPORA = ("collaborative", "content")
 PROMPT_KINDS = ("masked", "sequence")
 # finetuning task -> the prompt it trains on (and is evaluated with)
 FINETUNE_TASKS = {

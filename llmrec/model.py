@@ -21,19 +21,20 @@ import dataclasses
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 import numpy as np
 import safetensors
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from llmrec.backbone import BackboneConfig, load_backbone
+from llmrec.backbone import load_backbone
+from llmrec.options import BackboneConfig, ModelConfig
 from llmrec.prompts import IGNORE, TASKS
 from llmrec.tokens import RecEmbedding, RecVocab
 
@@ -42,79 +43,6 @@ if TYPE_CHECKING:
 
 VIEWS = ("collab", "content")
 INDEX_DIR = "index"  # the item index saved beside the weights, so a trained model decodes on its own
-
-
-@dataclass
-class ModelConfig:
-    """How the recommender is built on a backbone (the backbone itself is a `BackboneConfig`)."""
-
-    section: ClassVar[str] = "model"  # its YAML section (llmrec.config)
-
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    lora_target_modules: str | None = field(
-        default=None,
-        metadata={
-            "help": "comma-separated module names, 'all-linear', or empty for peft's per-architecture default"
-        },
-    )
-    lora_per_view: bool = field(
-        default=False,
-        metadata={"help": "one LoRA adapter per view (collab, content) instead of one shared adapter"},
-    )
-    embedding_init: str = field(
-        default="normal", metadata={"help": "ID-token init: normal | title_mean | semantic_sum (needs index)"}
-    )
-    embedding_init_std: float | None = field(
-        default=None, metadata={"help": "std for normal init (default: the word embeddings' std)"}
-    )
-    mutual_reg: float = field(
-        default=1.0, metadata={"help": "lambda of the mutual regulariser; 0 turns it off"}
-    )
-    head: str = field(
-        default="tied",
-        metadata={"help": "item head: tied (to collaborative item embeddings) | untied (own weights + bias)"},
-    )
-    max_doc_tokens: int = field(
-        default=512, metadata={"help": "longest document fed to the LM (prompt + main)"}
-    )
-    index: str | None = field(
-        default=None,
-        metadata={
-            "help": "saved ItemIndex directory (recipes/index.py): adds semantic-ID tokens for the semantic task"
-        },
-    )
-    history_pool: str = field(
-        default="none",
-        metadata={
-            "help": "bag-of-items path into the item head: none | mean (the last hidden state plus a learned "
-            "scale times the RMS-normalised mean collaborative embedding of the history's items)"
-        },
-    )
-    prior: str = field(
-        default="none",
-        metadata={
-            "help": "collaborative prior blended into the item scores: none | ease (fitted on the training "
-            "matrix by finetuning, carried with the model)"
-        },
-    )
-    prior_weight: float = field(
-        default=0.0,
-        metadata={
-            "help": "weight of the z-scored prior against the z-scored LM scores (finetuning chooses it on valid)"
-        },
-    )
-
-    def lora_config(self) -> LoraConfig:
-        targets: str | list[str] | None = None
-        if self.lora_target_modules:
-            targets = self.lora_target_modules
-            if targets != "all-linear":
-                targets = [name.strip() for name in targets.split(",") if name.strip()]
-        return LoraConfig(
-            r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, target_modules=targets
-        )
 
 
 class CLLM4Rec(nn.Module):
@@ -488,26 +416,35 @@ class CLLM4Rec(nn.Module):
         ]
 
     # ------------------------------------------------------------------ persistence
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+    def trainable_state_dict(
+        self, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Only what training produces: LoRA weights, ID-token tables, head, and a fitted prior (a buffer).
 
-        The frozen backbone is rebuilt from its spec.
+        The frozen backbone is rebuilt from its spec. ``state_dict``: a full state dict to pick from (e.g.
+        one gathered from FSDP shards) instead of this module's.
         """
         names = {name for name, param in self.named_parameters() if param.requires_grad}
-        state = {name: tensor for name, tensor in self.state_dict().items() if name in names}
         if self.config.prior != "none":
-            state.update({f"prior.{name}": tensor for name, tensor in self.prior.state_dict().items()})
-        return state
+            names |= {f"prior.{name}" for name in self.prior.state_dict()}
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        return {name: tensor for name, tensor in state_dict.items() if name in names}
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json``, ``vocab.json`` and ``model.safetensors`` (trainable weights only)."""
+    def save_pretrained(
+        self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Write ``config.json``, ``vocab.json`` and ``model.safetensors`` (trainable weights only).
+
+        ``state_dict``: the full weights to save from, when this module's own are sharded (FSDP, ZeRO-3).
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = {"model": asdict(self.config), "backbone": asdict(self.backbone)}
         (directory / "config.json").write_text(json.dumps(config, indent=2))
         self.vocab.save_pretrained(directory)
         state = {
-            name: tensor.detach().contiguous().cpu() for name, tensor in self.trainable_state_dict().items()
+            name: tensor.detach().contiguous().cpu()
+            for name, tensor in self.trainable_state_dict(state_dict).items()
         }
         save_file(state, str(directory / "model.safetensors"))
         if self.item_index is not None:

@@ -21,22 +21,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from common.log import get_logger, setup_logging
-from data_prep import load_bundle
-from llmrec.backbone import BackboneConfig
 from llmrec.config import ConfigError, parse_config
-from llmrec.data import (
-    FINETUNE_TASKS,
-    GENERATIVE_TASKS,
-    choose_prior_weight,
-    finetune_dataset,
-    fit_prior,
-    item_softmax,
-    model_for,
-    validation_fn,
-)
-from llmrec.metrics import is_leave_one_out
-from llmrec.model import CLLM4Rec, ModelConfig, run_model_dir
-from llmrec.train import TrainConfig, make_accelerator, save_run_config, train
+from llmrec.options import BackboneConfig, ModelConfig, TrainConfig
 
 logger = get_logger("finetune")
 PRIOR_FILE = "prior_weight.json"  # the blend weight chosen on valid, with the score of every weight tried
@@ -124,6 +110,21 @@ def check_init(init: str, *pairs: tuple) -> None:
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     args, backbone, model_config, train_config = parse_config(*CONFIGS, args=argv)
+    # the model stack loads after parsing, so --help and argument errors answer at once
+    from data_prep import load_bundle
+    from llmrec.data import (
+        FINETUNE_TASKS,
+        GENERATIVE_TASKS,
+        finetune_dataset,
+        fit_prior,
+        item_softmax,
+        model_for,
+        validation_fn,
+    )
+    from llmrec.metrics import is_leave_one_out
+    from llmrec.model import CLLM4Rec
+    from llmrec.train import make_accelerator, save_run_config, train
+
     accelerator = make_accelerator(train_config)
     bundle = load_bundle(args.data)
     if args.init:
@@ -171,6 +172,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 def blend_prior(bundle, run: Path, metric: str = "cllm4rec", batch_size: int = 64) -> float:
     """Choose the prior's blend weight on valid for the run's best model and save it into that model."""
+    from llmrec.data import choose_prior_weight
+    from llmrec.model import CLLM4Rec, run_model_dir
+
     directory = run_model_dir(run)
     model = CLLM4Rec.from_pretrained(directory)
     weight, grid = choose_prior_weight(bundle, model, metric, batch_size=batch_size)

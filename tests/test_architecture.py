@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
         "llmrec.metrics",
         "llmrec.reporting",
         "llmrec.config",
+        "llmrec.options",
         "llmrec.indexing",
     ),
     ("llmrec.prompts",),
