@@ -37,7 +37,7 @@ from data_prep import load_bundle  # noqa: E402
 from data_prep.build import build_ml100k_reference  # noqa: E402
 from llmrec.data import scorer_for  # noqa: E402
 from llmrec.metrics import evaluate_scorer, format_table, write_metrics_json  # noqa: E402
-from llmrec.model import CLLM4Rec, run_model_dir, standardize  # noqa: E402
+from llmrec.model import CLLM4Rec, blend_scores, run_model_dir  # noqa: E402
 from llmrec.reporting import machine_info  # noqa: E402
 from llmrec.scoring import PrecomputedScorer  # noqa: E402
 
@@ -69,14 +69,10 @@ def run_seed(config: str, seed: int, variant: str, runs: Path, reuse: bool) -> d
         start = time.perf_counter()
         finetune.main([*common, "--init", str(pre), "--output_dir", str(fine), *VARIANTS[variant]])
         timings["finetune_s"] = time.perf_counter() - start
-    elif (
-        CLLM4Rec.from_pretrained(run_model_dir(fine)).config.prior != "none"
-        and not (fine / finetune.PRIOR_FILE).exists()
-    ):
-        finetune.blend_prior(
-            bundle, fine, finetune.FinetuneArgs(eval_batch_size=16)
-        )  # stopped before the blend
     model = CLLM4Rec.from_pretrained(run_model_dir(fine))
+    if model.config.prior != "none" and not (fine / finetune.PRIOR_FILE).exists():  # stopped before the blend
+        finetune.blend_prior(bundle, fine, batch_size=16)
+        model = CLLM4Rec.from_pretrained(run_model_dir(fine))
     start = time.perf_counter()
     result = {"seed": seed, "variant": variant, "run": str(fine), **timings}
     result["valid_recall@20_by_epoch"] = [
@@ -89,8 +85,7 @@ def run_seed(config: str, seed: int, variant: str, runs: Path, reuse: bool) -> d
         scores = {"llm": scorer.score(users)}
     else:
         logits, prior = scorer.parts(users)
-        logits, prior = standardize(logits), standardize(prior)
-        scores = {"llm": logits, "hybrid": logits + model.config.prior_weight * prior}
+        scores = {"llm": logits, "hybrid": blend_scores(logits, prior, model.config.prior_weight)}
         result["prior_weight"] = model.config.prior_weight
     for name, matrix in scores.items():
         result[name] = evaluate_scorer(PrecomputedScorer(matrix, users), bundle, "test", progress=False)

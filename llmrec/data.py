@@ -20,7 +20,7 @@ from llmrec.backbone import BackboneConfig
 from llmrec.collate import FinetuneDataset, PretrainDataset, SequenceDataset, TaskMixture
 from llmrec.generate import GenerativeScorer, NextSemanticDataset, SemanticDataset, require_index
 from llmrec.metrics import DEFAULT_KS, LOO_KS, evaluate_scorer, history_splits, is_leave_one_out
-from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig, standardize
+from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig, blend_scores
 from llmrec.options import PRETRAIN_CORPORA
 from llmrec.prompts import FinetunePrompts
 from llmrec.scoring import ItemHeadScorer, PrecomputedScorer
@@ -178,10 +178,9 @@ def choose_prior_weight(
     scorer = scorer_for(bundle, model, batch_size)
     users = np.flatnonzero(np.diff(bundle.matrix("valid").indptr) > 0)
     logits, prior = scorer.parts(users)
-    logits, prior = standardize(logits), standardize(prior)
     grid = {}
     for weight in weights:
-        blend = PrecomputedScorer(logits + weight * prior, users)
+        blend = PrecomputedScorer(blend_scores(logits, prior, weight), users)
         result = evaluate_scorer(blend, bundle, "valid", users=users, batch_size=batch_size, progress=False)
         grid[weight] = with_selection_metric(result)[metric]
     best = max(grid, key=grid.get)

@@ -339,8 +339,7 @@ class CLLM4Rec(nn.Module):
         """
         if self.config.prior == "none":
             return self.item_logits(self.last_hidden(input_ids, attention_mask, history)).float()
-        logits, prior = self.score_parts(input_ids, attention_mask, history)
-        return standardize(logits) + self.config.prior_weight * standardize(prior)
+        return blend_scores(*self.score_parts(input_ids, attention_mask, history), self.config.prior_weight)
 
     def score_parts(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, history: torch.Tensor | None = None
@@ -514,6 +513,11 @@ def standardize(scores: torch.Tensor) -> torch.Tensor:
     """Per-row z-scores over the catalogue (rows with no spread become 0)."""
     centred = scores - scores.mean(dim=-1, keepdim=True)
     return centred / centred.std(dim=-1, keepdim=True).clamp(min=1e-8)
+
+
+def blend_scores(logits: torch.Tensor, prior: torch.Tensor, weight: float) -> torch.Tensor:
+    """The item head's scores with a prior: z(LM logits) + weight * z(prior scores), per user."""
+    return standardize(logits) + weight * standardize(prior)
 
 
 class ItemItemPrior(nn.Module):
