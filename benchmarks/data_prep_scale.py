@@ -30,21 +30,30 @@ ROOT = Path(__file__).resolve().parents[1]
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi", "Thriller", "Animation"]
 
 
-def generate(directory: Path, n: int, seed: int) -> dict[str, int]:
-    """An ML-1M-shaped log with about ``n`` interactions (ML-1M: 6,040 users, 3,706 items, 1M ratings)."""
+def generate(directory: Path, n: int, seed: int, n_items: int | None = None) -> dict[str, int]:
+    """An ML-1M-shaped log with about ``n`` interactions (ML-1M: 6,040 users, 3,706 items, 1M ratings).
+
+    ``n_items`` fixes the catalogue (default: grows as sqrt(n) from ML-1M's); items are then drawn with
+    replacement (vectorised, for catalogues of 1M items) and ``data_prep build`` collapses repeated pairs.
+    """
     rng = np.random.default_rng(seed)
     n_users = max(100, n // 165)
-    n_items = max(2000, int(3706 * (n / 1e6) ** 0.5))
+    fixed = n_items is not None
+    n_items = n_items if fixed else max(2000, int(3706 * (n / 1e6) ** 0.5))
     activity = rng.lognormal(mean=0.0, sigma=1.0, size=n_users)
     per_user = 20 + np.floor(activity / activity.sum() * (n - 20 * n_users)).astype(np.int64)
     per_user[: n - per_user.sum()] += 1
-    # Distinct items per user (ML-1M has no repeated pairs): Zipf-like popularity, sampled without
-    # replacement with the Gumbel top-k trick, one user at a time.
     log_popularity = -0.9 * np.log(np.arange(1, n_items + 1))
     per_user = np.minimum(per_user, n_items)
-    items = np.concatenate(
-        [np.argpartition(-(log_popularity + rng.gumbel(size=n_items)), k - 1)[:k] + 1 for k in per_user]
-    )
+    if fixed:
+        popularity = np.exp(log_popularity - log_popularity.max())
+        items = rng.choice(n_items, size=int(per_user.sum()), p=popularity / popularity.sum()) + 1
+    else:
+        # Distinct items per user (ML-1M has no repeated pairs): Zipf-like popularity, sampled without
+        # replacement with the Gumbel top-k trick, one user at a time.
+        items = np.concatenate(
+            [np.argpartition(-(log_popularity + rng.gumbel(size=n_items)), k - 1)[:k] + 1 for k in per_user]
+        )
     users = np.repeat(np.arange(1, n_users + 1), per_user)
     ratings = rng.integers(1, 6, size=len(users))
     times = 956_703_932 + rng.integers(0, 3 * 365 * 86_400, size=len(users))

@@ -37,7 +37,7 @@ from data_prep import load_bundle  # noqa: E402
 from data_prep.build import build_ml100k_reference  # noqa: E402
 from llmrec.data import scorer_for  # noqa: E402
 from llmrec.metrics import evaluate_scorer, format_table, write_metrics_json  # noqa: E402
-from llmrec.model import CLLM4Rec, run_model_dir, standardize  # noqa: E402
+from llmrec.model import CLLM4Rec, blend_scores, run_model_dir  # noqa: E402
 from llmrec.reporting import machine_info  # noqa: E402
 from llmrec.scoring import PrecomputedScorer  # noqa: E402
 
@@ -69,14 +69,10 @@ def run_seed(config: str, seed: int, variant: str, runs: Path, reuse: bool) -> d
         start = time.perf_counter()
         finetune.main([*common, "--init", str(pre), "--output_dir", str(fine), *VARIANTS[variant]])
         timings["finetune_s"] = time.perf_counter() - start
-    elif (
-        CLLM4Rec.from_pretrained(run_model_dir(fine)).config.prior != "none"
-        and not (fine / finetune.PRIOR_FILE).exists()
-    ):
-        finetune.blend_prior(
-            bundle, fine, finetune.FinetuneArgs(eval_batch_size=16)
-        )  # stopped before the blend
     model = CLLM4Rec.from_pretrained(run_model_dir(fine))
+    if model.config.prior != "none" and not (fine / finetune.PRIOR_FILE).exists():  # stopped before the blend
+        finetune.blend_prior(bundle, fine, batch_size=16)
+        model = CLLM4Rec.from_pretrained(run_model_dir(fine))
     start = time.perf_counter()
     result = {"seed": seed, "variant": variant, "run": str(fine), **timings}
     result["valid_recall@20_by_epoch"] = [
@@ -84,13 +80,12 @@ def run_seed(config: str, seed: int, variant: str, runs: Path, reuse: bool) -> d
         for row in map(json.loads, (fine / "metrics.jsonl").read_text().splitlines())
         if "eval/recall@20" in row
     ]
-    scorer, users = scorer_for(bundle, model, batch_size=16), np.arange(bundle.n_users)
+    scorer, users = scorer_for(bundle, model, batch_size=16, split="test"), np.arange(bundle.n_users)
     if model.config.prior == "none":
         scores = {"llm": scorer.score(users)}
     else:
         logits, prior = scorer.parts(users)
-        logits, prior = standardize(logits), standardize(prior)
-        scores = {"llm": logits, "hybrid": logits + model.config.prior_weight * prior}
+        scores = {"llm": logits, "hybrid": blend_scores(logits, prior, model.config.prior_weight)}
         result["prior_weight"] = model.config.prior_weight
     for name, matrix in scores.items():
         result[name] = evaluate_scorer(PrecomputedScorer(matrix, users), bundle, "test", progress=False)
@@ -103,8 +98,9 @@ def summarise(rows: list[dict[str, float]]) -> dict[str, float]:
     out: dict[str, float] = {}
     for key in rows[0]:
         values = np.array([row[key] for row in rows], dtype=float)
-        out[key] = float(values.mean())
-        out[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        timed = values[~np.isnan(values)]  # a reused run has no train time
+        out[key] = float(timed.mean()) if len(timed) else float("nan")
+        out[f"{key}_std"] = float(timed.std(ddof=1)) if len(timed) > 1 else 0.0
     return out
 
 
@@ -142,27 +138,11 @@ def plot(path: Path, runs: list[dict], table: dict[str, dict[str, float]]) -> No
     print(f"wrote {path}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", default=str(REPO / "recipes" / "configs" / "ml-100k-cpu.yaml"))
-    parser.add_argument("--seeds", default="42,43,44", help="comma-separated seeds (LLM runs and Mult-VAE)")
-    parser.add_argument("--variant", action="append", choices=list(VARIANTS), help="default: recipe only")
-    parser.add_argument(
-        "--runs", default=str(REPO / "runs" / "quality_ml100k"), help="where runs are written"
-    )
-    parser.add_argument("--reuse", action="store_true", help="keep runs that already finished")
-    parser.add_argument("--skip_llm", action="store_true", help="baselines only")
-    parser.add_argument("--shared", default=str(REPO.parent / "shared"))
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality_ml100k.json"))
-    args = parser.parse_args()
-    setup_logging()
-    seeds = [int(s) for s in args.seeds.split(",")]
+def measure(args: argparse.Namespace, seeds: list[int]) -> tuple[list[dict], dict[str, list[dict]]]:
+    """Run the LLM recipe (and variants) and fit the baselines for every seed: (runs, rows per model)."""
     data = Path(read_yaml(args.config)["data"])
     if not (data / "manifest.json").exists():
         build_ml100k_reference(Path(args.shared), data)
-
     runs = []
     if not args.skip_llm:
         for variant in args.variant or ["recipe"]:
@@ -180,6 +160,50 @@ def main() -> None:
             per_model.setdefault(name, []).append(
                 {m: metrics[m] for m in METRICS} | {"train_s": metrics["fit_s"]}
             )
+    return runs, per_model
+
+
+def gather(files: list[str]) -> tuple[list[int], list[dict], dict[str, list[dict]]]:
+    """Seeds, runs and per-seed rows of earlier result files, each written for its own seeds."""
+    seeds, runs, per_model = [], [], {}
+    for path in files:
+        result = json.loads(Path(path).read_text())
+        if len(result["seeds"]) != 1:
+            raise SystemExit(f"{path}: --gather takes result files of one seed each")
+        seeds += result["seeds"]
+        runs += result["runs"]
+        for name, row in result["metrics"].items():
+            per_model.setdefault(name, []).append({key: row[key] for key in COLUMNS})
+    return seeds, runs, per_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default=str(REPO / "recipes" / "configs" / "ml-100k-cpu.yaml"))
+    parser.add_argument("--seeds", default="42,43,44", help="comma-separated seeds (LLM runs and Mult-VAE)")
+    parser.add_argument("--variant", action="append", choices=list(VARIANTS), help="default: recipe only")
+    parser.add_argument(
+        "--runs", default=str(REPO / "runs" / "quality_ml100k"), help="where runs are written"
+    )
+    parser.add_argument("--reuse", action="store_true", help="keep runs that already finished")
+    parser.add_argument("--skip_llm", action="store_true", help="baselines only")
+    parser.add_argument(
+        "--gather",
+        nargs="+",
+        metavar="JSON",
+        help="only combine result files of earlier runs of this script (e.g. one per seed) into one table",
+    )
+    parser.add_argument("--shared", default=str(REPO.parent / "shared"))
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality_ml100k.json"))
+    args = parser.parse_args()
+    setup_logging()
+    if args.gather:
+        seeds, runs, per_model = gather(args.gather)
+    else:
+        seeds = [int(s) for s in args.seeds.split(",")]
+        runs, per_model = measure(args, seeds)
     table = {name: summarise(rows) for name, rows in per_model.items()}
     print(f"ML-100K fixed random split, test, mean ± std over seeds {seeds}; config {args.config}")
     print(format_table({name: {m: cell(s, m) for m in COLUMNS} for name, s in table.items()}, COLUMNS))

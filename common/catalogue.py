@@ -18,13 +18,24 @@ ITEMS_FILE = "items.json"
 
 
 class Catalogue:
-    """Raw ids of users and items by index, item titles by index, and the reverse maps."""
+    """Raw ids of users and items by index, item titles (and optionally texts) by index, and the reverse
+    maps. ``item_texts`` is what a catalogue extended with new items (`llmrec.Recommender.add_items`)
+    keeps, so the text-to-ID mapper can be fit again from a saved bundle."""
 
-    def __init__(self, user_ids: Sequence[str], item_ids: Sequence[str], item_titles: Sequence[str]):
+    def __init__(
+        self,
+        user_ids: Sequence[str],
+        item_ids: Sequence[str],
+        item_titles: Sequence[str],
+        item_texts: Sequence[str] | None = None,
+    ):
         if len(item_titles) != len(item_ids):
             raise ValueError(f"{len(item_titles)} titles for {len(item_ids)} items")
+        if item_texts is not None and len(item_texts) != len(item_ids):
+            raise ValueError(f"{len(item_texts)} texts for {len(item_ids)} items")
         self.user_ids, self.item_ids = [str(u) for u in user_ids], [str(i) for i in item_ids]
         self.item_titles = [str(t) for t in item_titles]
+        self.item_texts = None if item_texts is None else [str(t) for t in item_texts]
         self.user_index = {raw: index for index, raw in enumerate(self.user_ids)}
         self.item_index = {raw: index for index, raw in enumerate(self.item_ids)}
 
@@ -47,16 +58,27 @@ class Catalogue:
             for pos, raw in enumerate(raw_ids)
         ]
 
+    def with_items(self, item_ids: Sequence[str], titles: Sequence[str], texts: Sequence[str]) -> Catalogue:
+        """This catalogue with new items appended (indices ``n_items`` onwards); items without a text so
+        far get ""."""
+        old_texts = self.item_texts if self.item_texts is not None else [""] * self.n_items
+        return Catalogue(
+            self.user_ids,
+            [*self.item_ids, *item_ids],
+            [*self.item_titles, *titles],
+            [*old_texts, *texts],
+        )
+
     def save(self, directory: str | Path) -> list[Path]:
-        """Write ``users.json`` (``raw_ids``) and ``items.json`` (``raw_ids``, ``titles``) into ``directory``."""
+        """Write ``users.json`` (``raw_ids``) and ``items.json`` (``raw_ids``, ``titles``, and ``texts`` when
+        kept) into ``directory``."""
         directory = Path(directory)
+        items = {"raw_ids": self.item_ids, "titles": self.item_titles}
+        if self.item_texts is not None:
+            items["texts"] = self.item_texts
         return [
             write_json(directory / USERS_FILE, {"raw_ids": self.user_ids}, ensure_ascii=False),
-            write_json(
-                directory / ITEMS_FILE,
-                {"raw_ids": self.item_ids, "titles": self.item_titles},
-                ensure_ascii=False,
-            ),
+            write_json(directory / ITEMS_FILE, items, ensure_ascii=False),
         ]
 
     @classmethod
@@ -65,7 +87,9 @@ class Catalogue:
         directory = Path(directory)
         users = _read_list(directory / USERS_FILE, "raw_ids", n_users)
         items = _read_list(directory / ITEMS_FILE, "raw_ids", n_items)
-        return cls(users, items, _read_list(directory / ITEMS_FILE, "titles", n_items))
+        titles = _read_list(directory / ITEMS_FILE, "titles", n_items)
+        texts = _read_list(directory / ITEMS_FILE, "texts", n_items, required=False)
+        return cls(users, items, titles, texts)
 
 
 def _lookup(kind: str, index_of: dict[str, int], ids: list[str], raw_id, where: str, hint: str) -> int:
@@ -79,8 +103,10 @@ def _lookup(kind: str, index_of: dict[str, int], ids: list[str], raw_id, where: 
     return index
 
 
-def _read_list(path: Path, key: str, length: int) -> list[str]:
+def _read_list(path: Path, key: str, length: int, required: bool = True) -> list[str] | None:
     values = read_json(path, "catalogue file")
+    if not required and isinstance(values, dict) and key not in values:
+        return None
     if not isinstance(values, dict) or not isinstance(values.get(key), list):
         raise ArtifactError(f"expected a JSON object with a list {key!r}", file=path)
     if len(values[key]) != length:

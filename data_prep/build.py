@@ -17,6 +17,7 @@ from common import __version__
 from common.io import ArtifactError, atomic_directory, sha256_file
 from data_prep import readers
 from data_prep.bundle import FORMAT_VERSION, MANIFEST, write_tables
+from data_prep.cold import cold_ids, cold_item_split, cold_user_split
 from data_prep.corpora import collaborative_corpus, content_corpus, finetune_corpus
 from data_prep.errors import DataError
 from data_prep.process import (
@@ -46,9 +47,12 @@ class BuildConfig:
     format: Literal["recbole", "movielens", "amazon", "csv"] = field(
         default="recbole", metadata={"help": "source format"}
     )
-    split: Literal["random", "temporal", "loo", "presplit"] = field(
+    split: Literal["random", "temporal", "loo", "presplit", "cold-items", "cold-users"] = field(
         default="random",
-        metadata={"help": "per-user random/temporal ratios, leave-one-out, or a fixed split"},
+        metadata={
+            "help": "per-user random/temporal ratios, leave-one-out, a fixed split, or a cold-start split "
+            "(cold-items / cold-users: a --cold_ratio share held out of training, see data_prep.cold)"
+        },
     )
     presplit: str | None = field(
         default=None, metadata={"help": "directory of train/valid/test.tsv (--split presplit)"}
@@ -57,6 +61,9 @@ class BuildConfig:
         default_factory=lambda: [0.8, 0.1, 0.1], metadata={"help": "train valid test"}
     )
     seed: int = field(default=0, metadata={"help": "seed of the random split and the finetune masks"})
+    cold_ratio: float = field(
+        default=0.1, metadata={"help": "share of items (cold-items) or users (cold-users) held out"}
+    )
     rating_threshold: float | None = field(
         default=None,
         metadata={
@@ -244,7 +251,7 @@ def _presplit(
 
 def _split(
     config: BuildConfig, raw: pd.DataFrame
-) -> tuple[dict[str, pd.DataFrame], list[str], list[str], dict]:
+) -> tuple[dict[str, pd.DataFrame], list[str], list[str], dict, dict[str, dict[str, list[int]]]]:
     """Filter (threshold, duplicates, k-core), index, split. Ids are encoded to integers first so
     that duplicate removal and k-core work on int columns, then renumbered contiguously."""
     _warn_non_positive(raw, config.rating_threshold, config.input)
@@ -270,7 +277,14 @@ def _split(
     coded, user_ids = compact(coded, "user", user_ids)
     coded, item_ids = compact(coded, "item", item_ids)
     ratios = tuple(config.ratios)
-    if config.split == "random":
+    cold: dict[str, dict[str, list[int]]] = {}
+    if config.split == "cold-items":
+        splits, cold["items"] = cold_item_split(
+            coded, len(user_ids), len(item_ids), config.cold_ratio, ratios, config.seed
+        )
+    elif config.split == "cold-users":
+        splits, cold["users"] = cold_user_split(coded, len(user_ids), config.cold_ratio, ratios, config.seed)
+    elif config.split == "random":
         splits = random_split(coded, len(user_ids), ratios, config.seed)
     elif config.split == "temporal":
         splits = temporal_split(coded, len(user_ids), ratios)
@@ -279,7 +293,7 @@ def _split(
     else:
         raise DataError(f"unknown split {config.split!r}", field="split")
     _warn_empty_held_out(splits, config)
-    return splits, user_ids, item_ids, filters
+    return splits, user_ids, item_ids, filters, cold
 
 
 def _reviews(
@@ -298,6 +312,14 @@ def _reviews(
     )
     coded = coded.merge(train[["user", "item"]].drop_duplicates(), on=["user", "item"], how="inner")
     return coded.sort_values(["user", "item"], kind="stable").reset_index(drop=True)
+
+
+def _blank(texts: list[str], indices: np.ndarray) -> list[str]:
+    """``texts`` with the given entries emptied (an empty text gets no content document)."""
+    out = list(texts)
+    for i in indices:
+        out[int(i)] = ""
+    return out
 
 
 def build(config: BuildConfig) -> Path:
@@ -336,10 +358,18 @@ def _build_into(config: BuildConfig, tmp: Path) -> dict[str, int]:
         known_items |= set(item_ids)
         protocol = {"protocol": "presplit", "source": str(config.presplit), "seed": None}
     else:
-        splits, user_ids, item_ids, filters = _split(config, tables.interactions)
-        protocol = {"protocol": config.split, "seed": config.seed if config.split == "random" else None}
-        if config.split in ("random", "temporal"):
+        splits, user_ids, item_ids, filters, cold = _split(config, tables.interactions)
+        seeded = config.split in ("random", "cold-items", "cold-users")
+        protocol = {"protocol": config.split, "seed": config.seed if seeded else None}
+        if config.split != "loo":
             protocol["ratios"] = list(config.ratios)
+        if cold:
+            protocol["cold_ratio"] = config.cold_ratio
+        for kind, parts in cold.items():
+            ids = user_ids if kind == "users" else item_ids
+            protocol[f"cold_{kind}"] = {
+                name: {"index": index, "raw_id": [ids[i] for i in index]} for name, index in parts.items()
+            }
     item_text_series = item_text(tables.items) if tables.items is not None else None
     user_text_series = user_text(tables.users) if tables.users is not None else None
     titles, items_text = align_metadata(
@@ -360,11 +390,20 @@ def _build_into(config: BuildConfig, tmp: Path) -> dict[str, int]:
         user_text_series,
         tables.extra_metadata_ok,
     )
-    reviews = _reviews(tables, splits["train"], user_ids, item_ids)
+    train = splits["train"]
+    if config.split == "cold-users":  # a cold user's history is given at evaluation, never trained on
+        train = train[~train["user"].isin(cold_ids({"split": protocol}, "users"))]
+    reviews = _reviews(tables, train, user_ids, item_ids)
+    # new items and users are unknown at training time: none of their text goes into the corpora
     corpora = {
-        "collaborative": collaborative_corpus(splits["train"], templates),
-        "content": content_corpus(templates, items_text, users_text, reviews),
-        "finetune": finetune_corpus(splits["train"], templates, config.seed, config.finetune_keep),
+        "collaborative": collaborative_corpus(train, templates),
+        "content": content_corpus(
+            templates,
+            _blank(items_text, cold_ids({"split": protocol}, "items")),
+            _blank(users_text, cold_ids({"split": protocol}, "users")),
+            reviews,
+        ),
+        "finetune": finetune_corpus(train, templates, config.seed, config.finetune_keep),
     }
     if not len(corpora["content"]):
         logger.warning("no item text, user text or reviews: the content corpus is empty (training skips it)")
@@ -401,16 +440,17 @@ def _build_into(config: BuildConfig, tmp: Path) -> dict[str, int]:
     return manifest["counts"]
 
 
-def build_ml100k_reference(shared: str | Path, out: str | Path) -> Path:
-    """MovieLens-100K on the fixed per-user random split in ``shared`` (``../shared`` beside a checkout):
-    the bundle that the project's tests and quality numbers use."""
+def build_ml100k_reference(shared: str | Path, out: str | Path, split: str = "ml-100k-random") -> Path:
+    """MovieLens-100K on a fixed split in ``shared`` (``../shared`` beside a checkout): the per-user
+    random split (the default) or ``"ml-100k-loo"``, the next-item leave-one-out one; the bundles that
+    the project's tests and quality numbers use."""
     shared = Path(shared)
     return build(
         BuildConfig(
             format="recbole",
             input=str(shared / "datasets" / "ml-100k"),
             split="presplit",
-            presplit=str(shared / "benchmarks" / "ml-100k-random"),
+            presplit=str(shared / "benchmarks" / split),
             out=str(out),
         )
     )

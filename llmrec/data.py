@@ -16,17 +16,35 @@ import torch
 
 from common.log import get_logger
 from data_prep import Bundle, DataError
+from data_prep.cold import cold_ids
 from llmrec.backbone import BackboneConfig
-from llmrec.collate import FinetuneDataset, PretrainDataset, TaskMixture
-from llmrec.generate import GenerativeScorer, SemanticDataset, require_index
-from llmrec.metrics import DEFAULT_KS, evaluate_scorer
-from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig, standardize
+from llmrec.collate import FinetuneDataset, PretrainDataset, SequenceDataset, TaskMixture
+from llmrec.generate import GenerativeScorer, NextSemanticDataset, SemanticDataset, require_index
+from llmrec.metrics import DEFAULT_KS, LOO_KS, evaluate_scorer, history_splits, is_leave_one_out
+from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig, blend_scores
+from llmrec.options import PRETRAIN_CORPORA
 from llmrec.prompts import FinetunePrompts
 from llmrec.scoring import ItemHeadScorer, PrecomputedScorer
 
 logger = get_logger(__name__)
-PRETRAIN_CORPORA = ("collaborative", "content")
-FINETUNE_TASKS = ("multinomial", "semantic", "both")
+PROMPT_KINDS = ("masked", "sequence")
+# finetuning task -> the prompt it trains on (and is evaluated with)
+FINETUNE_TASKS = {
+    "multinomial": "masked",
+    "semantic": "masked",
+    "both": "masked",
+    "sequential": "sequence",
+    "semantic_next": "sequence",
+}
+GENERATIVE_TASKS = ("semantic", "semantic_next")  # validated by constrained beam search
+
+
+def input_histories(bundle: Bundle, split: str) -> list[list[int]]:
+    """Every user's input when ranking ``split`` (`metrics.history_splits`), oldest first: the training
+    items, then, for the test split of a leave-one-out bundle, the validation item (which follows them
+    in time)."""
+    parts = [bundle.histories(name) for name in history_splits(bundle, split)]
+    return [[item for part in rows for item in part] for rows in zip(*parts, strict=True)]
 
 
 def require_same_catalogue(bundle: Bundle, model: CLLM4Rec, what: str) -> None:
@@ -57,9 +75,20 @@ def model_for(bundle: Bundle, config: ModelConfig, backbone: BackboneConfig, see
     )
 
 
-def prompts_for(bundle: Bundle, model: CLLM4Rec) -> FinetunePrompts:
+def prompt_template(bundle: Bundle, kind: str = "masked") -> str:
+    """The prompt a task trains and is scored on: ``masked`` is the bundle's finetune template (a masked
+    history, then "<user> will interact with"); ``sequence`` is the collaborative prompt followed by the
+    chronological history, whose last item position predicts the next item."""
+    if kind == "masked":
+        return bundle.templates.finetune
+    if kind == "sequence":
+        return bundle.templates.collaborative + " {history}"
+    raise ValueError(f"unknown prompt kind {kind!r}: expected one of {PROMPT_KINDS}")
+
+
+def prompts_for(bundle: Bundle, model: CLLM4Rec, kind: str = "masked") -> FinetunePrompts:
     return FinetunePrompts(
-        model.vocab, model.tokenizer, bundle.templates.finetune, max_tokens=model.config.max_doc_tokens
+        model.vocab, model.tokenizer, prompt_template(bundle, kind), max_tokens=model.config.max_doc_tokens
     )
 
 
@@ -85,13 +114,18 @@ def finetune_dataset(
     task: str = "multinomial",
     prompt_order: str = "shuffled",
 ) -> FinetuneDataset | TaskMixture:
-    """Masked-history examples for the item head (``task="multinomial"``), for writing a held-out item's
-    semantic ID (``"semantic"``, needs a model with an item index) or both; with ``with_content`` the
-    content corpus keeps the content view (and the mutual regulariser) training alongside, as in
-    CLLM4Rec's finetuning."""
+    """Finetuning examples of ``task``: masked-history examples for the item head (``"multinomial"``),
+    for writing a held-out item's semantic ID (``"semantic"``, needs a model with an item index) or both;
+    next-item examples on the chronological history for the item head (``"sequential"``, every prefix
+    in one forward) or for writing the next item's semantic ID (``"semantic_next"``). With
+    ``with_content`` the content corpus keeps the content view (and the mutual regulariser) training
+    alongside, as in CLLM4Rec's finetuning. Cold users (a cold-users split) are left out."""
     if task not in FINETUNE_TASKS:
-        raise ValueError(f"unknown finetune task {task!r}: expected one of {FINETUNE_TASKS}")
-    histories, prompts = bundle.histories("train"), prompts_for(bundle, model)
+        raise ValueError(f"unknown finetune task {task!r}: expected one of {tuple(FINETUNE_TASKS)}")
+    histories = list(bundle.histories("train"))  # a copy: the bundle caches
+    prompts = prompts_for(bundle, model, FINETUNE_TASKS[task])
+    for user in cold_ids(bundle.manifest, "users"):  # a cold user's history is given at evaluation only
+        histories[user] = []
     parts: list = []
     if task in ("multinomial", "both"):
         parts.append(
@@ -103,25 +137,40 @@ def finetune_dataset(
         parts.append(
             SemanticDataset(histories, prompts, require_index(model), seed=seed, mask_ratio=mask_ratio)
         )
+    if task == "sequential":
+        parts.append(SequenceDataset(histories, prompts))
+    if task == "semantic_next":
+        parts.append(NextSemanticDataset(histories, prompts, require_index(model), seed=seed))
     if with_content and _present(bundle, ("content",)):
         parts.append(pretrain_dataset(bundle, model, seed, corpora=("content",)))
     return parts[0] if len(parts) == 1 else TaskMixture(*parts)
 
 
-def scorer_for(bundle: Bundle, model: CLLM4Rec, batch_size: int = 32) -> ItemHeadScorer:
-    return ItemHeadScorer(model, prompts_for(bundle, model), bundle.histories("train"), batch_size=batch_size)
+def scorer_for(
+    bundle: Bundle, model: CLLM4Rec, batch_size: int = 32, split: str = "valid", prompt: str = "masked"
+) -> ItemHeadScorer:
+    """The item head over prompts of each user's input history for ``split`` (`input_histories`)."""
+    histories = input_histories(bundle, split)
+    return ItemHeadScorer(model, prompts_for(bundle, model, prompt), histories, batch_size=batch_size)
 
 
 def generative_scorer(
-    bundle: Bundle, model: CLLM4Rec, split: str, beam: int = 100, batch_size: int = 32
+    bundle: Bundle,
+    model: CLLM4Rec,
+    split: str,
+    beam: int = 100,
+    batch_size: int = 32,
+    prompt: str = "masked",
+    exclude_seen: bool = True,
 ) -> GenerativeScorer:
-    """Constrained beam search over the model's item index; the items that ``split``'s ranking excludes
-    (training items, plus validation items for the test split) are kept out of the search itself."""
+    """Constrained beam search over the model's item index; with ``exclude_seen`` the items that
+    ``split``'s ranking excludes (training items, plus validation items for the test split) are kept out
+    of the search itself."""
     return GenerativeScorer(
         model,
-        prompts_for(bundle, model),
-        bundle.histories("train"),
-        bundle.seen(split),
+        prompts_for(bundle, model, prompt),
+        input_histories(bundle, split),
+        bundle.seen(split) if exclude_seen else None,
         beam=beam,
         batch_size=batch_size,
     )
@@ -155,10 +204,9 @@ def choose_prior_weight(
     scorer = scorer_for(bundle, model, batch_size)
     users = np.flatnonzero(np.diff(bundle.matrix("valid").indptr) > 0)
     logits, prior = scorer.parts(users)
-    logits, prior = standardize(logits), standardize(prior)
     grid = {}
     for weight in weights:
-        blend = PrecomputedScorer(logits + weight * prior, users)
+        blend = PrecomputedScorer(blend_scores(logits, prior, weight), users)
         result = evaluate_scorer(blend, bundle, "valid", users=users, batch_size=batch_size, progress=False)
         grid[weight] = with_selection_metric(result)[metric]
     best = max(grid, key=grid.get)
@@ -185,26 +233,45 @@ def with_selection_metric(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def evaluate_model(
-    bundle: Bundle, model: CLLM4Rec, split: str, batch_size: int = 64, beam: int = 0, **kwargs
+    bundle: Bundle,
+    model: CLLM4Rec,
+    split: str,
+    batch_size: int = 64,
+    beam: int = 0,
+    prompt: str = "masked",
+    exclude_seen: bool = True,
+    diagnostic_users: int = 0,
+    **kwargs,
 ) -> dict[str, float]:
-    """Full-catalogue metrics of ``model`` on ``split`` (seen items excluded), one forward pass per user.
+    """Full-catalogue metrics of ``model`` on ``split`` (seen items excluded unless ``exclude_seen`` is
+    off), one forward pass per user over the ``prompt`` kind the model was finetuned on.
 
     With ``beam`` > 0 the ranked lists come from constrained beam search of semantic IDs instead (the
-    generative task); a list holds ``beam`` items, so ``beam`` must cover the largest cut-off.
+    generative task); a list holds ``beam`` items, so ``beam`` must cover the largest cut-off. Then
+    ``diagnostic_users`` > 0 adds the validity diagnostics (`GenerativeScorer.diagnostics`) of that
+    many evaluated users as ``validity/...`` keys.
     """
     if beam:
-        largest = max(kwargs.get("ks", DEFAULT_KS))
-        if beam < largest:
+        ks = kwargs.get("ks") or (LOO_KS if is_leave_one_out(bundle) else DEFAULT_KS)
+        if beam < max(ks):
             raise ValueError(
-                f"beam {beam} is shorter than the largest cut-off @{largest}: lists would be padded"
+                f"beam {beam} is shorter than the largest cut-off @{max(ks)}: lists would be padded"
             )
-        scorer = generative_scorer(bundle, model, split, beam, batch_size)
+        scorer = generative_scorer(bundle, model, split, beam, batch_size, prompt, exclude_seen)
     else:
-        scorer = scorer_for(bundle, model, batch_size)
-    return with_selection_metric(evaluate_scorer(scorer, bundle, split, batch_size=batch_size, **kwargs))
+        scorer = scorer_for(bundle, model, batch_size, split, prompt)
+    metrics = evaluate_scorer(
+        scorer, bundle, split, batch_size=batch_size, exclude_seen=exclude_seen, **kwargs
+    )
+    if beam and diagnostic_users:
+        users = np.flatnonzero(np.diff(bundle.matrix(split).indptr) > 0)[:diagnostic_users]
+        metrics.update({f"validity/{key}": value for key, value in scorer.diagnostics(users).items()})
+    return with_selection_metric(metrics)
 
 
 def validation_fn(
-    bundle: Bundle, batch_size: int = 64, beam: int = 0
+    bundle: Bundle, batch_size: int = 64, beam: int = 0, prompt: str = "masked"
 ) -> Callable[[CLLM4Rec], dict[str, float]]:
-    return partial(evaluate_model, bundle, split="valid", batch_size=batch_size, beam=beam, progress=False)
+    return partial(
+        evaluate_model, bundle, split="valid", batch_size=batch_size, beam=beam, prompt=prompt, progress=False
+    )

@@ -1,62 +1,31 @@
 """Write a finetuned model as a recommender bundle (the format `llmrec.recommender` reads).
 
 ``export_run`` takes a finetuning run directory, ``export_model`` a model and its dataset bundle; both
-write the layout described in `llmrec.recommender` into a temporary directory and rename it.
+write the layout described in `llmrec.recommender` with its writer (`llmrec.recommender.write_bundle`,
+shared with ``Recommender.save_pretrained``), adding the ``--merge`` directory here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 import string
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import peft
 import torch
-import transformers
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from common import __version__
-from common.io import atomic_directory, file_records, write_json
+from common.io import write_json
 from data_prep import Bundle, load_bundle
-from llmrec.backbone import backbone_fingerprint
 from llmrec.data import require_same_catalogue
 from llmrec.model import VIEWS, CLLM4Rec, run_data, run_model_dir
-from llmrec.recommender import (
-    ADAPTER_DIR,
-    BUNDLE_FORMAT,
-    CONFIG_FILE,
-    DTYPES,
-    FORMAT_VERSION,
-    HEAD_FILE,
-    HISTORIES_FILE,
-    MERGED_DIR,
-    MERGED_INFO_FILE,
-    WEIGHTS_FILE,
-    BundleError,
-    config_checksum,
-)
+from llmrec.recommender import DTYPES, HEAD_FILE, MERGED_INFO_FILE, require_finite, write_bundle
 from llmrec.tokens import export_plain_model
 
 logger = logging.getLogger(__name__)
 
 _USER_PLACEHOLDER = re.compile(r"\s*<[^<>{}]*\{user\}[^<>{}]*>\s*")
-
-
-def require_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Refuse NaN or infinite weights (a diverged run, or an overflow in the export dtype) by name, so
-    that a broken model never gets a bundle with fresh, valid checksums."""
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise BundleError(
-                f"{where}: tensor {name!r} has {bad} non-finite value(s) (NaN or inf) of {tensor.numel()}; "
-                "the run diverged or the dtype overflows: export another checkpoint or use --dtype fp32"
-            )
 
 
 def cold_template(finetune_template: str) -> str:
@@ -110,7 +79,6 @@ def export_model(
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
-    vocab = model.vocab
     require_same_catalogue(data, model, "the model")
     if merge and (model.backbone.load_in_4bit or model.backbone.load_in_8bit):
         raise ValueError("--merge needs a full-precision backbone (this model was loaded in 4 or 8 bit)")
@@ -122,77 +90,19 @@ def export_model(
     templates = {"user": data.templates.finetune, "cold": cold or cold_template(data.templates.finetune)}
     _check_template(templates["user"], "finetune", user=True)
     _check_template(templates["cold"], "cold", user=False)
-    torch_dtype = DTYPES[dtype]
-    fingerprint = backbone_fingerprint(model.backbone)
-    trainable = {name: t.detach().to("cpu", torch_dtype) for name, t in model.trainable_state_dict().items()}
-    require_finite(trainable, f"the model to export (as {dtype})")
-    with atomic_directory(out, overwrite=overwrite, marker=CONFIG_FILE) as tmp:
-        weights = {
-            name: tensor.contiguous()
-            for name, tensor in trainable.items()
-            if not name.startswith("lm.")  # LoRA goes to the peft adapter directory
-        }
-        save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        adapters = list(model.lm.peft_config)
-        _save_adapters(model, tmp / ADAPTER_DIR, torch_dtype)
-        data.catalogue.save(tmp)
-        histories = data.histories("train")
-        offsets = np.concatenate([[0], np.cumsum([len(h) for h in histories])]).astype(np.int64)
-        items = np.fromiter((i for h in histories for i in h), dtype=np.int64, count=int(offsets[-1]))
-        save_file(
-            {"offsets": torch.from_numpy(offsets), "items": torch.from_numpy(items)},
-            str(tmp / HISTORIES_FILE),
-            metadata={"format": "pt"},
-        )
-        if merge:
-            _export_merged(model, tmp / MERGED_DIR, torch_dtype, templates)
-        files = file_records(tmp)
-        backbone = dataclasses.replace(model.backbone, cache_dir=None, allow_download=False)
-        config = {
-            "format": BUNDLE_FORMAT,
-            "format_version": FORMAT_VERSION,
-            "llmrec_version": __version__,
-            "library_versions": {
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "peft": peft.__version__,
-            },
-            "backbone": {
-                "config": asdict(backbone),
-                **fingerprint,
-                "base_vocab_size": vocab.base_size,
-                "hidden_size": int(model.collab.family_weight("item").shape[1]),
-            },
-            "model": asdict(model.config),
-            "head": model.config.head,
-            "vocab": vocab.to_dict(),
-            "dtype": dtype,
-            "adapters": adapters,
-            "templates": templates,
-            "source": {
-                **(source or {}),
-                "data": str(data.path),
-                "dataset_counts": data.manifest.get("counts"),
-            },
-            "merged": MERGED_DIR if merge else None,
-            "files": files,
-        }
-        config["checksum"] = config_checksum(config)
-        write_json(tmp / CONFIG_FILE, config, ensure_ascii=False)
-    size = sum(record["bytes"] for name, record in files.items() if not name.startswith(f"{MERGED_DIR}/"))
-    logger.info("exported %s (%.1f MB without merged/)", out, size / 1e6)
-    return Path(out)
-
-
-def _save_adapters(model: CLLM4Rec, directory: Path, dtype: torch.dtype) -> None:
-    """peft's own adapter directories, one per adapter, with the weights cast to ``dtype``."""
-    model.lm.save_pretrained(str(directory))
-    (directory / "README.md").unlink(missing_ok=True)  # peft's model card names local paths
-    for path in directory.rglob("adapter_model.safetensors"):
-        state = load_file(str(path))
-        save_file(
-            {k: v.to(dtype).contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"}
-        )
+    source = {**(source or {}), "data": str(data.path), "dataset_counts": data.manifest.get("counts")}
+    merged = (lambda directory: _export_merged(model, directory, DTYPES[dtype], templates)) if merge else None
+    return write_bundle(
+        model,
+        out,
+        data.catalogue,
+        data.histories("train"),
+        templates,
+        source,
+        dtype=dtype,
+        overwrite=overwrite,
+        merged=merged,
+    )
 
 
 def _export_merged(model: CLLM4Rec, directory: Path, dtype: torch.dtype, templates: dict[str, str]) -> None:

@@ -31,7 +31,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from llmrec.collate import FinetuneDataset, lm_example
+from llmrec.collate import FinetuneDataset, epoch_rng, lm_example
 from llmrec.model import CLLM4Rec
 from llmrec.prompts import TASKS, FinetunePrompts, prompt_batch
 
@@ -77,6 +77,21 @@ class SemanticDataset(FinetuneDataset):
             self.prompts.encode(self.users[index], kept), tokens, [t - self.first_semantic for t in tokens]
         )
         return {"task": TASKS.index("semantic"), "input_ids": input_ids, "labels": labels}
+
+
+class NextSemanticDataset(SemanticDataset):
+    """The semantic-ID task in the next-item setting: the prompt is a chronological prefix of the history
+    and the target the semantic ID of the item right after it.
+
+    One prefix per user and epoch, its length drawn uniformly from ``(seed, epoch, row)`` (every prefix
+    would be one LM forward each: the codes of the next item follow the prompt, so prefixes cannot share a
+    forward as the item head's do).
+    """
+
+    def split(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        items = self.histories[index]
+        cut = int(epoch_rng(self.seed, self.epoch, index).integers(0, len(items)))
+        return items[:cut], items[cut : cut + 1]
 
 
 class TrieTensors:
@@ -204,6 +219,31 @@ def constrained_beam_search(
     return items.masked_fill(~found, -1), score.masked_fill(~found, float("-inf"))
 
 
+@torch.no_grad()
+def unconstrained_beam_search(
+    decoder: SemanticDecoder, codebook_sizes: Sequence[int], beam: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Beam search over every code tuple, with no trie: (rows, beam, levels) codes and (rows, beam) scores.
+
+    What the generator writes when nothing keeps it to real items, for the validity diagnostics; the
+    tuples may name no item. Fixed-length tuples only (one code per level).
+    """
+    logp = decoder.start()
+    rows, device = logp.shape[0], logp.device
+    score = torch.zeros(rows, 1, device=device)
+    codes = torch.zeros(rows, 1, 0, dtype=torch.long, device=device)
+    for depth, size in enumerate(codebook_sizes):
+        width = score.shape[1]
+        candidates = (score[..., None] + logp.view(rows, width, size).float()).view(rows, -1)
+        score, flat = candidates.topk(min(beam, candidates.shape[1]), dim=1)
+        parent, code = flat // size, flat % size
+        codes = torch.cat([codes.gather(1, parent[..., None].expand(-1, -1, depth)), code[..., None]], dim=2)
+        if depth + 1 < len(codebook_sizes):
+            source = torch.arange(rows, device=device)[:, None] * width + parent
+            logp = decoder.advance(source.view(-1), depth, code.reshape(-1))
+    return codes, score
+
+
 class ModelDecoder:
     """`SemanticDecoder` over a `CLLM4Rec`: the prompts run once, then every step runs the beams' code prefixes
     against the prompts' KV cache, which a user's beams share instead of copying it per beam.
@@ -265,6 +305,19 @@ class ModelDecoder:
         return self._log_probs(last.reshape(users * width, -1), depth + 1)
 
 
+def index_validity(index: ItemIndex) -> dict[str, float]:
+    """Collision rate (and, where the indexer recorded it, the rate before resolution) and per-level
+    codebook usage of an item index."""
+    from llmrec.indexing.base import codebook_stats, collision_stats
+
+    out = {"collision_rate": float(collision_stats(index.codes)["collision_rate"])}
+    if "collision_rate_before" in index.stats:
+        out["collision_rate_before"] = float(index.stats["collision_rate_before"])
+    usage = codebook_stats(index.codes, index.codebook_sizes, index.shared_codebook)["utilisation"]
+    out.update({f"codebook_usage@{level}": float(u) for level, u in enumerate(usage)})
+    return out
+
+
 def require_index(model: CLLM4Rec) -> ItemIndex:
     """The model's item index, or a clear error for a model built without one."""
     if model.item_index is None:
@@ -308,16 +361,7 @@ class GenerativeScorer:
         items, scores = [], []
         for start in range(0, len(users), self.batch_size):
             chunk = [int(u) for u in users[start : start + self.batch_size]]
-            batch = prompt_batch(
-                [self.prompts.encode(u, self.histories[u]) for u in chunk],
-                pad_token_id=self.model.tokenizer.pad_token_id or 0,
-            )
-            decoder = ModelDecoder(
-                self.model,
-                batch["input_ids"].to(self.device),
-                batch["attention_mask"].to(self.device),
-                self.trie,
-            )
+            decoder = self._decoder(chunk)
             remaining = None
             if self.exclude is not None:
                 remaining = self.trie.remaining([self.exclude[u].indices for u in chunk])
@@ -329,6 +373,56 @@ class GenerativeScorer:
         if short:
             logger.info("%d of %d users got fewer than %d items", short, len(users), top_k)
         return items, scores
+
+    def _decoder(self, users: Sequence[int]) -> ModelDecoder:
+        batch = prompt_batch(
+            [self.prompts.encode(u, self.histories[u]) for u in users],
+            pad_token_id=self.model.tokenizer.pad_token_id or 0,
+        )
+        return ModelDecoder(
+            self.model, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device), self.trie
+        )
+
+    @torch.no_grad()
+    def diagnostics(self, users: Sequence[int] | np.ndarray) -> dict[str, float]:
+        """Validity of what is generated for ``users``, with the trie and without it, and of the index.
+
+        - ``invalid_rate``: share of generated entries that are not real items (0 with the trie, by
+          construction; measured, not assumed); ``invalid_rate_free``: the same for beam search with no
+          trie (fixed-length indexes only), whose tuples may name no item;
+        - ``seen_rate_free``: share of the free beams that name an item excluded for the user (seen);
+        - ``duplicate_rate``/``duplicate_rate_free``: share of lists holding an item twice;
+        - ``collision_rate`` (of the index used; ``collision_rate_before`` resolution when recorded) and
+          ``codebook_usage@L``, the share of level L's codes that some item uses.
+        """
+        index = require_index(self.model)
+        trie = index.trie()
+        items, _ = self.recommend(users)
+        found = items[items >= 0]
+        real = [trie.item(index.code(int(i))) == int(i) for i in found.tolist()]
+        out = {
+            "invalid_rate": 1.0 - float(np.mean(real)) if real else 0.0,
+            "duplicate_rate": float(
+                np.mean([len(set(r)) < len(r) for r in (row[row >= 0].tolist() for row in items)])
+            ),
+        }
+        if index.lengths().min() == index.max_len and not index.shared_codebook:
+            free_items = []
+            for start in range(0, len(users), self.batch_size):
+                chunk = [int(u) for u in users[start : start + self.batch_size]]
+                codes, _ = unconstrained_beam_search(self._decoder(chunk), index.codebook_sizes, self.beam)
+                named = [[trie.item(row) for row in beams.tolist()] for beams in codes]
+                free_items += [(u, row) for u, row in zip(chunk, named, strict=True)]
+            flat = [i for _, row in free_items for i in row]
+            out["invalid_rate_free"] = float(np.mean([i < 0 for i in flat]))
+            if self.exclude is not None:
+                seen = [i >= 0 and self.exclude[u, i] != 0 for u, row in free_items for i in row]
+                out["seen_rate_free"] = float(np.mean(seen))
+            out["duplicate_rate_free"] = float(
+                np.mean([len(set(r) - {-1}) < len([i for i in r if i >= 0]) for _, r in free_items])
+            )
+        out.update(index_validity(index))
+        return out
 
     def score(self, users: np.ndarray) -> torch.Tensor:
         """(len(users), n_items): each found item's beam score, -inf for the items not in the list."""

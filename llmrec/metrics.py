@@ -14,6 +14,13 @@ tables are comparable. Conventions:
   the top K; ``coverage@K`` is the fraction of the catalogue that appears in at least one user's top K.
 - Users without held-out items are skipped and counted in ``users_skipped``; ``users`` counts the users
   the averages are over.
+- Next-item leave-one-out bundles (every user holds at most one valid and one test interaction, as in
+  SASRec, TIGER and the generative-recommendation literature) are detected by :func:`is_leave_one_out`
+  and reported at @5/@10/@20 with ``hr@K`` (hit ratio: ``hit@K``, which with one held-out item is also
+  recall) next to ``ndcg@K`` (with IDCG 1). The input history for the test split then includes the
+  validation item (:func:`history_splits`), since it precedes the test item in time.
+- Seen items are excluded by default; ``exclude_seen=False`` keeps them in the ranking (the
+  generative-recommendation literature is split on this, so both are one flag apart).
 
 The metrics are written here rather than taken from RecBole or torchmetrics: RecBole brings its whole
 training framework with it, and torchmetrics' retrieval metrics work on per-query candidate lists rather
@@ -38,6 +45,7 @@ from common.io import write_json
 logger = logging.getLogger(__name__)
 
 DEFAULT_KS: tuple[int, ...] = (10, 20, 40, 100)
+LOO_KS: tuple[int, ...] = (5, 10, 20)
 METRIC_NAMES: tuple[str, ...] = ("recall", "recall_recbole", "ndcg", "mrr", "hit", "coverage")
 
 
@@ -214,6 +222,24 @@ def evaluate_matrices(
     return result
 
 
+def is_leave_one_out(bundle: SplitSource) -> bool:
+    """True for a next-item leave-one-out bundle: no user holds more than one valid or test interaction."""
+    return all(int(np.diff(bundle.matrix(split).indptr).max(initial=0)) <= 1 for split in ("valid", "test"))
+
+
+def history_splits(bundle: SplitSource, split: str) -> tuple[str, ...]:
+    """The splits a scorer reads as each user's input when ranking ``split``.
+
+    Always the training split; for the test split of a leave-one-out bundle also the validation item,
+    which comes right before the test item in time (the field's protocol: predict the next item from
+    everything before it). On per-user random splits valid and test are draws of the same kind, so the
+    input stays the training items, as during finetuning.
+    """
+    if split == "test" and is_leave_one_out(bundle):
+        return ("train", "valid")
+    return ("train",)
+
+
 def evaluate_scorer(
     scorer: Scorer,
     bundle: SplitSource,
@@ -221,25 +247,31 @@ def evaluate_scorer(
     *,
     users: Iterable[int] | None = None,
     batch_size: int = 256,
-    ks: Sequence[int] = DEFAULT_KS,
+    ks: Sequence[int] | None = None,
+    exclude_seen: bool = True,
     progress: bool = True,
 ) -> dict[str, float]:
     """Evaluate ``scorer`` on a bundle's ``split`` ("valid" or "test") under the project's protocol.
 
-    Held-out items are ``bundle.matrix(split)``; ``bundle.seen(split)`` (training items, plus validation
-    items for the test split) are excluded.
+    Held-out items are ``bundle.matrix(split)``; with ``exclude_seen`` (the default) ``bundle.seen(split)``
+    (training items, plus validation items for the test split) are excluded. ``ks`` defaults to
+    `LOO_KS` on a leave-one-out bundle, where ``hr@K`` is added, and to `DEFAULT_KS` otherwise.
     """
     if split not in ("valid", "test"):
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+    loo = is_leave_one_out(bundle)
+    ks = tuple(ks or (LOO_KS if loo else DEFAULT_KS))
     result = evaluate_matrices(
         scorer,
         bundle.matrix(split),
-        bundle.seen(split),
+        bundle.seen(split) if exclude_seen else None,
         users=users,
         batch_size=batch_size,
         ks=ks,
         progress=progress,
     )
+    if loo:
+        result.update({f"hr@{k}": result[f"hit@{k}"] for k in ks})
     logger.info(
         "%s: %d users evaluated, %d skipped (no held-out items)",
         split,
@@ -247,6 +279,51 @@ def evaluate_scorer(
         result["users_skipped"],
     )
     return result
+
+
+def evaluate_cold_items(
+    scorer: Scorer,
+    bundle: SplitSource,
+    split: str,
+    cold_items: Sequence[int] | np.ndarray,
+    *,
+    users: Iterable[int] | None = None,
+    batch_size: int = 256,
+    ks: Sequence[int] = DEFAULT_KS,
+    progress: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Metrics of a cold-items split from one scoring pass: ``"all"`` ranks the whole catalogue against
+    every held-out item (the :func:`evaluate_scorer` protocol); ``"cold"`` ranks only ``cold_items`` (the
+    split's unseen items) against the held-out interactions with them."""
+    if split not in ("valid", "test"):
+        raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+    cold = np.zeros(bundle.n_items, dtype=bool)
+    cold[np.asarray(cold_items, dtype=np.int64)] = True
+    if not cold.any():
+        raise ValueError("no cold items given: this is not a cold-items split")
+    exclude, heldout = bundle.seen(split), bundle.matrix(split)
+    cold_heldout = sp.csr_matrix(heldout.multiply(cold[None, :]))
+    candidates = np.arange(bundle.n_users) if users is None else np.asarray(list(users), dtype=np.int64)
+    evaluable = candidates[np.diff(heldout.indptr)[candidates] > 0]
+    views = {"all": RankingMetrics(bundle.n_items, ks), "cold": RankingMetrics(bundle.n_items, ks)}
+    for start in tqdm(
+        range(0, len(evaluable), batch_size), desc="evaluating", unit="batch", disable=not progress
+    ):
+        batch = evaluable[start : start + batch_size]
+        scores = torch.as_tensor(scorer.score(batch))
+        seen = exclude[batch].toarray() != 0
+        views["all"].update(scores, heldout[batch], seen)
+        views["cold"].update(scores, cold_heldout[batch], seen | ~cold[None, :])
+    out = {name: metrics.compute() for name, metrics in views.items()}
+    for result in out.values():
+        result["users_skipped"] += len(candidates) - len(evaluable)
+    logger.info(
+        "%s: %d users (all), %d users with cold held-out items",
+        split,
+        out["all"]["users"],
+        out["cold"]["users"],
+    )
+    return out
 
 
 def format_table(

@@ -21,21 +21,21 @@ import dataclasses
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 import numpy as np
 import safetensors
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from common.errors import UserError
-from llmrec.backbone import BackboneConfig, load_backbone
-from llmrec.config import require
+from llmrec.backbone import load_backbone
+from llmrec.options import BackboneConfig, ModelConfig
 from llmrec.prompts import IGNORE, TASKS
 from llmrec.tokens import RecEmbedding, RecVocab
 
@@ -44,85 +44,6 @@ if TYPE_CHECKING:
 
 VIEWS = ("collab", "content")
 INDEX_DIR = "index"  # the item index saved beside the weights, so a trained model decodes on its own
-
-
-@dataclass
-class ModelConfig:
-    """How the recommender is built on a backbone (the backbone itself is a `BackboneConfig`)."""
-
-    section: ClassVar[str] = "model"  # its YAML section (llmrec.config)
-
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    lora_target_modules: str | None = field(
-        default=None,
-        metadata={
-            "help": "comma-separated module names, 'all-linear', or empty for peft's per-architecture default"
-        },
-    )
-    lora_per_view: bool = field(
-        default=False,
-        metadata={"help": "one LoRA adapter per view (collab, content) instead of one shared adapter"},
-    )
-    embedding_init: str = field(
-        default="normal", metadata={"help": "ID-token init: normal | title_mean | semantic_sum (needs index)"}
-    )
-    embedding_init_std: float | None = field(
-        default=None, metadata={"help": "std for normal init (default: the word embeddings' std)"}
-    )
-    mutual_reg: float = field(
-        default=1.0, metadata={"help": "lambda of the mutual regulariser; 0 turns it off"}
-    )
-    head: str = field(
-        default="tied",
-        metadata={"help": "item head: tied (to collaborative item embeddings) | untied (own weights + bias)"},
-    )
-    max_doc_tokens: int = field(
-        default=512, metadata={"help": "longest document fed to the LM (prompt + main)"}
-    )
-    index: str | None = field(
-        default=None,
-        metadata={
-            "help": "saved ItemIndex directory (recipes/index.py): adds semantic-ID tokens for the semantic task"
-        },
-    )
-    history_pool: str = field(
-        default="none",
-        metadata={
-            "help": "bag-of-items path into the item head: none | mean (the last hidden state plus a learned "
-            "scale times the RMS-normalised mean collaborative embedding of the history's items)"
-        },
-    )
-    prior: str = field(
-        default="none",
-        metadata={
-            "help": "collaborative prior blended into the item scores: none | ease (fitted on the training "
-            "matrix by finetuning, carried with the model)"
-        },
-    )
-    prior_weight: float = field(
-        default=0.0,
-        metadata={
-            "help": "weight of the z-scored prior against the z-scored LM scores (finetuning chooses it on valid)"
-        },
-    )
-
-    def __post_init__(self) -> None:
-        require(self.lora_r >= 1, "lora_r", self.lora_r, "must be at least 1")
-        require(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "must be in [0, 1)")
-        require(self.mutual_reg >= 0, "mutual_reg", self.mutual_reg, "must be >= 0")
-        require(self.max_doc_tokens >= 1, "max_doc_tokens", self.max_doc_tokens, "must be at least 1")
-
-    def lora_config(self) -> LoraConfig:
-        targets: str | list[str] | None = None
-        if self.lora_target_modules:
-            targets = self.lora_target_modules
-            if targets != "all-linear":
-                targets = [name.strip() for name in targets.split(",") if name.strip()]
-        return LoraConfig(
-            r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, target_modules=targets
-        )
 
 
 class CLLM4Rec(nn.Module):
@@ -176,6 +97,9 @@ class CLLM4Rec(nn.Module):
             raise ValueError(f"unknown head {config.head!r}: expected 'tied' or 'untied'")
         self._add_history_paths()
         self.item_softmax = ItemSoftmax()  # recipes swap in chunked or sampled softmax for huge catalogues
+        self.preference: nn.Module | None = (
+            None  # the alignment loss (`llmrec.align.DPOLoss`), set by recipes/align.py
+        )
 
     def _add_untied_head(self) -> None:
         """An item head of its own, started from the collaborative item embeddings, with a bias (popularity)."""
@@ -184,12 +108,6 @@ class CLLM4Rec(nn.Module):
 
     def _add_history_paths(self) -> None:
         """The bag-of-items scale and the prior's item-item matrix, as the config asks (idempotent)."""
-        if self.config.history_pool not in HISTORY_POOLS:
-            raise ValueError(
-                f"unknown history_pool {self.config.history_pool!r}: expected one of {HISTORY_POOLS}"
-            )
-        if self.config.prior not in PRIORS:
-            raise ValueError(f"unknown prior {self.config.prior!r}: expected one of {PRIORS}")
         device = self.collab.family_weight("item").device
         if self.config.history_pool == "mean" and not hasattr(self, "pool_scale"):
             self.pool_scale = nn.Parameter(torch.ones((), device=device))
@@ -416,8 +334,7 @@ class CLLM4Rec(nn.Module):
         """
         if self.config.prior == "none":
             return self.item_logits(self.last_hidden(input_ids, attention_mask, history)).float()
-        logits, prior = self.score_parts(input_ids, attention_mask, history)
-        return standardize(logits) + self.config.prior_weight * standardize(prior)
+        return blend_scores(*self.score_parts(input_ids, attention_mask, history), self.config.prior_weight)
 
     def score_parts(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, history: torch.Tensor | None = None
@@ -434,6 +351,28 @@ class CLLM4Rec(nn.Module):
         bias = self.head_bias if self.config.head == "untied" else None
         nll = softmax(hidden, self.item_weight(), bias, batch["targets"])
         return nll, torch.tensor(hidden.shape[0], device=hidden.device)
+
+    def sequential_loss(
+        self, batch: dict[str, torch.Tensor], softmax: ItemSoftmax
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-item NLL through the item head at every labelled position of one causal forward.
+
+        Position t's hidden state has seen only the prompt and items up to t, so its loss is the loss
+        of the one-prefix prompt that ends there (`collate.SequenceDataset`); the item head and softmax
+        are those of the multinomial task.
+        """
+        hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"], "collab")
+        mask = batch["labels"] != IGNORE
+        bias = self.head_bias if self.config.head == "untied" else None
+        nll = softmax(hidden[mask], self.item_weight(), bias, batch["labels"][mask][:, None])
+        return nll, mask.sum()
+
+    def preference_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The alignment loss of the item head's catalogue log-softmax at each prompt's last position."""
+        if self.preference is None:
+            raise ValueError("a preference batch needs model.preference (e.g. llmrec.align.DPOLoss) set")
+        log_probs = torch.log_softmax(self.score_items(batch["input_ids"], batch["attention_mask"]), dim=-1)
+        return self.preference(log_probs, batch)
 
     def forward(
         self, batch: dict[str, torch.Tensor]
@@ -452,6 +391,10 @@ class CLLM4Rec(nn.Module):
             lm, view = self.semantic_loss(batch), "collab"
             # semantic tokens have no content view to agree with: regularise the prompt's user/item tokens only
             ids = ids.masked_fill(ids >= self.vocab.family_range("semantic").start, 0)
+        elif task == "sequential":
+            lm, view = self.sequential_loss(batch, self.item_softmax), "collab"
+        elif task == "preference":
+            lm, view = self.preference_loss(batch), "collab"
         else:
             lm, view = self.finetune_loss(batch, self.item_softmax), "collab"
         return (*lm, *self.mutual_regularization(ids, view))
@@ -467,26 +410,35 @@ class CLLM4Rec(nn.Module):
         ]
 
     # ------------------------------------------------------------------ persistence
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+    def trainable_state_dict(
+        self, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Only what training produces: LoRA weights, ID-token tables, head, and a fitted prior (a buffer).
 
-        The frozen backbone is rebuilt from its spec.
+        The frozen backbone is rebuilt from its spec. ``state_dict``: a full state dict to pick from (e.g.
+        one gathered from FSDP shards) instead of this module's.
         """
         names = {name for name, param in self.named_parameters() if param.requires_grad}
-        state = {name: tensor for name, tensor in self.state_dict().items() if name in names}
         if self.config.prior != "none":
-            state.update({f"prior.{name}": tensor for name, tensor in self.prior.state_dict().items()})
-        return state
+            names |= {f"prior.{name}" for name in self.prior.state_dict()}
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        return {name: tensor for name, tensor in state_dict.items() if name in names}
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json``, ``vocab.json`` and ``model.safetensors`` (trainable weights only)."""
+    def save_pretrained(
+        self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Write ``config.json``, ``vocab.json`` and ``model.safetensors`` (trainable weights only).
+
+        ``state_dict``: the full weights to save from, when this module's own are sharded (FSDP, ZeRO-3).
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = {"model": asdict(self.config), "backbone": asdict(self.backbone)}
         (directory / "config.json").write_text(json.dumps(config, indent=2))
         self.vocab.save_pretrained(directory)
         state = {
-            name: tensor.detach().contiguous().cpu() for name, tensor in self.trainable_state_dict().items()
+            name: tensor.detach().contiguous().cpu()
+            for name, tensor in self.trainable_state_dict(state_dict).items()
         }
         save_file(state, str(directory / "model.safetensors"))
         if self.item_index is not None:
@@ -562,14 +514,15 @@ def run_data(run: str | Path) -> str:
         raise RunError(f"{path}: cannot read the run's dataset bundle ({err}); pass it with --data") from err
 
 
-HISTORY_POOLS = ("none", "mean")
-PRIORS = ("none", "ease")
-
-
 def standardize(scores: torch.Tensor) -> torch.Tensor:
     """Per-row z-scores over the catalogue (rows with no spread become 0)."""
     centred = scores - scores.mean(dim=-1, keepdim=True)
     return centred / centred.std(dim=-1, keepdim=True).clamp(min=1e-8)
+
+
+def blend_scores(logits: torch.Tensor, prior: torch.Tensor, weight: float) -> torch.Tensor:
+    """The item head's scores with a prior: z(LM logits) + weight * z(prior scores), per user."""
+    return standardize(logits) + weight * standardize(prior)
 
 
 class ItemItemPrior(nn.Module):

@@ -15,7 +15,8 @@ import torch
 from llmrec.tokens import RecVocab
 
 IGNORE = -100
-TASKS = ("collaborative", "content", "finetune", "semantic")  # batch["task"] holds an index into this tuple
+# batch["task"] holds an index into this tuple
+TASKS = ("collaborative", "content", "finetune", "semantic", "sequential", "preference")
 
 
 @dataclass
@@ -35,7 +36,8 @@ class FinetunePrompts:
 
     def render(self, user: int, items: Sequence[int]) -> str:
         history = " ".join(self.vocab.placeholder(self.vocab.item_token(i)) for i in items)
-        return self.template.format(user=user, history=history)
+        # no trailing space: an empty history must give the same tokens as the start of a longer one
+        return self.template.format(user=user, history=history).rstrip()
 
 
 def pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """A finetuned recommender as a small, safe bundle: its format, its verification, and :class:`Recommender`.
 
-This is the serving side; `llmrec.export` writes bundles. Importing it loads no model code:
+This is the serving side; its :func:`write_bundle` is the one writer of the format, used by
+`llmrec.export` (from a training run) and :meth:`Recommender.save_pretrained`. Importing it loads no model code:
 transformers, peft and the model load when a bundle does (``from_pretrained``), and never the training
 stack (`llmrec.train`, `llmrec.collate`, `llmrec.generate`, `data_prep`).
 
@@ -14,8 +15,9 @@ Bundle layout (`llmrec.export.export_model` / ``python recipes/export.py``)::
                            and, for an untied head, ``head_weight``/``head_bias``
     adapter/<name>/        peft LoRA adapter(s) (adapter_config.json + adapter_model.safetensors)
     users.json             raw user ids by index
-    items.json             raw item ids and titles by index
+    items.json             raw item ids and titles by index (and texts, after ``add_items``)
     histories.safetensors  every user's training items, oldest first (CSR: ``offsets``, ``items``)
+    mapper.safetensors     (after ``add_items`` only) the text-to-ID mapper (`llmrec.mapper.TextToID`)
     merged/                (``--merge`` only) a plain transformers model: LoRA merged, ID tokens as
                            added tokens, resized embeddings, plus ``item_head.safetensors``
 
@@ -38,26 +40,27 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import safetensors
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from common import __version__, io
 from common.catalogue import Catalogue
 from common.errors import UserError
-from common.io import ArtifactError, read_json
+from common.io import ArtifactError, atomic_directory, file_records, read_json, write_json
 from llmrec.metrics import RankingMetrics
 from llmrec.prompts import FinetunePrompts
 from llmrec.tokens import RecVocab
 
 if TYPE_CHECKING:
     from llmrec.backbone import BackboneConfig
+    from llmrec.mapper import TextToID
     from llmrec.model import CLLM4Rec, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -71,6 +74,7 @@ HISTORIES_FILE = "histories.safetensors"
 MERGED_DIR = "merged"
 HEAD_FILE = "item_head.safetensors"
 MERGED_INFO_FILE = "recommender.json"
+MAPPER_FILE = "mapper.safetensors"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CONFIG_KEYS = ("backbone", "model", "vocab", "dtype", "adapters", "templates", "files", "checksum")
 
@@ -128,6 +132,119 @@ def verify_files(directory: str | Path, files: dict[str, dict[str, Any]], hashes
         raise BundleError(err.reason, file=err.file) from err
 
 
+def require_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse NaN or infinite weights (a diverged run, or an overflow in the export dtype) by name, so
+    that a broken model never gets a bundle with fresh, valid checksums."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise BundleError(
+                f"{where}: tensor {name!r} has {bad} non-finite value(s) (NaN or inf) of {tensor.numel()}; "
+                "the run diverged or the dtype overflows: export another checkpoint or use --dtype fp32"
+            )
+
+
+def write_bundle(
+    model: CLLM4Rec,
+    out: str | Path,
+    catalogue: Catalogue,
+    histories: Sequence[Sequence[int]],
+    templates: dict[str, str],
+    source: dict[str, Any],
+    *,
+    dtype: str = "fp32",
+    overwrite: bool = False,
+    mapper: TextToID | None = None,
+    merged: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write the bundle files (see the module docstring) into a temporary directory and rename it.
+
+    ``mapper`` (the cold-item text-to-ID mapper) is an optional extra that :meth:`Recommender.add_items`
+    reads back; ``merged(directory)`` writes the ``merged/`` directory (`llmrec.export`, ``--merge``),
+    whose files config.json lists and checksums like the others. Non-finite weights are refused.
+    """
+    import peft
+    import transformers
+
+    from llmrec.backbone import backbone_fingerprint
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    torch_dtype, vocab = DTYPES[dtype], model.vocab
+    if (catalogue.n_users, catalogue.n_items) != (vocab.n_users, vocab.n_items):
+        raise ValueError(
+            f"the catalogue has {catalogue.n_users} users and {catalogue.n_items} items, the model "
+            f"{vocab.n_users} and {vocab.n_items}"
+        )
+    fingerprint = backbone_fingerprint(model.backbone)
+    trainable = {name: t.detach().to("cpu", torch_dtype) for name, t in model.trainable_state_dict().items()}
+    require_finite(trainable, f"the model to export (as {dtype})")
+    with atomic_directory(out, overwrite=overwrite, marker=CONFIG_FILE) as tmp:
+        weights = {
+            name: tensor.contiguous()
+            for name, tensor in trainable.items()
+            if not name.startswith("lm.")  # LoRA goes to the peft adapter directory
+        }
+        save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        adapters = list(model.lm.peft_config)
+        _save_adapters(model, tmp / ADAPTER_DIR, torch_dtype)
+        catalogue.save(tmp)
+        if mapper is not None:
+            mapper.save(tmp / MAPPER_FILE)
+        offsets = np.concatenate([[0], np.cumsum([len(h) for h in histories])]).astype(np.int64)
+        items = np.fromiter((i for h in histories for i in h), dtype=np.int64, count=int(offsets[-1]))
+        save_file(
+            {"offsets": torch.from_numpy(offsets), "items": torch.from_numpy(items)},
+            str(tmp / HISTORIES_FILE),
+            metadata={"format": "pt"},
+        )
+        if merged is not None:
+            merged(tmp / MERGED_DIR)
+        files = file_records(tmp)
+        backbone = dataclasses.replace(model.backbone, cache_dir=None, allow_download=False)
+        config = {
+            "format": BUNDLE_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "llmrec_version": __version__,
+            "library_versions": {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "peft": peft.__version__,
+            },
+            "backbone": {
+                "config": asdict(backbone),
+                **fingerprint,
+                "base_vocab_size": vocab.base_size,
+                "hidden_size": int(model.collab.family_weight("item").shape[1]),
+            },
+            "model": asdict(model.config),
+            "head": model.config.head,
+            "vocab": vocab.to_dict(),
+            "dtype": dtype,
+            "adapters": adapters,
+            "templates": templates,
+            "source": source,
+            "merged": MERGED_DIR if merged is not None else None,
+            "files": files,
+        }
+        config["checksum"] = config_checksum(config)
+        write_json(tmp / CONFIG_FILE, config, ensure_ascii=False)
+    size = sum(record["bytes"] for name, record in files.items() if not name.startswith(f"{MERGED_DIR}/"))
+    logger.info("wrote %s (%.1f MB without merged/)", out, size / 1e6)
+    return Path(out)
+
+
+def _save_adapters(model: CLLM4Rec, directory: Path, dtype: torch.dtype) -> None:
+    """peft's own adapter directories, one per adapter, with the weights cast to ``dtype``."""
+    model.lm.save_pretrained(str(directory))
+    (directory / "README.md").unlink(missing_ok=True)  # peft's model card names local paths
+    for path in directory.rglob("adapter_model.safetensors"):
+        state = load_file(str(path))
+        save_file(
+            {k: v.to(dtype).contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"}
+        )
+
+
 @dataclass(frozen=True)
 class Recommendation:
     """One recommended item: raw id, catalogue index, title and score (the item head's logit)."""
@@ -154,16 +271,25 @@ class Recommender:
         histories: Sequence[Sequence[int]],
         templates: dict[str, str],
         batch_size: int = 32,
+        mapper: TextToID | None = None,
+        dtype: str = "fp32",
     ):
+        self.model, self.catalogue, self.histories, self.batch_size = model, catalogue, histories, batch_size
+        self.templates, self.mapper, self.dtype = templates, mapper, dtype
+        self._build_prompts()
+
+    def _build_prompts(self) -> None:
+        """Prompt encoders and scorer over the model's current vocabulary (rebuilt when items are added)."""
         from llmrec.scoring import ItemHeadScorer
 
-        self.model, self.catalogue, self.histories, self.batch_size = model, catalogue, histories, batch_size
-        max_tokens = model.config.max_doc_tokens
-        self.prompts = FinetunePrompts(model.vocab, model.tokenizer, templates["user"], max_tokens=max_tokens)
-        self.cold_prompts = FinetunePrompts(
-            model.vocab, model.tokenizer, templates["cold"], max_tokens=max_tokens
+        model, max_tokens = self.model, self.model.config.max_doc_tokens
+        self.prompts = FinetunePrompts(
+            model.vocab, model.tokenizer, self.templates["user"], max_tokens=max_tokens
         )
-        self._scorer = ItemHeadScorer(model, self.prompts, histories, batch_size=batch_size)
+        self.cold_prompts = FinetunePrompts(
+            model.vocab, model.tokenizer, self.templates["cold"], max_tokens=max_tokens
+        )
+        self._scorer = ItemHeadScorer(model, self.prompts, self.histories, batch_size=self.batch_size)
 
     @classmethod
     def from_pretrained(
@@ -219,6 +345,11 @@ class Recommender:
         except ArtifactError as err:
             raise BundleError(str(err)) from err
         histories = _read_histories(directory / HISTORIES_FILE, vocab)
+        mapper = None
+        if MAPPER_FILE in config["files"]:
+            from llmrec.mapper import TextToID
+
+            mapper = TextToID.load(directory / MAPPER_FILE)
         model = _load_model(directory, config, vocab, model_config, backbone)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -230,7 +361,15 @@ class Recommender:
             vocab.n_items,
             backbone.name_or_path,
         )
-        return cls(model, catalogue, histories, config["templates"], batch_size=batch_size)
+        return cls(
+            model,
+            catalogue,
+            histories,
+            config["templates"],
+            batch_size=batch_size,
+            mapper=mapper,
+            dtype=config["dtype"],
+        )
 
     # ------------------------------------------------------------------ ids
     @property
@@ -254,6 +393,50 @@ class Recommender:
     def history(self, user: str | int) -> list[str]:
         """A known user's training items (raw ids, oldest first): their prompt and their seen items."""
         return [self.catalogue.item_ids[i] for i in self.histories[self.user(user)]]
+
+    # ------------------------------------------------------------------ catalogue
+    def add_items(self, items: Iterable[Mapping[str, Any]] | Any) -> list[int]:
+        """Add items nobody has interacted with, from their text, without retraining; returns their indices.
+
+        ``items``: a list of ``{"id": str, "title": str, "text": str (optional)}`` dicts, or a pandas
+        DataFrame with those columns. Each new item gets every ID-token row from the text-to-ID mapper
+        (`llmrec.mapper.TextToID`: MiniLM embedding -> rows, fit on the items with a training history the
+        first time and kept by :meth:`save_pretrained`), so the item head ranks new and old items together
+        and a new item may appear in ``history=[...]``. Existing items keep their rows, so their LM scores
+        do not change; a prior (``ModelConfig.prior``) gives new items zero, and the history pool reads
+        their mapped rows.
+        """
+        from llmrec.mapper import TextToID, extend_items, item_texts, parse_new_items
+
+        new = parse_new_items(items, self.catalogue.item_index)
+        if self.mapper is None:
+            warm = np.unique(np.concatenate([np.asarray(h, dtype=np.int64) for h in self.histories]))
+            texts = item_texts(self.catalogue.item_titles, self.catalogue.item_texts)
+            self.mapper = TextToID.fit_on_texts(self.model, texts, warm)
+        embeddings = self.mapper.embed(item_texts([n["title"] for n in new], [n["text"] for n in new]))
+        indices = list(extend_items(self.model, len(new)))
+        self.mapper.apply(self.model, indices, embeddings)
+        self.catalogue = self.catalogue.with_items(
+            [n["id"] for n in new], [n["title"] for n in new], [n["text"] for n in new]
+        )
+        self._build_prompts()
+        logger.info("added %d items (%d in the catalogue)", len(new), self.n_items)
+        return indices
+
+    def save_pretrained(self, directory: str | Path, overwrite: bool = False) -> Path:
+        """Write this recommender, added items and mapper included, as a bundle that
+        :meth:`from_pretrained` loads."""
+        return write_bundle(
+            self.model,
+            directory,
+            self.catalogue,
+            self.histories,
+            self.templates,
+            {"saved_by": "Recommender.save_pretrained"},
+            dtype=self.dtype,
+            overwrite=overwrite,
+            mapper=self.mapper,
+        )
 
     # ------------------------------------------------------------------ scores
     def score(

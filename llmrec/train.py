@@ -18,14 +18,19 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import ClassVar
 
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    ProjectConfiguration,
+    parse_flag_from_env,
+    set_seed,
+)
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -33,97 +38,13 @@ from transformers import get_scheduler
 from common.io import ArtifactError, file_records, verify_files
 from common.log import get_logger
 from llmrec.collate import TaskBucketSampler, collate
-from llmrec.config import require, to_dict
+from llmrec.config import to_dict
 from llmrec.model import CLLM4Rec, RunError
+from llmrec.options import TrainConfig
 from llmrec.prompts import TASKS
 
 logger = get_logger(__name__)
 STATE_FILE = "trainer_state.json"
-
-
-@dataclass
-class TrainConfig:
-    section: ClassVar[str] = "train"  # its YAML section (llmrec.config)
-    output_dir: str = field(
-        default="runs/pretrain", metadata={"help": "run directory: checkpoints, metrics.jsonl, model/"}
-    )
-    seed: int = field(default=42, metadata={"help": "seeds weights init, shuffling, masking and dropout"})
-    epochs: int = field(default=1, metadata={"help": "passes over the training examples"})
-    max_steps: int = field(
-        default=-1, metadata={"help": "stop after this many optimizer steps (-1: run all epochs)"}
-    )
-    batch_size: int = field(
-        default=8, metadata={"help": "global batch (split over processes) per micro-step"}
-    )
-    grad_accum: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the LoRA weights"})
-    embedding_lr: float | None = field(
-        default=None, metadata={"help": "learning rate of ID-token tables and head (default: lr)"}
-    )
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (LoRA weights only)"})
-    scheduler: str = field(
-        default="cosine",
-        metadata={"help": "a transformers scheduler name: linear, cosine, constant_with_warmup, ..."},
-    )
-    warmup_ratio: float = field(default=0.05, metadata={"help": "share of the steps spent warming up"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: off)"})
-    mixed_precision: str = field(default="no", metadata={"help": "no | bf16 | fp16"})
-    save_steps: int = field(
-        default=0, metadata={"help": "checkpoint every N optimizer steps (0: only at the end)"}
-    )
-    save_total_limit: int = field(default=2, metadata={"help": "complete checkpoints kept"})
-    resume: bool = field(
-        default=False, metadata={"help": "continue from the newest complete checkpoint in output_dir"}
-    )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "start afresh in an output_dir that holds a previous run (deletes its results)"},
-    )
-    log_steps: int = field(default=10, metadata={"help": "log every N optimizer steps"})
-    tensorboard: bool = field(
-        default=False, metadata={"help": "also log to TensorBoard in output_dir/tensorboard"}
-    )
-    num_workers: int = field(default=0, metadata={"help": "DataLoader workers"})
-    patience: int = field(
-        default=0, metadata={"help": "stop after N evaluations without improvement (0: never)"}
-    )
-
-    def __post_init__(self) -> None:
-        require(self.lr > 0, "lr", self.lr, "must be > 0")
-        require(
-            self.embedding_lr is None or self.embedding_lr > 0,
-            "embedding_lr",
-            self.embedding_lr,
-            "must be > 0",
-        )
-        require(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
-        require(self.grad_accum >= 1, "grad_accum", self.grad_accum, "must be at least 1")
-        require(
-            self.epochs >= 1 or self.max_steps > 0,
-            "epochs",
-            self.epochs,
-            "must be at least 1 (or set max_steps)",
-        )
-        require(
-            self.max_steps == -1 or self.max_steps > 0,
-            "max_steps",
-            self.max_steps,
-            "must be > 0, or -1 for all epochs",
-        )
-        require(0 <= self.warmup_ratio <= 1, "warmup_ratio", self.warmup_ratio, "must be in [0, 1]")
-        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
-        require(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "must be >= 0")
-        require(self.save_steps >= 0, "save_steps", self.save_steps, "must be >= 0")
-        require(self.save_total_limit >= 1, "save_total_limit", self.save_total_limit, "must be at least 1")
-        require(self.log_steps >= 1, "log_steps", self.log_steps, "must be at least 1")
-        require(self.patience >= 0, "patience", self.patience, "must be >= 0")
-        require(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
-        require(
-            self.mixed_precision in ("no", "bf16", "fp16"),
-            "mixed_precision",
-            self.mixed_precision,
-            "must be no, bf16 or fp16",
-        )
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -137,6 +58,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         # steps that touch only one view leave the other view's tables without gradients
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    _fsdp_on_cpu(accelerator)
     prepare_output_dir(config, accelerator)
     return accelerator
 
@@ -183,6 +105,20 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     folder = Path(output_dir) / "checkpoints"
     found = [p for p in folder.iterdir() if CHECKPOINT.match(p.name)] if folder.is_dir() else []
     return sorted((p for p in found if (p / STATE_FILE).is_file()), key=lambda p: int(p.name.split("_")[1]))
+
+
+def _fsdp_on_cpu(accelerator: Accelerator) -> None:
+    """Honour an FSDP launch config on CPU processes (gloo), which accelerate would silently run as DDP.
+
+    accelerate 1.15 switches its state to FSDP only for accelerator devices (``AcceleratorState``
+    checks MULTI_GPU/NPU/XPU/...), while torch's FSDP2 ``fully_shard`` runs on CPU with gloo; so a
+    CPU launch with ``recipes/accelerate/fsdp.yaml`` gets the FSDP plugin of that config here.
+    """
+    state = accelerator.state
+    if state.distributed_type == DistributedType.MULTI_CPU and parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        for shared in (PartialState(), state):  # every AcceleratorState() re-reads PartialState's copy
+            shared.distributed_type = DistributedType.FSDP
+        state.fsdp_plugin = FullyShardedDataParallelPlugin()
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -267,6 +203,8 @@ def register_trainable_checkpointing(accelerator: Accelerator) -> None:
             accelerator.unwrap_model(model).load_trainable(Path(input_dir) / "model.safetensors")
         models.clear()
 
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return  # sharded engines save and load their own (sharded) model state
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
@@ -323,8 +261,11 @@ def train(
     def checkpoint() -> None:
         save_checkpoint(accelerator, out, state, config.save_total_limit)
 
-    window = {task: [0.0, 0.0] for task in (*TASKS, "reg")}
-    tokens_seen, window_start = 0, time.perf_counter()
+    # per-task (loss sum, count) and the token count since the last log line, summed on this process's
+    # device: one reduction and one host sync per log line instead of five every step
+    names = (*TASKS, "reg", "tokens")
+    window = torch.zeros(len(names), 2, device=accelerator.device)  # float32: MPS has no float64
+    window_start = time.perf_counter()
     progress = tqdm(
         total=total_steps, initial=state["step"], disable=not accelerator.is_main_process, desc="train"
     )
@@ -353,30 +294,29 @@ def train(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            window[task][0] += accelerator.reduce(lm_sum.detach().float(), "sum").item()
-            window[task][1] += lm_total.item()
-            window["reg"][0] += accelerator.reduce(reg_sum.detach().float(), "sum").item()
-            window["reg"][1] += reg_total.item()
-            tokens_seen += int(accelerator.reduce(batch["attention_mask"].sum(), "sum").item())
+            window[TASKS.index(task)] += torch.stack([lm_sum.detach().float(), lm_count.float()])
+            window[-2] += torch.stack([reg_sum.detach().float(), reg_count.float()])
+            window[-1, 0] += batch["attention_mask"].sum()
             if not accelerator.sync_gradients:
                 continue
             state["step"] += 1
             progress.update(1)
             if state["step"] % config.log_steps == 0 or state["step"] == total_steps:
-                elapsed = time.perf_counter() - window_start
+                totals = accelerator.reduce(window, "sum").tolist()
                 record = {
                     "step": state["step"],
                     "epoch": epoch,
                     "lr": scheduler.get_last_lr()[0],
-                    "tokens_per_s": tokens_seen / elapsed,
+                    "tokens_per_s": totals[-1][0] / (time.perf_counter() - window_start),
                 }
-                record.update({f"loss/{task}": s / n for task, (s, n) in window.items() if n > 0})
+                losses = {name: s / n for name, (s, n) in zip(names, totals, strict=True) if n > 0}
+                record.update({f"loss/{name}": value for name, value in losses.items()})  # tokens: n == 0
                 log_record(accelerator, metrics_file, record, state["step"])
                 progress.set_postfix(
                     {k.split("/")[-1]: round(v, 4) for k, v in record.items() if k.startswith("loss/")}
                 )
-                window = {task: [0.0, 0.0] for task in window}
-                tokens_seen, window_start = 0, time.perf_counter()
+                window.zero_()
+                window_start = time.perf_counter()
             if config.save_steps and state["step"] % config.save_steps == 0:
                 checkpoint()
             if state["step"] >= total_steps:
@@ -394,10 +334,7 @@ def train(
             )
     progress.close()
     checkpoint()
-    unwrapped = accelerator.unwrap_model(model)
-    if accelerator.is_main_process:
-        unwrapped.save_pretrained(out / "model")
-    accelerator.wait_for_everyone()
+    save_model(accelerator, model, out / "model")
     accelerator.end_training()
     return state
 
@@ -419,12 +356,18 @@ def evaluate_and_select(model, evaluate, metric_for_best, config, accelerator, s
     value = metrics[metric_for_best]
     if state["best"] is None or value > state["best"]:
         state.update(best=value, best_step=state["step"], evals_without_improvement=0)
-        if accelerator.is_main_process:
-            accelerator.unwrap_model(model).save_pretrained(Path(config.output_dir) / "best")
-        accelerator.wait_for_everyone()
+        save_model(accelerator, model, Path(config.output_dir) / "best")
         return False
     state["evals_without_improvement"] += 1
     return config.patience > 0 and state["evals_without_improvement"] >= config.patience
+
+
+def save_model(accelerator: Accelerator, model: CLLM4Rec, directory: Path) -> None:
+    """``save_pretrained`` from the main process, with the weights gathered first where they are sharded."""
+    state_dict = accelerator.get_state_dict(model)  # a collective under FSDP / ZeRO-3: every process calls it
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(directory, state_dict=state_dict)
+    accelerator.wait_for_everyone()
 
 
 def log_record(accelerator: Accelerator, path: Path, record: dict, step: int) -> None:

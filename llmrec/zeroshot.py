@@ -55,6 +55,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 logger = logging.getLogger(__name__)
 
 METHODS: tuple[str, ...] = ("naive", "cached", "trie")
+NORMALIZATIONS: tuple[str, ...] = ("sum", "mean", "calibrated")
 EOS = "<eos>"  # item_suffix value meaning "the tokenizer's EOS / end-of-turn token"
 
 
@@ -96,6 +97,13 @@ class PromptConfig:
     )
     recent_first: bool = field(
         default=True, metadata={"help": "list the history most recent first (else chronologically)"}
+    )
+    neutral_history: str = field(
+        default="other movies",
+        metadata={
+            "help": "what stands for the history in the neutral prompt of calibrated scores "
+            "(the same template, user-independent)"
+        },
     )
 
     def __post_init__(self) -> None:
@@ -146,11 +154,18 @@ class PromptBuilder:
 
     def text(self, history: Sequence[int]) -> str:
         """The prompt text for these history items (already selected and ordered)."""
-        joined = self.config.separator.join(self.titles[i] for i in history)
+        return self.render(self.config.separator.join(self.titles[i] for i in history))
+
+    def render(self, history: str) -> str:
+        """The prompt text with ``history`` where the history titles go."""
         if self.config.style == "completion":
-            return self.config.template.format(history=joined)
-        message = {"role": "user", "content": self.config.instruction.format(history=joined)}
+            return self.config.template.format(history=history)
+        message = {"role": "user", "content": self.config.instruction.format(history=history)}
         return self.tokenizer.apply_chat_template([message], add_generation_prompt=True, tokenize=False)
+
+    def neutral(self) -> list[int]:
+        """Prompt ids with ``PromptConfig.neutral_history`` in place of a user's titles."""
+        return self.encode_text(self.render(self.config.neutral_history))
 
     def encode_text(self, text: str) -> list[int]:
         # A chat template already spells out its special tokens; a completion prompt starts a document.
@@ -537,6 +552,7 @@ class ZeroShotScorer:
         chunk_size: int = 256,
         batch_size: int = 32,
         top_k: int | None = None,
+        candidates: Sequence[int] | None = None,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -545,7 +561,12 @@ class ZeroShotScorer:
         self.prompt = prompt or PromptConfig()
         self.model, self.method = model.eval(), method
         self.chunk_size, self.batch_size, self.top_k = chunk_size, batch_size, top_k
-        self.items = encode_items(titles, tokenizer, self.prompt)
+        # the items scored (default: all); histories may name any item of ``titles``
+        self.candidates = (
+            np.arange(len(titles)) if candidates is None else np.asarray(candidates, dtype=np.int64)
+        )
+        self.items = encode_items([titles[i] for i in self.candidates], tokenizer, self.prompt)
+        self._neutral: ItemLogLikelihoods | None = None
         longest = max(len(t) for t in self.items)
         context = getattr(model.config, "max_position_embeddings", None)
         budget = self.prompt.max_prompt_tokens or (context - longest if context else None)
@@ -571,12 +592,18 @@ class ZeroShotScorer:
             )
 
     def likelihoods(self, history: Sequence[int], exclude: Sequence[int] | None = None) -> ItemLogLikelihoods:
-        """Log-likelihood of every item after the prompt built from ``history`` (item indices, oldest first).
+        """Log-likelihood of every candidate after the prompt built from ``history`` (item indices, oldest
+        first); entry j is ``candidates[j]`` (every item by default).
 
-        With ``top_k`` set, only the exact top-k items outside ``exclude`` are guaranteed a score
-        (:func:`score_top_k`); without it ``exclude`` is ignored and every item is scored.
+        With ``top_k`` set, only the exact top-k candidates outside ``exclude`` (positions in the candidate
+        list) are guaranteed a score (:func:`score_top_k`); without it ``exclude`` is ignored and every
+        candidate is scored.
         """
-        prompt_ids = self.build_prompt(history)
+        return self._score_prompt(self.build_prompt(history), exclude)
+
+    def _score_prompt(
+        self, prompt_ids: list[int], exclude: Sequence[int] | None = None
+    ) -> ItemLogLikelihoods:
         if self.top_k is not None:
             return score_top_k(self.model, prompt_ids, self.trie, self.top_k, exclude, self.chunk_size)
         if self.method == "naive":
@@ -585,6 +612,28 @@ class ZeroShotScorer:
             return score_cached(self.model, prompt_ids, self.items, self.batch_size)
         return score_trie(self.model, prompt_ids, self.trie, self.chunk_size)
 
+    def neutral(self) -> ItemLogLikelihoods:
+        """``log p(title | neutral prompt)`` of every candidate: the prompt template with
+        ``PromptConfig.neutral_history`` for the history. User-independent, so computed once."""
+        if self._neutral is None:
+            if self.top_k is not None:
+                raise ValueError("calibrated scores need every title scored; this scorer runs a top-k search")
+            self._neutral = self._score_prompt(self.build_prompt.neutral())
+        return self._neutral
+
+    def normalized(self, result: ItemLogLikelihoods, normalize: str = "sum") -> torch.Tensor:
+        """Every candidate's score from one :meth:`likelihoods` result: ``sum`` (log p(title | history
+        prompt)), ``mean`` (per title token) or ``calibrated`` (the sum minus log p(title | neutral prompt):
+        how much the history raises the title's likelihood, which removes the titles' own prior, e.g. short
+        or common titles winning whatever the user watched)."""
+        if normalize == "calibrated":
+            return result.total - self.neutral().total
+        return result.scores(normalize)
+
+    def variants(self, result: ItemLogLikelihoods) -> dict[str, torch.Tensor]:
+        """Every normalisation of one :meth:`likelihoods` result, by name."""
+        return {name: self.normalized(result, name) for name in NORMALIZATIONS}
+
     def users(self, histories: Sequence[Sequence[int]], seen: sp.csr_matrix | None = None) -> ZeroShotUsers:
         """This scorer over users (`llmrec.metrics.Scorer`): ``histories[u]`` is user u's history,
         ``seen`` (csr rows) what the exact top-k search leaves out."""
@@ -592,8 +641,9 @@ class ZeroShotScorer:
 
 
 class ZeroShotUsers:
-    """``score(users) -> (batch, n_items)`` over a `ZeroShotScorer`; each user's likelihoods are computed
-    once and kept, so both normalisations (:meth:`normalized`) come from one pass over the LM."""
+    """``score(users) -> (batch, n_candidates)`` over a `ZeroShotScorer`; each user's likelihoods are
+    computed once and kept, so every normalisation (:meth:`normalized`) comes from one pass over the LM.
+    ``prior`` (one score per candidate, e.g. a weighted log-popularity) is added to every user's scores."""
 
     def __init__(
         self,
@@ -602,8 +652,12 @@ class ZeroShotUsers:
         seen: sp.csr_matrix | None = None,
         normalize: str = "sum",
         results: dict[int, ItemLogLikelihoods] | None = None,
+        prior: torch.Tensor | None = None,
     ) -> None:
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
         self.scorer, self.histories, self.seen, self.normalize = scorer, histories, seen, normalize
+        self.prior = prior
         self.results = {} if results is None else results
 
     def likelihoods(self, user: int) -> ItemLogLikelihoods:
@@ -614,8 +668,10 @@ class ZeroShotUsers:
         return self.results[user]
 
     def score(self, users: Sequence[int] | np.ndarray) -> torch.Tensor:
-        return torch.stack([self.likelihoods(u).scores(self.normalize) for u in users])
+        scores = torch.stack([self.scorer.normalized(self.likelihoods(u), self.normalize) for u in users])
+        return scores if self.prior is None else scores + self.prior
 
-    def normalized(self, normalize: str) -> ZeroShotUsers:
-        """The same users and likelihoods, scored with another normalisation (``sum`` or ``mean``)."""
-        return ZeroShotUsers(self.scorer, self.histories, self.seen, normalize, self.results)
+    def normalized(self, normalize: str, prior: torch.Tensor | None = None) -> ZeroShotUsers:
+        """The same users and likelihoods, scored with another normalisation (one of ``NORMALIZATIONS``)
+        and ``prior`` added."""
+        return ZeroShotUsers(self.scorer, self.histories, self.seen, normalize, self.results, prior)

@@ -1,11 +1,17 @@
-"""Classical baselines (Pop, EASE, Mult-VAE) on a dataset bundle, scored like the LLM recommender.
+"""Classical baselines (Pop, EASE, Mult-VAE, SASRec, Random, content kNN) on a dataset bundle, scored like the LLM.
 
-    python recipes/baselines.py --data DIR --split test [--models pop,ease,multvae] [--out results.json]
+    python recipes/baselines.py --data DIR --split test [--models pop,ease,multvae,sasrec,random,knn] [--out results.json]
 
-Every model is fit on the training split, with hyperparameters (EASE's lambda, Mult-VAE's epoch) chosen on
-the validation split by NDCG@100. The input history at scoring time is the training matrix, as in the LLM
-recommender's prompt. With ``--split test``, training and validation items are excluded from the rankings;
-with ``--split valid``, training items (and the numbers are optimistic: they were tuned on that split).
+On a cold-items bundle every model gets two rows, the whole catalogue (``all``) and the split's cold
+items only (``cold``); models that cannot score an item without interactions (EASE, Mult-VAE; Pop has
+no signal for them) say so instead of a cold row. The zero-shot LM scorer is ``recipes/zeroshot.py``.
+
+Every model is fit on the training split, with hyperparameters (EASE's lambda, Mult-VAE's epoch by
+NDCG@100; SASRec's epoch and dropout by NDCG@10) chosen on the validation split. The input history at
+scoring time is the training split, as in the LLM recommender's prompt, plus the validation item for the
+test split of a leave-one-out bundle (`llmrec.metrics.history_splits`). With ``--split test``, training
+and validation items are excluded from the rankings; with ``--split valid``, training items (and the
+numbers are optimistic: they were tuned on that split); ``--exclude_seen false`` keeps them.
 """
 
 from __future__ import annotations
@@ -14,19 +20,35 @@ import logging
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import ClassVar
+
+import numpy as np
+import scipy.sparse as sp
 
 from common.errors import run_cli
 from common.log import setup_logging
-from data_prep import load_bundle
-from llmrec.baselines import EASE, make_baseline
+from data_prep import Bundle, load_bundle
+from data_prep.cold import cold_ids
+from llmrec.baselines import EASE, UNSEEN_ITEMS, Baseline, SASRec, make_baseline, sequence_matrix
+from llmrec.coldstart import item_texts
 from llmrec.config import ConfigError, parse_config, to_dict
-from llmrec.metrics import evaluate_scorer, format_table, write_metrics_json
+from llmrec.data import input_histories
+from llmrec.metrics import (
+    Scorer,
+    evaluate_cold_items,
+    evaluate_scorer,
+    format_table,
+    history_splits,
+    is_leave_one_out,
+    write_metrics_json,
+)
 from llmrec.reporting import machine_info
 
 logger = logging.getLogger("recipes.baselines")
 
 COLUMNS = ["recall@20", "recall@40", "ndcg@20", "ndcg@100", "recall_recbole@20", "recall_recbole@40", "fit_s"]
+LOO_COLUMNS = ["hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "fit_s"]
 
 
 @dataclass
@@ -37,11 +59,20 @@ class BaselineArgs:
         metadata={"help": "dataset bundle directory written by `python -m data_prep build`"},
     )
     split: str = field(default="test", metadata={"help": "split to report: test or valid"})
-    models: str = field(default="pop,ease,multvae", metadata={"help": "comma-separated: pop, ease, multvae"})
+    models: str = field(
+        default="pop,ease,multvae",
+        metadata={"help": "comma-separated: pop, ease, multvae, sasrec, random, knn"},
+    )
+    exclude_seen: bool = field(
+        default=True, metadata={"help": "exclude training (and for test, validation) items from the rankings"}
+    )
+    encoder: str = field(
+        default="minilm", metadata={"help": "text encoder of the content kNN (cached in DATA/embeddings)"}
+    )
     out: str | None = field(default=None, metadata={"help": "JSON file for all metrics (written atomically)"})
     eval_batch_size: int = field(default=1024, metadata={"help": "users per scoring batch"})
     device: str | None = field(
-        default=None, metadata={"help": "Mult-VAE device (default: cuda when available)"}
+        default=None, metadata={"help": "Mult-VAE / SASRec device (default: cuda when available)"}
     )
 
 
@@ -65,44 +96,136 @@ class MultVAEArgs:
         default=None,
         metadata={"help": "updates for beta to grow by 1 (default: reach the cap halfway through)"},
     )
-    seed: int = field(default=0, metadata={"help": "seed of Mult-VAE (Pop and EASE are deterministic)"})
+    seed: int = field(
+        default=0,
+        metadata={"help": "seed of Mult-VAE, also used by Random (Pop, EASE and kNN are deterministic)"},
+    )
+
+
+def knn_embeddings(bundle, args: BaselineArgs) -> np.ndarray:
+    """Item text embeddings of the content kNN, cached in the bundle directory."""
+    from llmrec.indexing.encoders import item_embeddings  # loads a text encoder: only when kNN runs
+
+    texts = item_texts(bundle.item_titles, bundle.item_text)
+    return item_embeddings(texts, args.encoder, cache_dir=Path(args.data) / "embeddings")
+
+
+@dataclass
+class SASRecArgs:
+    """SASRec's options; prefixed, as a flag or key must reach one dataclass and Mult-VAE has the
+    same names (``sasrec: {sasrec_epochs: 40}``, ``--sasrec_epochs 40``)."""
+
+    section: ClassVar[str] = "sasrec"  # its YAML section (llmrec.config)
+    sasrec_max_len: int = field(default=200, metadata={"help": "SASRec: most recent items read"})
+    sasrec_hidden: int = field(default=64, metadata={"help": "SASRec: embedding and hidden size"})
+    sasrec_blocks: int = field(default=2, metadata={"help": "SASRec: self-attention blocks"})
+    sasrec_dropouts: list[float] = field(
+        default_factory=lambda: [0.2, 0.5], metadata={"help": "SASRec: dropout grid, chosen on valid"}
+    )
+    sasrec_epochs: int = field(default=200, metadata={"help": "SASRec: maximum epochs"})
+    sasrec_patience: int = field(
+        default=10, metadata={"help": "SASRec: epochs without valid NDCG@10 gain before stopping"}
+    )
+    sasrec_lr: float = field(default=1e-3, metadata={"help": "SASRec: Adam learning rate"})
+    sasrec_batch_size: int = field(default=128, metadata={"help": "SASRec: users per update"})
+    sasrec_seed: int = field(default=0, metadata={"help": "SASRec: seed"})
 
 
 # what this recipe parses; the first is its own YAML section
-CONFIGS = (BaselineArgs, EASEArgs, MultVAEArgs)
+CONFIGS = (BaselineArgs, EASEArgs, MultVAEArgs, SASRecArgs)
+
+
+class FoldIn:
+    """A fitted baseline scoring users from input histories other than the training ones it keeps
+    (`Baseline.score_rows`), e.g. training + validation items for a leave-one-out test split."""
+
+    def __init__(self, model: Baseline | SASRec, histories: list[list[int]]) -> None:
+        self.model, self.histories = model, histories
+
+    def score(self, users: np.ndarray) -> np.ndarray:
+        rows = [self.histories[int(u)] for u in users]
+        if isinstance(self.model, SASRec):
+            return self.model.score_rows(rows)
+        return self.model.score_rows(sequence_matrix(rows, self.model.n_items))
+
+
+def fit_scorer(
+    model: Baseline | SASRec, bundle: Bundle, split: str, fit_on: sp.csr_matrix | None = None
+) -> Scorer:
+    """Fit ``model`` on the bundle's training split, or on ``fit_on`` (training rows without the cold
+    users), selecting on valid, and return its scorer for ``split``: the model itself (scoring every
+    user's training rows, cold users' given history included), or a `FoldIn` of the input histories
+    when they hold more than the training items (`llmrec.metrics.history_splits`)."""
+    if isinstance(model, SASRec):
+        model.fit(bundle.histories("train"), bundle.n_items, bundle.matrix("valid"))
+    else:
+        model.fit(bundle.matrix("train") if fit_on is None else fit_on, bundle.matrix("valid"))
+        model.history = bundle.matrix("train")
+    if history_splits(bundle, split) == ("train",):
+        return model
+    return FoldIn(model, input_histories(bundle, split))
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     setup_logging()
-    args, ease, multvae = parse_config(*CONFIGS, args=argv)
+    args, ease, multvae, sasrec = parse_config(*CONFIGS, args=argv)
     options = {
-        "ease": {"lambdas": ease.lambdas},
-        "multvae": {**asdict(multvae), "device": args.device, "progress": True},
+        "ease": lambda: {"lambdas": ease.lambdas},
+        "multvae": lambda: {**asdict(multvae), "device": args.device, "progress": True},
+        "sasrec": lambda: {
+            **{key.removeprefix("sasrec_"): value for key, value in asdict(sasrec).items()},
+            "device": args.device,
+            "progress": True,
+        },
+        "random": lambda: {"seed": multvae.seed},
+        "knn": lambda: {"embeddings": knn_embeddings(bundle, args)},
     }
     if args.split not in ("valid", "test"):
         raise ConfigError(f"--split must be valid or test, got {args.split!r}")
     bundle = load_bundle(args.data)
-    train, valid = bundle.matrix("train"), bundle.matrix("valid")
     rows: dict[str, dict[str, float]] = {}
     fit_info: dict[str, dict] = {}
+    cold = cold_ids(bundle.manifest, "items", args.split)
+    fit_on = None
+    cold_users = cold_ids(bundle.manifest, "users")
+    if len(cold_users):  # a cold user's history is the input at scoring time, never fit on
+        keep = np.ones(bundle.n_users, dtype=np.float32)
+        keep[cold_users] = 0.0
+        fit_on = sp.csr_matrix(sp.diags(keep) @ bundle.matrix("train"))
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        model = make_baseline(name, **options.get(name, {}))
+        model = make_baseline(name, **options.get(name, dict)())
         start = time.perf_counter()
-        model.fit(train, valid)
+        scorer = fit_scorer(model, bundle, args.split, fit_on)
         fit_s = time.perf_counter() - start
         logger.info("%s fit in %.1f s: %s", name, fit_s, model.fit_info)
-        metrics = evaluate_scorer(model, bundle, args.split, batch_size=args.eval_batch_size)
-        rows[name] = {**metrics, "fit_s": fit_s}
         fit_info[name] = model.fit_info
-    print(f"{args.split} split of {args.data} (history: train; hyperparameters chosen on valid)")
-    print(format_table(rows, COLUMNS))
+        if not len(cold):
+            metrics = evaluate_scorer(
+                scorer, bundle, args.split, batch_size=args.eval_batch_size, exclude_seen=args.exclude_seen
+            )
+            rows[name] = {**metrics, "fit_s": fit_s}
+            continue
+        views = evaluate_cold_items(scorer, bundle, args.split, cold, batch_size=args.eval_batch_size)
+        rows[f"{name} (all)"] = {**views["all"], "fit_s": fit_s}
+        if name in UNSEEN_ITEMS:
+            fit_info[name]["cold"] = UNSEEN_ITEMS[name]
+            logger.info("%s on cold items: %s", name, UNSEEN_ITEMS[name])
+        else:
+            rows[f"{name} (cold)"] = {**views["cold"], "fit_s": fit_s}
+    inputs = "+".join(history_splits(bundle, args.split))
+    print(f"{args.split} split of {args.data} (history: {inputs}; hyperparameters chosen on valid)")
+    print(format_table(rows, LOO_COLUMNS if is_leave_one_out(bundle) else COLUMNS))
+    for name, info in fit_info.items():
+        if "cold" in info:
+            print(f"{name} (cold): {info['cold']}")
     if args.out:
         write_metrics_json(
             args.out,
             rows,
-            config=to_dict(args, ease, multvae),
+            config=to_dict(args, ease, multvae, sasrec),
             fit_info=fit_info,
-            history="train",
+            history=inputs,
+            exclude_seen=args.exclude_seen,
             machine=machine_info(),
         )
         logger.info("wrote %s", args.out)

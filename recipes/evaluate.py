@@ -4,7 +4,14 @@
 
 Uses ``RUN/best`` when the run kept a best model, else ``RUN/model``; prints a table and merges the
 split's metrics into ``RUN/metrics.json``. ``--generate`` ranks by constrained beam search of semantic
-IDs (runs finetuned with ``--task semantic``) and stores the metrics under ``SPLIT/generate``.
+IDs (runs finetuned with ``--task semantic`` or ``semantic_next``) and stores the metrics under
+``SPLIT/generate``. The prompt is the one the run was finetuned on (its ``task`` in ``run_config.json``).
+On a leave-one-out bundle the metrics are HR/NDCG@5/10/20 and the test prompt also holds the validation
+item; ``--exclude_seen false`` keeps seen items in the ranking (stored under ``SPLIT/seen_kept``).
+
+On a cold-items bundle (``data_prep build --split cold-items``) the unseen items first get rows from
+their text (``--cold_method``, see ``llmrec.coldstart``), then two views are reported: ``SPLIT/all``
+ranks the whole catalogue, ``SPLIT/cold`` ranks the split's cold items only.
 """
 
 from __future__ import annotations
@@ -13,14 +20,30 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from common.errors import run_cli
+from common.io import read_json
 from common.log import setup_logging
 from data_prep import load_bundle
+from data_prep.cold import cold_ids
+from llmrec.coldstart import cold_start
 from llmrec.config import parse_config
-from llmrec.data import evaluate_model, require_same_catalogue
-from llmrec.metrics import DEFAULT_KS, format_table, write_metrics_json
+from llmrec.data import (
+    FINETUNE_TASKS,
+    evaluate_model,
+    require_same_catalogue,
+    scorer_for,
+    with_selection_metric,
+)
+from llmrec.metrics import (
+    DEFAULT_KS,
+    LOO_KS,
+    evaluate_cold_items,
+    format_table,
+    is_leave_one_out,
+    write_metrics_json,
+)
 from llmrec.model import CLLM4Rec, run_data, run_model_dir
 
 
@@ -35,33 +58,85 @@ class EvaluateArgs:
     )
     split: str = field(default="test", metadata={"help": "test | valid"})
     batch_size: int = field(default=64, metadata={"help": "users per forward pass"})
-    ks: str = field(default=",".join(map(str, DEFAULT_KS)), metadata={"help": "comma-separated cut-offs"})
+    ks: str | None = field(
+        default=None,
+        metadata={
+            "help": "comma-separated cut-offs (default: 5,10,20 on a leave-one-out bundle, else 10,20,40,100)"
+        },
+    )
+    exclude_seen: bool = field(
+        default=True,
+        metadata={"help": "exclude the user's training (and, for test, validation) items from the ranking"},
+    )
     generate: bool = field(
         default=False, metadata={"help": "rank by constrained beam search of semantic IDs, not the item head"}
     )
     beam: int = field(
         default=0, metadata={"help": "beam width with --generate (default: the largest cut-off)"}
     )
+    diagnostic_users: int = field(
+        default=256,
+        metadata={
+            "help": "with --generate: users whose lists get validity diagnostics (with and without the trie)"
+        },
+    )
+    cold_method: str = field(
+        default="mapper",
+        metadata={"help": "cold-items bundles: how unseen items get rows: mapper | fold-in | mapper+fold-in"},
+    )
+    encoder: str = field(default="minilm", metadata={"help": "text encoder of the cold-item mapper"})
 
 
 # what this recipe parses; the first is its own YAML section
 CONFIGS = (EvaluateArgs,)
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup_logging()
     (args,) = parse_config(*CONFIGS, args=argv)
     run = Path(args.run)
+    saved = read_json(run / "run_config.json", "run config")
     data = args.data or run_data(run)
     model = CLLM4Rec.from_pretrained(run_model_dir(run))
     bundle = load_bundle(data)
     require_same_catalogue(bundle, model, f"the model of {run}")
-    ks = tuple(int(k) for k in args.ks.split(","))
+    loo = is_leave_one_out(bundle)
+    ks = tuple(int(k) for k in args.ks.split(",")) if args.ks else (LOO_KS if loo else DEFAULT_KS)
+    cold = cold_ids(bundle.manifest, "items", args.split)
+    if len(cold) and not args.generate:
+        cold_start(
+            model, bundle, args.cold_method, items=cold_ids(bundle.manifest, "items"), encoder=args.encoder
+        )
+        views = evaluate_cold_items(
+            scorer_for(bundle, model, args.batch_size, split=args.split), bundle, args.split, cold, ks=ks
+        )
+        results = {f"{args.split}/{name}": with_selection_metric(m) for name, m in views.items()}
+        print(f"cold items: {args.cold_method}; 'cold' ranks the {len(cold)} cold {args.split} items only")
+        columns = [f"{name}@{k}" for name in ("recall", "ndcg") for k in ks]
+        print(format_table({f"{run.name} ({key})": m for key, m in results.items()}, columns))
+        path = run / "metrics.json"
+        previous = json.loads(path.read_text())["metrics"] if path.exists() else {}
+        write_metrics_json(path, {**previous, **results}, run=str(run), data=str(data))
+        return results
     beam = (args.beam or max(ks)) if args.generate else 0
-    metrics = evaluate_model(bundle, model, args.split, batch_size=args.batch_size, beam=beam, ks=ks)
+    metrics = evaluate_model(
+        bundle,
+        model,
+        args.split,
+        batch_size=args.batch_size,
+        beam=beam,
+        prompt=FINETUNE_TASKS[saved.get("task", "multinomial")],
+        exclude_seen=args.exclude_seen,
+        diagnostic_users=args.diagnostic_users,
+        ks=ks,
+    )
     key = f"{args.split}/generate" if args.generate else args.split
-    columns = [f"{name}@{k}" for name in ("recall", "ndcg") for k in ks]
+    key += "" if args.exclude_seen else "/seen_kept"
+    columns = [f"{name}@{k}" for name in (("hr", "ndcg") if loo else ("recall", "ndcg")) for k in ks]
     print(format_table({f"{run.name} ({key})": metrics}, columns))
+    validity = {name.split("/", 1)[1]: v for name, v in metrics.items() if name.startswith("validity/")}
+    if validity:
+        print(format_table({"validity": validity}, list(validity)))
     path = run / "metrics.json"
     previous = json.loads(path.read_text())["metrics"] if path.exists() else {}
     write_metrics_json(path, {**previous, key: metrics}, run=str(run), data=str(data))

@@ -7,6 +7,9 @@ Validates after every epoch on the valid split, keeps the best model (output_dir
 
 ``--task semantic --index DIR`` (an index from recipes/index.py) trains the generative task instead:
 the LM writes a held-out item's semantic ID, and validation ranks by constrained beam search.
+``--task sequential`` trains the item head on next-item prediction over the chronological history
+(a loss at every item position, one forward per user), ``--task semantic_next`` the semantic-ID
+generator on the same next-item setting; both are the tasks of the leave-one-out protocol.
 """
 
 from __future__ import annotations
@@ -20,20 +23,8 @@ from typing import ClassVar
 from common.errors import run_cli
 from common.io import write_json
 from common.log import get_logger, setup_logging
-from data_prep import load_bundle
-from llmrec.backbone import BackboneConfig
 from llmrec.config import ConfigError, parse_config
-from llmrec.data import (
-    choose_prior_weight,
-    finetune_dataset,
-    fit_prior,
-    item_softmax,
-    model_for,
-    require_same_catalogue,
-    validation_fn,
-)
-from llmrec.model import CLLM4Rec, ModelConfig, run_model_dir
-from llmrec.train import TrainConfig, make_accelerator, save_run_config, train
+from llmrec.options import BackboneConfig, ModelConfig, TrainConfig
 
 logger = get_logger("finetune")
 PRIOR_FILE = "prior_weight.json"  # the blend weight chosen on valid, with the score of every weight tried
@@ -68,6 +59,8 @@ class FinetuneArgs:
         default="multinomial",
         metadata={
             "help": "multinomial (item head) | semantic (write a held-out item's semantic ID; needs --index) | both"
+            " | sequential (item head at every position of the chronological history) | semantic_next"
+            " (write the next item's semantic ID after a chronological prefix; needs --index)"
         },
     )
     eval_beam: int = field(
@@ -84,9 +77,12 @@ class FinetuneArgs:
     softmax_samples: int = field(
         default=8192, metadata={"help": "negatives per batch for the sampled softmax"}
     )
-    metric_for_best: str = field(
-        default="cllm4rec",
-        metadata={"help": "valid metric to select on; cllm4rec = recall@20 + recall@40 + ndcg@100"},
+    metric_for_best: str | None = field(
+        default=None,
+        metadata={
+            "help": "valid metric to select on (default: ndcg@10 on a leave-one-out bundle, else cllm4rec ="
+            " recall@20 + recall@40 + ndcg@100)"
+        },
     )
     eval_batch_size: int = field(default=64, metadata={"help": "users per forward pass during validation"})
 
@@ -116,6 +112,22 @@ def check_init(init: str, *pairs: tuple) -> None:
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     args, backbone, model_config, train_config = parse_config(*CONFIGS, args=argv)
+    # the model stack loads after parsing, so --help and argument errors answer at once
+    from data_prep import load_bundle
+    from llmrec.data import (
+        FINETUNE_TASKS,
+        GENERATIVE_TASKS,
+        finetune_dataset,
+        fit_prior,
+        item_softmax,
+        model_for,
+        require_same_catalogue,
+        validation_fn,
+    )
+    from llmrec.metrics import is_leave_one_out
+    from llmrec.model import CLLM4Rec
+    from llmrec.train import make_accelerator, save_run_config, train
+
     accelerator = make_accelerator(train_config)
     bundle = load_bundle(args.data)
     if args.init:
@@ -149,24 +161,30 @@ def main(argv: list[str] | None = None) -> dict:
             "prior %s fitted on the training matrix: %s", model_config.prior, fit_prior(bundle, model)
         )
     save_run_config(accelerator, train_config.output_dir, args, backbone, model_config, train_config)
-    beam = args.eval_beam if args.task == "semantic" else 0  # "both" validates the item head
-    evaluate = validation_fn(bundle, batch_size=args.eval_batch_size, beam=beam)
-    state = train(
-        model, dataset, train_config, accelerator, evaluate=evaluate, metric_for_best=args.metric_for_best
+    beam = args.eval_beam if args.task in GENERATIVE_TASKS else 0  # "both" validates the item head
+    evaluate = validation_fn(
+        bundle, batch_size=args.eval_batch_size, beam=beam, prompt=FINETUNE_TASKS[args.task]
     )
+    metric = args.metric_for_best or ("ndcg@10" if is_leave_one_out(bundle) else "cllm4rec")
+    state = train(model, dataset, train_config, accelerator, evaluate=evaluate, metric_for_best=metric)
     if model_config.prior != "none" and accelerator.is_main_process:
-        state["prior_weight"] = blend_prior(bundle, Path(train_config.output_dir), args)
+        state["prior_weight"] = blend_prior(
+            bundle, Path(train_config.output_dir), metric, args.eval_batch_size
+        )
     return state
 
 
-def blend_prior(bundle, run: Path, args: FinetuneArgs) -> float:
+def blend_prior(bundle, run: Path, metric: str = "cllm4rec", batch_size: int = 64) -> float:
     """Choose the prior's blend weight on valid for the run's best model and save it into that model."""
+    from llmrec.data import choose_prior_weight
+    from llmrec.model import CLLM4Rec, run_model_dir
+
     directory = run_model_dir(run)
     model = CLLM4Rec.from_pretrained(directory)
-    weight, grid = choose_prior_weight(bundle, model, args.metric_for_best, batch_size=args.eval_batch_size)
-    logger.info("prior weight %g chosen on valid (%s by weight: %s)", weight, args.metric_for_best, grid)
+    weight, grid = choose_prior_weight(bundle, model, metric, batch_size=batch_size)
+    logger.info("prior weight %g chosen on valid (%s by weight: %s)", weight, metric, grid)
     model.save_pretrained(directory)
-    record = {"prior_weight": weight, "model_dir": directory.name, "valid": {args.metric_for_best: grid}}
+    record = {"prior_weight": weight, "model_dir": directory.name, "valid": {metric: grid}}
     write_json(run / PRIOR_FILE, record)
     return weight
 

@@ -49,13 +49,14 @@ class IndexArgs:
         default_factory=lambda: [512, 256, 128], metadata={"help": "rqvae: MLP widths"}
     )
     beta: float = field(default=0.25, metadata={"help": "rqvae: commitment loss weight"})
-    epochs: int = field(default=3000, metadata={"help": "rqvae: training epochs"})
-    batch_size: int = field(default=1024, metadata={"help": "rqvae: batch size"})
+    epochs: int = field(default=300, metadata={"help": "rqvae: training epochs"})
+    batch_size: int = field(default=256, metadata={"help": "rqvae: batch size"})
     lr: float = field(default=1e-3, metadata={"help": "rqvae: AdamW learning rate"})
     weight_decay: float = field(default=1e-4, metadata={"help": "rqvae: AdamW weight decay"})
     dead_code_every: int = field(
-        default=50, metadata={"help": "rqvae: epochs between dead-code re-inits (0: off)"}
+        default=10, metadata={"help": "rqvae: epochs between dead-code re-inits (0: off)"}
     )
+    cosine_lr: bool = field(default=True, metadata={"help": "rqvae: cosine learning-rate decay to 0"})
     resolve: str = field(
         default="sinkhorn", metadata={"help": "rqvae collisions: sinkhorn, extra_level or none"}
     )

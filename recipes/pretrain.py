@@ -14,12 +14,8 @@ from typing import ClassVar
 
 from common.errors import run_cli
 from common.log import setup_logging
-from data_prep import load_bundle
-from llmrec.backbone import BackboneConfig
 from llmrec.config import parse_config
-from llmrec.data import PRETRAIN_CORPORA, model_for, pretrain_dataset
-from llmrec.model import ModelConfig
-from llmrec.train import TrainConfig, make_accelerator, save_run_config, train
+from llmrec.options import PRETRAIN_CORPORA, BackboneConfig, ModelConfig, TrainConfig
 
 
 @dataclass
@@ -40,6 +36,11 @@ CONFIGS = (PretrainArgs, BackboneConfig, ModelConfig, TrainConfig)
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     args, backbone, model_config, train_config = parse_config(*CONFIGS, args=argv)
+    # the model stack loads after parsing, so --help and argument errors answer at once
+    from data_prep import load_bundle
+    from llmrec.data import model_for, pretrain_dataset
+    from llmrec.train import make_accelerator, save_run_config, train
+
     accelerator = make_accelerator(train_config)
     bundle = load_bundle(args.data)
     model = model_for(bundle, model_config, backbone, seed=train_config.seed)

@@ -5,10 +5,13 @@
 Each user's prompt lists the titles of their training items (most recent first, truncated to fit), every
 catalogue item is scored by the LM log-likelihood of its title after the prompt (``llmrec.zeroshot``),
 and the rankings go through the project's metric code: training items are excluded (and validation
-items for the test split). Both score variants come from one pass: ``zeroshot-sum`` (total
-log-likelihood) and ``zeroshot-mean`` (per token). ``--top_k K`` runs only the part of the title trie
+items for the test split). Every score variant comes from one pass: ``zeroshot-sum`` (total
+log-likelihood), ``zeroshot-mean`` (per token), ``zeroshot-calibrated`` (the sum minus the title's
+log-likelihood after a neutral prompt, computed once) and ``zeroshot-calibrated+pop`` (plus
+``w * log(1 + training count)``, ``w`` from ``--prior_weights`` chosen by NDCG@20 on the valid split of
+the same users: the prompt is the training history for both splits, so no extra LM pass). ``--top_k K`` runs only the part of the title trie
 that the exact top-K of ``zeroshot-sum`` needs (several times less work on ML-100K); the metrics are
-then reported at cut-offs <= K only, and ``zeroshot-mean`` is left out. ``pop`` (training counts) and ``random`` (seeded
+then reported at cut-offs <= K only, and only ``zeroshot-sum`` is reported. ``pop`` (training counts) and ``random`` (seeded
 uniform scores) are evaluated on exactly the same users. Writes ``OUTPUT_DIR/metrics.json``.
 """
 
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from common.errors import run_cli
@@ -32,7 +36,7 @@ from llmrec.baselines import Pop
 from llmrec.config import ConfigError, parse_config, to_dict
 from llmrec.metrics import DEFAULT_KS, evaluate_scorer, format_table, write_metrics_json
 from llmrec.reporting import machine_info
-from llmrec.zeroshot import METHODS, PromptConfig, ZeroShotScorer
+from llmrec.zeroshot import METHODS, NORMALIZATIONS, PromptConfig, ZeroShotScorer
 
 logger = logging.getLogger("recipes.zeroshot")
 
@@ -63,6 +67,10 @@ class ZeroShotArgs:
             "help": "score only what the exact top-k needs (branch and bound; method=trie): metrics @K <= k "
             "are unchanged, zeroshot-mean is not reported"
         },
+    )
+    prior_weights: list[float] = field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0, 4.0],
+        metadata={"help": "weights of the log-popularity prior added to calibrated scores, chosen on valid"},
     )
 
 
@@ -113,12 +121,32 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     logger.info("zero-shot scoring of %d items for %d users (%s)", bundle.n_items, len(users), args.method)
     zeroshot = scorer.users(bundle.histories("train"), bundle.seen(args.split))
     start = time.perf_counter()
+    if args.top_k is None:
+        scorer.neutral()  # once per catalogue; counted in the time
     tokens = sum(zeroshot.likelihoods(u).tokens_computed for u in tqdm(users, desc="zero-shot", unit="user"))
     seconds = time.perf_counter() - start
 
-    variants = ("sum",) if args.top_k is not None else ("sum", "mean")
+    pop = Pop().fit(bundle.matrix("train"))
+    variants = ("sum",) if args.top_k is not None else NORMALIZATIONS
     scorers = {f"zeroshot-{v}": zeroshot.normalized(v) for v in variants}
-    scorers["pop"] = Pop().fit(bundle.matrix("train"))
+    choice = {}
+    if args.top_k is None:
+        log_pop = torch.log1p(torch.as_tensor(pop.counts, dtype=torch.float64))
+        valid = {
+            w: evaluate_scorer(
+                zeroshot.normalized("calibrated", w * log_pop),
+                bundle,
+                "valid",
+                users=users,
+                ks=(20,),
+                progress=False,
+            )
+            for w in args.prior_weights
+        }
+        best = max(args.prior_weights, key=lambda w: valid[w]["ndcg@20"])
+        choice = {"prior_weight": best, "valid_ndcg@20": {str(w): m["ndcg@20"] for w, m in valid.items()}}
+        scorers["zeroshot-calibrated+pop"] = zeroshot.normalized("calibrated", best * log_pop)
+    scorers["pop"] = pop
     scorers["random"] = RandomScorer(bundle.n_items, args.seed)
     rows = {
         name: evaluate_scorer(ranker, bundle, args.split, users=users, ks=ks, progress=False)
@@ -131,6 +159,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     print(
         f"scoring ({how}): {timing['seconds_per_user']:.2f} s, {timing['tokens_per_user']:.0f} tokens per user"
     )
+    if choice:
+        print(
+            f"log-popularity prior weight {choice['prior_weight']} (chosen on valid NDCG@20 of the same users)"
+        )
     path = write_metrics_json(
         Path(args.output_dir) / "metrics.json",
         rows,
@@ -138,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         split=args.split,
         users=[int(u) for u in users],
         timing=timing,
+        prior=choice,
         machine=machine_info(),
     )
     logger.info("wrote %s", path)

@@ -29,6 +29,38 @@ def ml100k_bundle(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return build_ml100k_reference(shared_dir, tmp_path_factory.mktemp("bundles") / "ml-100k")
 
 
+def _kill_after_checkpoint(command: list[str], run: Path, checkpoint: str) -> None:
+    """Run a recipe ``command`` in a subprocess and SIGKILL it once ``run`` holds ``checkpoint``.
+
+    The subprocess gets this process's environment (the same thread count: the same floating-point
+    sums), with the checkout first on its path.
+    """
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.Popen(
+        [sys.executable, *command], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 240
+    while not (run / "checkpoints" / checkpoint / "trainer_state.json").exists():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+@pytest.fixture
+def kill_after_checkpoint():
+    """``kill_after_checkpoint(command, run, "checkpoint_STEP")``: start a recipe, SIGKILL it once that
+    checkpoint is complete."""
+    return _kill_after_checkpoint
+
+
 def recipe_main(name: str) -> Callable:
     """``main`` of ``recipes/NAME.py``, imported as a registered module (not ``runpy``), so that the
     argument parser can resolve the type hints of the recipe's own dataclasses."""

@@ -24,14 +24,15 @@ LAYERS: list[tuple[str, ...]] = [
         "llmrec.metrics",
         "llmrec.reporting",
         "llmrec.config",
+        "llmrec.options",
         "llmrec.indexing",
     ),
     ("llmrec.prompts",),
     ("llmrec.model",),
-    ("llmrec.scoring",),
+    ("llmrec.scoring", "llmrec.mapper"),
     ("llmrec.recommender",),
-    ("llmrec.collate", "llmrec.generate", "llmrec.zeroshot", "llmrec.baselines"),
-    ("llmrec.data",),
+    ("llmrec.collate", "llmrec.generate", "llmrec.zeroshot", "llmrec.baselines", "llmrec.align"),
+    ("llmrec.data", "llmrec.coldstart"),
     ("llmrec.train", "llmrec.export"),
     ("llmrec",),  # the package's __init__: the public facade (``llmrec.Recommender``)
 ]

@@ -105,7 +105,17 @@ def test_help_lists_every_field(capsys):
         assert name in out
 
 
-RECIPES = ("pretrain", "finetune", "evaluate", "baselines", "zeroshot", "export", "recommend", "index")
+RECIPES = (
+    "pretrain",
+    "finetune",
+    "evaluate",
+    "baselines",
+    "zeroshot",
+    "export",
+    "recommend",
+    "index",
+    "align",
+)
 
 
 @pytest.mark.parametrize(
@@ -118,13 +128,14 @@ def test_every_shipped_config_parses_for_the_recipes_it_has_sections_for(config,
 
     monkeypatch.syspath_prepend(str(REPO / "recipes"))
 
-    sections = set(yaml.safe_load(config.read_text()))
+    values = yaml.safe_load(config.read_text())
+    sections = set(values)
     used = [name for name in RECIPES if name in sections]
     assert used, f"{config.name} configures no recipe"
     for name in used:
         module = importlib.import_module(name)
         parsed = parse_config(*module.CONFIGS, args=["--config", str(config)])
-        assert parsed[0].data == "data/ml-100k"
+        assert parsed[0].data == values["data"]
 
 
 def test_finetune_init_refuses_settings_that_the_pretraining_run_would_override(monkeypatch):

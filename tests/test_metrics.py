@@ -15,6 +15,8 @@ from llmrec.metrics import (
     evaluate_matrices,
     evaluate_scorer,
     format_table,
+    history_splits,
+    is_leave_one_out,
     write_metrics_json,
 )
 
@@ -202,6 +204,42 @@ def test_evaluate_scorer_excludes_train_and_valid_for_test():
     assert subset["users"] == 1 and subset["users_skipped"] == 0
     with pytest.raises(ValueError, match="split"):
         evaluate_scorer(scorer, bundle, "train")
+
+
+def test_leave_one_out_hr_and_ndcg_against_hand_computed_ranks():
+    # 25 items; scores prefer low indices, so the ranking is 0, 1, 2, ... minus the excluded items
+    train = [[0, 1], [5], [0], [2]]
+    bundle = TinyBundle({"train": train, "valid": [[2], [6], [1], [3]], "test": [[4], [20], [3], []]}, 25)
+    assert is_leave_one_out(bundle) and history_splits(bundle, "test") == ("train", "valid")
+    assert history_splits(bundle, "valid") == ("train",)
+    scores = np.arange(25, 0, -1, dtype=np.float32)[None]
+    test = evaluate_scorer(FixedScorer(scores), bundle, "test", progress=False)
+    # user 0: 0, 1 (train) and 2 (valid) excluded -> 3, 4: test item 4 at rank 2
+    # user 1: 5 and 6 excluded -> 0, 1, 2, 3, 4, 7, ... item 20 at rank 19
+    # user 2: 0 and 1 excluded -> 2, 3: item 3 at rank 2; user 3 has no test item
+    assert test["users"] == 3 and test["users_skipped"] == 1
+    expected = {
+        "hr@5": 2 / 3,
+        "hr@10": 2 / 3,
+        "hr@20": 1.0,
+        "ndcg@5": (1 / math.log2(3) + 1 / math.log2(3)) / 3,
+        "ndcg@10": (2 / math.log2(3)) / 3,
+        "ndcg@20": (2 / math.log2(3) + 1 / math.log2(20)) / 3,
+    }
+    assert set(expected) <= set(test)
+    for key, value in expected.items():
+        assert test[key] == pytest.approx(value), key
+    # keeping seen items: user 0's item 4 drops to rank 5, user 2's item 3 to rank 4, user 1's to 21
+    kept = evaluate_scorer(FixedScorer(scores), bundle, "test", exclude_seen=False, progress=False)
+    assert kept["hr@5"] == pytest.approx(2 / 3) and kept["hr@20"] == pytest.approx(2 / 3)
+    assert kept["ndcg@5"] == pytest.approx((1 / math.log2(6) + 1 / math.log2(5)) / 3)
+
+
+def test_a_random_split_bundle_keeps_the_default_cutoffs_and_train_history():
+    bundle = TinyBundle({"train": [[0], [1]], "valid": [[1, 2], [3]], "test": [[3], [4]]}, 6)
+    assert not is_leave_one_out(bundle) and history_splits(bundle, "test") == ("train",)
+    result = evaluate_scorer(FixedScorer(np.zeros((1, 6))), bundle, "test", progress=False)
+    assert "recall@100" in result and "hr@10" not in result
 
 
 def test_format_table():

@@ -403,3 +403,41 @@ def test_a_bundle_exported_by_llmrec_0_1_loads_and_scores_as_it_did(tmp_path):
     edit_config(bundle, lambda c: c.update(format_version=0))
     with pytest.raises(BundleError, match=r"re-export the run with llmrec 0\.2\.0 \(format_version 1"):
         Recommender.from_pretrained(bundle, device="cpu")
+
+
+def test_add_items_keeps_old_scores_and_ranks_new_items(bundle, tmp_path):
+    rec = Recommender.from_pretrained(bundle, device="cpu")  # its own copy: adding items changes it
+    users = rec.catalogue.user_ids[:5]
+    before, cold_before = rec.score_batch(users), rec.score(history=["m1", "m2"])
+    new = rec.add_items(
+        [
+            {"id": "new1", "title": "Movie number 3 returns", "text": "the sequel"},
+            {"id": "new2", "title": "A film"},
+        ]
+    )
+    assert new == [N_ITEMS, N_ITEMS + 1] and rec.n_items == N_ITEMS + 2
+    after = rec.score_batch(users)
+    assert after.shape == (5, N_ITEMS + 2)
+    assert torch.allclose(after[:, :N_ITEMS], before, atol=1e-6, rtol=0)  # old items: scores unchanged
+    assert torch.allclose(rec.score(history=["m1", "m2"])[:N_ITEMS], cold_before, atol=1e-6, rtol=0)
+    assert torch.isfinite(after[:, N_ITEMS:]).all() and after[:, N_ITEMS].std() > 0  # ranked per user
+    assert not torch.equal(after[:, N_ITEMS], after[:, N_ITEMS + 1])
+    top = rec.recommend(history=["new1", "m1"], k=5)  # a new item inside a history
+    assert len(top) == 5 and not {"new1", "m1"} & {r.item for r in top}
+    pandas = pytest.importorskip("pandas")
+    assert rec.add_items(pandas.DataFrame({"id": ["new3"], "title": ["Another film"]})) == [N_ITEMS + 2]
+    with pytest.raises(ValueError, match=r"items\[0\]: field 'id': 'm1' is already in the catalogue"):
+        rec.add_items([{"id": "m1", "title": "x"}])
+    with pytest.raises(ValueError, match=r"items\[1\]: field 'title' is missing or empty"):
+        rec.add_items([{"id": "a", "title": "A"}, {"id": "b"}])
+    with pytest.raises(ValueError, match=r"items\[1\]: field 'id': 'a' repeats items\[0\]"):
+        rec.add_items([{"id": "a", "title": "A"}, {"id": "a", "title": "B"}])
+    assert rec.n_items == N_ITEMS + 3  # a refused batch adds nothing
+
+    again = Recommender.from_pretrained(rec.save_pretrained(tmp_path / "grown"), device="cpu")
+    assert (
+        again.catalogue.item_ids == rec.catalogue.item_ids
+        and again.catalogue.item_titles[-1] == "Another film"
+    )
+    assert torch.allclose(again.score_batch(users), rec.score_batch(users), atol=1e-5, rtol=0)
+    assert again.add_items([{"id": "new4", "title": "One more"}]) == [N_ITEMS + 3]  # the saved mapper

@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
+import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -80,25 +79,19 @@ def test_pretraining_learns_collaborative_structure(ml100k_bundle, tmp_path):
     assert together > apart + 0.1, (float(together), float(apart))
 
 
-def test_kill_and_resume_ends_exactly_like_an_uninterrupted_run(ml100k_bundle, tmp_path):
+def test_kill_and_resume_ends_exactly_like_an_uninterrupted_run(
+    ml100k_bundle, tmp_path, kill_after_checkpoint
+):
     common = ["--max_steps", "24", "--batch_size", "8", "--save_steps", "3", "--lora_dropout", "0.1"]
     reference = tmp_path / "reference"
     pretrain.main(run_args(ml100k_bundle, reference, *common))
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        [sys.executable, str(REPO / "recipes" / "pretrain.py"), *run_args(ml100k_bundle, killed, *common)],
-        env=subprocess_env(),  # the same thread count as this process: the same floating-point sums
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    kill_after_checkpoint(
+        [str(REPO / "recipes" / "pretrain.py"), *run_args(ml100k_bundle, killed, *common)],
+        killed,
+        "checkpoint_6",
     )
-    deadline = time.time() + 240
-    while not (killed / "checkpoints" / "checkpoint_6" / "trainer_state.json").exists():
-        assert process.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline, "no checkpoint within 240 s"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
     state = json.loads((killed / "checkpoints" / "checkpoint_6" / "trainer_state.json").read_text())
     assert state["step"] < 24 and not (killed / "model").exists()
 
@@ -110,35 +103,85 @@ def test_kill_and_resume_ends_exactly_like_an_uninterrupted_run(ml100k_bundle, t
         torch.testing.assert_close(resumed[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def launch_two_cpu_processes(launch_args: list[str], run: list[str], **env: str) -> None:
+    """``accelerate launch`` the pretraining recipe on two CPU processes (one core each)."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            *launch_args,
+            str(REPO / "recipes" / "pretrain.py"),
+            *run,
+        ],
+        env=subprocess_env(OMP_NUM_THREADS="1", **env),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def assert_same_loss_curves(single: Path, other: Path) -> None:
+    for task in ("collaborative", "content"):
+        one, two = losses(single, task), losses(other, task)
+        assert len(one) == len(two) > 0
+        np.testing.assert_allclose(two, one, rtol=1e-4)
+
+
 def test_two_processes_follow_the_single_process_loss_curve(ml100k_bundle, tmp_path):
     common = ["--max_steps", "6", "--batch_size", "8", "--lora_dropout", "0"]
     single = tmp_path / "single"
     pretrain.main(run_args(ml100k_bundle, single, *common))
 
     double = tmp_path / "double"
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "2",
-        "--cpu",
-        "--num_machines",
-        "1",
-    ]
-    launch += ["--mixed_precision", "no", "--dynamo_backend", "no"]
-    result = subprocess.run(
-        [*launch, str(REPO / "recipes" / "pretrain.py"), *run_args(ml100k_bundle, double, *common)],
-        env=subprocess_env(OMP_NUM_THREADS="1"),  # one core per process
-        capture_output=True,
-        text=True,
-        timeout=600,
+    launch = ["--num_processes", "2", "--cpu", "--num_machines", "1", "--mixed_precision", "no"]
+    launch_two_cpu_processes([*launch, "--dynamo_backend", "no"], run_args(ml100k_bundle, double, *common))
+    assert_same_loss_curves(single, double)
+
+
+def test_fsdp_config_follows_the_single_process_loss_curve_and_resumes(ml100k_bundle, tmp_path):
+    """recipes/accelerate/fsdp.yaml on two CPU processes: FSDP2 shards, same losses, resumable checkpoints.
+
+    accelerate starts FSDP on CPU only with ACCELERATE_USE_CPU (its ``--cpu`` flag bypasses the FSDP
+    launcher) and then needs llmrec.train's promotion to FSDP (see ``_fsdp_on_cpu``).
+    """
+    common = ["--max_steps", "6", "--batch_size", "8", "--lora_dropout", "0", "--save_steps", "3"]
+    common += ["--save_total_limit", "3"]
+    single = tmp_path / "single"
+    pretrain.main(run_args(ml100k_bundle, single, *common))
+
+    fsdp = tmp_path / "fsdp"
+    launch = ["--config_file", str(REPO / "recipes" / "accelerate" / "fsdp.yaml"), "--num_processes", "2"]
+    launch_two_cpu_processes(launch, run_args(ml100k_bundle, fsdp, *common), ACCELERATE_USE_CPU="true")
+    assert_same_loss_curves(single, fsdp)
+    step3 = fsdp / "checkpoints" / "checkpoint_3"
+    assert json.loads((step3 / "trainer_state.json").read_text())["step"] == 3
+    assert (step3 / "pytorch_model_fsdp_0").is_dir()  # sharded (torch.distributed.checkpoint), not one file
+
+    # resume from the step-3 checkpoint: the run ends with the uninterrupted run's weights
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(step3, resumed / "checkpoints" / "checkpoint_3")
+    launch_two_cpu_processes(
+        launch, run_args(ml100k_bundle, resumed, *common, "--resume"), ACCELERATE_USE_CPU="true"
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    for task in ("collaborative", "content"):
-        one, two = losses(single, task), losses(double, task)
-        assert len(one) == len(two) > 0
-        np.testing.assert_allclose(two, one, rtol=1e-4)
+    expected = load_file(fsdp / "model" / "model.safetensors")
+    got = load_file(resumed / "model" / "model.safetensors")
+    assert expected.keys() == got.keys() == load_file(single / "model" / "model.safetensors").keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])
+def test_accelerate_config_files_load(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO / "recipes" / "accelerate" / f"{name}.yaml"))
+    expected = {"ddp": "MULTI_GPU", "fsdp": "FSDP"}.get(name, "DEEPSPEED")
+    assert config.distributed_type == expected
+    if name.startswith("deepspeed"):
+        assert config.deepspeed_config["zero_stage"] == int(name[-1])
 
 
 def test_qlora_trains_lora_on_a_4bit_backbone(ml100k_bundle, tmp_path):

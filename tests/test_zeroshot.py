@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 
 from data_prep import load_bundle
 from llmrec.backbone import load_backbone
-from llmrec.metrics import evaluate_scorer
+from llmrec.metrics import DEFAULT_KS, evaluate_scorer
 from llmrec.zeroshot import (
     EOS,
     PromptBuilder,
@@ -187,6 +188,29 @@ def tiny_bundle(tmp_path_factory) -> str:
     return str(build(BuildConfig(input=str(src), out=str(out), format="recbole", split="random", seed=0)))
 
 
+def saved_prior_weight(run: Path) -> float:
+    return json.loads((run / "metrics.json").read_text())["prior"]["prior_weight"]
+
+
+def test_calibrated_score_equals_its_definition(tiny_llama):
+    model, tokenizer = tiny_llama
+    prompt = PromptConfig(neutral_history="films")
+    scorer = ZeroShotScorer(model, tokenizer, TITLES, prompt)
+    got = scorer.variants(scorer.likelihoods([0, 3]))
+    items = encode_items(TITLES, tokenizer, prompt)
+    history = tokenizer("Movies like Star Trek (1979), Toy Story (1995), and")["input_ids"]
+    neutral = tokenizer("Movies like films, and")["input_ids"]
+    with_history, without = score_naive(model, history, items), score_naive(model, neutral, items)
+    assert torch.allclose(got["calibrated"], with_history.total - without.total, atol=1e-4)
+    assert torch.allclose(got["sum"], with_history.total, atol=1e-4)
+    assert torch.allclose(got["mean"], with_history.total / with_history.lengths, atol=1e-4)
+    # a candidate subset scores the same titles the same way; the history may name any item
+    subset = ZeroShotScorer(model, tokenizer, TITLES, prompt, candidates=[1, 5, 9])
+    assert torch.allclose(
+        subset.variants(subset.likelihoods([0, 3]))["calibrated"], got["calibrated"][[1, 5, 9]], atol=1e-4
+    )
+
+
 def test_recipe_runs_end_to_end_on_a_tiny_model(tiny_bundle, tmp_path, capsys):
     main = recipe_main("zeroshot")
     args = ["--data", tiny_bundle, "--split", "test", "--max_users", "6", "--name_or_path", "tiny-llama"]
@@ -197,7 +221,15 @@ def test_recipe_runs_end_to_end_on_a_tiny_model(tiny_bundle, tmp_path, capsys):
         rows = main(args)
     finally:
         root.handlers[:], root.level = handlers, level
-    assert set(rows) == {"zeroshot-sum", "zeroshot-mean", "pop", "random"}
+    assert set(rows) == {
+        "zeroshot-sum",
+        "zeroshot-mean",
+        "zeroshot-calibrated",
+        "zeroshot-calibrated+pop",
+        "pop",
+        "random",
+    }
+    assert saved_prior_weight(tmp_path / "run") in (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
     assert {r["users"] for r in rows.values()} == {6}
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["metrics"]["zeroshot-sum"]["recall@20"] == rows["zeroshot-sum"]["recall@20"]
@@ -216,6 +248,7 @@ def test_recipe_runs_end_to_end_on_a_tiny_model(tiny_bundle, tmp_path, capsys):
         bundle,
         "test",
         users=users,
+        ks=DEFAULT_KS,  # the recipe's cut-offs, also where the tiny bundle looks leave-one-out
         progress=False,
     )
     assert naive == pytest.approx(rows["zeroshot-sum"])

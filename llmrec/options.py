@@ -1,0 +1,235 @@
+"""The configs of the training recipes, importable without torch, peft or transformers' models.
+
+Recipes parse their command line into these dataclasses before they import the model stack, so that
+``--help`` and argument errors answer at once (tests/test_startup.py). The modules that use them
+(`llmrec.backbone`, `llmrec.model`, `llmrec.train`) re-export them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+from common.config import require
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+
+ALLOW_DOWNLOAD_ENV = "LLMREC_ALLOW_DOWNLOAD"
+CACHE_ENV = "LLMREC_CACHE"
+PRETRAIN_CORPORA = ("collaborative", "content")
+HISTORY_POOLS = ("none", "mean")
+PRIORS = ("none", "ease")
+
+
+@dataclass
+class BackboneConfig:
+    """Which causal LM to load and how; embed it in a recipe's config or pass it to :func:`load_backbone`."""
+
+    section: ClassVar[str] = "backbone"  # its YAML section (llmrec.config)
+
+    name_or_path: str = field(
+        default="smollm2-135m",
+        metadata={
+            "help": "smollm2-135m, tiny-llama, tiny-gpt2, a *.gguf file, a local checkpoint dir or a hub id"
+        },
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": f"where converted GGUF checkpoints (and hub downloads) are cached; default ${CACHE_ENV} "
+            "or ~/.cache/llmrec/backbones"
+        },
+    )
+    num_layers: int | None = field(default=None, metadata={"help": "keep only the first N decoder layers"})
+    load_in_4bit: bool = field(default=False, metadata={"help": "load weights in 4 bit (bitsandbytes nf4)"})
+    load_in_8bit: bool = field(default=False, metadata={"help": "load weights in 8 bit (bitsandbytes)"})
+    dtype: str | None = field(
+        default=None,
+        metadata={"help": "float32, bfloat16, float16 or auto (default: the checkpoint's dtype)"},
+    )
+    revision: str | None = field(default=None, metadata={"help": "hub revision (branch, tag or commit)"})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "run modelling code shipped with a hub model"}
+    )
+    allow_download: bool = field(
+        default=False, metadata={"help": f"allow hub downloads (also enabled by {ALLOW_DOWNLOAD_ENV}=1)"}
+    )
+
+    def __post_init__(self) -> None:
+        # Keep the config JSON-serialisable (it is saved with trained models): torch.bfloat16 -> "bfloat16".
+        if self.dtype is not None and not isinstance(self.dtype, str):
+            self.dtype = str(self.dtype).removeprefix("torch.")
+
+
+@dataclass
+class ModelConfig:
+    """How the recommender is built on a backbone (the backbone itself is a `BackboneConfig`)."""
+
+    section: ClassVar[str] = "model"  # its YAML section (llmrec.config)
+
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={
+            "help": "comma-separated module names, 'all-linear', or empty for peft's per-architecture default"
+        },
+    )
+    lora_per_view: bool = field(
+        default=False,
+        metadata={"help": "one LoRA adapter per view (collab, content) instead of one shared adapter"},
+    )
+    embedding_init: str = field(
+        default="normal", metadata={"help": "ID-token init: normal | title_mean | semantic_sum (needs index)"}
+    )
+    embedding_init_std: float | None = field(
+        default=None, metadata={"help": "std for normal init (default: the word embeddings' std)"}
+    )
+    mutual_reg: float = field(
+        default=1.0, metadata={"help": "lambda of the mutual regulariser; 0 turns it off"}
+    )
+    head: str = field(
+        default="tied",
+        metadata={"help": "item head: tied (to collaborative item embeddings) | untied (own weights + bias)"},
+    )
+    max_doc_tokens: int = field(
+        default=512, metadata={"help": "longest document fed to the LM (prompt + main)"}
+    )
+    index: str | None = field(
+        default=None,
+        metadata={
+            "help": "saved ItemIndex directory (recipes/index.py): adds semantic-ID tokens for the semantic task"
+        },
+    )
+    history_pool: str = field(
+        default="none",
+        metadata={
+            "help": "bag-of-items path into the item head: none | mean (the last hidden state plus a learned "
+            "scale times the RMS-normalised mean collaborative embedding of the history's items)"
+        },
+    )
+    prior: str = field(
+        default="none",
+        metadata={
+            "help": "collaborative prior blended into the item scores: none | ease (fitted on the training "
+            "matrix by finetuning, carried with the model)"
+        },
+    )
+    prior_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of the z-scored prior against the z-scored LM scores (finetuning chooses it on valid)"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        require(self.lora_r >= 1, "lora_r", self.lora_r, "must be at least 1")
+        require(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "must be in [0, 1)")
+        require(self.mutual_reg >= 0, "mutual_reg", self.mutual_reg, "must be >= 0")
+        require(self.max_doc_tokens >= 1, "max_doc_tokens", self.max_doc_tokens, "must be at least 1")
+        require(
+            self.history_pool in HISTORY_POOLS,
+            "history_pool",
+            self.history_pool,
+            f"must be one of {HISTORY_POOLS}",
+        )
+        require(self.prior in PRIORS, "prior", self.prior, f"must be one of {PRIORS}")
+
+    def lora_config(self) -> LoraConfig:
+        from peft import LoraConfig  # imported on use: recipes parse configs before loading the stack
+
+        targets: str | list[str] | None = None
+        if self.lora_target_modules:
+            targets = self.lora_target_modules
+            if targets != "all-linear":
+                targets = [name.strip() for name in targets.split(",") if name.strip()]
+        return LoraConfig(
+            r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, target_modules=targets
+        )
+
+
+@dataclass
+class TrainConfig:
+    section: ClassVar[str] = "train"  # its YAML section (llmrec.config)
+    output_dir: str = field(
+        default="runs/pretrain", metadata={"help": "run directory: checkpoints, metrics.jsonl, model/"}
+    )
+    seed: int = field(default=42, metadata={"help": "seeds weights init, shuffling, masking and dropout"})
+    epochs: int = field(default=1, metadata={"help": "passes over the training examples"})
+    max_steps: int = field(
+        default=-1, metadata={"help": "stop after this many optimizer steps (-1: run all epochs)"}
+    )
+    batch_size: int = field(
+        default=8, metadata={"help": "global batch (split over processes) per micro-step"}
+    )
+    grad_accum: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the LoRA weights"})
+    embedding_lr: float | None = field(
+        default=None, metadata={"help": "learning rate of ID-token tables and head (default: lr)"}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (LoRA weights only)"})
+    scheduler: str = field(
+        default="cosine",
+        metadata={"help": "a transformers scheduler name: linear, cosine, constant_with_warmup, ..."},
+    )
+    warmup_ratio: float = field(default=0.05, metadata={"help": "share of the steps spent warming up"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: off)"})
+    mixed_precision: str = field(default="no", metadata={"help": "no | bf16 | fp16"})
+    save_steps: int = field(
+        default=0, metadata={"help": "checkpoint every N optimizer steps (0: only at the end)"}
+    )
+    save_total_limit: int = field(default=2, metadata={"help": "complete checkpoints kept"})
+    resume: bool = field(
+        default=False, metadata={"help": "continue from the newest complete checkpoint in output_dir"}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "start afresh in an output_dir that holds a previous run (deletes its results)"},
+    )
+    log_steps: int = field(default=10, metadata={"help": "log every N optimizer steps"})
+    tensorboard: bool = field(
+        default=False, metadata={"help": "also log to TensorBoard in output_dir/tensorboard"}
+    )
+    num_workers: int = field(default=0, metadata={"help": "DataLoader workers"})
+    patience: int = field(
+        default=0, metadata={"help": "stop after N evaluations without improvement (0: never)"}
+    )
+
+    def __post_init__(self) -> None:
+        require(self.lr > 0, "lr", self.lr, "must be > 0")
+        require(
+            self.embedding_lr is None or self.embedding_lr > 0,
+            "embedding_lr",
+            self.embedding_lr,
+            "must be > 0",
+        )
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
+        require(self.grad_accum >= 1, "grad_accum", self.grad_accum, "must be at least 1")
+        require(
+            self.epochs >= 1 or self.max_steps > 0,
+            "epochs",
+            self.epochs,
+            "must be at least 1 (or set max_steps)",
+        )
+        require(
+            self.max_steps == -1 or self.max_steps > 0,
+            "max_steps",
+            self.max_steps,
+            "must be > 0, or -1 for all epochs",
+        )
+        require(0 <= self.warmup_ratio <= 1, "warmup_ratio", self.warmup_ratio, "must be in [0, 1]")
+        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        require(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "must be >= 0")
+        require(self.save_steps >= 0, "save_steps", self.save_steps, "must be >= 0")
+        require(self.save_total_limit >= 1, "save_total_limit", self.save_total_limit, "must be at least 1")
+        require(self.log_steps >= 1, "log_steps", self.log_steps, "must be at least 1")
+        require(self.patience >= 0, "patience", self.patience, "must be >= 0")
+        require(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
+        require(
+            self.mixed_precision in ("no", "bf16", "fp16"),
+            "mixed_precision",
+            self.mixed_precision,
+            "must be no, bf16 or fp16",
+        )

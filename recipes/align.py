@@ -1,0 +1,93 @@
+"""Preference alignment after supervised finetuning: DPO of the item head against the SFT model.
+
+    python recipes/align.py --data DIR --init runs/finetune --output_dir runs/align [--beta 0.1 ...]
+
+Starts from the SFT run's model (``RUN/best`` or ``RUN/model``), which is also the frozen reference:
+for the last ``pairs_per_user`` positions of each user's training history the prompt is the history
+before that position, the chosen item the one taken there, and the rejected items the SFT model's
+``n_rejected`` best-ranked items the user never took (`llmrec.align`). Training runs through the same
+loop as the other recipes (``--resume`` continues from the latest checkpoint; the preference rows are
+rebuilt from the same SFT model, so they are the same), validating after every epoch and keeping the
+best model by ``metric_for_best``. The prompt is the one the SFT run was finetuned on.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from common.errors import run_cli
+from common.io import read_json
+from common.log import get_logger, setup_logging
+from data_prep import load_bundle
+from llmrec.align import DPOLoss, build_preferences
+from llmrec.config import ConfigError, parse_config
+from llmrec.data import FINETUNE_TASKS, GENERATIVE_TASKS, prompts_for, validation_fn
+from llmrec.model import CLLM4Rec, run_model_dir
+from llmrec.train import TrainConfig, make_accelerator, save_run_config, train
+
+logger = get_logger("align")
+
+
+@dataclass
+class AlignArgs:
+    section: ClassVar[str] = "align"  # its YAML section (llmrec.config)
+    data: str = field(default="data/ml-100k", metadata={"help": "dataset bundle directory"})
+    init: str = field(
+        default="runs/finetune", metadata={"help": "the SFT run (recipes/finetune.py): start and reference"}
+    )
+    task: str | None = field(
+        default=None, metadata={"help": "the SFT run's finetuning task (default: read from --init)"}
+    )
+    beta: float = field(default=0.1, metadata={"help": "DPO temperature beta"})
+    sft_weight: float = field(
+        default=0.0, metadata={"help": "weight of -log pi(chosen) added to the DPO loss (RPO)"}
+    )
+    pairs_per_user: int = field(
+        default=4, metadata={"help": "preference rows per user: the last N positions of the history"}
+    )
+    n_rejected: int = field(
+        default=8, metadata={"help": "rejected items per row (the SFT model's top unseen)"}
+    )
+    metric_for_best: str = field(default="ndcg@10", metadata={"help": "valid metric to select on"})
+    eval_batch_size: int = field(default=64, metadata={"help": "users per forward pass during validation"})
+
+
+# what this recipe parses; the first is its own YAML section
+CONFIGS = (AlignArgs, TrainConfig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    setup_logging()
+    args, train_config = parse_config(*CONFIGS, args=argv)
+    init = Path(args.init)
+    args.task = args.task or read_json(init / "run_config.json", "run config").get("task", "multinomial")
+    if args.task in GENERATIVE_TASKS:
+        raise ConfigError(
+            f"{init}: task {args.task!r} has no item head to align; DPO here aligns the item head"
+        )
+    accelerator = make_accelerator(train_config)
+    bundle = load_bundle(args.data)
+    model = CLLM4Rec.from_pretrained(run_model_dir(init))
+    prompt = FINETUNE_TASKS[args.task]
+    dataset = build_preferences(
+        model,
+        prompts_for(bundle, model, prompt),
+        bundle.histories("train"),
+        per_user=args.pairs_per_user,
+        n_rejected=args.n_rejected,
+        batch_size=args.eval_batch_size,
+    )
+    logger.info("%d preference rows from %s", len(dataset), init)
+    model.preference = DPOLoss(args.beta, args.sft_weight)
+    save_run_config(accelerator, train_config.output_dir, args, train_config)
+    evaluate = validation_fn(bundle, batch_size=args.eval_batch_size, prompt=prompt)
+    return train(
+        model, dataset, train_config, accelerator, evaluate=evaluate, metric_for_best=args.metric_for_best
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,210 @@
+"""Next-item training of the LLM on tiny backbones: the sequential item-head task, the next-item semantic
+task, and DPO alignment of the item head (loss values, recipes end to end, kill and resume)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from conftest import recipe_main
+from safetensors.torch import load_file
+
+from llmrec.align import DPOLoss, build_preferences, dpo_loss
+from llmrec.backbone import BackboneConfig
+from llmrec.collate import SequenceDataset, collate
+from llmrec.generate import GenerativeScorer, NextSemanticDataset
+from llmrec.indexing import NumberIndexConfig, RandomIndexer
+from llmrec.indexing.base import IndexData
+from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig
+from llmrec.prompts import IGNORE, TASKS, FinetunePrompts
+
+REPO = Path(__file__).resolve().parents[1]
+SEQUENCE = "<user_{user}> has interacted with {history}"
+N_USERS, N_ITEMS = 4, 25
+TINY = ["--name_or_path", "tiny-llama", "--lora_r", "4", "--max_doc_tokens", "32", "--batch_size", "16"]
+
+
+@pytest.fixture(scope="module")
+def model() -> CLLM4Rec:
+    built = CLLM4Rec.from_config(
+        ModelConfig(lora_r=4, head="untied"), BackboneConfig("tiny-llama"), N_USERS, N_ITEMS, seed=0
+    )
+    with torch.no_grad():  # a non-zero bias, so that the test covers the untied head's whole score
+        built.head_bias.copy_(torch.linspace(-1, 1, N_ITEMS))
+    return built.eval()
+
+
+@pytest.fixture(scope="module")
+def loo_bundle(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ML-100K on the fixed leave-one-out split (~2 s)."""
+    from data_prep.build import build_ml100k_reference
+
+    return build_ml100k_reference(
+        shared_dir, tmp_path_factory.mktemp("bundles") / "ml-100k-loo", "ml-100k-loo"
+    )
+
+
+def prompts_of(model: CLLM4Rec, max_tokens: int = 512) -> FinetunePrompts:
+    return FinetunePrompts(model.vocab, model.tokenizer, SEQUENCE, max_tokens=max_tokens)
+
+
+def test_sequential_losses_at_every_position_equal_separate_one_prefix_forwards(model):
+    histories = [[3, 9, 4, 7, 1], [], [12, 5]]
+    dataset = SequenceDataset(histories, prompts_of(model))
+    assert dataset.users == [0, 2]
+    batch = collate([dataset[0], dataset[1]])  # right-padded: user 2's row is shorter
+    labels = batch["labels"]
+    assert (labels != IGNORE).sum(dim=1).tolist() == [
+        5,
+        2,
+    ]  # one label per item, the first from the bare prompt
+    softmax = ItemSoftmax()
+    with torch.no_grad():
+        total, count = model.sequential_loss(batch, softmax)
+        assert int(count) == 7
+        separate = 0.0
+        for row, user in enumerate([0, 2]):
+            for position in (labels[row] != IGNORE).nonzero()[:, 0].tolist():
+                only = dict(batch, labels=torch.full_like(labels, IGNORE))
+                only["labels"][row, position] = labels[row, position]
+                one_position, _ = model.sequential_loss(only, softmax)
+                k = int((labels[row, : position + 1] != IGNORE).sum()) - 1  # the prefix holds k items
+                prompt = torch.tensor([prompts_of(model).encode(user, histories[user][:k])])
+                scores = model.score_items(prompt, torch.ones_like(prompt))
+                expected = -F.log_softmax(scores, dim=-1)[0, histories[user][k]]
+                torch.testing.assert_close(one_position, expected, rtol=1e-4, atol=1e-5)
+                separate += float(expected)
+    assert float(total) == pytest.approx(separate, rel=1e-4)
+
+
+def test_sequence_examples_keep_the_most_recent_items():
+    built = CLLM4Rec.from_config(ModelConfig(lora_r=4), BackboneConfig("tiny-llama"), N_USERS, N_ITEMS)
+    prompts = prompts_of(built, max_tokens=40)
+    example = SequenceDataset([list(range(24))], prompts)[0]
+    items = built.vocab.family_range("item")
+    kept = [t - items.start for t in example["input_ids"] if t in items]
+    assert len(example["input_ids"]) <= 40 and kept == list(range(24))[-len(kept) :] and len(kept) < 24
+    assert example["task"] == TASKS.index("sequential")
+
+
+def test_next_semantic_examples_target_the_item_after_a_chronological_prefix():
+    index = RandomIndexer(NumberIndexConfig(codebook_size=4, seed=1)).build(IndexData(n_items=N_ITEMS))
+    built = CLLM4Rec.from_config(
+        ModelConfig(lora_r=4), BackboneConfig("tiny-llama"), N_USERS, N_ITEMS, item_index=index
+    )
+    history = [3, 9, 4, 7, 1, 11]
+    dataset = NextSemanticDataset([history], prompts_of(built), index, seed=0)
+    cuts = set()
+    for epoch in range(12):
+        dataset.set_epoch(epoch)
+        kept, target = dataset.split(0)
+        assert list(kept) + list(target) == history[: len(kept) + 1] and len(target) == 1
+        cuts.add(len(kept))
+        example = dataset[0]
+        first = built.vocab.family_range("semantic").start
+        codes = [label for label in example["labels"] if label != IGNORE]
+        assert [first + c for c in codes] == [
+            int(t) for t in index.token_ids(built.vocab)[target[0]] if t >= 0
+        ]
+    assert len(cuts) > 3  # the cut moves between epochs
+
+
+def test_dpo_loss_matches_a_hand_computed_value():
+    loss = dpo_loss(
+        torch.tensor([-1.0]), torch.tensor([[-2.0, -0.5]]), torch.tensor([-1.5]), torch.tensor([[-1.0, -1.0]]),
+        beta=0.5, sft_weight=0.3,
+    )  # fmt: skip
+    # ratios: chosen 0.5, rejected -1.0 and 0.5 -> margins 0.5 * 1.5 = 0.75 and 0
+    expected = (math.log(1 + math.exp(-0.75)) + math.log(2)) / 2 + 0.3 * 1.0
+    assert float(loss[0]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_preference_task_on_a_toy_model_gives_the_hand_computed_loss(model):
+    prompts = prompts_of(model)
+    histories = [[3, 9, 4, 7], [12, 5, 6], [], [2, 8]]
+    data = build_preferences(model, prompts, histories, per_user=2, n_rejected=3)
+    # the last two positions of every history with >= 2 items; rejected never in the history
+    assert [(row["chosen"]) for row in data.rows] == [4, 7, 5, 6, 8]
+    assert all(
+        not set(row["rejected"]) & set(h)
+        for row, h in zip(data.rows, [histories[0]] * 2 + [histories[1]] * 2 + [histories[3]], strict=True)
+    )
+    batch = collate(data.rows)
+    model.preference = DPOLoss(beta=0.5)
+    with torch.no_grad():
+        total, count = model.preference_loss(batch)  # the policy is the reference: every margin is 0
+        assert int(count) == 5 and float(total) == pytest.approx(5 * math.log(2), rel=1e-5)
+        shifted = dict(batch, ref_chosen=batch["ref_chosen"] + 1.0)  # chosen ratio -1: margins -0.5
+        total, _ = model.preference_loss(shifted)
+        assert float(total) == pytest.approx(5 * math.log(1 + math.exp(0.5)), rel=1e-5)
+    model.preference = None
+
+
+def align_args(bundle: Path, init: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--data", str(bundle), "--init", str(init), "--output_dir", str(out), "--pairs_per_user", "1",
+        "--n_rejected", "4", "--batch_size", "16", "--max_steps", "6", "--save_steps", "2", "--log_steps", "1",
+        "--warmup_ratio", "0", "--eval_batch_size", "256", *extra,
+    ]  # fmt: skip
+
+
+def test_sequential_finetune_then_alignment_run_end_to_end_and_resume_after_a_kill(
+    loo_bundle, tmp_path, kill_after_checkpoint
+):
+    finetune, evaluate, align = (recipe_main(name) for name in ("finetune", "evaluate", "align"))
+    sft = tmp_path / "sft"
+    finetune(
+        ["--data", str(loo_bundle), "--output_dir", str(sft), *TINY, "--task", "sequential"]
+        + ["--with_content", "false", "--max_steps", "3", "--eval_batch_size", "256"]
+    )
+    assert any("loss/sequential" in line for line in (sft / "metrics.jsonl").read_text().splitlines())
+    metrics = evaluate(["--run", str(sft), "--split", "test", "--batch_size", "256"])
+    assert metrics["users"] == 943 and {"hr@10", "ndcg@10", "hr@20"} <= set(metrics)
+
+    reference = tmp_path / "aligned"
+    align(align_args(loo_bundle, sft, reference))
+    losses = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss/preference" in row for row in losses) and any("eval/ndcg@10" in row for row in losses)
+    assert json.loads((reference / "run_config.json").read_text())["task"] == "sequential"
+
+    killed = tmp_path / "killed"
+    align_command = [str(REPO / "recipes" / "align.py"), *align_args(loo_bundle, sft, killed)]
+    kill_after_checkpoint(align_command, killed, "checkpoint_4")
+    assert not (killed / "model").exists()
+    align(align_args(loo_bundle, sft, killed, "--resume", "true"))
+    expected = load_file(reference / "model" / "model.safetensors")
+    resumed = load_file(killed / "model" / "model.safetensors")
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    moved = load_file(sft / "model" / "model.safetensors")
+    assert any(not torch.equal(moved[name], expected[name]) for name in expected)  # DPO changed the weights
+
+
+def test_validity_diagnostics_with_and_without_the_trie():
+    # 25 items on 3 levels of 4 codes: 64 tuples, 39 of which name no item
+    index = RandomIndexer(NumberIndexConfig(codebook_size=4, seed=1)).build(IndexData(n_items=N_ITEMS))
+    assert index.codebook_sizes == (4, 4, 4)
+    built = CLLM4Rec.from_config(
+        ModelConfig(lora_r=4), BackboneConfig("tiny-llama"), N_USERS, N_ITEMS, item_index=index, seed=0
+    ).eval()
+    histories = [[1, 2], [5, 6, 7], [3], [4, 8]]
+    exclude = sp.csr_matrix(
+        (np.ones(8, np.float32), ([0, 0, 1, 1, 1, 2, 3, 3], [1, 2, 5, 6, 7, 3, 4, 8])), shape=(4, 25)
+    )
+    scorer = GenerativeScorer(built, prompts_of(built), histories, exclude, beam=64, batch_size=2)
+    out = scorer.diagnostics(np.arange(4))
+    assert out["invalid_rate"] == 0.0 and out["duplicate_rate"] == 0.0
+    # a 64-wide free beam returns every tuple: exactly the share of tuples that name no item
+    assert out["invalid_rate_free"] == pytest.approx(39 / 64)
+    assert out["seen_rate_free"] == pytest.approx(np.mean([2, 3, 1, 2]) / 64)
+    assert out["duplicate_rate_free"] == 0.0 and out["collision_rate"] == 0.0
+    assert [out[f"codebook_usage@{level}"] for level in range(3)] == pytest.approx(
+        [len(set(index.codes[:, level])) / 4 for level in range(3)]
+    )

@@ -1,0 +1,53 @@
+"""Start-up: ``import llmrec`` and a recipe's ``--help`` or argument error load none of the heavy stack.
+
+Checks which modules are imported (in a fresh interpreter), not wall time, so it holds on a busy machine.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY = (
+    "torch",
+    "peft",
+    "accelerate",
+    "datasets",
+    "pandas",
+    "safetensors.torch",
+    "transformers.modeling_utils",
+)
+
+PROBE = """
+import json, runpy, sys
+sys.argv = [{script!r}, *{argv!r}]
+code = 0
+try:
+    runpy.run_path({script!r}, run_name="__main__") if {script!r} else __import__("llmrec")
+except SystemExit as exit:
+    code = exit.code
+print(json.dumps({{"code": code, "heavy": [m for m in {heavy!r} if m in sys.modules]}}))
+"""
+
+
+def probe(script: str, *argv: str) -> dict:
+    code = PROBE.format(script=script, argv=list(argv), heavy=HEAVY)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_import_llmrec_is_light():
+    assert probe("") == {"code": 0, "heavy": []}
+
+
+@pytest.mark.parametrize("recipe", ["pretrain", "finetune"])
+@pytest.mark.parametrize("argv, code", [(["--help"], 0), (["--lora_r", "many"], 2)])
+def test_recipe_help_and_argument_errors_load_no_model_stack(recipe, argv, code):
+    assert probe(str(REPO / "recipes" / f"{recipe}.py"), *argv) == {"code": code, "heavy": []}
