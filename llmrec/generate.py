@@ -8,7 +8,7 @@ the collaborative semantic table (tied, as CLLM4Rec ties the item tokens); see
 
 Decoding (:func:`constrained_beam_search`): the prompt runs once; each level then runs the beams' code
 prefixes against the prompt's KV cache, shared by a user's beams (:class:`ModelDecoder`). At each level a beam may only continue with the codes that the
-:class:`~llmrec.indexing.PrefixTrie` allows after its prefix (and only towards items not excluded for
+:class:`~llmrec.trie.Trie` allows after its prefix (and only towards items not excluded for
 that user), so every finished beam is a real, unseen item: no hallucinated IDs, which a per-level
 token mask alone cannot promise. An item's score is the sum of its codes' log-probabilities under the
 per-level softmax, the quantity training maximises (not renormalised over the allowed codes). With a
@@ -97,42 +97,31 @@ class NextSemanticDataset(SemanticDataset):
 class TrieTensors:
     """An item index's prefix trie as flat tensors on one device, with the number of items under each node.
 
-    Edges are sorted by parent node, so the edges of node ``n`` are ``edge_start[n]:edge_end[n]``.
+    Edges are grouped by parent node (sorted by code), so those of node ``n`` are ``edge_start[n]:edge_end[n]``.
     Only prefix-free indexes decode: an item's tuple may not be the prefix of another's (SentencePiece
     pieces can be; they would need an end-of-ID token, which this task does not train).
     """
 
     def __init__(self, index: ItemIndex, device: torch.device | str = "cpu"):
         trie = index.trie()
-        n_nodes = trie.n_nodes
-        starts = np.searchsorted(trie.edge_parent, np.arange(n_nodes), side="left")
-        ends = np.searchsorted(trie.edge_parent, np.arange(n_nodes), side="right")
-        inner_items = np.flatnonzero((trie.node_item >= 0) & (ends > starts))
+        inner_items = np.flatnonzero((trie.node_item >= 0) & (trie.n_children > 0))
         if len(inner_items):
             raise ValueError(
                 f"item {trie.node_item[inner_items[0]]}'s code tuple is the prefix of another item's: "
                 "constrained decoding needs a prefix-free index (not SentencePiece pieces)"
             )
-        # the node of every item's prefix at every depth: edges are sorted by (parent, code)
-        width = int(trie.edge_code.max()) + 1
-        keys = trie.edge_parent * width + trie.edge_code
-        paths = np.full(index.codes.shape, -1, dtype=np.int64)
-        node = np.zeros(index.n_items, dtype=np.int64)
-        for depth in range(index.max_len):
-            rows = np.flatnonzero(index.codes[:, depth] >= 0)
-            node[rows] = trie.edge_child[np.searchsorted(keys, node[rows] * width + index.codes[rows, depth])]
-            paths[rows, depth] = node[rows]
-        counts = np.bincount(paths[paths >= 0], minlength=n_nodes)
+        counts = np.bincount(trie.nodes[trie.nodes >= 0], minlength=trie.n_nodes)
         counts[0] = index.n_items
 
         def tensor(array: np.ndarray) -> torch.Tensor:
             return torch.as_tensor(np.ascontiguousarray(array), dtype=torch.long, device=device)
 
-        self.edge_code, self.edge_child = tensor(trie.edge_code), tensor(trie.edge_child)
-        self.edge_start, self.edge_end = tensor(starts), tensor(ends)
-        self.node_item, self.item_count, self.paths = tensor(trie.node_item), tensor(counts), tensor(paths)
-        self.max_children = int((ends - starts).max())
-        self.max_len, self.n_nodes, self.n_items = index.max_len, n_nodes, index.n_items
+        self.edge_code, self.edge_child = tensor(trie.token[trie.child_nodes]), tensor(trie.child_nodes)
+        self.edge_start, self.edge_end = tensor(trie.child_ptr[:-1]), tensor(trie.child_ptr[1:])
+        self.node_item, self.item_count = tensor(trie.node_item), tensor(counts)
+        self.paths = tensor(trie.nodes)  # (n_items, max_len): the node of every prefix of every item
+        self.max_children = int(trie.n_children.max())
+        self.max_len, self.n_nodes, self.n_items = index.max_len, trie.n_nodes, index.n_items
         self.shared_codebook = index.shared_codebook
 
     def level(self, depth: int) -> int:

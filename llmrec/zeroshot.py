@@ -52,6 +52,8 @@ import scipy.sparse as sp
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from llmrec.trie import Trie
+
 logger = logging.getLogger(__name__)
 
 METHODS: tuple[str, ...] = ("naive", "cached", "trie")
@@ -188,108 +190,6 @@ class PromptBuilder:
             kept = kept[1:]
 
 
-class TokenTrie:
-    """Prefix tree of token sequences, flattened to arrays with nodes numbered in depth-first preorder.
-
-    Node 0 is the root (the end of the prompt). For node ``n``: ``token[n]``, ``parent[n]``, ``depth[n]``
-    (root 0) and ``end[n]``, one past the last node of its subtree, so that ``a`` is an ancestor-or-self
-    of ``n`` iff ``a <= n < end[a]``. ``terminal[i]`` is the node where sequence ``i`` ends (identical
-    sequences share it).
-    """
-
-    def __init__(self, sequences: Sequence[Sequence[int]]) -> None:
-        children: list[dict[int, int]] = [{}]
-        tokens, terminal = [-1], []
-        for index, seq in enumerate(sequences):
-            if len(seq) == 0:
-                raise ValueError(f"TokenTrie: sequence {index} is empty")
-            node = 0
-            for tok in seq:
-                nxt = children[node].get(int(tok))
-                if nxt is None:
-                    nxt = len(tokens)
-                    children[node][int(tok)] = nxt
-                    children.append({})
-                    tokens.append(int(tok))
-                node = nxt
-            terminal.append(node)
-        n = len(tokens)
-        order = np.empty(n, dtype=np.int64)  # order[new] = old
-        rank = np.empty(n, dtype=np.int64)  # rank[old] = new
-        parent, depth, end = (np.empty(n, dtype=np.int64) for _ in range(3))
-        # Iterative DFS; a negative entry marks "subtree of ~entry finished" so `end` can be recorded.
-        stack, parent_of, depth_of, count = [0], {0: -1}, {0: 0}, 0
-        while stack:
-            old = stack.pop()
-            if old < 0:
-                end[rank[~old]] = count
-                continue
-            order[count], rank[old] = old, count
-            count += 1
-            stack.append(~old)
-            for child in reversed(children[old].values()):
-                parent_of[child], depth_of[child] = old, depth_of[old] + 1
-                stack.append(child)
-        for new, old in enumerate(order):
-            parent[new] = rank[parent_of[int(old)]] if old != 0 else -1
-            depth[new] = depth_of[int(old)]
-        self.token = np.asarray(tokens, dtype=np.int64)[order]
-        self.parent, self.depth, self.end = parent, depth, end
-        self.terminal = rank[np.asarray(terminal, dtype=np.int64)]
-        self.n_children = np.bincount(parent[1:], minlength=n)
-        # Children grouped by parent (CSR, preorder within a parent): see `children`.
-        self._by_parent = np.argsort(parent[1:], kind="stable") + 1
-        self._child_ptr = np.concatenate([[0], np.cumsum(self.n_children)])
-
-    def __len__(self) -> int:
-        return len(self.token)
-
-    @property
-    def inner(self) -> np.ndarray:
-        """Non-root nodes that have children, in preorder: the only ones whose logits are needed."""
-        return np.flatnonzero(self.n_children[1:] > 0) + 1
-
-    def path(self, node: int) -> np.ndarray:
-        """Proper ancestors of ``node`` except the root, shallowest first."""
-        out = []
-        node = int(self.parent[node])
-        while node > 0:
-            out.append(node)
-            node = int(self.parent[node])
-        return np.asarray(out[::-1], dtype=np.int64)
-
-    def children(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The children of ``nodes`` and, for each child, the position of its parent in ``nodes``."""
-        counts = self.n_children[nodes]
-        rows = np.repeat(np.arange(len(nodes)), counts)
-        offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-        return self._by_parent[np.repeat(self._child_ptr[nodes], counts) + offsets], rows
-
-    def ancestors(self, nodes: np.ndarray) -> np.ndarray:
-        """Sorted union of the proper ancestors of ``nodes``, root excluded."""
-        found, current = [], self.parent[nodes]
-        while len(current := current[current > 0]):
-            found.append(current)
-            current = self.parent[current]
-        return np.unique(np.concatenate(found)) if found else np.zeros(0, dtype=np.int64)
-
-    def subtree_sums(self, values: np.ndarray) -> np.ndarray:
-        """``out[n]`` = sum of ``values`` over the subtree of ``n`` (itself included), deepest level first."""
-        out = np.asarray(values, dtype=np.float64).copy()
-        for level in range(int(self.depth.max()), 0, -1):
-            nodes = np.flatnonzero(self.depth == level)
-            np.add.at(out, self.parent[nodes], out[nodes])
-        return out
-
-    def path_sums(self, values: np.ndarray) -> np.ndarray:
-        """``out[n]`` = sum of ``values`` over the root-to-``n`` path (root excluded), level by level."""
-        out = np.zeros(len(self), dtype=np.float64)
-        for level in range(1, int(self.depth.max()) + 1):
-            nodes = np.flatnonzero(self.depth == level)
-            out[nodes] = out[self.parent[nodes]] + values[nodes]
-        return out
-
-
 @dataclass
 class ItemLogLikelihoods:
     """``log p(item | prompt)`` summed over each item's tokens, the token counts, and the work done.
@@ -392,7 +292,7 @@ def score_cached(
 def _tree_forward(
     model: PreTrainedModel,
     prefix_kv: list,
-    trie: TokenTrie,
+    trie: Trie,
     n_prompt: int,
     context: np.ndarray,
     chunk: np.ndarray,
@@ -437,7 +337,7 @@ def _select_kv(cache: DynamicCache | list, positions: np.ndarray) -> list:
     return [(k[:, :, where], v[:, :, where]) for k, v in pairs]
 
 
-def _root_logprobs(trie: TokenTrie, first: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def _root_logprobs(trie: Trie, first: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     roots, _ = trie.children(np.zeros(1, dtype=np.int64))
     return roots, first[torch.from_numpy(trie.token[roots]).to(first.device)].cpu().numpy()
 
@@ -446,7 +346,7 @@ def _root_logprobs(trie: TokenTrie, first: torch.Tensor) -> tuple[np.ndarray, np
 def score_trie(
     model: PreTrainedModel,
     prompt_ids: Sequence[int],
-    trie: TokenTrie,
+    trie: Trie,
     chunk_size: int = 256,
 ) -> ItemLogLikelihoods:
     """Run the prompt once, then each inner trie node once, ``chunk_size`` nodes per forward pass.
@@ -479,7 +379,7 @@ def score_trie(
 def score_top_k(
     model: PreTrainedModel,
     prompt_ids: Sequence[int],
-    trie: TokenTrie,
+    trie: Trie,
     k: int,
     exclude: Sequence[int] | np.ndarray | None = None,
     chunk_size: int = 256,
@@ -580,7 +480,7 @@ class ZeroShotScorer:
                 f"of {context} tokens"
             )
         self.build_prompt = PromptBuilder(tokenizer, titles, self.prompt, budget)
-        self.trie = TokenTrie(self.items) if method == "trie" else None
+        self.trie = Trie(self.items) if method == "trie" else None
         if self.trie is not None:
             n_tokens = sum(len(t) for t in self.items)
             logger.info(

@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
         "llmrec.config",
         "llmrec.options",
         "llmrec.indexing",
+        "llmrec.trie",
     ),
     ("llmrec.prompts",),
     ("llmrec.model",),

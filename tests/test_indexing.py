@@ -15,7 +15,6 @@ from llmrec.indexing import (
     ItemIndex,
     NumberIndexConfig,
     PiecesConfig,
-    PrefixTrie,
     RQVAEConfig,
     RQVAEIndexer,
     SequentialIndexer,
@@ -25,6 +24,7 @@ from llmrec.indexing import (
 from llmrec.indexing.base import collision_stats, describe, digits, shared_attribute_ratio
 from llmrec.indexing.rqvae import resolve_extra_level, resolve_sinkhorn, train_rqvae
 from llmrec.tokens import RecVocab
+from llmrec.trie import Trie
 
 SMALL_RQVAE = dict(levels=2, codebook_size=8, latent_dim=8, hidden_dims=(32,), epochs=150, batch_size=128)
 
@@ -97,7 +97,7 @@ def test_trie_accepts_exactly_the_valid_tuples():
     rng = np.random.default_rng(0)
     space = list(itertools.product(range(3), repeat=3))
     chosen = [space[k] for k in rng.choice(len(space), 12, replace=False)]
-    trie = PrefixTrie(np.array(chosen))
+    trie = Trie(np.array(chosen))
     valid = set(chosen)
     for length in range(0, 5):
         for codes in itertools.product(range(4), repeat=length):
@@ -107,12 +107,12 @@ def test_trie_accepts_exactly_the_valid_tuples():
     for item, codes in enumerate(chosen):
         assert trie.item(codes) == item
     with pytest.raises(ValueError, match="share the code tuple"):
-        PrefixTrie(np.array([[0, 1], [2, 2], [0, 1]]))
+        Trie(np.array([[0, 1], [2, 2], [0, 1]]), unique=True)
 
 
 def test_trie_variable_length_tuples():
     codes = np.array([[1, -1, -1], [1, 2, -1], [1, 2, 0], [0, 3, 3]])
-    trie = PrefixTrie(codes)
+    trie = Trie(codes)
     assert (1,) in trie and (1, 2) in trie and (1, 2, 0) in trie and (0, 3) not in trie
     assert trie.allowed((1,)).tolist() == [2] and trie.allowed((1, 2)).tolist() == [0]
     assert trie.allowed((5,)).tolist() == [] and trie.item((0, 3, 3)) == 3

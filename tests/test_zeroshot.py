@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 from data_prep import load_bundle
 from llmrec.backbone import load_backbone
 from llmrec.metrics import DEFAULT_KS, evaluate_scorer
+from llmrec.trie import Trie
 from llmrec.zeroshot import (
     EOS,
     PromptBuilder,
     PromptConfig,
-    TokenTrie,
     ZeroShotScorer,
     encode_items,
     score_cached,
@@ -52,7 +52,7 @@ def tiny_llama():
 @given(st.lists(st.lists(st.integers(0, 4), min_size=1, max_size=6), min_size=1, max_size=25))
 @settings(max_examples=60, deadline=None)
 def test_trie_paths_spell_sequences_and_preorder_intervals_hold(seqs):
-    trie = TokenTrie(seqs)
+    trie = Trie(seqs)
     for seq, node in zip(seqs, trie.terminal, strict=True):
         path = [*trie.path(int(node)), int(node)]
         assert trie.token[path].tolist() == seq
@@ -67,7 +67,7 @@ def test_trie_paths_spell_sequences_and_preorder_intervals_hold(seqs):
 
 def test_trie_rejects_empty_sequence():
     with pytest.raises(ValueError, match="sequence 1 is empty"):
-        TokenTrie([[1], []])
+        Trie([[1], []])
 
 
 def test_naive_scorer_matches_the_models_own_loss(tiny_llama):
@@ -92,7 +92,7 @@ def test_trie_and_cached_scoring_equal_naive(spec, chunk_size):
     prompt = tokenizer("Movies like Star Wars (1977), Heat (1995), and")["input_ids"]
     naive = score_naive(model, prompt, items)
     cached = score_cached(model, prompt, items, batch_size=3)
-    trie = TokenTrie(items)
+    trie = Trie(items)
     tree = score_trie(model, prompt, trie, chunk_size=chunk_size)
     torch.testing.assert_close(cached.total, naive.total, atol=1e-4, rtol=0)
     torch.testing.assert_close(tree.total, naive.total, atol=1e-4, rtol=0)
@@ -271,7 +271,7 @@ def test_top_k_search_finds_the_exact_top_k(tiny_llama, k, chunk_size):
     model, tokenizer = tiny_llama
     items = encode_items(TITLES, tokenizer, PromptConfig())
     prompt = tokenizer("Movies like Star Wars (1977), Heat (1995), and")["input_ids"]
-    trie = TokenTrie(items)
+    trie = Trie(items)
     full = score_trie(model, prompt, trie).total
     exclude = [0, 3]
     top = score_top_k(model, prompt, trie, k, exclude=exclude, chunk_size=chunk_size)
@@ -294,7 +294,7 @@ def test_top_k_search_prunes_the_trie(tiny_llama):
     model, tokenizer = tiny_llama
     titles = [f"{a} {b} {c}" for a in WORDS[:4] for b in WORDS[4:8] for c in WORDS[8:]]
     items = encode_items(titles, tokenizer, PromptConfig())
-    trie = TokenTrie(items)
+    trie = Trie(items)
     prompt = tokenizer("Movies like Heat, and")["input_ids"]
     top = score_top_k(model, prompt, trie, 1, chunk_size=8)
     full = score_trie(model, prompt, trie).total

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmrec.indexing.base import IndexData, Indexer, ItemIndex, PrefixTrie, collision_stats, index_stats
+from llmrec.indexing.base import IndexData, Indexer, ItemIndex, collision_stats, index_stats
 from llmrec.indexing.collaborative import CollaborativeIndexConfig, CollaborativeIndexer
 from llmrec.indexing.pieces import PiecesConfig, train_pieces
 from llmrec.indexing.rqvae import RQVAEConfig, RQVAEIndexer
@@ -40,7 +40,6 @@ __all__ = [
     "ItemIndex",
     "NumberIndexConfig",
     "PiecesConfig",
-    "PrefixTrie",
     "RQVAEConfig",
     "RQVAEIndexer",
     "RandomIndexer",

@@ -1,4 +1,4 @@
-"""What every item indexer shares: the saved item -> code tuple map, its quality figures, and a prefix trie.
+"""What every item indexer shares: the saved item -> code tuple map and its quality figures.
 
 An :class:`ItemIndex` holds one code tuple per item as an int array ``(n_items, max_len)``; shorter
 tuples (collaborative indexing, SentencePiece pieces) are padded with ``-1`` at the end. Position
@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.io import atomic_directory
+from llmrec.trie import PAD, Trie
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
 INDEX_FILE = "index.json"
 CODES_FILE = "codes.safetensors"
 FORMAT_VERSION = 1
-PAD = -1
 
 
 @dataclasses.dataclass
@@ -83,8 +83,9 @@ class ItemIndex:
     def is_unique(self) -> bool:
         return collision_stats(self.codes)["n_unique"] == self.n_items
 
-    def trie(self) -> PrefixTrie:
-        return PrefixTrie(self.codes)
+    def trie(self) -> Trie:
+        """Every code tuple as a prefix trie (colliding tuples are refused: they name no single item)."""
+        return Trie(self.codes, unique=True)
 
     def token_ids(self, vocab: RecVocab) -> np.ndarray:
         """(n_items, max_len) semantic token ids of every item in ``vocab`` (-1 = padding)."""
@@ -205,97 +206,6 @@ def digits(numbers: np.ndarray, base: int) -> np.ndarray:
         levels += 1
     powers = base ** np.arange(levels - 1, -1, -1, dtype=np.int64)
     return (numbers[:, None] // powers) % base
-
-
-# ------------------------------------------------------------------ prefix trie
-class PrefixTrie:
-    """Every valid code tuple of an index as a trie, for constrained decoding.
-
-    Stored as flat numpy arrays (edges sorted by parent, then code) rather than nested dicts so a
-    million-item index costs a few arrays, not millions of Python objects. Node 0 is the root;
-    ``step(node, code)`` follows one edge, ``children(node)`` lists the allowed next codes.
-    A tuple may be both complete (an item) and the prefix of a longer one (SentencePiece pieces).
-    """
-
-    def __init__(self, codes: np.ndarray) -> None:
-        codes = np.asarray(codes, dtype=np.int64)
-        n = len(codes)
-        node_of_row = np.zeros(n, dtype=np.int64)
-        parents, edge_codes, children = [], [], []
-        n_nodes = 1
-        node_item = [PAD]
-        for k in range(codes.shape[1]):
-            rows = np.flatnonzero(codes[:, k] >= 0)
-            if not len(rows):
-                break
-            key = np.stack([node_of_row[rows], codes[rows, k]], axis=1)
-            uniq, inverse = np.unique(key, axis=0, return_inverse=True)
-            new_nodes = n_nodes + np.arange(len(uniq))
-            parents.append(uniq[:, 0])
-            edge_codes.append(uniq[:, 1])
-            children.append(new_nodes)
-            node_of_row[rows] = new_nodes[inverse.reshape(-1)]
-            n_nodes += len(uniq)
-            node_item.extend([PAD] * len(uniq))
-        self.edge_parent = np.concatenate(parents)
-        self.edge_code = np.concatenate(edge_codes)
-        self.edge_child = np.concatenate(children)
-        self.node_item = np.asarray(node_item, dtype=np.int64)
-        order = np.argsort(node_of_row, kind="stable")
-        sorted_nodes = node_of_row[order]
-        dup = np.flatnonzero(sorted_nodes[1:] == sorted_nodes[:-1])
-        if len(dup):
-            a, b = order[dup[0]], order[dup[0] + 1]
-            raise ValueError(f"items {a} and {b} share the code tuple {tuple(codes[a][codes[a] >= 0])}")
-        self.node_item[node_of_row] = np.arange(n)
-        self.n_items = n
-
-    def __len__(self) -> int:
-        return self.n_items
-
-    @property
-    def n_nodes(self) -> int:
-        return len(self.node_item)
-
-    def _edges(self, node: int) -> slice:
-        lo = np.searchsorted(self.edge_parent, node, side="left")
-        hi = np.searchsorted(self.edge_parent, node, side="right")
-        return slice(int(lo), int(hi))
-
-    def children(self, node: int = 0) -> np.ndarray:
-        """Codes allowed after the prefix ending at ``node`` (sorted)."""
-        return self.edge_code[self._edges(node)]
-
-    def step(self, node: int, code: int) -> int:
-        """The node reached from ``node`` by ``code``, or -1 when that code is not allowed."""
-        edges = self._edges(node)
-        codes = self.edge_code[edges]
-        pos = int(np.searchsorted(codes, code))
-        if pos < len(codes) and codes[pos] == code:
-            return int(self.edge_child[edges.start + pos])
-        return -1
-
-    def node(self, prefix: Sequence[int]) -> int:
-        """Node of a prefix (0 for the empty prefix), or -1 when no item starts with it."""
-        node = 0
-        for code in prefix:
-            node = self.step(node, int(code))
-            if node < 0:
-                return -1
-        return node
-
-    def allowed(self, prefix: Sequence[int]) -> np.ndarray:
-        """Codes that may follow ``prefix``; empty when the prefix is invalid or a leaf."""
-        node = self.node(prefix)
-        return self.children(node) if node >= 0 else self.edge_code[:0]
-
-    def item(self, codes: Sequence[int]) -> int:
-        """The item whose full code tuple is ``codes``, or -1."""
-        node = self.node(codes)
-        return int(self.node_item[node]) if node >= 0 else PAD
-
-    def __contains__(self, codes: Sequence[int]) -> bool:
-        return self.item(codes) >= 0
 
 
 # ------------------------------------------------------------------ indexer interface
