@@ -2,6 +2,10 @@
 
     python recipes/index.py --data DIR --method rqvae|random|sequential|collaborative [--field value ...]
 
+The method's own options are its config dataclass (``RQVAEConfig``, ``NumberIndexConfig``,
+``CollaborativeIndexConfig``), read from the ``indexer:`` section (or ``index: {indexer: ...}``) and
+the command line; ``--method M --help`` lists them.
+
 Writes the index (``index.json`` + ``codes.safetensors``) to ``--out`` (default ``DIR/index/METHOD``),
 with ``--pieces_vocab_size N`` also a SentencePiece-pieces version beside it (``...-pieces``), and
 prints the quality figures. Content embeddings for ``rqvae`` are cached in ``DIR/embeddings``.
@@ -9,7 +13,7 @@ prints the quality figures. Content embeddings for ``rqvae`` are cached in ``DIR
 
 from __future__ import annotations
 
-import dataclasses
+import argparse
 import json
 import logging
 import sys
@@ -17,11 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from common.config import read_yaml
 from common.errors import run_cli
 from common.log import setup_logging
 from data_prep import load_bundle
 from llmrec.config import ConfigError, parse_config
-from llmrec.indexing import INDEXERS, IndexData, PiecesConfig, make_indexer, train_pieces
+from llmrec.indexing import INDEXERS, IndexData, PiecesConfig, train_pieces
 from llmrec.indexing.base import describe
 from llmrec.indexing.encoders import item_embeddings
 
@@ -32,69 +37,73 @@ logger = logging.getLogger("recipes.index")
 class IndexArgs:
     section: ClassVar[str] = "index"  # its YAML section (llmrec.config)
     data: str = field(default="data/ml-100k", metadata={"help": "dataset bundle directory"})
-    method: str = field(default="rqvae", metadata={"help": f"one of {sorted(INDEXERS)}"})
+    method: str = field(
+        default="rqvae",
+        metadata={
+            "help": f"one of {sorted(INDEXERS)}; its options (section indexer:) are listed by --method M --help"
+        },
+    )
     out: str | None = field(default=None, metadata={"help": "index directory (default DATA/index/METHOD)"})
-    seed: int = field(default=0, metadata={"help": "seed of every random choice"})
-    # content embeddings (rqvae)
+    # content embeddings (rqvae; they run on the indexer's --device)
     encoder: str = field(
         default="minilm", metadata={"help": "minilm or backbone:SPEC (mean-pooled LM states)"}
     )
     embeddings_cache: str | None = field(default=None, metadata={"help": "default DATA/embeddings"})
-    device: str = field(default="cpu", metadata={"help": "device for the encoder and the RQ-VAE"})
-    # rqvae / random / sequential
-    codebook_size: int = field(default=256, metadata={"help": "codes per level"})
-    levels: int = field(default=3, metadata={"help": "rqvae: quantization levels"})
-    latent_dim: int = field(default=32, metadata={"help": "rqvae: latent size"})
-    hidden_dims: list[int] = field(
-        default_factory=lambda: [512, 256, 128], metadata={"help": "rqvae: MLP widths"}
-    )
-    beta: float = field(default=0.25, metadata={"help": "rqvae: commitment loss weight"})
-    epochs: int = field(default=300, metadata={"help": "rqvae: training epochs"})
-    batch_size: int = field(default=256, metadata={"help": "rqvae: batch size"})
-    lr: float = field(default=1e-3, metadata={"help": "rqvae: AdamW learning rate"})
-    weight_decay: float = field(default=1e-4, metadata={"help": "rqvae: AdamW weight decay"})
-    dead_code_every: int = field(
-        default=10, metadata={"help": "rqvae: epochs between dead-code re-inits (0: off)"}
-    )
-    cosine_lr: bool = field(default=True, metadata={"help": "rqvae: cosine learning-rate decay to 0"})
-    resolve: str = field(
-        default="sinkhorn", metadata={"help": "rqvae collisions: sinkhorn, extra_level or none"}
-    )
-    # collaborative
-    n_clusters: int = field(default=16, metadata={"help": "collaborative: clusters per split"})
-    max_leaf: int = field(default=16, metadata={"help": "collaborative: largest cluster left unsplit"})
-    # sentencepiece pieces
+    # sentencepiece pieces (seeded with the indexer's --seed)
     pieces_vocab_size: int = field(
         default=0, metadata={"help": "train SentencePiece pieces of this vocab size (0: off)"}
     )
-    pieces_model_type: str = field(default="bpe", metadata={"help": "pieces: bpe or unigram"})
+    pieces_model_type: str = field(
+        default=PiecesConfig.model_type, metadata={"help": "pieces: bpe or unigram"}
+    )
 
 
-# what this recipe parses; the first is its own YAML section
-CONFIGS = (IndexArgs,)
+def configs(method: str) -> tuple[type, ...]:
+    """What this recipe parses for ``method``: its own section, then that indexer's config (``indexer:``)."""
+    if method not in INDEXERS:
+        raise ConfigError(f"--method must be one of {sorted(INDEXERS)}, got {method!r}")
+    return IndexArgs, INDEXERS[method][1]
+
+
+# what this recipe parses with the default method; the first is its own YAML section
+CONFIGS = configs(IndexArgs.method)
+
+
+def chosen_method(argv: list[str] | None) -> str:
+    """``--method``, else the config file's ``index: {method}``, else the default: it picks the indexer's
+    dataclass, so it is read before the full parse."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method")
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.method is None and known.config:
+        section = read_yaml(known.config).get(IndexArgs.section)
+        known.method = section.get("method") if isinstance(section, dict) else None
+    return known.method or IndexArgs.method
 
 
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
-    (args,) = parse_config(*CONFIGS, args=argv)
+    method = chosen_method(argv)
+    args, config = parse_config(*configs(method), args=argv)
     bundle = load_bundle(args.data)
     data = IndexData(n_items=bundle.n_items, interactions=bundle.interactions("train"))
-    if args.method == "rqvae":
+    if method == "rqvae":
         cache = args.embeddings_cache or str(Path(args.data) / "embeddings")
-        data.embeddings = item_embeddings(bundle.item_text, args.encoder, cache_dir=cache, device=args.device)
-    _, config_cls = INDEXERS.get(args.method, (None, None))
-    if config_cls is None:
-        raise ConfigError(f"--method must be one of {sorted(INDEXERS)}, got {args.method!r}")
-    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls) if hasattr(args, f.name)}
-    index = make_indexer(args.method, **options).build(data)
-    if args.method == "rqvae":
+        data.embeddings = item_embeddings(
+            bundle.item_text, args.encoder, cache_dir=cache, device=config.device
+        )
+    index = INDEXERS[method][0](config).build(data)
+    if method == "rqvae":
         index.config["encoder"] = args.encoder
-    out = Path(args.out or Path(args.data) / "index" / args.method)
+    out = Path(args.out or Path(args.data) / "index" / method)
     index.save(out)
     print(describe(index))
     report = {"index": str(out), "stats": index.stats}
     if args.pieces_vocab_size:
-        pieces = train_pieces(index, PiecesConfig(args.pieces_vocab_size, args.pieces_model_type, args.seed))
+        pieces = train_pieces(
+            index, PiecesConfig(args.pieces_vocab_size, args.pieces_model_type, config.seed)
+        )
         pieces_out = pieces.save(out.with_name(out.name + "-pieces"))
         print(describe(pieces))
         report["pieces"] = {"index": str(pieces_out), "stats": pieces.stats}

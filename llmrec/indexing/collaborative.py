@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import field
+from typing import ClassVar
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 from scipy.sparse.linalg import LinearOperator, eigsh
 
+from common.config import require
 from llmrec.indexing.base import PAD, IndexData, Indexer, ItemIndex
 from llmrec.indexing.kmeans import kmeans
 
@@ -31,15 +34,17 @@ DENSE_LIMIT = 2000  # below this many items a dense eigendecomposition is faster
 
 @dataclasses.dataclass
 class CollaborativeIndexConfig:
-    n_clusters: int = 16
-    max_leaf: int = 16
-    seed: int = 0
+    """The ``indexer`` section of ``recipes/index.py --method collaborative``."""
+
+    section: ClassVar[str] = "indexer"  # its YAML section (llmrec.config)
+
+    n_clusters: int = field(default=16, metadata={"help": "clusters per split"})
+    max_leaf: int = field(default=16, metadata={"help": "largest cluster left unsplit"})
+    seed: int = field(default=0, metadata={"help": "seed of the spectral embedding and k-means"})
 
     def __post_init__(self) -> None:
-        if self.n_clusters < 2 or self.max_leaf < 1:
-            raise ValueError(
-                f"need n_clusters >= 2 and max_leaf >= 1, got {self.n_clusters}, {self.max_leaf}"
-            )
+        require(self.n_clusters >= 2, "n_clusters", self.n_clusters, "must be >= 2")
+        require(self.max_leaf >= 1, "max_leaf", self.max_leaf, "must be >= 1")
 
 
 def cooccurrence(interactions, n_items: int) -> sp.csr_matrix:

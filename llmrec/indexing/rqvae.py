@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from dataclasses import field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from common.config import require
 from llmrec.indexing.base import IndexData, Indexer, ItemIndex, codebook_stats, collision_stats
 from llmrec.indexing.kmeans import kmeans
 
@@ -39,36 +41,38 @@ RESOLVE_METHODS = ("sinkhorn", "extra_level", "none")
 
 @dataclasses.dataclass
 class RQVAEConfig:
-    levels: int = 3
-    codebook_size: int = 256
-    latent_dim: int = 32
-    hidden_dims: tuple[int, ...] = (512, 256, 128)
-    beta: float = 0.25
-    epochs: int = 300
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    kmeans_init: bool = True
-    dead_code_every: int = 10
-    cosine_lr: bool = True  # decaying lr lets re-seeded codes settle: full utilisation in 300 epochs
+    """How the RQ-VAE is shaped and trained; the ``indexer`` section of ``recipes/index.py --method rqvae``."""
+
+    section: ClassVar[str] = "indexer"  # its YAML section (llmrec.config)
+
+    levels: int = field(default=3, metadata={"help": "quantization levels"})
+    codebook_size: int = field(default=256, metadata={"help": "codes per level"})
+    latent_dim: int = field(default=32, metadata={"help": "latent size"})
+    hidden_dims: list[int] = field(default_factory=lambda: [512, 256, 128], metadata={"help": "MLP widths"})
+    beta: float = field(default=0.25, metadata={"help": "commitment loss weight"})
+    epochs: int = field(default=300, metadata={"help": "training epochs"})
+    batch_size: int = field(default=256, metadata={"help": "batch size"})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
+    kmeans_init: bool = field(default=True, metadata={"help": "start the codebooks from k-means"})
+    dead_code_every: int = field(default=10, metadata={"help": "epochs between dead-code re-inits (0: off)"})
+    # a decaying lr lets re-seeded codes settle: full utilisation in 300 epochs
+    cosine_lr: bool = field(default=True, metadata={"help": "cosine learning-rate decay to 0"})
     # CPU threads while training: the MLP's matrices are too small to gain from more, and on a loaded
     # machine extra threads wait for each other (1 thread: 0.11 s/step, 2: 0.82 s on the shared 2 cores)
-    threads: int = 1
-    resolve: str = "sinkhorn"
-    sinkhorn_epsilon: float = 0.003
-    sinkhorn_iters: int = 50
-    sinkhorn_rounds: int = 20
-    seed: int = 0
-    device: str = "cpu"
+    threads: int = field(default=1, metadata={"help": "CPU threads while training (0: leave torch's)"})
+    resolve: str = field(default="sinkhorn", metadata={"help": f"collisions: one of {RESOLVE_METHODS}"})
+    sinkhorn_epsilon: float = field(default=0.003, metadata={"help": "Sinkhorn entropy weight"})
+    sinkhorn_iters: int = field(default=50, metadata={"help": "Sinkhorn iterations per round"})
+    sinkhorn_rounds: int = field(default=20, metadata={"help": "Sinkhorn re-assignment rounds"})
+    seed: int = field(default=0, metadata={"help": "seed of every random choice"})
+    device: str = field(default="cpu", metadata={"help": "device for the RQ-VAE (and the content encoder)"})
 
     def __post_init__(self) -> None:
-        if self.resolve not in RESOLVE_METHODS:
-            raise ValueError(f"resolve must be one of {RESOLVE_METHODS}, got {self.resolve!r}")
-        if self.levels < 1 or self.codebook_size < 2:
-            raise ValueError(
-                f"need levels >= 1 and codebook_size >= 2, got {self.levels}, {self.codebook_size}"
-            )
-        self.hidden_dims = tuple(self.hidden_dims)
+        require(self.resolve in RESOLVE_METHODS, "resolve", self.resolve, f"must be one of {RESOLVE_METHODS}")
+        require(self.levels >= 1, "levels", self.levels, "must be >= 1")
+        require(self.codebook_size >= 2, "codebook_size", self.codebook_size, "must be >= 2")
+        self.hidden_dims = [int(d) for d in self.hidden_dims]
 
 
 def _mlp(dims: list[int]) -> nn.Sequential:

@@ -8,16 +8,26 @@ around the same time).
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import field
+from typing import ClassVar
 
 import numpy as np
 
+from common.config import require
 from llmrec.indexing.base import IndexData, Indexer, ItemIndex, digits
 
 
 @dataclasses.dataclass
 class NumberIndexConfig:
-    codebook_size: int = 256
-    seed: int = 0
+    """The ``indexer`` section of ``recipes/index.py --method random|sequential``."""
+
+    section: ClassVar[str] = "indexer"  # its YAML section (llmrec.config)
+
+    codebook_size: int = field(default=256, metadata={"help": "digits per position (the number base)"})
+    seed: int = field(default=0, metadata={"help": "seed of the random permutation (random)"})
+
+    def __post_init__(self) -> None:
+        require(self.codebook_size >= 2, "codebook_size", self.codebook_size, "must be >= 2")
 
 
 class RandomIndexer(Indexer):
@@ -60,7 +70,5 @@ class SequentialIndexer(Indexer):
 
 
 def _number_index(indexer: Indexer, numbers: np.ndarray, config: NumberIndexConfig) -> ItemIndex:
-    if config.codebook_size < 2:
-        raise ValueError(f"codebook_size must be >= 2, got {config.codebook_size}")
     codes = digits(numbers, config.codebook_size)
     return indexer.make_index(codes, (config.codebook_size,) * codes.shape[1], config)
