@@ -40,6 +40,8 @@ from llmrec.prompts import IGNORE, TASKS
 from llmrec.tokens import RecEmbedding, RecVocab
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
     from llmrec.indexing.base import ItemIndex
 
 VIEWS = ("collab", "content")
@@ -157,13 +159,7 @@ class CLLM4Rec(nn.Module):
             raise ValueError(
                 f"{config.index or 'item_index'}: the index has {item_index.n_items} items, the data {n_items}"
             )
-        lm, tokenizer = load_backbone(backbone)
-        if backbone.load_in_4bit or backbone.load_in_8bit:
-            from peft import prepare_model_for_kbit_training
-
-            lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
-        for param in lm.parameters():
-            param.requires_grad_(False)
+        lm, tokenizer = frozen_backbone(backbone)
         vocab = RecVocab(
             base_size=lm.get_input_embeddings().weight.shape[0],
             n_users=n_users,
@@ -427,7 +423,7 @@ class CLLM4Rec(nn.Module):
     def save_pretrained(
         self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None
     ) -> None:
-        """Write ``config.json``, ``vocab.json`` and ``model.safetensors`` (trainable weights only).
+        """Write ``config.json``, ``rec_vocab.json``, ``model.safetensors`` (trainable weights only) and ``index/``.
 
         ``state_dict``: the full weights to save from, when this module's own are sharded (FSDP, ZeRO-3).
         """
@@ -454,20 +450,42 @@ class CLLM4Rec(nn.Module):
         saved = json.loads((directory / "config.json").read_text())
         config = ModelConfig(**saved["model"])
         backbone = BackboneConfig(**{**saved["backbone"], **backbone_overrides})
-        vocab = RecVocab.from_pretrained(directory)
         index = None
         if (directory / INDEX_DIR).is_dir():
             from llmrec.indexing.base import ItemIndex  # indexers load only for semantic-ID runs
 
             index = ItemIndex.load(directory / INDEX_DIR)
-        # the saved tables replace any initialisation, so rebuild with the one that needs no titles
-        fresh = dataclasses.replace(
-            config,
-            embedding_init="normal" if config.embedding_init == "title_mean" else config.embedding_init,
-        )
-        model = cls.from_config(fresh, backbone, vocab.n_users, vocab.n_items, item_index=index)
+        lm, tokenizer = frozen_backbone(backbone)
+        vocab = RecVocab.from_pretrained(directory)
+        return cls.restore(lm, tokenizer, vocab, config, backbone, directory / "model.safetensors", index)
+
+    @classmethod
+    def restore(
+        cls,
+        lm: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        vocab: RecVocab,
+        config: ModelConfig,
+        backbone: BackboneConfig,
+        weights: Path,
+        item_index: ItemIndex | None = None,
+    ) -> CLLM4Rec:
+        """A trained model from its frozen backbone, saved vocabulary and config, and trainable ``weights``:
+        the one rebuild behind a run's model directory (`from_pretrained`) and an export bundle
+        (`llmrec.recommender`). ``lm`` either gets fresh LoRA that ``weights`` fill (a run's) or already
+        carries its trained adapters (a bundle's). Built with a normal init, since the saved tables replace
+        any (a ``title_mean`` one would need titles); ``model.config`` is then the one it was trained with.
+        """
+        rows = lm.get_input_embeddings().weight.shape[0]
+        if rows != vocab.base_size:
+            raise ValueError(
+                f"{weights}: backbone {backbone.name_or_path!r} has {rows} embedding rows, the saved "
+                f"vocabulary was built on {vocab.base_size}"
+            )
+        build = dataclasses.replace(config, embedding_init="normal")
+        model = cls(lm, tokenizer, vocab, build, backbone, item_index=item_index)
         model.config = config
-        model.load_trainable(directory / "model.safetensors")
+        model.load_trainable(weights)
         return model
 
     def load_trainable(self, path: str | Path) -> None:
@@ -489,6 +507,17 @@ class CLLM4Rec(nn.Module):
                     f"{path}: {name} has shape {tuple(tensor.shape)}, this model expects {tuple(current[name].shape)}"
                 )
         self.load_state_dict(state, strict=False)
+
+
+def frozen_backbone(backbone: BackboneConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The backbone with every weight frozen (only LoRA and the ID tables train); a 4/8-bit one is
+    prepared for training adapters on it."""
+    lm, tokenizer = load_backbone(backbone)
+    if backbone.load_in_4bit or backbone.load_in_8bit:
+        from peft import prepare_model_for_kbit_training
+
+        lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
+    return lm.requires_grad_(False), tokenizer
 
 
 class RunError(UserError):

@@ -566,14 +566,7 @@ def _load_model(
     from llmrec.model import VIEWS, CLLM4Rec
 
     lm, tokenizer = load_backbone(backbone)
-    for param in lm.parameters():
-        param.requires_grad_(False)
-    rows = lm.get_input_embeddings().weight.shape[0]
-    if rows != vocab.base_size:
-        raise BundleError(
-            f"{directory}: backbone {backbone.name_or_path!r} has {rows} embedding rows, the bundle's "
-            f"vocabulary was built on {vocab.base_size}"
-        )
+    lm.requires_grad_(False)  # no k-bit preparation: serving trains nothing
     adapters = config["adapters"]
     expected = list(VIEWS if model_config.lora_per_view else VIEWS[:1])
     if adapters != expected:
@@ -588,12 +581,8 @@ def _load_model(
             lm.load_adapter(str(directory / ADAPTER_DIR / name), adapter_name=name)
     except (OSError, ValueError, RuntimeError, safetensors.SafetensorError) as err:
         raise BundleError(f"{directory / ADAPTER_DIR}: cannot load the LoRA adapter ({err})") from err
-    # the tables are overwritten below; a normal init needs no titles
-    build_config = dataclasses.replace(model_config, embedding_init="normal")
-    model = CLLM4Rec(lm, tokenizer, vocab, build_config, backbone)
-    model.config = model_config  # report the config it was trained with (re-exports keep it)
     try:
-        model.load_trainable(directory / WEIGHTS_FILE)
+        model = CLLM4Rec.restore(lm, tokenizer, vocab, model_config, backbone, directory / WEIGHTS_FILE)
     except ValueError as err:
         raise BundleError(str(err)) from err
     return model
