@@ -298,23 +298,38 @@ class CLLM4Rec(nn.Module):
         holds the items, padded with -1; without it the prompt's own item tokens are the history (a
         prompt cut to ``max_doc_tokens`` then loses the oldest ones).
         """
-        hidden = self.hidden_states(input_ids, attention_mask, "collab")
-        last = attention_mask.sum(dim=1) - 1
-        state = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        if self.config.history_pool == "mean":
-            bag = self.history_bag(input_ids, attention_mask, history)
-            table = self.collab.family_weight("item")
-            pooled = (bag.to(table.dtype) @ table).to(state.dtype)
-            # RMS-normalised like the decoder's output, so both paths start at the same scale
-            pooled = pooled * torch.rsqrt(pooled.pow(2).mean(dim=-1, keepdim=True) + 1e-6)
-            state = state + self.pool_scale * pooled
-        return state
+        state = last_position(self.hidden_states(input_ids, attention_mask, "collab"), attention_mask)
+        if self.config.history_pool != "mean":
+            return state
+        return self.head_input(state, self.history_bag(input_ids, attention_mask, history))
+
+    def head_input(self, state: torch.Tensor, bag: torch.Tensor | None) -> torch.Tensor:
+        """The prompt's last hidden ``state`` (batch, hidden) plus, with ``history_pool="mean"``, the pooled
+        ``bag`` of history items (:meth:`history_bag`); `llmrec.scoring.UserStates` caches the result."""
+        if self.config.history_pool != "mean":
+            return state
+        table = self.collab.family_weight("item")
+        pooled = (bag.to(table.dtype) @ table).to(state.dtype)
+        # RMS-normalised like the decoder's output, so both paths start at the same scale
+        pooled = pooled * torch.rsqrt(pooled.pow(2).mean(dim=-1, keepdim=True) + 1e-6)
+        return state + self.pool_scale * pooled
+
+    def head_scores(self, state: torch.Tensor, bag: torch.Tensor | None) -> torch.Tensor:
+        """(batch, n_items) scores from head inputs (:meth:`last_hidden`) and, with a prior, the history
+        ``bag``: the part of :meth:`score_items` after the LM, so a cached head input scores alone."""
+        logits = self.item_logits(state).float()
+        if self.config.prior == "none":
+            return logits
+        return blend_scores(logits, self.prior(bag), self.config.prior_weight)
 
     def history_bag(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, history: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        history: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(batch, n_items) 0/1 rows of the users' history items: ``history`` (padded with -1) when given,
-        else the prompt's item tokens."""
+        """(batch, n_items) 0/1 rows of the users' history items: ``history`` (padded with -1) when given
+        (the prompt is then not read), else the prompt's item tokens."""
         if history is None:
             index = input_ids - self.vocab.family_range("item").start
             inside = (index >= 0) & (index < self.vocab.n_items) & attention_mask.bool()
@@ -332,9 +347,9 @@ class CLLM4Rec(nn.Module):
         With a prior, scores are z(LM logits) + prior_weight * z(prior scores of the history), each
         standardised per user so that one weight means the same for every user and catalogue.
         """
-        if self.config.prior == "none":
-            return self.item_logits(self.last_hidden(input_ids, attention_mask, history)).float()
-        return blend_scores(*self.score_parts(input_ids, attention_mask, history), self.config.prior_weight)
+        state = self.last_hidden(input_ids, attention_mask, history)
+        bag = None if self.config.prior == "none" else self.history_bag(input_ids, attention_mask, history)
+        return self.head_scores(state, bag)
 
     def score_parts(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, history: torch.Tensor | None = None
@@ -512,6 +527,11 @@ def run_data(run: str | Path) -> str:
         return json.loads(path.read_text(encoding="utf-8"))["data"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise RunError(f"{path}: cannot read the run's dataset bundle ({err}); pass it with --data") from err
+
+
+def last_position(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(batch, hidden) states at each right-padded row's last real token."""
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), attention_mask.sum(dim=1) - 1]
 
 
 def standardize(scores: torch.Tensor) -> torch.Tensor:
