@@ -20,7 +20,7 @@ import contextlib
 import dataclasses
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -314,13 +314,14 @@ class CLLM4Rec(nn.Module):
         pooled = pooled * torch.rsqrt(pooled.pow(2).mean(dim=-1, keepdim=True) + 1e-6)
         return state + self.pool_scale * pooled
 
-    def head_scores(self, state: torch.Tensor, bag: torch.Tensor | None) -> torch.Tensor:
-        """(batch, n_items) scores from head inputs (:meth:`last_hidden`) and, with a prior, the history
-        ``bag``: the part of :meth:`score_items` after the LM, so a cached head input scores alone."""
+    def head_scores(self, state: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
+        """(batch, n_items) scores from head inputs (:meth:`last_hidden`) and, with a prior, the prior's
+        scores of the histories: the part of :meth:`score_items` after the LM, so a cached head input
+        scores alone."""
         logits = self.item_logits(state).float()
         if self.config.prior == "none":
             return logits
-        return blend_scores(logits, self.prior(bag), self.config.prior_weight)
+        return blend_scores(logits, prior, self.config.prior_weight)
 
     def history_bag(
         self,
@@ -348,8 +349,9 @@ class CLLM4Rec(nn.Module):
         standardised per user so that one weight means the same for every user and catalogue.
         """
         state = self.last_hidden(input_ids, attention_mask, history)
-        bag = None if self.config.prior == "none" else self.history_bag(input_ids, attention_mask, history)
-        return self.head_scores(state, bag)
+        if self.config.prior == "none":
+            return self.head_scores(state, None)
+        return self.head_scores(state, self.prior(self.history_bag(input_ids, attention_mask, history)))
 
     def score_parts(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, history: torch.Tensor | None = None
@@ -568,6 +570,16 @@ class ItemItemPrior(nn.Module):
 
     def forward(self, bag: torch.Tensor) -> torch.Tensor:
         return bag.to(self.matrix.dtype) @ self.matrix
+
+    def of_items(self, items: Sequence[Sequence[int]]) -> torch.Tensor:
+        """``forward`` of the 0/1 bags of ``items`` (one list per row), summing the rows of ``W`` the bags
+        select: history length x n_items work per row instead of a dense n_items x n_items product."""
+        unique = [torch.as_tensor(np.unique(np.asarray(row, dtype=np.int64))) for row in items]
+        rows = torch.repeat_interleave(torch.arange(len(unique)), torch.tensor([len(u) for u in unique]))
+        device = self.matrix.device
+        out = self.matrix.new_zeros(len(unique), self.matrix.shape[1])
+        selected = self.matrix.index_select(0, torch.cat(unique).to(device))
+        return out.index_add_(0, rows.to(device), selected)
 
 
 class ItemSoftmax(nn.Module):

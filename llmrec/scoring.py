@@ -133,12 +133,15 @@ class UserStates(ItemHeadScorer):
         """(len(users), n_items) scores on the CPU, from the states (computed first where missing)."""
         users = np.asarray(users, dtype=np.int64)
         self.warm(users)
-        bag = None
-        if self.model.config.prior != "none":
-            history = pad([list(self.histories[u]) for u in users], -1).to(self.device)
-            bag = self.model.history_bag(None, None, history)
-        index = torch.as_tensor(users, device=self.states.device)
-        return self.model.head_scores(self.states[index], bag).cpu()
+        out = []
+        for start in range(0, len(users), self.batch_size):
+            chunk = users[start : start + self.batch_size]
+            prior = None
+            if self.model.config.prior != "none":
+                prior = self.model.prior.of_items([self.histories[u] for u in chunk])
+            index = torch.as_tensor(chunk, device=self.states.device)
+            out.append(self.model.head_scores(self.states[index], prior).cpu())
+        return torch.cat(out)
 
     @torch.no_grad()
     def warm(self, users: Sequence[int] | np.ndarray | None = None, batch_size: int | None = None) -> None:
@@ -146,8 +149,10 @@ class UserStates(ItemHeadScorer):
         scorer's) prompts per pass; the prompts of the last ``kv_users`` of them keep their keys and values."""
         users = np.arange(len(self.histories)) if users is None else np.asarray(users, dtype=np.int64)
         missing = [int(u) for u in dict.fromkeys(users.tolist()) if not self.known[u]]
+        if not missing:
+            return
         keep = set(missing[max(0, len(missing) - self.kv_users) :]) if self.kv_users else set()
-        self.model.eval()
+        self._eval()
         step = batch_size or self.batch_size
         for start in range(0, len(missing), step):
             self._compute(missing[start : start + step], keep)
@@ -179,7 +184,7 @@ class UserStates(ItemHeadScorer):
         template's text before ``{history}`` does not encode as the prompt's start. Returns whether the
         incremental step was taken.
         """
-        self.model.eval()
+        self._eval()
         grown = np.concatenate(
             [np.asarray(self.histories[user], dtype=np.int64), np.asarray(items, np.int64)]
         )
@@ -204,6 +209,10 @@ class UserStates(ItemHeadScorer):
             pairs = [(k[:, :, :end], v[:, :, :end]) for k, v in cache_kv(cache)]
             self._keep(user, PromptKV(ids[:end], pairs))
         return reuse
+
+    def _eval(self) -> None:
+        if self.model.training:  # eval() walks every module: milliseconds, more than a cached score
+            self.model.eval()
 
     def _head_input(self, state: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
         bag = (

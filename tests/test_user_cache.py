@@ -13,7 +13,7 @@ from test_recommender import N_ITEMS, N_USERS, data  # noqa: F401  (data is a fi
 from data_prep import load_bundle
 from llmrec.backbone import BackboneConfig
 from llmrec.export import export_model
-from llmrec.model import CLLM4Rec, ModelConfig
+from llmrec.model import CLLM4Rec, ItemItemPrior, ModelConfig
 from llmrec.recommender import Recommender
 from llmrec.scoring import ItemHeadScorer
 
@@ -163,3 +163,13 @@ def test_update_refuses_bad_input(bundle):
         rec.update(rec.catalogue.user_ids[0], ["nope"])
     with pytest.raises(ValueError, match="unseen in training"):
         rec.update("stranger", ["m1"])
+
+
+def test_prior_of_item_lists_equals_the_prior_of_their_bags():
+    prior = ItemItemPrior(6)
+    prior.fit(torch.randn(6, 6, generator=torch.Generator().manual_seed(0)).numpy())
+    items = [[1, 4, 1], [], [5]]  # repeats count once, as in a 0/1 bag
+    bag = torch.zeros(3, 6)
+    for row, chosen in enumerate(items):
+        bag[row, chosen] = 1.0
+    assert torch.allclose(prior.of_items(items), prior(bag), atol=1e-6, rtol=0)
