@@ -39,6 +39,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
+    DynamicCache,
     GPT2Config,
     LlamaConfig,
     PretrainedConfig,
@@ -380,6 +381,25 @@ def _load_gguf(gguf_path: Path, config: BackboneConfig, cache_name: str):
     else:
         logger.info("using cached conversion %s", target)
     return _from_pretrained(target, config)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# KV caches as plain tensors
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each (batch, heads, time, head_dim)
+
+
+def cache_kv(cache: DynamicCache) -> KV:
+    """The per-layer (keys, values) a forward pass left in ``cache``."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def kv_cache(kv: KV, batch: int = 1) -> DynamicCache:
+    """A fresh cache holding ``kv`` (expanded, not copied, to ``batch`` rows); forward passes never
+    mutate the tensors it was built from."""
+    return DynamicCache(
+        ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv]
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import contextlib
 import dataclasses
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -294,23 +294,39 @@ class CLLM4Rec(nn.Module):
         holds the items, padded with -1; without it the prompt's own item tokens are the history (a
         prompt cut to ``max_doc_tokens`` then loses the oldest ones).
         """
-        hidden = self.hidden_states(input_ids, attention_mask, "collab")
-        last = attention_mask.sum(dim=1) - 1
-        state = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        if self.config.history_pool == "mean":
-            bag = self.history_bag(input_ids, attention_mask, history)
-            table = self.collab.family_weight("item")
-            pooled = (bag.to(table.dtype) @ table).to(state.dtype)
-            # RMS-normalised like the decoder's output, so both paths start at the same scale
-            pooled = pooled * torch.rsqrt(pooled.pow(2).mean(dim=-1, keepdim=True) + 1e-6)
-            state = state + self.pool_scale * pooled
-        return state
+        state = last_position(self.hidden_states(input_ids, attention_mask, "collab"), attention_mask)
+        if self.config.history_pool != "mean":
+            return state
+        return self.head_input(state, self.history_bag(input_ids, attention_mask, history))
+
+    def head_input(self, state: torch.Tensor, bag: torch.Tensor | None) -> torch.Tensor:
+        """The prompt's last hidden ``state`` (batch, hidden) plus, with ``history_pool="mean"``, the pooled
+        ``bag`` of history items (:meth:`history_bag`); `llmrec.scoring.UserStates` caches the result."""
+        if self.config.history_pool != "mean":
+            return state
+        table = self.collab.family_weight("item")
+        pooled = (bag.to(table.dtype) @ table).to(state.dtype)
+        # RMS-normalised like the decoder's output, so both paths start at the same scale
+        pooled = pooled * torch.rsqrt(pooled.pow(2).mean(dim=-1, keepdim=True) + 1e-6)
+        return state + self.pool_scale * pooled
+
+    def head_scores(self, state: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
+        """(batch, n_items) scores from head inputs (:meth:`last_hidden`) and, with a prior, the prior's
+        scores of the histories: the part of :meth:`score_items` after the LM, so a cached head input
+        scores alone."""
+        logits = self.item_logits(state).float()
+        if self.config.prior == "none":
+            return logits
+        return blend_scores(logits, prior, self.config.prior_weight)
 
     def history_bag(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, history: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        history: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(batch, n_items) 0/1 rows of the users' history items: ``history`` (padded with -1) when given,
-        else the prompt's item tokens."""
+        """(batch, n_items) 0/1 rows of the users' history items: ``history`` (padded with -1) when given
+        (the prompt is then not read), else the prompt's item tokens."""
         if history is None:
             index = input_ids - self.vocab.family_range("item").start
             inside = (index >= 0) & (index < self.vocab.n_items) & attention_mask.bool()
@@ -328,9 +344,10 @@ class CLLM4Rec(nn.Module):
         With a prior, scores are z(LM logits) + prior_weight * z(prior scores of the history), each
         standardised per user so that one weight means the same for every user and catalogue.
         """
+        state = self.last_hidden(input_ids, attention_mask, history)
         if self.config.prior == "none":
-            return self.item_logits(self.last_hidden(input_ids, attention_mask, history)).float()
-        return blend_scores(*self.score_parts(input_ids, attention_mask, history), self.config.prior_weight)
+            return self.head_scores(state, None)
+        return self.head_scores(state, self.prior(self.history_bag(input_ids, attention_mask, history)))
 
     def score_parts(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, history: torch.Tensor | None = None
@@ -543,6 +560,11 @@ def run_data(run: str | Path) -> str:
         raise RunError(f"{path}: cannot read the run's dataset bundle ({err}); pass it with --data") from err
 
 
+def last_position(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(batch, hidden) states at each right-padded row's last real token."""
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), attention_mask.sum(dim=1) - 1]
+
+
 def standardize(scores: torch.Tensor) -> torch.Tensor:
     """Per-row z-scores over the catalogue (rows with no spread become 0)."""
     centred = scores - scores.mean(dim=-1, keepdim=True)
@@ -577,6 +599,16 @@ class ItemItemPrior(nn.Module):
 
     def forward(self, bag: torch.Tensor) -> torch.Tensor:
         return bag.to(self.matrix.dtype) @ self.matrix
+
+    def of_items(self, items: Sequence[Sequence[int]]) -> torch.Tensor:
+        """``forward`` of the 0/1 bags of ``items`` (one list per row), summing the rows of ``W`` the bags
+        select: history length x n_items work per row instead of a dense n_items x n_items product."""
+        unique = [torch.as_tensor(np.unique(np.asarray(row, dtype=np.int64))) for row in items]
+        rows = torch.repeat_interleave(torch.arange(len(unique)), torch.tensor([len(u) for u in unique]))
+        device = self.matrix.device
+        out = self.matrix.new_zeros(len(unique), self.matrix.shape[1])
+        selected = self.matrix.index_select(0, torch.cat(unique).to(device))
+        return out.index_add_(0, rows.to(device), selected)
 
 
 class ItemSoftmax(nn.Module):

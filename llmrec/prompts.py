@@ -30,14 +30,33 @@ class FinetunePrompts:
 
     def encode(self, user: int, items: Sequence[int]) -> list[int]:
         """Prompt ids for ``user`` with ``items`` as history; the oldest items are dropped to fit ``max_tokens``."""
-        fixed = len(self.vocab.encode(self.render(user, []), self.tokenizer))
-        keep = max(1, self.max_tokens - fixed)
-        return self.vocab.encode(self.render(user, list(items)[-keep:]), self.tokenizer)
+        return self.vocab.encode(self.render(user, self.kept(user, items)), self.tokenizer)
 
-    def render(self, user: int, items: Sequence[int]) -> str:
+    def encode_parts(self, user: int, items: Sequence[int]) -> tuple[list[int], int]:
+        """The ids of :meth:`encode` and ``end``: ``ids[:end]`` is the prompt up to its last history item.
+
+        Appending items to the history changes only what follows ``end`` (unless truncation drops old
+        items), which lets `llmrec.scoring.UserStates` keep the keys and values of ``ids[:end]``. Where the
+        template has no ``{history}``, or the text before it does not encode as the prompt's start,
+        ``end`` is ``len(ids)``.
+        """
+        kept = self.kept(user, items)
+        ids = self.vocab.encode(self.render(user, kept), self.tokenizer)
+        before, found, _ = self.template.partition("{history}")
+        if not found:
+            return ids, len(ids)
+        head = self.vocab.encode(self.render(user, kept, before + found), self.tokenizer)
+        return ids, len(head) if ids[: len(head)] == head else len(ids)
+
+    def kept(self, user: int, items: Sequence[int]) -> list[int]:
+        """The newest ``items`` that fit ``max_tokens`` beside the template's own tokens."""
+        fixed = len(self.vocab.encode(self.render(user, []), self.tokenizer))
+        return list(items)[-max(1, self.max_tokens - fixed) :]
+
+    def render(self, user: int, items: Sequence[int], template: str | None = None) -> str:
         history = " ".join(self.vocab.placeholder(self.vocab.item_token(i)) for i in items)
         # no trailing space: an empty history must give the same tokens as the start of a longer one
-        return self.template.format(user=user, history=history).rstrip()
+        return (template or self.template).format(user=user, history=history).rstrip()
 
 
 def pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:

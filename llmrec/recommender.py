@@ -262,6 +262,11 @@ class Recommender:
     finetune template); ``history=[RAW_ITEM_IDS]`` scores a user unseen in training from the cold
     template (out of distribution; see the module docstring). Ties are broken by the lower item index,
     as in evaluation.
+
+    A known user's prompt runs through the LM once: its item-head input is cached
+    (`llmrec.scoring.UserStates`; ``n_users x hidden`` floats, plus the keys and values of the last
+    ``kv_users`` prompts), so later calls cost one head product. :meth:`warm_cache` fills the cache
+    ahead of time, :meth:`update` grows a history on top of the cached prompt.
     """
 
     def __init__(
@@ -273,15 +278,18 @@ class Recommender:
         batch_size: int = 32,
         mapper: TextToID | None = None,
         dtype: str = "fp32",
+        kv_users: int = 32,
     ):
-        self.model, self.catalogue, self.histories, self.batch_size = model, catalogue, histories, batch_size
+        from llmrec.scoring import UserStates
+
+        self.model, self.catalogue, self.batch_size = model, catalogue, batch_size
+        self.histories = list(histories)  # update() grows them in place
         self.templates, self.mapper, self.dtype = templates, mapper, dtype
         self._build_prompts()
+        self._states = UserStates(model, self.prompts, self.histories, batch_size, kv_users=kv_users)
 
     def _build_prompts(self) -> None:
-        """Prompt encoders and scorer over the model's current vocabulary (rebuilt when items are added)."""
-        from llmrec.scoring import ItemHeadScorer
-
+        """Prompt encoders over the model's current vocabulary (rebuilt when items are added)."""
         model, max_tokens = self.model, self.model.config.max_doc_tokens
         self.prompts = FinetunePrompts(
             model.vocab, model.tokenizer, self.templates["user"], max_tokens=max_tokens
@@ -289,7 +297,6 @@ class Recommender:
         self.cold_prompts = FinetunePrompts(
             model.vocab, model.tokenizer, self.templates["cold"], max_tokens=max_tokens
         )
-        self._scorer = ItemHeadScorer(model, self.prompts, self.histories, batch_size=self.batch_size)
 
     @classmethod
     def from_pretrained(
@@ -299,6 +306,7 @@ class Recommender:
         batch_size: int = 32,
         trust_remote_code: bool = False,
         verify: bool = True,
+        kv_users: int = 32,
         **backbone_overrides: Any,
     ) -> Recommender:
         """Rebuild backbone + LoRA adapter(s) + ID-token tables + head from a bundle.
@@ -307,7 +315,8 @@ class Recommender:
         fields that change how the backbone loads (``cache_dir``, ``dtype``, ``load_in_4bit``, ...). The
         backbone must have the fingerprint recorded at export. ``trust_remote_code`` is never taken from
         the bundle. ``verify=False`` skips the sha256 of every file (sizes are still checked), for
-        bundles too large to hash at every load.
+        bundles too large to hash at every load. ``kv_users``: how many known users' prompt keys and
+        values the cache keeps for :meth:`update` (see :class:`Recommender`).
         """
         from llmrec.backbone import BackboneConfig, backbone_fingerprint
         from llmrec.model import ModelConfig
@@ -369,6 +378,7 @@ class Recommender:
             batch_size=batch_size,
             mapper=mapper,
             dtype=config["dtype"],
+            kv_users=kv_users,
         )
 
     # ------------------------------------------------------------------ ids
@@ -420,6 +430,7 @@ class Recommender:
             [n["id"] for n in new], [n["title"] for n in new], [n["text"] for n in new]
         )
         self._build_prompts()
+        self._states.grow(self.prompts)
         logger.info("added %d items (%d in the catalogue)", len(new), self.n_items)
         return indices
 
@@ -437,6 +448,36 @@ class Recommender:
             overwrite=overwrite,
             mapper=self.mapper,
         )
+
+    # ------------------------------------------------------------------ cache of known users
+    def warm_cache(self, users: Sequence[str | int] | None = None, batch_size: int | None = None) -> None:
+        """Run the prompts of ``users`` (default: every known user) through the LM now, ``batch_size``
+        (default: the recommender's) at a time, so that their later calls cost one head product."""
+        indices = None if users is None else [self.user(u) for u in users]
+        self._states.warm(indices, batch_size=batch_size)
+
+    def update(self, user: str | int, items: Sequence[str | int]) -> bool:
+        """Append ``items`` (raw ids, oldest first) to a known user's history and refresh their cached
+        state; later scores rank from the grown history and exclude its items as seen.
+
+        When the user's prompt is cached, only the new items' tokens (and the template's text after the
+        history) run through the LM on its keys and values; otherwise, or when ``max_doc_tokens``
+        truncation drops old items, the whole grown prompt is recomputed (`llmrec.scoring.UserStates.update`).
+        Returns whether the incremental step was taken. The grown history is what
+        :meth:`save_pretrained` writes.
+        """
+        if isinstance(items, (str, bytes)) or len(items) == 0:
+            raise UserError(f"update of user {user!r}: give a non-empty list of item ids")
+        return self._states.update(self.user(user), self.items(items))
+
+    def clear_cache(self) -> None:
+        """Forget the cached states (needed only after changing the model's weights in place)."""
+        self._states.clear()
+
+    @property
+    def cache_bytes(self) -> int:
+        """Memory held by the cache of known users (states plus kept keys and values)."""
+        return self._states.nbytes
 
     # ------------------------------------------------------------------ scores
     def score(
@@ -457,9 +498,11 @@ class Recommender:
         if len(users if users is not None else histories) == 0:
             return torch.empty(0, self.n_items)
         if users is not None:
-            return self._scorer.score(np.asarray([self.user(u) for u in users], dtype=np.int64))
+            return self._states.score(np.asarray([self.user(u) for u in users], dtype=np.int64))
+        from llmrec.scoring import ItemHeadScorer
+
         indexed = [self._cold_history(h, row) for row, h in enumerate(histories)]
-        scorer = type(self._scorer)(self.model, self.cold_prompts, indexed, batch_size=self.batch_size)
+        scorer = ItemHeadScorer(self.model, self.cold_prompts, indexed, batch_size=self.batch_size)
         return scorer.score(np.arange(len(indexed)))
 
     def _cold_history(self, history: Sequence[str | int], row: int) -> list[int]:

@@ -52,6 +52,7 @@ import scipy.sparse as sp
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from llmrec.backbone import cache_kv, kv_cache
 from llmrec.trie import Trie
 
 logger = logging.getLogger(__name__)
@@ -229,16 +230,8 @@ def _run_prompt(model: PreTrainedModel, prompt_ids: Sequence[int]) -> tuple[list
     """Run the prompt once: per-layer (keys, values) and log-probabilities of the next token."""
     ids = torch.tensor([list(prompt_ids)], device=_device(model))
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    kv = [(layer.keys, layer.values) for layer in out.cache.layers]
+    kv = cache_kv(out.cache)
     return kv, out.logits[0, -1].float().log_softmax(-1).double()
-
-
-def _cache(kv: list, batch: int = 1) -> DynamicCache:
-    """A fresh cache holding ``kv`` (expanded, not copied, to ``batch`` rows); forward passes never
-    mutate the tensors it was built from."""
-    return DynamicCache(
-        ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv]
-    )
 
 
 def _lengths(items: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -282,7 +275,7 @@ def score_cached(
         valid = torch.tensor([[j < len(items[i]) for j in range(width)] for i in batch], device=device)
         logp = first[targets[:, 0]].unsqueeze(1)
         if width > 1:
-            out = model(input_ids=targets[:, :-1], cache=_cache(kv, len(batch)), use_cache=True)
+            out = model(input_ids=targets[:, :-1], cache=kv_cache(kv, len(batch)), use_cache=True)
             logp = torch.cat([logp, _target_logprobs(out.logits, targets[:, 1:])], dim=1)
             tokens += len(batch) * (width - 1)
         total[batch] = logp.masked_fill(~valid, 0.0).sum(1).cpu()
@@ -313,7 +306,7 @@ def _tree_forward(
         input_ids=torch.from_numpy(trie.token[chunk]).unsqueeze(0).to(device),
         position_ids=torch.from_numpy(n_prompt + trie.depth[chunk] - 1).unsqueeze(0).to(device),
         attention_mask=mask[None, None].to(device),
-        cache=_cache(prefix_kv),
+        cache=kv_cache(prefix_kv),
         use_cache=True,
     )
     kids, rows = trie.children(chunk)
@@ -330,9 +323,7 @@ def _concat_kv(kv: list, extra: list) -> list:
 
 def _select_kv(cache: DynamicCache | list, positions: np.ndarray) -> list:
     """Per-layer (keys, values) at sequence ``positions`` of a cache (or of a list of (keys, values))."""
-    pairs = (
-        [(layer.keys, layer.values) for layer in cache.layers] if isinstance(cache, DynamicCache) else cache
-    )
+    pairs = cache_kv(cache) if isinstance(cache, DynamicCache) else cache
     where = torch.from_numpy(positions).to(pairs[0][0].device)
     return [(k[:, :, where], v[:, :, where]) for k, v in pairs]
 
