@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -121,13 +121,29 @@ def item_texts(titles: Sequence[str], texts: Sequence[str] | None = None) -> lis
     return [text or title for title, text in zip(titles, texts, strict=True)]
 
 
+# one CPU thread for the encoder by default: ~100 short texts are a few tens of GFLOP that more threads
+# barely speed up, and on a busy CPU extra threads wait for each other (adding 100 ML-100K items on the
+# shared 2-core machine: see the README's Cold start section)
+ENCODE_THREADS = 1
+
+
+def embed_texts(
+    texts: Sequence[str], encoder: str = "minilm", threads: int | None = ENCODE_THREADS
+) -> np.ndarray:
+    """Text embeddings with the process's shared ``encoder`` (loaded on first use, then kept), on
+    ``threads`` CPU threads (None: torch's setting)."""
+    from llmrec.indexing.encoders import mean_pooled_embeddings, shared_encoder, torch_threads
+
+    with torch_threads(threads):
+        return mean_pooled_embeddings(*shared_encoder(encoder), list(texts))
+
+
 @dataclass
 class TextToID:
     """Text embedding -> every ID-token row of an item (:func:`item_rows`), learned on warm items."""
 
     ridge: Ridge
     encoder: str = "minilm"
-    _loaded: tuple | None = field(default=None, repr=False, compare=False)  # (model, tokenizer) once used
 
     @classmethod
     def fit(
@@ -154,20 +170,11 @@ class TextToID:
         cls, model: CLLM4Rec, texts: Sequence[str], warm: Sequence[int] | np.ndarray, encoder: str = "minilm"
     ) -> TextToID:
         """Embed every item's text with ``encoder``, then :meth:`fit` on the ``warm`` items."""
-        from llmrec.indexing.encoders import load_encoder, mean_pooled_embeddings
-
-        loaded = load_encoder(encoder)
-        fitted = cls.fit(model, mean_pooled_embeddings(*loaded, list(texts)), warm, encoder)
-        fitted._loaded = loaded
-        return fitted
+        return cls.fit(model, embed_texts(texts, encoder), warm, encoder)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Text embeddings with this mapper's encoder, loaded on first use and kept."""
-        from llmrec.indexing.encoders import load_encoder, mean_pooled_embeddings
-
-        if self._loaded is None:
-            self._loaded = load_encoder(self.encoder)
-        return mean_pooled_embeddings(*self._loaded, list(texts))
+        """Text embeddings with this mapper's encoder (:func:`embed_texts`)."""
+        return embed_texts(texts, self.encoder)
 
     def save(self, path: str | Path) -> None:
         save_file(self.ridge.state_dict(), str(path), metadata={"encoder": self.encoder})

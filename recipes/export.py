@@ -41,6 +41,12 @@ class ExportArgs:
         },
     )
     overwrite: bool = field(default=False, metadata={"help": "replace an existing bundle directory"})
+    mapper: bool = field(
+        default=True,
+        metadata={
+            "help": "fit the text-to-ID mapper of Recommender.add_items now (MiniLM over every item's text)"
+        },
+    )
 
 
 # what this recipe parses; the first is its own YAML section
@@ -58,6 +64,7 @@ def main(argv: list[str] | None = None) -> str:
         merge=args.merge,
         cold=args.cold_template,
         overwrite=args.overwrite,
+        mapper=args.mapper,
     )
     return str(out)
 

@@ -9,10 +9,12 @@ needed. ``backbone:SPEC`` instead mean-pools the last hidden states of a causal 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,26 @@ def load_encoder(encoder: str = MINILM, device: str = "cpu") -> tuple[Any, Any]:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"  # causal LMs number positions from the left: padding goes after the text
     return model.to(device).eval(), tokenizer
+
+
+@functools.cache
+def shared_encoder(encoder: str = MINILM, device: str = "cpu") -> tuple[Any, Any]:
+    """:func:`load_encoder` once per process, then kept: for callers that encode a few texts at a time
+    (`llmrec.Recommender.add_items`); a one-off bulk encoding (:func:`item_embeddings`) loads and frees."""
+    return load_encoder(encoder, device)
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run a block with ``threads`` CPU threads (None or 0: torch's setting), restored afterwards. Small
+    matrices gain little from more threads, and on a busy machine extra threads wait for each other."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @torch.no_grad()
