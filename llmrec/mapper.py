@@ -121,21 +121,12 @@ def item_texts(titles: Sequence[str], texts: Sequence[str] | None = None) -> lis
     return [text or title for title, text in zip(titles, texts, strict=True)]
 
 
-# one CPU thread for the encoder by default: ~100 short texts are a few tens of GFLOP that more threads
-# barely speed up, and on a busy CPU extra threads wait for each other (adding 100 ML-100K items on the
-# shared 2-core machine: see the README's Cold start section)
-ENCODE_THREADS = 1
+def embed_texts(texts: Sequence[str], encoder: str = "minilm") -> np.ndarray:
+    """Text embeddings with the process's shared ``encoder`` (loaded on first use, then kept)."""
+    from llmrec.indexing.encoders import mean_pooled_embeddings, shared_encoder
 
-
-def embed_texts(
-    texts: Sequence[str], encoder: str = "minilm", threads: int | None = ENCODE_THREADS
-) -> np.ndarray:
-    """Text embeddings with the process's shared ``encoder`` (loaded on first use, then kept), on
-    ``threads`` CPU threads (None: torch's setting)."""
-    from llmrec.indexing.encoders import mean_pooled_embeddings, shared_encoder, torch_threads
-
-    with torch_threads(threads):
-        return mean_pooled_embeddings(*shared_encoder(encoder), list(texts))
+    # small batches of texts of equal token counts: the least padding
+    return mean_pooled_embeddings(*shared_encoder(encoder), list(texts), batch_size=16)
 
 
 @dataclass
@@ -227,14 +218,9 @@ def extend_items(model: CLLM4Rec, n_new: int) -> range:
         raise ValueError(f"n_new must be positive, got {n_new}")
     grown = RecVocab(vocab.base_size, vocab.n_users, vocab.n_items + n_new, names=vocab.names)
     for view in (model.collab, model.content):
-        old = view.tables["item"]
-        table = nn.Embedding(
-            grown.n_items, old.weight.shape[1], device=old.weight.device, dtype=old.weight.dtype
-        )
-        table.weight.zero_()
-        table.weight[: vocab.n_items] = old.weight
-        table.weight.requires_grad_(old.weight.requires_grad)
-        view.tables["item"] = table
+        old = view.tables["item"].weight
+        grown_weight = torch.cat([old, old.new_zeros(n_new, old.shape[1])])
+        view.tables["item"] = nn.Embedding.from_pretrained(grown_weight, freeze=not old.requires_grad)
         view.vocab = grown
     if model.config.head == "untied":
         model.head_weight = nn.Parameter(

@@ -76,6 +76,9 @@ MERGED_DIR = "merged"
 HEAD_FILE = "item_head.safetensors"
 MERGED_INFO_FILE = "recommender.json"
 MAPPER_FILE = "mapper.safetensors"
+# CPU threads of add_items: encoding ~100 short texts (a few tens of GFLOP) and growing a few tables gain
+# little from more threads, and on a busy CPU extra threads wait for each other (README, Cold start)
+ADD_ITEMS_THREADS = 1
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CONFIG_KEYS = ("backbone", "model", "vocab", "dtype", "adapters", "templates", "files", "checksum")
 
@@ -408,17 +411,19 @@ class Recommender:
         their mapped rows. Only the new texts are encoded (the encoder is loaded once per process); a
         bundle written without a mapper has it fit here on the first call, from the warm items' titles.
         """
+        from llmrec.indexing.encoders import torch_threads
         from llmrec.mapper import TextToID, extend_items, item_texts, parse_new_items
 
         new = parse_new_items(items, self.catalogue.item_index)
-        if self.mapper is None:  # exported with --mapper false or by an older llmrec: fit once
-            logger.warning("the bundle has no text-to-ID mapper: fitting one on the warm items (once)")
-            warm = np.unique(np.concatenate([np.asarray(h, dtype=np.int64) for h in self.histories]))
-            texts = item_texts(self.catalogue.item_titles, self.catalogue.item_texts)
-            self.mapper = TextToID.fit_on_texts(self.model, texts, warm)
-        embeddings = self.mapper.embed(item_texts([n["title"] for n in new], [n["text"] for n in new]))
-        indices = list(extend_items(self.model, len(new)))
-        self.mapper.apply(self.model, indices, embeddings)
+        with torch_threads(ADD_ITEMS_THREADS):
+            if self.mapper is None:  # exported with --mapper false or by an older llmrec: fit once
+                logger.warning("the bundle has no text-to-ID mapper: fitting one on the warm items (once)")
+                warm = np.unique(np.concatenate([np.asarray(h, dtype=np.int64) for h in self.histories]))
+                texts = item_texts(self.catalogue.item_titles, self.catalogue.item_texts)
+                self.mapper = TextToID.fit_on_texts(self.model, texts, warm)
+            embeddings = self.mapper.embed(item_texts([n["title"] for n in new], [n["text"] for n in new]))
+            indices = list(extend_items(self.model, len(new)))
+            self.mapper.apply(self.model, indices, embeddings)
         self.catalogue = self.catalogue.with_items(
             [n["id"] for n in new], [n["title"] for n in new], [n["text"] for n in new]
         )

@@ -95,10 +95,13 @@ def mean_pooled_embeddings(
 ) -> np.ndarray:
     """Mean of the last hidden states over each text's tokens: (n_texts, hidden) float32.
 
-    Texts are batched in length order (less padding) and returned in input order.
+    Texts are batched in order of their token counts (the least padding) and returned in input order.
     """
     device = next(model.parameters()).device
-    order = np.argsort([len(t) for t in texts], kind="stable")
+    lengths = [
+        len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    ]
+    order = np.argsort(lengths, kind="stable")
     chunks = []
     for start in tqdm(range(0, len(texts), batch_size), desc="encode items", leave=False, mininterval=2):
         batch = [texts[i] for i in order[start : start + batch_size]]
