@@ -2,6 +2,7 @@
 
     python benchmarks/cold_start_ml100k.py [--config recipes/configs/cold-ml-100k-cpu.yaml] [--reuse]
         [--zeroshot_users 30] [--zeroshot_layers N] [--out FILE.json]
+    python benchmarks/cold_start_ml100k.py --add_items_only [--repeats 5]   # the cost of adding items only
 
 Builds the cold-items bundle (``--cold_ratio 0.1 --seed 0``; 84 valid-cold and 84 test-cold items),
 trains llmrec on it with the config (``--reuse``: take the config's finetune run as it is), then gives
@@ -14,16 +15,19 @@ The llmrec variants share one forward pass per user: no training history holds a
 so a user's last hidden state does not depend on the cold items' rows, and each variant only changes
 the item head. The zero-shot LM (an untouched SmolLM2, all 30 layers by default) scores the test-cold
 items' titles for a seeded sample of ``--zeroshot_users`` users, the other models are re-scored on the
-same users for that table, and the cost per user is printed. Also timed: adding items with the mapper
-(encoding + one matrix product) and with fold-in, per 100 items. Fold-in runs the content LM (a softmax
-over the whole word vocabulary at every text position) for ``--fold_in_steps`` steps, so it is the
-costly part of this script on a CPU.
+same users for that table, and the cost per user is printed. Also timed, per 100 items: fold-in, and
+``Recommender.add_items`` on the run exported as a bundle (:func:`add_items_cost`; ``--add_items_only``
+times only that, on the config's finetune run). Fold-in runs the content LM (a softmax over the whole word
+vocabulary at every text position) for ``--fold_in_steps`` steps, so it is the costly part of this script
+on a CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,10 +49,19 @@ from llmrec.backbone import load_backbone  # noqa: E402
 from llmrec.baselines import EASE, ContentKNN, Pop, Random  # noqa: E402
 from llmrec.coldstart import fold_in, fold_in_items, relate, warm_items  # noqa: E402
 from llmrec.data import scorer_for  # noqa: E402
-from llmrec.indexing.encoders import item_embeddings  # noqa: E402
-from llmrec.mapper import TextToID, item_rows, item_texts, neighbour_rows, set_item_rows  # noqa: E402
+from llmrec.export import export_model  # noqa: E402
+from llmrec.indexing.encoders import item_embeddings, torch_threads  # noqa: E402
+from llmrec.mapper import (  # noqa: E402
+    TextToID,
+    embed_texts,
+    item_rows,
+    item_texts,
+    neighbour_rows,
+    set_item_rows,
+)
 from llmrec.metrics import evaluate_cold_items, format_table, write_metrics_json  # noqa: E402
 from llmrec.model import CLLM4Rec, run_model_dir  # noqa: E402
+from llmrec.recommender import Recommender  # noqa: E402
 from llmrec.reporting import machine_info  # noqa: E402
 from llmrec.zeroshot import PromptConfig, ZeroShotScorer  # noqa: E402
 
@@ -85,6 +98,74 @@ def row(views: dict[str, dict], seconds: float) -> dict[str, float]:
     }
 
 
+def add_items_cost(run: Path, bundle, cold: np.ndarray, repeats: int) -> dict[str, float]:
+    """Seconds of ``Recommender.add_items`` for 100 of the ``cold`` items (title and text), on ``run``
+    exported as a bundle: the first call in the process (it loads MiniLM); the steady state (the median of
+    ``repeats`` more calls, fresh ids each; also in CPU seconds, which a busy machine inflates less); the
+    MiniLM encoding alone on one thread (add_items's) and on torch's threads (medians of ``repeats``); the
+    first call on a bundle exported without its mapper (as older exports were: that call fits the mapper,
+    encoding every item's text). Also the export, with and without the mapper."""
+    texts = item_texts(bundle.item_titles, bundle.item_text)
+    new = cold[:100]
+
+    def items(tag: str) -> list[dict[str, str]]:
+        return [
+            {"id": f"{tag}-{i}", "title": bundle.item_titles[c], "text": bundle.item_text[c]}
+            for i, c in enumerate(new)
+        ]
+
+    def seconds(fn, *args, **kwargs) -> float:
+        start = time.perf_counter()
+        fn(*args, **kwargs)
+        return time.perf_counter() - start
+
+    model = CLLM4Rec.from_pretrained(run_model_dir(run)).eval()
+    costs: dict[str, float] = {"load_average_before": os.getloadavg()[0]}
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        bundles = {mapper: Path(tmp) / f"mapper-{mapper}" for mapper in (True, False)}
+        for mapper, out in bundles.items():  # the item embeddings come from the dataset's cache
+            name = f"export_{'with' if mapper else 'without'}_mapper_s"
+            costs[name] = seconds(export_model, model, bundle, out, mapper=mapper)
+        rec = Recommender.from_pretrained(bundles[True], device="cpu")
+        costs["first_call_s"] = seconds(rec.add_items, items("first"))
+        cpu = time.process_time()
+        steady = [seconds(rec.add_items, items(f"r{r}")) for r in range(repeats)]
+        costs["steady_cpu_s_mean"] = (time.process_time() - cpu) / repeats  # CPU seconds: the load aside
+        costs["steady_s_median"] = float(np.median(steady))
+        costs["steady_s_min"], costs["steady_s_max"] = min(steady), max(steady)
+        new_texts = [texts[i] for i in new]
+        for name, n in (("encode_s_1_thread", 1), (f"encode_s_{threads}_threads", None)):
+            with torch_threads(n):
+                costs[name] = float(np.median([seconds(embed_texts, new_texts) for _ in range(repeats)]))
+        old = Recommender.from_pretrained(bundles[False], device="cpu")
+        costs["no_mapper_first_call_s"] = seconds(old.add_items, items("old"))
+    costs["load_average_after"] = os.getloadavg()[0]
+    return costs
+
+
+def print_add_items_cost(costs: dict[str, float], fold_in_s: float | None = None) -> None:
+    rows = {
+        "bundle with its mapper: first call (loads MiniLM)": costs["first_call_s"],
+        "bundle with its mapper: steady state (median)": costs["steady_s_median"],
+        "  the same in CPU seconds (process time, mean)": costs["steady_cpu_s_mean"],
+        "  MiniLM encoding of the 100 texts, 1 thread": costs["encode_s_1_thread"],
+        f"  the same, torch's {torch.get_num_threads()} threads": costs[
+            f"encode_s_{torch.get_num_threads()}_threads"
+        ],
+        "bundle without mapper (older export): first call, fits it": costs["no_mapper_first_call_s"],
+    }
+    if fold_in_s is not None:
+        rows["fold-in (all cold items, scaled to 100)"] = fold_in_s
+    print(
+        f"\nadding 100 items (Recommender.add_items; {os.cpu_count()} CPUs, torch {torch.get_num_threads()} "
+        f"threads, load average {costs['load_average_before']:.1f} before, {costs['load_average_after']:.1f} after); "
+        f"steady state min {costs['steady_s_min']:.2f} s, max {costs['steady_s_max']:.2f} s; export "
+        f"{costs['export_with_mapper_s']:.1f} s with the mapper, {costs['export_without_mapper_s']:.1f} s without"
+    )
+    print(format_table({name: {"s per 100 items": s} for name, s in rows.items()}, ["s per 100 items"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -100,8 +181,15 @@ def main() -> None:
     parser.add_argument("--zeroshot_users", type=int, default=30, help="0: skip the zero-shot LM")
     parser.add_argument("--zeroshot_layers", type=int, default=None, help="default: all 30 layers")
     parser.add_argument("--seed", type=int, default=0, help="user sample and random baseline")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cold_start_ml100k.json"))
+    parser.add_argument(
+        "--add_items_only", action="store_true", help="only time add_items on the config's finetune run"
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="add_items calls timed for the steady state")
+    parser.add_argument(
+        "--out", default=None, help="default: benchmarks/results/<cold_start|add_items>_ml100k.json"
+    )
     args = parser.parse_args()
+    results_dir = REPO / "benchmarks" / "results"
     setup_logging()
     config = read_yaml(args.config)
     data = Path(config["data"])
@@ -119,13 +207,25 @@ def main() -> None:
     split = bundle.manifest["split"]
     print(f"bundle {data}: {split['protocol']} cold_ratio {split['cold_ratio']} seed {split['seed']}")
     cold_all = cold_ids(bundle.manifest, "items")
+    run = Path(config["finetune"]["train"]["output_dir"])
+    if args.add_items_only:
+        costs = add_items_cost(run, bundle, cold_all, args.repeats)
+        print_add_items_cost(costs)
+        write_metrics_json(
+            args.out or results_dir / "add_items_ml100k.json",
+            costs,
+            run=str(run),
+            config_file=args.config,
+            args=vars(args),
+            machine=machine_info(),
+        )
+        return
     timings: dict[str, float] = {}
     if not args.reuse:
         for stage in (pretrain, finetune):
             start = time.perf_counter()
             stage.main(["--config", args.config])
             timings[stage.__name__] = time.perf_counter() - start
-    run = Path(config["finetune"]["train"]["output_dir"])
     model = CLLM4Rec.from_pretrained(run_model_dir(run)).eval()
     histories = bundle.histories("train")
     assert not set(cold_all.tolist()) & {i for h in histories for i in h}, (
@@ -240,21 +340,9 @@ def main() -> None:
     )
 
     # --------------------------------------------------------------- cost of adding items
-    costs = {}
-    new = cold_all[:100]
-    start = time.perf_counter()
-    new_emb = mapper.embed([texts[i] for i in new])  # loads MiniLM: the first call pays for it
-    costs["mapper_first_call_s_per_100"] = time.perf_counter() - start
-    start = time.perf_counter()
-    new_emb = mapper.embed([texts[i] for i in new])
-    mapper.apply(model, new, new_emb)
-    costs["mapper_s_per_100"] = time.perf_counter() - start
-    restore()
+    costs = add_items_cost(run, bundle, cold_all, args.repeats)
     costs["fold_in_s_per_100"] = fold_s * 100 / len(cold_all)  # timed above on every cold item
-    print(
-        "adding 100 items: mapper {mapper_s_per_100:.2f} s (first call, loading MiniLM: "
-        "{mapper_first_call_s_per_100:.2f} s), fold-in {fold_in_s_per_100:.2f} s".format(**costs)
-    )
+    print_add_items_cost(costs, costs["fold_in_s_per_100"])
 
     # --------------------------------------------------------------- zero-shot LM on cold items
     zeroshot = {}
@@ -304,7 +392,7 @@ def main() -> None:
         zeroshot = {"users": users.tolist(), "layers": layers, "s_per_user": per_user, "rows": rows}
 
     write_metrics_json(
-        args.out,
+        args.out or results_dir / "cold_start_ml100k.json",
         {name: {k: v for k, v in result.items()} for name, result in results.items()},
         chosen=best,
         vs_knn=ratio,

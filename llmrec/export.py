@@ -16,9 +16,13 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from common.errors import UserError
 from common.io import write_json
 from data_prep import Bundle, load_bundle
+from llmrec.coldstart import warm_items
 from llmrec.data import require_same_catalogue
+from llmrec.indexing.encoders import MINILM, item_embeddings
+from llmrec.mapper import TextToID, item_texts
 from llmrec.model import VIEWS, CLLM4Rec, run_data, run_model_dir
 from llmrec.recommender import DTYPES, HEAD_FILE, MERGED_INFO_FILE, require_finite, write_bundle
 from llmrec.tokens import export_plain_model
@@ -69,13 +73,15 @@ def export_model(
     cold: str | None = None,
     overwrite: bool = False,
     source: dict[str, str] | None = None,
+    mapper: bool = True,
 ) -> Path:
     """Write ``model`` (trained on the dataset bundle ``data``) as a recommender bundle at ``out``.
 
     ``dtype`` (fp32/fp16/bf16) is the dtype of every saved weight; ``cold`` overrides the cold-user
     template (default :func:`cold_template` of the finetune template). With ``merge`` the bundle also
     gets ``merged/`` (see the module docstring); merging folds LoRA into ``model``'s backbone, so
-    ``model`` must not be used afterwards. Written to a temporary directory and renamed.
+    ``model`` must not be used afterwards. With ``mapper`` the bundle carries the text-to-ID mapper of
+    ``Recommender.add_items`` (:func:`fit_mapper`). Written to a temporary directory and renamed.
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
@@ -91,6 +97,7 @@ def export_model(
     _check_template(templates["user"], "finetune", user=True)
     _check_template(templates["cold"], "cold", user=False)
     source = {**(source or {}), "data": str(data.path), "dataset_counts": data.manifest.get("counts")}
+    text_mapper = fit_mapper(model, data) if mapper else None
     merged = (lambda directory: _export_merged(model, directory, DTYPES[dtype], templates)) if merge else None
     return write_bundle(
         model,
@@ -101,8 +108,27 @@ def export_model(
         source,
         dtype=dtype,
         overwrite=overwrite,
+        mapper=text_mapper,
         merged=merged,
     )
+
+
+def fit_mapper(model: CLLM4Rec, data: Bundle) -> TextToID | None:
+    """The text-to-ID mapper fit on the warm items' texts (title and description), so that adding items
+    to the bundle only encodes the new ones; the texts' MiniLM embeddings are read from or written to
+    the dataset's cache (``DATA/embeddings``). None for a model with semantic IDs, which cannot add items."""
+    if model.vocab.semantic_codebooks:
+        logger.info("no text-to-ID mapper: a model with semantic IDs cannot add items")
+        return None
+    try:
+        embeddings = item_embeddings(
+            item_texts(data.item_titles, data.item_text), MINILM, cache_dir=Path(data.path) / "embeddings"
+        )
+    except ImportError as err:
+        raise UserError(
+            f"{err}; or export with --mapper false (add_items then fits it on first use)"
+        ) from err
+    return TextToID.fit(model, embeddings, warm_items(data.matrix("train"), data.n_items), MINILM)
 
 
 def _export_merged(model: CLLM4Rec, directory: Path, dtype: torch.dtype, templates: dict[str, str]) -> None:

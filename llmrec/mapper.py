@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -121,13 +121,20 @@ def item_texts(titles: Sequence[str], texts: Sequence[str] | None = None) -> lis
     return [text or title for title, text in zip(titles, texts, strict=True)]
 
 
+def embed_texts(texts: Sequence[str], encoder: str = "minilm") -> np.ndarray:
+    """Text embeddings with the process's shared ``encoder`` (loaded on first use, then kept)."""
+    from llmrec.indexing.encoders import mean_pooled_embeddings, shared_encoder
+
+    # small batches of texts of equal token counts: the least padding
+    return mean_pooled_embeddings(*shared_encoder(encoder), list(texts), batch_size=16)
+
+
 @dataclass
 class TextToID:
     """Text embedding -> every ID-token row of an item (:func:`item_rows`), learned on warm items."""
 
     ridge: Ridge
     encoder: str = "minilm"
-    _loaded: tuple | None = field(default=None, repr=False, compare=False)  # (model, tokenizer) once used
 
     @classmethod
     def fit(
@@ -154,20 +161,11 @@ class TextToID:
         cls, model: CLLM4Rec, texts: Sequence[str], warm: Sequence[int] | np.ndarray, encoder: str = "minilm"
     ) -> TextToID:
         """Embed every item's text with ``encoder``, then :meth:`fit` on the ``warm`` items."""
-        from llmrec.indexing.encoders import load_encoder, mean_pooled_embeddings
-
-        loaded = load_encoder(encoder)
-        fitted = cls.fit(model, mean_pooled_embeddings(*loaded, list(texts)), warm, encoder)
-        fitted._loaded = loaded
-        return fitted
+        return cls.fit(model, embed_texts(texts, encoder), warm, encoder)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Text embeddings with this mapper's encoder, loaded on first use and kept."""
-        from llmrec.indexing.encoders import load_encoder, mean_pooled_embeddings
-
-        if self._loaded is None:
-            self._loaded = load_encoder(self.encoder)
-        return mean_pooled_embeddings(*self._loaded, list(texts))
+        """Text embeddings with this mapper's encoder (:func:`embed_texts`)."""
+        return embed_texts(texts, self.encoder)
 
     def save(self, path: str | Path) -> None:
         save_file(self.ridge.state_dict(), str(path), metadata={"encoder": self.encoder})
@@ -220,14 +218,9 @@ def extend_items(model: CLLM4Rec, n_new: int) -> range:
         raise ValueError(f"n_new must be positive, got {n_new}")
     grown = RecVocab(vocab.base_size, vocab.n_users, vocab.n_items + n_new, names=vocab.names)
     for view in (model.collab, model.content):
-        old = view.tables["item"]
-        table = nn.Embedding(
-            grown.n_items, old.weight.shape[1], device=old.weight.device, dtype=old.weight.dtype
-        )
-        table.weight.zero_()
-        table.weight[: vocab.n_items] = old.weight
-        table.weight.requires_grad_(old.weight.requires_grad)
-        view.tables["item"] = table
+        old = view.tables["item"].weight
+        grown_weight = torch.cat([old, old.new_zeros(n_new, old.shape[1])])
+        view.tables["item"] = nn.Embedding.from_pretrained(grown_weight, freeze=not old.requires_grad)
         view.vocab = grown
     if model.config.head == "untied":
         model.head_weight = nn.Parameter(

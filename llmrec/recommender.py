@@ -17,7 +17,8 @@ Bundle layout (`llmrec.export.export_model` / ``python recipes/export.py``)::
     users.json             raw user ids by index
     items.json             raw item ids and titles by index (and texts, after ``add_items``)
     histories.safetensors  every user's training items, oldest first (CSR: ``offsets``, ``items``)
-    mapper.safetensors     (after ``add_items`` only) the text-to-ID mapper (`llmrec.mapper.TextToID`)
+    mapper.safetensors     the text-to-ID mapper of ``add_items`` (`llmrec.mapper.TextToID`), fit at
+                           export (unless ``--mapper false``) or by the first ``add_items``
     merged/                (``--merge`` only) a plain transformers model: LoRA merged, ID tokens as
                            added tokens, resized embeddings, plus ``item_head.safetensors``
 
@@ -75,6 +76,9 @@ MERGED_DIR = "merged"
 HEAD_FILE = "item_head.safetensors"
 MERGED_INFO_FILE = "recommender.json"
 MAPPER_FILE = "mapper.safetensors"
+# CPU threads of add_items: encoding ~100 short texts (a few tens of GFLOP) and growing a few tables gain
+# little from more threads, and on a busy CPU extra threads wait for each other (README, Cold start)
+ADD_ITEMS_THREADS = 1
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CONFIG_KEYS = ("backbone", "model", "vocab", "dtype", "adapters", "templates", "files", "checksum")
 
@@ -410,22 +414,26 @@ class Recommender:
 
         ``items``: a list of ``{"id": str, "title": str, "text": str (optional)}`` dicts, or a pandas
         DataFrame with those columns. Each new item gets every ID-token row from the text-to-ID mapper
-        (`llmrec.mapper.TextToID`: MiniLM embedding -> rows, fit on the items with a training history the
-        first time and kept by :meth:`save_pretrained`), so the item head ranks new and old items together
+        (`llmrec.mapper.TextToID`: MiniLM embedding -> rows, fit on the items with a training history at
+        export and kept by :meth:`save_pretrained`), so the item head ranks new and old items together
         and a new item may appear in ``history=[...]``. Existing items keep their rows, so their LM scores
         do not change; a prior (``ModelConfig.prior``) gives new items zero, and the history pool reads
-        their mapped rows.
+        their mapped rows. Only the new texts are encoded (the encoder is loaded once per process); a
+        bundle written without a mapper has it fit here on the first call, from the warm items' titles.
         """
+        from llmrec.indexing.encoders import torch_threads
         from llmrec.mapper import TextToID, extend_items, item_texts, parse_new_items
 
         new = parse_new_items(items, self.catalogue.item_index)
-        if self.mapper is None:
-            warm = np.unique(np.concatenate([np.asarray(h, dtype=np.int64) for h in self.histories]))
-            texts = item_texts(self.catalogue.item_titles, self.catalogue.item_texts)
-            self.mapper = TextToID.fit_on_texts(self.model, texts, warm)
-        embeddings = self.mapper.embed(item_texts([n["title"] for n in new], [n["text"] for n in new]))
-        indices = list(extend_items(self.model, len(new)))
-        self.mapper.apply(self.model, indices, embeddings)
+        with torch_threads(ADD_ITEMS_THREADS):
+            if self.mapper is None:  # exported with --mapper false or by an older llmrec: fit once
+                logger.warning("the bundle has no text-to-ID mapper: fitting one on the warm items (once)")
+                warm = np.unique(np.concatenate([np.asarray(h, dtype=np.int64) for h in self.histories]))
+                texts = item_texts(self.catalogue.item_titles, self.catalogue.item_texts)
+                self.mapper = TextToID.fit_on_texts(self.model, texts, warm)
+            embeddings = self.mapper.embed(item_texts([n["title"] for n in new], [n["text"] for n in new]))
+            indices = list(extend_items(self.model, len(new)))
+            self.mapper.apply(self.model, indices, embeddings)
         self.catalogue = self.catalogue.with_items(
             [n["id"] for n in new], [n["title"] for n in new], [n["text"] for n in new]
         )

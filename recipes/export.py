@@ -5,6 +5,8 @@
 Exports ``RUN/best`` when the run kept a best model, else ``RUN/model`` (the model evaluation uses), with
 the id maps, titles, training histories and templates of the run's dataset bundle. ``--merge`` adds
 ``OUT/merged``: a plain transformers model (LoRA merged, ID tokens as added tokens) plus the item head.
+The bundle carries the text-to-ID mapper of ``Recommender.add_items``, fit here on the items' MiniLM
+embeddings (``--mapper false``: without it; ``add_items`` then fits it on its first call).
 Load the bundle with ``llmrec.Recommender.from_pretrained(OUT)`` or ``python recipes/recommend.py``.
 """
 
@@ -41,6 +43,12 @@ class ExportArgs:
         },
     )
     overwrite: bool = field(default=False, metadata={"help": "replace an existing bundle directory"})
+    mapper: bool = field(
+        default=True,
+        metadata={
+            "help": "fit the text-to-ID mapper of Recommender.add_items now (MiniLM over every item's text)"
+        },
+    )
 
 
 # what this recipe parses; the first is its own YAML section
@@ -58,6 +66,7 @@ def main(argv: list[str] | None = None) -> str:
         merge=args.merge,
         cold=args.cold_template,
         overwrite=args.overwrite,
+        mapper=args.mapper,
     )
     return str(out)
 

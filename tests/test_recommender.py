@@ -405,6 +405,45 @@ def test_a_bundle_exported_by_llmrec_0_1_loads_and_scores_as_it_did(tmp_path):
         Recommender.from_pretrained(bundle, device="cpu")
 
 
+def encoded_batches(monkeypatch) -> list[int]:
+    """How many texts each call of the sentence encoder gets, from now on."""
+    from llmrec.indexing import encoders
+
+    sizes, encode = [], encoders.mean_pooled_embeddings
+    monkeypatch.setattr(
+        encoders,
+        "mean_pooled_embeddings",
+        lambda m, t, texts, **kw: sizes.append(len(texts)) or encode(m, t, texts, **kw),
+    )
+    return sizes
+
+
+def test_export_fits_the_mapper_so_add_items_encodes_only_the_new_texts(bundle, data, monkeypatch):
+    from llmrec.coldstart import warm_items
+    from llmrec.indexing.encoders import item_embeddings
+    from llmrec.mapper import TextToID, item_texts
+
+    rec = Recommender.from_pretrained(bundle, device="cpu")
+    b = load_bundle(data)
+    warm = warm_items(b.matrix("train"), b.n_items)
+    expected = TextToID.fit(rec.model, item_embeddings(item_texts(b.item_titles, b.item_text)), warm)
+    assert rec.mapper is not None and rec.mapper.encoder == "minilm"
+    assert torch.allclose(rec.mapper.ridge.weight, expected.ridge.weight, atol=1e-5)
+    mapper, sizes = rec.mapper, encoded_batches(monkeypatch)
+    rec.add_items([{"id": "new1", "title": "A film"}, {"id": "new2", "title": "Another film"}])
+    rec.add_items([{"id": "new3", "title": "A third film"}])
+    assert sizes == [2, 1] and rec.mapper is mapper  # no refit: the warm texts are not encoded again
+
+
+def test_a_bundle_without_mapper_fits_it_on_the_first_add_only(monkeypatch):
+    rec = Recommender.from_pretrained(FIXTURE / "bundle", device="cpu")  # llmrec 0.1.0: no mapper
+    assert rec.mapper is None
+    sizes = encoded_batches(monkeypatch)
+    rec.add_items([{"id": "new1", "title": "A film"}])
+    rec.add_items([{"id": "new2", "title": "Another film"}])
+    assert sizes == [rec.n_items - 2, 1, 1]  # every item of the bundle once, then only the new ones
+
+
 def test_add_items_keeps_old_scores_and_ranks_new_items(bundle, tmp_path):
     rec = Recommender.from_pretrained(bundle, device="cpu")  # its own copy: adding items changes it
     users = rec.catalogue.user_ids[:5]

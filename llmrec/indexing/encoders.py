@@ -9,10 +9,12 @@ needed. ``backbone:SPEC`` instead mean-pools the last hidden states of a causal 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,26 @@ def load_encoder(encoder: str = MINILM, device: str = "cpu") -> tuple[Any, Any]:
     return model.to(device).eval(), tokenizer
 
 
+@functools.cache
+def shared_encoder(encoder: str = MINILM, device: str = "cpu") -> tuple[Any, Any]:
+    """:func:`load_encoder` once per process, then kept: for callers that encode a few texts at a time
+    (`llmrec.Recommender.add_items`); a one-off bulk encoding (:func:`item_embeddings`) loads and frees."""
+    return load_encoder(encoder, device)
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run a block with ``threads`` CPU threads (None or 0: torch's setting), restored afterwards. Small
+    matrices gain little from more threads, and on a busy machine extra threads wait for each other."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @torch.no_grad()
 def mean_pooled_embeddings(
     model: Any,
@@ -73,10 +95,13 @@ def mean_pooled_embeddings(
 ) -> np.ndarray:
     """Mean of the last hidden states over each text's tokens: (n_texts, hidden) float32.
 
-    Texts are batched in length order (less padding) and returned in input order.
+    Texts are batched in order of their token counts (the least padding) and returned in input order.
     """
     device = next(model.parameters()).device
-    order = np.argsort([len(t) for t in texts], kind="stable")
+    lengths = [
+        len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    ]
+    order = np.argsort(lengths, kind="stable")
     chunks = []
     for start in tqdm(range(0, len(texts), batch_size), desc="encode items", leave=False, mininterval=2):
         batch = [texts[i] for i in order[start : start + batch_size]]

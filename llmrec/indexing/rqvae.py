@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from common.config import require
 from llmrec.indexing.base import IndexData, Indexer, ItemIndex, codebook_stats, collision_stats
+from llmrec.indexing.encoders import torch_threads
 from llmrec.indexing.kmeans import kmeans
 
 logger = logging.getLogger(__name__)
@@ -172,13 +173,8 @@ class RQVAEResult:
 
 def train_rqvae(embeddings: np.ndarray | torch.Tensor, config: RQVAEConfig) -> RQVAEResult:
     """Train an RQ-VAE on item embeddings (n_items, d) and assign every item its code tuple."""
-    threads = torch.get_num_threads()
-    if config.threads and config.device == "cpu":
-        torch.set_num_threads(config.threads)
-    try:
+    with torch_threads(config.threads if config.device == "cpu" else None):
         return _train(embeddings, config)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(embeddings: np.ndarray | torch.Tensor, config: RQVAEConfig) -> RQVAEResult:
