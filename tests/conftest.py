@@ -71,3 +71,16 @@ def recipe_main(name: str) -> Callable:
         sys.modules[module_name] = module
         spec.loader.exec_module(module)
     return sys.modules[module_name].main
+
+
+def perturb_trainable(model, scale: float = 0.1) -> None:
+    """Add seeded noise to every trainable tensor (LoRA B starts at zero), so that every trained part of
+    ``model`` changes its scores and a round trip that dropped one would show."""
+    import torch
+
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(
+                    torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())) * scale
+                )

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import recipe_main
+from conftest import perturb_trainable, recipe_main
 from safetensors.torch import load_file
 
 from data_prep import load_bundle
@@ -343,12 +343,7 @@ def test_untied_head_and_one_adapter_per_view_round_trip(data, tmp_path):
     b = load_bundle(data)
     config = ModelConfig(lora_r=2, lora_per_view=True, head="untied")
     model = CLLM4Rec.from_config(config, BackboneConfig("tiny-llama"), b.n_users, b.n_items, seed=1)
-    with torch.no_grad():  # LoRA B starts at zero; make every trained part matter
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(
-                    torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())) * 0.1
-                )
+    perturb_trainable(model)
     out = export_model(model, b, tmp_path / "bundle")
     assert json.loads((out / "config.json").read_text())["adapters"] == ["collab", "content"]
     loaded = Recommender.from_pretrained(out, device="cpu")

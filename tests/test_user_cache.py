@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import perturb_trainable
 from test_recommender import N_ITEMS, N_USERS, data  # noqa: F401  (data is a fixture)
 
 from data_prep import load_bundle
@@ -26,12 +27,8 @@ CONFIG = ModelConfig(lora_r=2, head="untied", history_pool="mean", prior="ease",
 def bundle(data, tmp_path_factory) -> Path:  # noqa: F811
     b = load_bundle(data)
     model = CLLM4Rec.from_config(CONFIG, BackboneConfig("tiny-llama"), b.n_users, b.n_items, seed=3)
-    with torch.no_grad():  # LoRA B starts at zero; make every trained part matter
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(
-                    torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())) * 0.1
-                )
+    perturb_trainable(model)
+    with torch.no_grad():
         model.prior.fit(torch.randn(b.n_items, b.n_items, generator=torch.Generator().manual_seed(1)).numpy())
     return export_model(model, b, tmp_path_factory.mktemp("cache") / "bundle")
 
