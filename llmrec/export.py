@@ -20,10 +20,10 @@ from common.errors import UserError
 from common.io import write_json
 from data_prep import Bundle, load_bundle
 from llmrec.coldstart import warm_items
-from llmrec.data import require_same_catalogue
+from llmrec.data import FINETUNE_TASKS, prompt_template, require_same_catalogue
 from llmrec.indexing.encoders import MINILM, item_embeddings
 from llmrec.mapper import TextToID, item_texts
-from llmrec.model import VIEWS, CLLM4Rec, run_data, run_model_dir
+from llmrec.model import VIEWS, CLLM4Rec, run_data, run_model_dir, run_task
 from llmrec.recommender import DTYPES, HEAD_FILE, MERGED_INFO_FILE, require_finite, write_bundle
 from llmrec.tokens import export_plain_model
 
@@ -51,8 +51,9 @@ def _check_template(template: str, name: str, user: bool) -> None:
 def export_run(run: str | Path, out: str | Path, data: str | Path | None = None, **options: Any) -> Path:
     """Export the model of a finetuning run (see :func:`run_model_dir`) with its dataset bundle.
 
-    ``data`` defaults to the bundle recorded in ``RUN/run_config.json``; ``options`` go to
-    :func:`export_model`.
+    ``data`` defaults to the bundle recorded in ``RUN/run_config.json``; the prompt is the one the run's
+    task trained on (``FINETUNE_TASKS``: a ``sequential`` run is served the chronological sequence
+    prompt); ``options`` go to :func:`export_model`.
     """
     run = Path(run)
     model_path = run_model_dir(run)
@@ -60,6 +61,7 @@ def export_run(run: str | Path, out: str | Path, data: str | Path | None = None,
         data = run_data(run)
     model = CLLM4Rec.from_pretrained(model_path)
     source = {"run": str(run), "model": str(model_path), "data": str(data)}
+    options.setdefault("prompt", FINETUNE_TASKS[run_task(run)])
     return export_model(model, load_bundle(data), out, source=source, **options)
 
 
@@ -74,6 +76,7 @@ def export_model(
     overwrite: bool = False,
     source: dict[str, str] | None = None,
     mapper: bool = True,
+    prompt: str = "masked",
 ) -> Path:
     """Write ``model`` (trained on the dataset bundle ``data``) as a recommender bundle at ``out``.
 
@@ -81,7 +84,9 @@ def export_model(
     template (default :func:`cold_template` of the finetune template). With ``merge`` the bundle also
     gets ``merged/`` (see the module docstring); merging folds LoRA into ``model``'s backbone, so
     ``model`` must not be used afterwards. With ``mapper`` the bundle carries the text-to-ID mapper of
-    ``Recommender.add_items`` (:func:`fit_mapper`). Written to a temporary directory and renamed.
+    ``Recommender.add_items`` (:func:`fit_mapper`). ``prompt`` is the kind of prompt the model was
+    finetuned on (`llmrec.data.prompt_template`: ``masked`` or ``sequence``); known users are served
+    with it. Written to a temporary directory and renamed.
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
@@ -93,7 +98,8 @@ def export_model(
             "--merge writes a plain transformers model, which has no place for the history pool or the prior "
             "this model scores with: export without --merge"
         )
-    templates = {"user": data.templates.finetune, "cold": cold or cold_template(data.templates.finetune)}
+    template = prompt_template(data, prompt)
+    templates = {"user": template, "cold": cold or cold_template(template)}
     _check_template(templates["user"], "finetune", user=True)
     _check_template(templates["cold"], "cold", user=False)
     source = {**(source or {}), "data": str(data.path), "dataset_counts": data.manifest.get("counts")}

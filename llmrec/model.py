@@ -551,13 +551,29 @@ def run_model_dir(run: str | Path) -> Path:
     raise RunError(f"{run}: no trained model (expected {run}/best or {run}/model with config.json)")
 
 
-def run_data(run: str | Path) -> str:
-    """The dataset bundle a run trained on, from its ``run_config.json``."""
+def run_config(run: str | Path) -> dict:
+    """A run's ``run_config.json`` (every knob it was started with)."""
     path = Path(run) / "run_config.json"
     try:
-        return json.loads(path.read_text(encoding="utf-8"))["data"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise RunError(f"{path}: cannot read the run's dataset bundle ({err}); pass it with --data") from err
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise RunError(f"{path}: cannot read the run's configuration ({err})") from err
+    if not isinstance(config, dict):
+        raise RunError(f"{path}: not a run configuration (a JSON object)")
+    return config
+
+
+def run_data(run: str | Path) -> str:
+    """The dataset bundle a run trained on, from its ``run_config.json``."""
+    config = run_config(run)
+    if not isinstance(config.get("data"), str):
+        raise RunError(f"{Path(run) / 'run_config.json'}: names no dataset bundle; pass it with --data")
+    return config["data"]
+
+
+def run_task(run: str | Path) -> str:
+    """The finetuning task of a run (``multinomial`` for pretraining runs and runs that predate tasks)."""
+    return run_config(run).get("task", "multinomial")
 
 
 def last_position(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

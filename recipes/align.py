@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import ClassVar
 
 from common.errors import run_cli
-from common.io import read_json
 from common.log import get_logger, setup_logging
 from data_prep import load_bundle
 from llmrec.align import DPOLoss, build_preferences
 from llmrec.config import ConfigError, parse_config
 from llmrec.data import FINETUNE_TASKS, GENERATIVE_TASKS, prompts_for, validation_fn
-from llmrec.model import CLLM4Rec, run_model_dir
+from llmrec.model import CLLM4Rec, run_model_dir, run_task
 from llmrec.train import TrainConfig, make_accelerator, save_run_config, train
 
 logger = get_logger("align")
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     args, train_config = parse_config(*CONFIGS, args=argv)
     init = Path(args.init)
-    args.task = args.task or read_json(init / "run_config.json", "run config").get("task", "multinomial")
+    args.task = args.task or run_task(init)
     if args.task in GENERATIVE_TASKS:
         raise ConfigError(
             f"{init}: task {args.task!r} has no item head to align; DPO here aligns the item head"

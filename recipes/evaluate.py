@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from common.errors import run_cli
-from common.io import read_json
 from common.log import setup_logging
 from data_prep import load_bundle
 from data_prep.cold import cold_ids
@@ -44,7 +43,7 @@ from llmrec.metrics import (
     is_leave_one_out,
     write_metrics_json,
 )
-from llmrec.model import CLLM4Rec, run_data, run_model_dir
+from llmrec.model import CLLM4Rec, run_data, run_model_dir, run_task
 
 
 @dataclass
@@ -95,20 +94,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup_logging()
     (args,) = parse_config(*CONFIGS, args=argv)
     run = Path(args.run)
-    saved = read_json(run / "run_config.json", "run config")
     data = args.data or run_data(run)
     model = CLLM4Rec.from_pretrained(run_model_dir(run))
     bundle = load_bundle(data)
     require_same_catalogue(bundle, model, f"the model of {run}")
     loo = is_leave_one_out(bundle)
     ks = tuple(int(k) for k in args.ks.split(",")) if args.ks else (LOO_KS if loo else DEFAULT_KS)
+    prompt = FINETUNE_TASKS[run_task(run)]
     cold = cold_ids(bundle.manifest, "items", args.split)
     if len(cold) and not args.generate:
         cold_start(
             model, bundle, args.cold_method, items=cold_ids(bundle.manifest, "items"), encoder=args.encoder
         )
         views = evaluate_cold_items(
-            scorer_for(bundle, model, args.batch_size, split=args.split), bundle, args.split, cold, ks=ks
+            scorer_for(bundle, model, args.batch_size, split=args.split, prompt=prompt),
+            bundle,
+            args.split,
+            cold,
+            ks=ks,
         )
         results = {f"{args.split}/{name}": with_selection_metric(m) for name, m in views.items()}
         print(f"cold items: {args.cold_method}; 'cold' ranks the {len(cold)} cold {args.split} items only")
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.split,
         batch_size=args.batch_size,
         beam=beam,
-        prompt=FINETUNE_TASKS[saved.get("task", "multinomial")],
+        prompt=prompt,
         exclude_seen=args.exclude_seen,
         diagnostic_users=args.diagnostic_users,
         ks=ks,

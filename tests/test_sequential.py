@@ -15,14 +15,18 @@ import torch.nn.functional as F
 from conftest import recipe_main
 from safetensors.torch import load_file
 
+from data_prep import load_bundle
 from llmrec.align import DPOLoss, build_preferences, dpo_loss
 from llmrec.backbone import BackboneConfig
 from llmrec.collate import SequenceDataset, collate
+from llmrec.data import prompt_template, scorer_for
+from llmrec.export import export_run
 from llmrec.generate import GenerativeScorer, NextSemanticDataset
 from llmrec.indexing import NumberIndexConfig, RandomIndexer
 from llmrec.indexing.base import IndexData
-from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig
+from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig, run_model_dir
 from llmrec.prompts import IGNORE, TASKS, FinetunePrompts
+from llmrec.recommender import Recommender
 
 REPO = Path(__file__).resolve().parents[1]
 SEQUENCE = "<user_{user}> has interacted with {history}"
@@ -166,6 +170,17 @@ def test_sequential_finetune_then_alignment_run_end_to_end_and_resume_after_a_ki
     assert any("loss/sequential" in line for line in (sft / "metrics.jsonl").read_text().splitlines())
     metrics = evaluate(["--run", str(sft), "--split", "test", "--batch_size", "256"])
     assert metrics["users"] == 943 and {"hr@10", "ndcg@10", "hr@20"} <= set(metrics)
+
+    # the export serves known users the chronological prompt the run trained on, with its scores
+    bundle = load_bundle(loo_bundle)
+    exported = export_run(sft, tmp_path / "bundle", mapper=False)
+    assert json.loads((exported / "config.json").read_text())["templates"]["user"] == prompt_template(
+        bundle, "sequence"
+    )
+    model = CLLM4Rec.from_pretrained(run_model_dir(sft))
+    expected = scorer_for(bundle, model, 256, split="valid", prompt="sequence").score(np.arange(3))
+    served = Recommender.from_pretrained(exported, device="cpu").score_batch(bundle.user_ids[:3])
+    torch.testing.assert_close(served, expected, rtol=0, atol=1e-5)
 
     reference = tmp_path / "aligned"
     align(align_args(loo_bundle, sft, reference))
