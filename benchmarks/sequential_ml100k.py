@@ -109,7 +109,8 @@ def llm_run(args, seed: int, name: str, recipe, extra: list[str]) -> tuple[Path,
 def run_sequential(args, data: Path) -> dict:
     rows = []
     for seed in args.llm_seeds:
-        run, wall = llm_run(args, seed, "sequential", finetune, ["--task", "sequential"])
+        extra = ["--task", "sequential", "--epochs", str(args.sequential_epochs)]
+        run, wall = llm_run(args, seed, "sequential", finetune, extra)
         metrics = evaluate.main(["--config", args.config, "--run", str(run), "--split", "test"])
         rows.append({**metrics, "wall_s": wall, "curve": valid_curve(run), "seed": seed})
     return {"llmrec item head (sequential)": rows}
@@ -218,6 +219,9 @@ def main() -> None:
     parser.add_argument("--sasrec_epochs", type=int, default=100)
     parser.add_argument("--sasrec_patience", type=int, default=10)
     parser.add_argument("--sasrec_dropouts", type=float, nargs="+", default=[0.2, 0.5])
+    parser.add_argument(
+        "--sequential_epochs", type=int, default=8, help="item head epochs (best on valid NDCG@10 kept)"
+    )
     parser.add_argument("--semantic_epochs", type=int, default=3)
     parser.add_argument("--rqvae_epochs", type=int, default=300, help="RQ-VAE epochs (3 levels)")
     parser.add_argument("--rqvae_codebook", type=int, default=64, help="codes per RQ-VAE level")
