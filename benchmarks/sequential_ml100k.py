@@ -9,7 +9,8 @@ of validation NDCG@10 by epoch are then made from every stage result present:
 
 - ``baselines``: Pop and EASE (deterministic), SASRec per seed in ``--seeds`` (its dropout is chosen on
   valid with the first seed and reused for the others; its epoch by early stopping on valid);
-- ``sequential``: the item head finetuned on next-item prediction (``--task sequential``), per LLM seed;
+- ``sequential``: the item head finetuned on next-item prediction (``--task sequential``) for up to
+  ``--sequential_epochs``, per LLM seed;
 - ``semantic``: an RQ-VAE semantic-ID index and the generator finetuned on the next item's ID
   (``--task semantic_next``), ranked by constrained beam search, with validity diagnostics;
 - ``align``: DPO of each ``sequential`` run's item head against itself (``recipes/align.py``).
