@@ -9,7 +9,8 @@ of validation NDCG@10 by epoch are then made from every stage result present:
 
 - ``baselines``: Pop and EASE (deterministic), SASRec per seed in ``--seeds`` (its dropout is chosen on
   valid with the first seed and reused for the others; its epoch by early stopping on valid);
-- ``sequential``: the item head finetuned on next-item prediction (``--task sequential``), per LLM seed;
+- ``sequential``: the item head finetuned on next-item prediction (``--task sequential``) for up to
+  ``--sequential_epochs``, per LLM seed;
 - ``semantic``: an RQ-VAE semantic-ID index and the generator finetuned on the next item's ID
   (``--task semantic_next``), ranked by constrained beam search, with validity diagnostics;
 - ``align``: DPO of each ``sequential`` run's item head against itself (``recipes/align.py``).
@@ -109,7 +110,8 @@ def llm_run(args, seed: int, name: str, recipe, extra: list[str]) -> tuple[Path,
 def run_sequential(args, data: Path) -> dict:
     rows = []
     for seed in args.llm_seeds:
-        run, wall = llm_run(args, seed, "sequential", finetune, ["--task", "sequential"])
+        extra = ["--task", "sequential", "--epochs", str(args.sequential_epochs)]
+        run, wall = llm_run(args, seed, "sequential", finetune, extra)
         metrics = evaluate.main(["--config", args.config, "--run", str(run), "--split", "test"])
         rows.append({**metrics, "wall_s": wall, "curve": valid_curve(run), "seed": seed})
     return {"llmrec item head (sequential)": rows}
@@ -215,9 +217,12 @@ def main() -> None:
     parser.add_argument("--llm_seeds", default="42", help="LLM seeds")
     parser.add_argument("--sasrec_max_len", type=int, default=50)
     parser.add_argument("--sasrec_lr", type=float, default=5e-3)
-    parser.add_argument("--sasrec_epochs", type=int, default=40)
-    parser.add_argument("--sasrec_patience", type=int, default=3)
+    parser.add_argument("--sasrec_epochs", type=int, default=100)
+    parser.add_argument("--sasrec_patience", type=int, default=10)
     parser.add_argument("--sasrec_dropouts", type=float, nargs="+", default=[0.2, 0.5])
+    parser.add_argument(
+        "--sequential_epochs", type=int, default=8, help="item head epochs (best on valid NDCG@10 kept)"
+    )
     parser.add_argument("--semantic_epochs", type=int, default=3)
     parser.add_argument("--rqvae_epochs", type=int, default=300, help="RQ-VAE epochs (3 levels)")
     parser.add_argument("--rqvae_codebook", type=int, default=64, help="codes per RQ-VAE level")

@@ -293,9 +293,14 @@ class SASRecNet(nn.Module):
     """SASRec's network (Kang & McAuley, 2018): item + position embeddings, causal self-attention blocks.
 
     Item ``i`` is token ``i + 1`` (0 pads, on the left, so the last position is the latest item); the
-    output layer is the item embedding table itself, as in the paper. Pre-norm blocks (``norm_first``)
-    from torch's own ``TransformerEncoderLayer``.
+    output layer is the item embedding table itself, as in the paper. Pre-norm blocks (``norm_first``,
+    as the paper's code) from torch's own ``TransformerEncoderLayer``, with a layer norm on the input
+    embeddings (as RecBole's) and at the output. Weights start as BERT's and RecBole's do: N(0, 0.02),
+    zero biases, the padding row zero. torch's default N(0, 1) embeddings make the tied output layer's
+    logits ~sqrt(hidden) wide at the start, which the model takes many epochs to unlearn.
     """
+
+    INIT_STD = 0.02
 
     def __init__(
         self,
@@ -307,23 +312,38 @@ class SASRecNet(nn.Module):
         dropout: float = 0.2,
     ) -> None:
         super().__init__()
+        self.heads = heads
         self.item = nn.Embedding(n_items + 1, hidden, padding_idx=0)
         self.position = nn.Embedding(max_len, hidden)
+        self.input_norm = nn.LayerNorm(hidden)
         self.dropout = nn.Dropout(dropout)
         layer = nn.TransformerEncoderLayer(
-            hidden, heads, hidden, dropout, activation="gelu", batch_first=True, norm_first=True
+            hidden, heads, 4 * hidden, dropout, activation="gelu", batch_first=True, norm_first=True
         )
         self.blocks = nn.TransformerEncoder(layer, blocks, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(hidden)
+        for name, param in self.named_parameters():
+            if "norm" not in name:  # layer norms keep their (1, 0) start
+                nn.init.normal_(param, std=self.INIT_STD) if param.dim() > 1 else nn.init.zeros_(param)
+        with torch.no_grad():
+            self.item.weight[0].zero_()
+
+    def attention_mask(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Boolean (batch * heads, time, time) mask, True where attention is blocked: the future and the
+        padding. Every position may attend to itself, so a padding row is never all blocked (NaN)."""
+        length = tokens.shape[1]
+        future = torch.ones(length, length, dtype=torch.bool, device=tokens.device).triu(1)
+        blocked = future | (tokens == 0).unsqueeze(1)
+        blocked &= ~torch.eye(length, dtype=torch.bool, device=tokens.device)
+        return blocked.repeat_interleave(self.heads, dim=0)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Hidden states (batch, time, hidden) of left-padded item tokens (batch, time)."""
         length = tokens.shape[1]
         real = (tokens > 0).unsqueeze(-1)
-        x = self.item(tokens) * self.item.embedding_dim**0.5 + self.position.weight[-length:]
+        x = self.input_norm(self.item(tokens) + self.position.weight[-length:])
         x = self.dropout(x) * real  # padding stays zero, as in the paper
-        causal = nn.Transformer.generate_square_subsequent_mask(length, device=tokens.device)
-        return self.norm(self.blocks(x, mask=causal, is_causal=True)) * real
+        return self.norm(self.blocks(x, mask=self.attention_mask(tokens))) * real
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Scores of every item (..., n_items) from hidden states (..., hidden)."""

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 from conftest import recipe_main
 
-from llmrec.baselines import EASE, MultVAE, Pop, SASRec, make_baseline
+from llmrec.baselines import EASE, MultVAE, Pop, SASRec, SASRecNet, make_baseline
 from llmrec.metrics import evaluate_matrices
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,6 +166,18 @@ def test_sasrec_learns_a_deterministic_next_item_chain():
     top = model.score_rows(probes).argmax(axis=1)
     assert (top == successor[successor[np.arange(30)]]).mean() >= 0.8
     assert model.fit_info["valid_ndcg@10"] > 0.9 and model.fit_info["dropout"] == 0.1
+
+
+def test_sasrec_net_ignores_padding_and_starts_small():
+    torch.manual_seed(0)
+    net = SASRecNet(n_items=30, max_len=12, hidden=16, heads=2, blocks=2, dropout=0.0).eval()
+    assert not net.item.weight[0].any() and net.item.weight.std() < 0.05  # N(0, 0.02), padding row zero
+    items = torch.tensor([[5, 9, 2, 17]])
+    short = net(items)[:, -1]
+    for pad in (1, 8):  # padded keys are masked out of attention: the same items give the same state
+        padded = torch.cat([torch.zeros(1, pad, dtype=torch.long), items], dim=1)
+        torch.testing.assert_close(net(padded)[:, -1], short)
+    assert net(torch.zeros(1, 6, dtype=torch.long)).isfinite().all()  # all padding: no NaN
 
 
 def test_sasrec_is_seeded_and_selects_on_valid():
