@@ -141,8 +141,7 @@ def plot(path: Path, runs: list[dict], table: dict[str, dict[str, float]]) -> No
 def measure(args: argparse.Namespace, seeds: list[int]) -> tuple[list[dict], dict[str, list[dict]]]:
     """Run the LLM recipe (and variants) and fit the baselines for every seed: (runs, rows per model)."""
     data = Path(read_yaml(args.config)["data"])
-    if not (data / "manifest.json").exists():
-        build_ml100k_reference(Path(args.shared), data)
+    build_ml100k_reference(Path(args.shared), data, exist_ok=True)
     runs = []
     if not args.skip_llm:
         for variant in args.variant or ["recipe"]:

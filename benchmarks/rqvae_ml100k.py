@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from quality_ml100k import ensure_bundle  # benchmarks/ is on sys.path when run as a script
 
 from common.log import setup_logging
 from data_prep import load_bundle
+from data_prep.build import build_ml100k_reference
 from llmrec.indexing import IndexData, PiecesConfig, RQVAEConfig, RQVAEIndexer, make_indexer, train_pieces
 from llmrec.indexing.base import shared_attribute_ratio
 from llmrec.indexing.encoders import item_embeddings
@@ -51,7 +51,7 @@ def main() -> None:
     setup_logging()
 
     data_dir = Path(args.data)
-    ensure_bundle(data_dir, SHARED)
+    build_ml100k_reference(SHARED, data_dir, exist_ok=True)
     bundle = load_bundle(data_dir)
     genres = genres_by_item(Path(args.item_file), bundle.item_ids)
     start = time.perf_counter()

@@ -48,11 +48,6 @@ METRICS = ["hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20"]
 STAGES = ("baselines", "sequential", "semantic", "align")
 
 
-def ensure_bundle(data: Path, shared: Path) -> None:
-    if not (data / "manifest.json").exists():
-        build_ml100k_reference(shared, data, "ml-100k-loo")
-
-
 def valid_curve(run: Path) -> list[float]:
     """Validation NDCG@10 after every epoch of a training run, from its metrics.jsonl."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -239,7 +234,7 @@ def main() -> None:
     args.llm_seeds = [int(s) for s in args.llm_seeds.split(",")]
     setup_logging()
     data = Path(read_yaml(args.config)["data"])
-    ensure_bundle(data, Path(args.shared))
+    build_ml100k_reference(Path(args.shared), data, "ml-100k-loo", exist_ok=True)
     results_dir = Path(args.results)
     stages = {
         "baselines": run_baselines,

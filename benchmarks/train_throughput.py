@@ -16,27 +16,24 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from common.log import setup_logging
+from data_prep import load_bundle
+from data_prep.build import build_ml100k_reference
+from llmrec.backbone import BackboneConfig
+from llmrec.collate import PretrainDataset
+from llmrec.data import model_for
+from llmrec.metrics import format_table
+from llmrec.model import ModelConfig
+from llmrec.reporting import machine_info, write_report
+from llmrec.train import TrainConfig, make_accelerator, train
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from quality_ml100k import ensure_bundle  # noqa: E402
-
-from common.log import setup_logging  # noqa: E402
-from data_prep import load_bundle  # noqa: E402
-from llmrec.backbone import BackboneConfig  # noqa: E402
-from llmrec.collate import PretrainDataset  # noqa: E402
-from llmrec.data import model_for  # noqa: E402
-from llmrec.metrics import format_table  # noqa: E402
-from llmrec.model import ModelConfig  # noqa: E402
-from llmrec.reporting import machine_info, write_report  # noqa: E402
-from llmrec.train import TrainConfig, make_accelerator, train  # noqa: E402
 
 
 def fixed_rows(bundle, doc_tokens: int, batch_size: int) -> list[dict]:
@@ -90,7 +87,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_throughput.json"))
     args = parser.parse_args()
     setup_logging()
-    ensure_bundle(Path(args.data), Path(args.shared))
+    build_ml100k_reference(Path(args.shared), Path(args.data), exist_ok=True)
     bundle = load_bundle(args.data)
     rows = fixed_rows(bundle, args.doc_tokens, args.batch_size)
     table = {}

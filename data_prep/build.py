@@ -440,10 +440,15 @@ def _build_into(config: BuildConfig, tmp: Path) -> dict[str, int]:
     return manifest["counts"]
 
 
-def build_ml100k_reference(shared: str | Path, out: str | Path, split: str = "ml-100k-random") -> Path:
+def build_ml100k_reference(
+    shared: str | Path, out: str | Path, split: str = "ml-100k-random", exist_ok: bool = False
+) -> Path:
     """MovieLens-100K on a fixed split in ``shared`` (``../shared`` beside a checkout): the per-user
     random split (the default) or ``"ml-100k-loo"``, the next-item leave-one-out one; the bundles that
-    the project's tests and quality numbers use."""
+    the project's tests and quality numbers use. With ``exist_ok`` a bundle already at ``out`` is kept
+    (benchmarks build it once)."""
+    if exist_ok and (Path(out) / MANIFEST).is_file():
+        return Path(out)
     shared = Path(shared)
     return build(
         BuildConfig(

@@ -6,6 +6,7 @@ Checks which modules are imported (in a fresh interpreter), not wall time, so it
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +52,19 @@ def test_import_llmrec_is_light():
 @pytest.mark.parametrize("argv, code", [(["--help"], 0), (["--lora_r", "many"], 2)])
 def test_recipe_help_and_argument_errors_load_no_model_stack(recipe, argv, code):
     assert probe(str(REPO / "recipes" / f"{recipe}.py"), *argv) == {"code": code, "heavy": []}
+
+
+def test_every_benchmark_script_imports():
+    """The benchmarks are scripts no other test runs; importing each (one interpreter for all) catches a
+    helper that moved or was renamed under them."""
+    loader = (
+        "import importlib.util, pathlib\n"
+        "for path in sorted(pathlib.Path('benchmarks').glob('*.py')):\n"
+        "    spec = importlib.util.spec_from_file_location('benchmark_' + path.stem, path)\n"
+        "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", loader], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
