@@ -138,11 +138,16 @@ def plot(path: Path, runs: list[dict], table: dict[str, dict[str, float]]) -> No
     print(f"wrote {path}")
 
 
+def ensure_bundle(data: Path, shared: Path) -> None:
+    """Build the fixed-split ML-100K bundle from ../shared unless it exists (also used by other benchmarks)."""
+    if not (data / "manifest.json").exists():
+        build_ml100k_reference(shared, data)
+
+
 def measure(args: argparse.Namespace, seeds: list[int]) -> tuple[list[dict], dict[str, list[dict]]]:
     """Run the LLM recipe (and variants) and fit the baselines for every seed: (runs, rows per model)."""
     data = Path(read_yaml(args.config)["data"])
-    if not (data / "manifest.json").exists():
-        build_ml100k_reference(Path(args.shared), data)
+    ensure_bundle(data, Path(args.shared))
     runs = []
     if not args.skip_llm:
         for variant in args.variant or ["recipe"]:
