@@ -12,8 +12,9 @@ items, seeded), each measurement runs in a fresh subprocess so that its peak RSS
   ``tiny-llama``, hidden 64, so a 1M-item table fits in memory), reported per user;
 - ``evaluate``: full-catalogue scoring and ranking (llmrec.metrics) of the same users, in chunks of 8
   users, so no users x items matrix beyond one chunk is ever held;
-- ``rqvae``: seconds per RQ-VAE epoch (default config) on random 384-d item embeddings; the default
-  run is that times ``RQVAEConfig.epochs``.
+- ``rqvae``: seconds per RQ-VAE epoch (default config; autoencoder epochs in the table, quantized
+  and decoder-only epochs in the JSON) on random 384-d item embeddings; the default run is setup
+  plus each phase's epochs times its cost.
 
 Work is bounded by sampling users (the per-user cost of an epoch is what grows with the catalogue);
 CPU seconds are reported next to wall seconds because the machine is shared. Prints a table and
@@ -145,8 +146,9 @@ def child_evaluate(n_items: int, users: int, seed: int) -> dict:
     }
 
 
-def child_rqvae(n_items: int, seed: int, epochs: int = 2) -> dict:
-    """Seconds per epoch of the default RQ-VAE on random 384-d embeddings (k-means init timed apart)."""
+def child_rqvae(n_items: int, seed: int, epochs: int = 5) -> dict:
+    """Seconds per epoch of each phase of the default RQ-VAE on random 384-d embeddings (setup and
+    k-means timed apart), and the default run they add up to."""
     import dataclasses
 
     import torch
@@ -155,21 +157,28 @@ def child_rqvae(n_items: int, seed: int, epochs: int = 2) -> dict:
 
     x = torch.randn(n_items, 384, generator=torch.Generator().manual_seed(seed))
     default = RQVAEConfig()
-    wall, cpu = time.perf_counter(), time.process_time()
-    train_rqvae(x, dataclasses.replace(default, epochs=1, dead_code_every=0))
-    one = (time.perf_counter() - wall, time.process_time() - cpu)
-    wall, cpu = time.perf_counter(), time.process_time()
-    train_rqvae(x, dataclasses.replace(default, epochs=1 + epochs, dead_code_every=0))
-    per_epoch = (
-        (time.perf_counter() - wall - one[0]) / epochs,
-        (time.process_time() - cpu - one[1]) / epochs,
+    # epochs are timed without k-means (its iterations depend on the latents, so differences of runs
+    # with k-means would mostly time k-means); setup (model, k-means) is one run with it less an epoch
+    base = dataclasses.replace(
+        default, ae_epochs=1, epochs=0, decoder_epochs=0, dead_code_every=0, kmeans_init=False
     )
+
+    def timed_run(**changes: int | bool) -> np.ndarray:
+        wall, cpu = time.perf_counter(), time.process_time()
+        train_rqvae(x, dataclasses.replace(base, **changes))
+        return np.array([time.perf_counter() - wall, time.process_time() - cpu])
+
+    one = timed_run()
+    phases = ("ae_epochs", "epochs", "decoder_epochs")  # autoencoder, quantized, decoder-only
+    per = {p: (timed_run(**{p: getattr(base, p) + epochs}) - one) / epochs for p in phases}
+    setup_cpu = timed_run(kmeans_init=default.kmeans_init)[1] - per["ae_epochs"][1]
     return {
-        "s_per_epoch": per_epoch[0],
-        "cpu_s_per_epoch": per_epoch[1],
-        "setup_cpu_s": one[1] - per_epoch[1],
-        "default_run_cpu_s": one[1] - per_epoch[1] + default.epochs * per_epoch[1],
-        "default_epochs": default.epochs,
+        "s_per_epoch": per["ae_epochs"][0],
+        "cpu_s_per_epoch": per["ae_epochs"][1],
+        "cpu_s_per_epoch_by_phase": {p: v[1] for p, v in per.items()},
+        "setup_cpu_s": setup_cpu,
+        "default_run_cpu_s": setup_cpu + sum(getattr(default, p) * per[p][1] for p in phases),
+        "default_epochs": {p: getattr(default, p) for p in phases},
     }
 
 
@@ -268,7 +277,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--items", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--items", type=int, nargs="*", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--build", type=int, nargs="*", default=[100_000, 1_000_000, 10_000_000])
     parser.add_argument("--build_items", type=int, default=100_000, help="catalogue of the build logs")
     parser.add_argument("--rqvae_items", type=int, nargs="*", default=[10_000, 100_000])

@@ -61,7 +61,7 @@ def generate(directory: Path, n: int, seed: int, n_items: int | None = None) -> 
     (directory / "ratings.dat").write_text(
         "\n".join(log["u"] + "::" + log["i"] + "::" + log["r"] + "::" + log["t"]) + "\n"
     )
-    ids = np.arange(1, n_items + 1)
+    ids = np.unique(items)  # as in MovieLens, metadata only for rated items (build refuses the others)
     titles = [f"Movie {i} ({1950 + i % 70})::{GENRES[i % 8]}|{GENRES[(i * 7) % 8]}" for i in ids]
     (directory / "movies.dat").write_text(
         "\n".join(f"{i}::{t}" for i, t in zip(ids, titles, strict=True)) + "\n"

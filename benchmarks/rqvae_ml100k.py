@@ -1,7 +1,7 @@
 """Item-indexing quality on ML-100K: RQ-VAE semantic IDs (both collision resolutions) against random,
 sequential and collaborative IDs, plus SentencePiece pieces over the RQ-VAE codes.
 
-    python benchmarks/rqvae_ml100k.py [--data data/ml-100k] [--epochs N] [--seed 0] [--out FILE.json]
+    python benchmarks/rqvae_ml100k.py [--data data/ml-100k] [--ae_epochs N] [--epochs N] [--decoder_epochs N] [--seed 0] [--out FILE.json]
 
 A missing --data bundle is built from ../shared (fixed ml-100k-random split) first.
 Item text (for MiniLM embeddings) comes from the bundle; genres for the genre-sharing ratio come from
@@ -43,7 +43,11 @@ def main() -> None:
         "--data", default=str(REPO / "data" / "ml-100k"), help="ML-100K bundle (built if missing)"
     )
     parser.add_argument("--item_file", default=str(SHARED / "datasets" / "ml-100k" / "ml-100k.item"))
-    parser.add_argument("--epochs", type=int, default=RQVAEConfig.epochs, help="RQ-VAE epochs")
+    parser.add_argument("--ae_epochs", type=int, default=RQVAEConfig.ae_epochs, help="autoencoder epochs")
+    parser.add_argument("--epochs", type=int, default=RQVAEConfig.epochs, help="quantized RQ-VAE epochs")
+    parser.add_argument(
+        "--decoder_epochs", type=int, default=RQVAEConfig.decoder_epochs, help="decoder-only epochs"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pieces", default="1024,2048,4096", help="SentencePiece vocab sizes")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "rqvae_ml100k.json"))
@@ -59,7 +63,9 @@ def main() -> None:
     encode_s = time.perf_counter() - start
     data = IndexData(bundle.n_items, interactions=bundle.interactions("train"), embeddings=emb)
 
-    config = RQVAEConfig(epochs=args.epochs, seed=args.seed)
+    config = RQVAEConfig(
+        ae_epochs=args.ae_epochs, epochs=args.epochs, decoder_epochs=args.decoder_epochs, seed=args.seed
+    )
     train_s, train_cpu_s, trained = timed(lambda: train_rqvae(emb, config))
     indexes = {
         f"rqvae+{resolve}": RQVAEIndexer(dataclasses.replace(config, resolve=resolve)).index_from(trained)

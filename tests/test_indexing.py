@@ -26,7 +26,19 @@ from llmrec.indexing.rqvae import resolve_extra_level, resolve_sinkhorn, train_r
 from llmrec.tokens import RecVocab
 from llmrec.trie import Trie
 
-SMALL_RQVAE = dict(levels=2, codebook_size=8, latent_dim=8, hidden_dims=(32,), epochs=150, batch_size=128)
+# quantized training from the first epoch (no autoencoder or decoder phase), lr as in TIGER
+SMALL_RQVAE = dict(
+    levels=2,
+    codebook_size=8,
+    latent_dim=8,
+    hidden_dims=(32,),
+    epochs=150,
+    batch_size=128,
+    ae_epochs=0,
+    decoder_epochs=0,
+    lr=1e-3,
+    warmup_epochs=0,
+)
 
 
 def clustered(n_clusters: int = 8, per_cluster: int = 40, dim: int = 16, seed: int = 0):
@@ -128,6 +140,18 @@ def test_rqvae_reduces_loss_and_recovers_clusters():
     purity = sum(np.bincount(first[labels == c]).max() for c in range(8)) / len(x)
     assert purity > 0.95
     assert len(set(first)) == 8  # one first-level code per true cluster
+
+
+def test_rqvae_autoencoder_then_decoder_phase():
+    """Default schedule: codes come from k-means of the pretrained latents; the decoder phase keeps them."""
+    x, labels = clustered()
+    small = {**SMALL_RQVAE, "epochs": 0, "ae_epochs": 100, "cosine_lr": False}  # same lr with or without
+    codes_only = train_rqvae(x, RQVAEConfig(**small))
+    fitted = train_rqvae(x, RQVAEConfig(**{**small, "decoder_epochs": 50}))
+    np.testing.assert_array_equal(fitted.codes, codes_only.codes)
+    assert fitted.recon_after < codes_only.recon_after
+    first = fitted.codes[:, 0]
+    assert sum(np.bincount(first[labels == c]).max() for c in range(8)) / len(x) > 0.95
 
 
 def test_rqvae_index_stats_and_artifacts(rqvae_index):
