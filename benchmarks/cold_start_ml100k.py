@@ -224,7 +224,7 @@ def main() -> None:
     if not args.reuse:
         for stage in (pretrain, finetune):
             start = time.perf_counter()
-            stage.main(["--config", args.config])
+            stage.main(["--config", args.config, "--overwrite_output_dir"])
             timings[stage.__name__] = time.perf_counter() - start
     model = CLLM4Rec.from_pretrained(run_model_dir(run)).eval()
     histories = bundle.histories("train")

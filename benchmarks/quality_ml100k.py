@@ -62,12 +62,22 @@ def run_seed(config: str, seed: int, variant: str, runs: Path, reuse: bool) -> d
     common = ["--config", config, "--seed", str(seed)]
     if not (reuse and (pre / "model" / "config.json").exists()):
         start = time.perf_counter()
-        pretrain.main([*common, "--output_dir", str(pre)])
+        pretrain.main([*common, "--output_dir", str(pre), "--overwrite_output_dir"])
         timings["pretrain_s"] = time.perf_counter() - start
     bundle = load_bundle(read_yaml(config)["data"])
     if not (reuse and (fine / "model" / "config.json").exists()):  # model/ is written when training ends
         start = time.perf_counter()
-        finetune.main([*common, "--init", str(pre), "--output_dir", str(fine), *VARIANTS[variant]])
+        finetune.main(
+            [
+                *common,
+                "--init",
+                str(pre),
+                "--output_dir",
+                str(fine),
+                "--overwrite_output_dir",
+                *VARIANTS[variant],
+            ]
+        )
         timings["finetune_s"] = time.perf_counter() - start
     model = CLLM4Rec.from_pretrained(run_model_dir(fine))
     if model.config.prior != "none" and not (fine / finetune.PRIOR_FILE).exists():  # stopped before the blend

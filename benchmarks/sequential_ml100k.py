@@ -98,7 +98,10 @@ def llm_run(args, seed: int, name: str, recipe, extra: list[str]) -> tuple[Path,
     after the epochs that fit the machine) and return it with its wall time."""
     run = Path(args.runs) / f"{name}-seed{seed}"
     if not (args.reuse and (run / "best" / "config.json").exists()):
-        recipe.main(["--config", args.config, "--seed", str(seed), "--output_dir", str(run), *extra])
+        recipe.main(
+            ["--config", args.config, "--seed", str(seed), "--output_dir", str(run), "--overwrite_output_dir"]
+            + extra
+        )
     return run, run_wall(run)
 
 
