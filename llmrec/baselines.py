@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmrec.metrics import evaluate_matrices
+from llmrec.options import EASE_LAMBDAS
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ class EASE(Baseline):
     """
 
     name = "ease"
-    DEFAULT_LAMBDAS = (10.0, 50.0, 100.0, 200.0, 300.0, 500.0, 750.0, 1000.0, 2000.0, 5000.0)
+    DEFAULT_LAMBDAS = EASE_LAMBDAS
 
     def __init__(self, lambdas: Sequence[float] = DEFAULT_LAMBDAS) -> None:
         super().__init__()

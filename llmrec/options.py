@@ -1,8 +1,9 @@
-"""The configs of the training recipes, importable without torch, peft or transformers' models.
+"""The configs of the recipes, and the choices their help names, importable without torch, peft or
+transformers' models.
 
 Recipes parse their command line into these dataclasses before they import the model stack, so that
 ``--help`` and argument errors answer at once (tests/test_startup.py). The modules that use them
-(`llmrec.backbone`, `llmrec.model`, `llmrec.train`) re-export them.
+(`llmrec.backbone`, `llmrec.model`, `llmrec.train`, `llmrec.zeroshot`, `llmrec.indexing`) re-export them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ CACHE_ENV = "LLMREC_CACHE"
 PRETRAIN_CORPORA = ("collaborative", "content")
 HISTORY_POOLS = ("none", "mean")
 PRIORS = ("none", "ease")
+WEIGHT_DTYPES = ("fp32", "fp16", "bf16")  # of exported weights; llmrec.recommender.DTYPES maps them to torch
+EASE_LAMBDAS = (10.0, 50.0, 100.0, 200.0, 300.0, 500.0, 750.0, 1000.0, 2000.0, 5000.0)  # EASE's L2 grid
 
 
 @dataclass
@@ -233,3 +236,161 @@ class TrainConfig:
             self.mixed_precision,
             "must be no, bf16 or fp16",
         )
+
+
+# zero-shot LM scoring (llmrec.zeroshot): recipes/zeroshot.py
+ZEROSHOT_METHODS: tuple[str, ...] = ("naive", "cached", "trie")
+NORMALIZATIONS: tuple[str, ...] = ("sum", "mean", "calibrated")
+EOS = "<eos>"  # item_suffix value meaning "the tokenizer's EOS / end-of-turn token"
+
+
+@dataclass
+class PromptConfig:
+    """How a user's history becomes a prompt and how candidate titles are appended to it."""
+
+    section: ClassVar[str] = "prompt"  # its YAML section (llmrec.config)
+
+    style: str = field(
+        default="completion",
+        metadata={"help": "'completion' (plain text, for base LMs) or 'chat' (tokenizer chat template)"},
+    )
+    template: str = field(
+        default="Movies like {history}, and",
+        metadata={"help": "completion-style prompt; {history} is replaced by the joined history titles"},
+    )
+    instruction: str = field(
+        default=(
+            "I enjoyed these movies: {history}. Recommend one more movie I would like. "
+            "Answer with its title only."
+        ),
+        metadata={"help": "chat-style user message; the candidate title is scored as the assistant reply"},
+    )
+    separator: str = field(default=", ", metadata={"help": "joins history titles"})
+    item_prefix: str | None = field(
+        default=None, metadata={"help": "text before each candidate title (default: ' ' completion, '' chat)"}
+    )
+    item_suffix: str | None = field(
+        default=None,
+        metadata={
+            "help": f"text after each candidate title, or {EOS!r} (default: ',' completion, {EOS} chat)"
+        },
+    )
+    max_history: int = field(default=20, metadata={"help": "most recent history items put in the prompt"})
+    max_prompt_tokens: int | None = field(
+        default=None,
+        metadata={"help": "prompt token budget (default: model context minus the longest candidate)"},
+    )
+    recent_first: bool = field(
+        default=True, metadata={"help": "list the history most recent first (else chronologically)"}
+    )
+    neutral_history: str = field(
+        default="other movies",
+        metadata={
+            "help": "what stands for the history in the neutral prompt of calibrated scores "
+            "(the same template, user-independent)"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.style not in ("completion", "chat"):
+            raise ValueError(f"PromptConfig.style must be 'completion' or 'chat', got {self.style!r}")
+        if self.max_history < 1:
+            raise ValueError(f"PromptConfig.max_history must be >= 1, got {self.max_history}")
+        if self.item_prefix is None:
+            self.item_prefix = " " if self.style == "completion" else ""
+        if self.item_suffix is None:
+            self.item_suffix = "," if self.style == "completion" else EOS
+
+
+# item indexers (llmrec.indexing): the ``indexer`` section of recipes/index.py
+RESOLVE_METHODS = ("sinkhorn", "extra_level", "none")
+
+
+@dataclass
+class RQVAEConfig:
+    """How the RQ-VAE is shaped and trained; the ``indexer`` section of ``recipes/index.py --method rqvae``."""
+
+    section: ClassVar[str] = "indexer"  # its YAML section (llmrec.config)
+
+    levels: int = field(default=3, metadata={"help": "quantization levels"})
+    codebook_size: int = field(default=256, metadata={"help": "codes per level"})
+    latent_dim: int = field(default=32, metadata={"help": "latent size"})
+    hidden_dims: list[int] = field(default_factory=lambda: [512, 256, 128], metadata={"help": "MLP widths"})
+    beta: float = field(default=0.25, metadata={"help": "commitment loss weight"})
+    # On ML-100K quantized training after a pretrained autoencoder only moved the latents off their
+    # k-means codes (MSE 0.00056 -> 0.00062 in 30 epochs): the default is autoencoder, residual
+    # k-means, then a decoder fitted to the codes (MSE 0.00054, benchmarks/rqvae_ml100k.py)
+    epochs: int = field(default=0, metadata={"help": "epochs of quantized (RQ-VAE) training"})
+    batch_size: int = field(default=256, metadata={"help": "batch size"})
+    lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
+    kmeans_init: bool = field(default=True, metadata={"help": "start the codebooks from k-means"})
+    ae_epochs: int = field(
+        default=270, metadata={"help": "epochs of plain autoencoder training before the codebooks start"}
+    )
+    decoder_epochs: int = field(
+        default=30, metadata={"help": "epochs fitting only the decoder to the final quantized latents"}
+    )
+    warmup_epochs: int = field(default=10, metadata={"help": "epochs of linear lr warmup"})
+    dead_code_every: int = field(default=10, metadata={"help": "epochs between dead-code re-inits (0: off)"})
+    # a decaying lr lets re-seeded codes settle (quantized training: full utilisation in 300 epochs)
+    cosine_lr: bool = field(default=True, metadata={"help": "cosine learning-rate decay to 0"})
+    # CPU threads while training: the MLP's matrices are too small to gain from more, and on a loaded
+    # machine extra threads wait for each other (1 thread: 0.11 s/step, 2: 0.82 s on the shared 2 cores)
+    threads: int = field(default=1, metadata={"help": "CPU threads while training (0: leave torch's)"})
+    resolve: str = field(default="sinkhorn", metadata={"help": f"collisions: one of {RESOLVE_METHODS}"})
+    sinkhorn_epsilon: float = field(default=0.003, metadata={"help": "Sinkhorn entropy weight"})
+    sinkhorn_iters: int = field(default=50, metadata={"help": "Sinkhorn iterations per round"})
+    sinkhorn_rounds: int = field(default=20, metadata={"help": "Sinkhorn re-assignment rounds"})
+    seed: int = field(default=0, metadata={"help": "seed of every random choice"})
+    device: str = field(default="cpu", metadata={"help": "device for the RQ-VAE (and the content encoder)"})
+
+    def __post_init__(self) -> None:
+        require(self.resolve in RESOLVE_METHODS, "resolve", self.resolve, f"must be one of {RESOLVE_METHODS}")
+        require(self.levels >= 1, "levels", self.levels, "must be >= 1")
+        require(self.codebook_size >= 2, "codebook_size", self.codebook_size, "must be >= 2")
+        self.hidden_dims = [int(d) for d in self.hidden_dims]
+
+
+@dataclass
+class NumberIndexConfig:
+    """The ``indexer`` section of ``recipes/index.py --method random|sequential``."""
+
+    section: ClassVar[str] = "indexer"  # its YAML section (llmrec.config)
+
+    codebook_size: int = field(default=256, metadata={"help": "digits per position (the number base)"})
+    seed: int = field(default=0, metadata={"help": "seed of the random permutation (random)"})
+
+    def __post_init__(self) -> None:
+        require(self.codebook_size >= 2, "codebook_size", self.codebook_size, "must be >= 2")
+
+
+@dataclass
+class CollaborativeIndexConfig:
+    """The ``indexer`` section of ``recipes/index.py --method collaborative``."""
+
+    section: ClassVar[str] = "indexer"  # its YAML section (llmrec.config)
+
+    n_clusters: int = field(default=16, metadata={"help": "clusters per split"})
+    max_leaf: int = field(default=16, metadata={"help": "largest cluster left unsplit"})
+    seed: int = field(default=0, metadata={"help": "seed of the spectral embedding and k-means"})
+
+    def __post_init__(self) -> None:
+        require(self.n_clusters >= 2, "n_clusters", self.n_clusters, "must be >= 2")
+        require(self.max_leaf >= 1, "max_leaf", self.max_leaf, "must be >= 1")
+
+
+@dataclass
+class PiecesConfig:
+    vocab_size: int = 1024
+    model_type: str = "bpe"  # or "unigram" (on ML-100K RQ-VAE codes unigram keeps single symbols only)
+    seed: int = 0
+
+
+# the indexing methods and their config dataclass; llmrec.indexing.INDEXERS pairs each with its indexer
+INDEX_CONFIGS: dict[str, type] = {
+    "rqvae": RQVAEConfig,
+    "random": NumberIndexConfig,
+    "sequential": NumberIndexConfig,
+    "collaborative": CollaborativeIndexConfig,
+}

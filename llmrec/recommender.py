@@ -56,6 +56,7 @@ from common.catalogue import Catalogue
 from common.errors import UserError
 from common.io import ArtifactError, atomic_directory, file_records, read_json, write_json
 from llmrec.metrics import RankingMetrics
+from llmrec.options import WEIGHT_DTYPES
 from llmrec.prompts import FinetunePrompts
 from llmrec.tokens import RecVocab
 
@@ -79,7 +80,7 @@ MAPPER_FILE = "mapper.safetensors"
 # CPU threads of add_items: encoding ~100 short texts (a few tens of GFLOP) and growing a few tables gain
 # little from more threads, and on a busy CPU extra threads wait for each other (README, Cold start)
 ADD_ITEMS_THREADS = 1
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = dict(zip(WEIGHT_DTYPES, (torch.float32, torch.float16, torch.bfloat16), strict=True))
 CONFIG_KEYS = ("backbone", "model", "vocab", "dtype", "adapters", "templates", "files", "checksum")
 
 

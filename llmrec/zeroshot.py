@@ -44,8 +44,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
@@ -53,71 +52,11 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from llmrec.backbone import cache_kv, kv_cache
+from llmrec.options import EOS, NORMALIZATIONS, PromptConfig
+from llmrec.options import ZEROSHOT_METHODS as METHODS
 from llmrec.trie import Trie
 
 logger = logging.getLogger(__name__)
-
-METHODS: tuple[str, ...] = ("naive", "cached", "trie")
-NORMALIZATIONS: tuple[str, ...] = ("sum", "mean", "calibrated")
-EOS = "<eos>"  # item_suffix value meaning "the tokenizer's EOS / end-of-turn token"
-
-
-@dataclass
-class PromptConfig:
-    """How a user's history becomes a prompt and how candidate titles are appended to it."""
-
-    section: ClassVar[str] = "prompt"  # its YAML section (llmrec.config)
-
-    style: str = field(
-        default="completion",
-        metadata={"help": "'completion' (plain text, for base LMs) or 'chat' (tokenizer chat template)"},
-    )
-    template: str = field(
-        default="Movies like {history}, and",
-        metadata={"help": "completion-style prompt; {history} is replaced by the joined history titles"},
-    )
-    instruction: str = field(
-        default=(
-            "I enjoyed these movies: {history}. Recommend one more movie I would like. "
-            "Answer with its title only."
-        ),
-        metadata={"help": "chat-style user message; the candidate title is scored as the assistant reply"},
-    )
-    separator: str = field(default=", ", metadata={"help": "joins history titles"})
-    item_prefix: str | None = field(
-        default=None, metadata={"help": "text before each candidate title (default: ' ' completion, '' chat)"}
-    )
-    item_suffix: str | None = field(
-        default=None,
-        metadata={
-            "help": f"text after each candidate title, or {EOS!r} (default: ',' completion, {EOS} chat)"
-        },
-    )
-    max_history: int = field(default=20, metadata={"help": "most recent history items put in the prompt"})
-    max_prompt_tokens: int | None = field(
-        default=None,
-        metadata={"help": "prompt token budget (default: model context minus the longest candidate)"},
-    )
-    recent_first: bool = field(
-        default=True, metadata={"help": "list the history most recent first (else chronologically)"}
-    )
-    neutral_history: str = field(
-        default="other movies",
-        metadata={
-            "help": "what stands for the history in the neutral prompt of calibrated scores "
-            "(the same template, user-independent)"
-        },
-    )
-
-    def __post_init__(self) -> None:
-        if self.style not in ("completion", "chat"):
-            raise ValueError(f"PromptConfig.style must be 'completion' or 'chat', got {self.style!r}")
-        if self.max_history < 1:
-            raise ValueError(f"PromptConfig.max_history must be >= 1, got {self.max_history}")
-        if self.item_prefix is None:
-            self.item_prefix = " " if self.style == "completion" else ""
-        if self.item_suffix is None:
-            self.item_suffix = "," if self.style == "completion" else EOS
 
 
 def encode_items(

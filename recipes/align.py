@@ -20,12 +20,8 @@ from typing import ClassVar
 
 from common.errors import run_cli
 from common.log import get_logger, setup_logging
-from data_prep import load_bundle
-from llmrec.align import DPOLoss, build_preferences
 from llmrec.config import ConfigError, parse_config
-from llmrec.data import FINETUNE_TASKS, GENERATIVE_TASKS, prompts_for, validation_fn
-from llmrec.model import CLLM4Rec, run_model_dir, run_task
-from llmrec.train import TrainConfig, make_accelerator, save_run_config, train
+from llmrec.options import TrainConfig
 
 logger = get_logger("align")
 
@@ -61,6 +57,13 @@ CONFIGS = (AlignArgs, TrainConfig)
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     args, train_config = parse_config(*CONFIGS, args=argv)
+    # the model stack loads after parsing, so --help and argument errors answer at once
+    from data_prep import load_bundle
+    from llmrec.align import DPOLoss, build_preferences
+    from llmrec.data import FINETUNE_TASKS, GENERATIVE_TASKS, prompts_for, validation_fn
+    from llmrec.model import CLLM4Rec, run_model_dir, run_task
+    from llmrec.train import make_accelerator, save_run_config, train
+
     init = Path(args.init)
     args.task = args.task or run_task(init)
     if args.task in GENERATIVE_TASKS:

@@ -21,29 +21,21 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-import scipy.sparse as sp
 
 from common.errors import run_cli
 from common.log import setup_logging
-from data_prep import Bundle, load_bundle
-from data_prep.cold import cold_ids
-from llmrec.baselines import EASE, UNSEEN_ITEMS, Baseline, SASRec, make_baseline, sequence_matrix
-from llmrec.coldstart import item_texts
 from llmrec.config import ConfigError, parse_config, to_dict
-from llmrec.data import input_histories
-from llmrec.metrics import (
-    Scorer,
-    evaluate_cold_items,
-    evaluate_scorer,
-    format_table,
-    history_splits,
-    is_leave_one_out,
-    write_metrics_json,
-)
-from llmrec.reporting import machine_info
+from llmrec.options import EASE_LAMBDAS
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
+
+    from data_prep import Bundle
+    from llmrec.baselines import Baseline, SASRec
+    from llmrec.metrics import Scorer
 
 logger = logging.getLogger("recipes.baselines")
 
@@ -80,7 +72,7 @@ class BaselineArgs:
 class EASEArgs:
     section: ClassVar[str] = "ease"  # its YAML section (llmrec.config)
     lambdas: list[float] = field(
-        default_factory=lambda: list(EASE.DEFAULT_LAMBDAS), metadata={"help": "EASE L2 grid, chosen on valid"}
+        default_factory=lambda: list(EASE_LAMBDAS), metadata={"help": "EASE L2 grid, chosen on valid"}
     )
 
 
@@ -104,6 +96,7 @@ class MultVAEArgs:
 
 def knn_embeddings(bundle, args: BaselineArgs) -> np.ndarray:
     """Item text embeddings of the content kNN, cached in the bundle directory."""
+    from llmrec.coldstart import item_texts
     from llmrec.indexing.encoders import item_embeddings  # loads a text encoder: only when kNN runs
 
     texts = item_texts(bundle.item_titles, bundle.item_text)
@@ -143,6 +136,8 @@ class FoldIn:
         self.model, self.histories = model, histories
 
     def score(self, users: np.ndarray) -> np.ndarray:
+        from llmrec.baselines import SASRec, sequence_matrix
+
         rows = [self.histories[int(u)] for u in users]
         if isinstance(self.model, SASRec):
             return self.model.score_rows(rows)
@@ -156,6 +151,10 @@ def fit_scorer(
     users), selecting on valid, and return its scorer for ``split``: the model itself (scoring every
     user's training rows, cold users' given history included), or a `FoldIn` of the input histories
     when they hold more than the training items (`llmrec.metrics.history_splits`)."""
+    from llmrec.baselines import SASRec
+    from llmrec.data import input_histories
+    from llmrec.metrics import history_splits
+
     if isinstance(model, SASRec):
         model.fit(bundle.histories("train"), bundle.n_items, bundle.matrix("valid"))
     else:
@@ -169,6 +168,22 @@ def fit_scorer(
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     setup_logging()
     args, ease, multvae, sasrec = parse_config(*CONFIGS, args=argv)
+    # the model stack loads after parsing, so --help and argument errors answer at once
+    import scipy.sparse as sp
+
+    from data_prep import load_bundle
+    from data_prep.cold import cold_ids
+    from llmrec.baselines import UNSEEN_ITEMS, make_baseline
+    from llmrec.metrics import (
+        evaluate_cold_items,
+        evaluate_scorer,
+        format_table,
+        history_splits,
+        is_leave_one_out,
+        write_metrics_json,
+    )
+    from llmrec.reporting import machine_info
+
     options = {
         "ease": lambda: {"lambdas": ease.lambdas},
         "multvae": lambda: {**asdict(multvae), "device": args.device, "progress": True},

@@ -24,26 +24,7 @@ from typing import Any, ClassVar
 
 from common.errors import run_cli
 from common.log import setup_logging
-from data_prep import load_bundle
-from data_prep.cold import cold_ids
-from llmrec.coldstart import cold_start
 from llmrec.config import parse_config
-from llmrec.data import (
-    FINETUNE_TASKS,
-    evaluate_model,
-    require_same_catalogue,
-    scorer_for,
-    with_selection_metric,
-)
-from llmrec.metrics import (
-    DEFAULT_KS,
-    LOO_KS,
-    evaluate_cold_items,
-    format_table,
-    is_leave_one_out,
-    write_metrics_json,
-)
-from llmrec.model import CLLM4Rec, run_data, run_model_dir, run_task
 
 
 @dataclass
@@ -93,6 +74,27 @@ CONFIGS = (EvaluateArgs,)
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup_logging()
     (args,) = parse_config(*CONFIGS, args=argv)
+    # the model stack loads after parsing, so --help and argument errors answer at once
+    from data_prep import load_bundle
+    from data_prep.cold import cold_ids
+    from llmrec.coldstart import cold_start
+    from llmrec.data import (
+        FINETUNE_TASKS,
+        evaluate_model,
+        require_same_catalogue,
+        scorer_for,
+        with_selection_metric,
+    )
+    from llmrec.metrics import (
+        DEFAULT_KS,
+        LOO_KS,
+        evaluate_cold_items,
+        format_table,
+        is_leave_one_out,
+        write_metrics_json,
+    )
+    from llmrec.model import CLLM4Rec, run_data, run_model_dir, run_task
+
     run = Path(args.run)
     data = args.data or run_data(run)
     model = CLLM4Rec.from_pretrained(run_model_dir(run))

@@ -19,8 +19,7 @@ from typing import ClassVar
 from common.errors import run_cli
 from common.log import setup_logging
 from llmrec.config import parse_config
-from llmrec.export import export_run
-from llmrec.recommender import DTYPES
+from llmrec.options import WEIGHT_DTYPES
 
 
 @dataclass
@@ -35,7 +34,9 @@ class ExportArgs:
         default=False,
         metadata={"help": "also write a plain transformers model with LoRA merged (OUT/merged)"},
     )
-    dtype: str = field(default="fp32", metadata={"help": f"dtype of the saved weights: {', '.join(DTYPES)}"})
+    dtype: str = field(
+        default="fp32", metadata={"help": f"dtype of the saved weights: {', '.join(WEIGHT_DTYPES)}"}
+    )
     cold_template: str | None = field(
         default=None,
         metadata={
@@ -58,6 +59,8 @@ CONFIGS = (ExportArgs,)
 def main(argv: list[str] | None = None) -> str:
     setup_logging()
     (args,) = parse_config(*CONFIGS, args=argv)
+    from llmrec.export import export_run  # the model stack loads after parsing: --help answers at once
+
     out = export_run(
         args.run,
         args.out,

@@ -24,11 +24,8 @@ from typing import ClassVar
 from common.config import read_yaml
 from common.errors import run_cli
 from common.log import setup_logging
-from data_prep import load_bundle
 from llmrec.config import ConfigError, parse_config
-from llmrec.indexing import INDEXERS, IndexData, PiecesConfig, train_pieces
-from llmrec.indexing.base import describe
-from llmrec.indexing.encoders import item_embeddings
+from llmrec.options import INDEX_CONFIGS, PiecesConfig
 
 logger = logging.getLogger("recipes.index")
 
@@ -40,7 +37,7 @@ class IndexArgs:
     method: str = field(
         default="rqvae",
         metadata={
-            "help": f"one of {sorted(INDEXERS)}; its options (section indexer:) are listed by --method M --help"
+            "help": f"one of {sorted(INDEX_CONFIGS)}; its options (section indexer:) are listed by --method M --help"
         },
     )
     out: str | None = field(default=None, metadata={"help": "index directory (default DATA/index/METHOD)"})
@@ -60,9 +57,9 @@ class IndexArgs:
 
 def configs(method: str) -> tuple[type, ...]:
     """What this recipe parses for ``method``: its own section, then that indexer's config (``indexer:``)."""
-    if method not in INDEXERS:
-        raise ConfigError(f"--method must be one of {sorted(INDEXERS)}, got {method!r}")
-    return IndexArgs, INDEXERS[method][1]
+    if method not in INDEX_CONFIGS:
+        raise ConfigError(f"--method must be one of {sorted(INDEX_CONFIGS)}, got {method!r}")
+    return IndexArgs, INDEX_CONFIGS[method]
 
 
 # what this recipe parses with the default method; the first is its own YAML section
@@ -86,6 +83,12 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     method = chosen_method(argv)
     args, config = parse_config(*configs(method), args=argv)
+    # the model stack loads after parsing, so --help and argument errors answer at once
+    from data_prep import load_bundle
+    from llmrec.indexing import INDEXERS, IndexData, train_pieces
+    from llmrec.indexing.base import describe
+    from llmrec.indexing.encoders import item_embeddings
+
     bundle = load_bundle(args.data)
     data = IndexData(n_items=bundle.n_items, interactions=bundle.interactions("train"))
     if method == "rqvae":

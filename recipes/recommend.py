@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from common.errors import run_cli
 from common.log import setup_logging
 from llmrec.config import ConfigError, parse_config
-from llmrec.recommender import Recommendation, Recommender
+
+if TYPE_CHECKING:
+    from llmrec.recommender import Recommendation
 
 
 @dataclass
@@ -50,6 +52,8 @@ def main(argv: list[str] | None = None) -> list[Recommendation]:
     (args,) = parse_config(*CONFIGS, args=argv)
     if (args.user is None) == (args.history is None):
         raise ConfigError("give exactly one of --user ID or --history ID,ID,...")
+    from llmrec.recommender import Recommender  # the model stack loads after parsing: --help answers at once
+
     recommender = Recommender.from_pretrained(args.bundle, device=args.device, verify=args.verify)
     if args.user is not None:
         items = recommender.recommend(args.user, k=args.k, exclude_seen=args.exclude_seen)

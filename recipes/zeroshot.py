@@ -25,18 +25,11 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
 from common.errors import run_cli
 from common.log import setup_logging
-from data_prep import load_bundle
-from llmrec.backbone import BackboneConfig, load_backbone
-from llmrec.baselines import Pop
 from llmrec.config import ConfigError, parse_config, to_dict
-from llmrec.metrics import DEFAULT_KS, evaluate_scorer, format_table, write_metrics_json
-from llmrec.reporting import machine_info
-from llmrec.zeroshot import METHODS, NORMALIZATIONS, PromptConfig, ZeroShotScorer
+from llmrec.options import ZEROSHOT_METHODS, BackboneConfig, PromptConfig
 
 logger = logging.getLogger("recipes.zeroshot")
 
@@ -57,7 +50,7 @@ class ZeroShotArgs:
     seed: int = field(default=0, metadata={"help": "seed of the user sample and the random baseline"})
     output_dir: str = field(default="runs/zeroshot", metadata={"help": "where metrics.json is written"})
     method: str = field(
-        default="trie", metadata={"help": f"scorer, one of {METHODS} (same scores, different cost)"}
+        default="trie", metadata={"help": f"scorer, one of {ZEROSHOT_METHODS} (same scores, different cost)"}
     )
     chunk_size: int = field(default=256, metadata={"help": "trie nodes per forward pass (method=trie)"})
     batch_size: int = field(default=32, metadata={"help": "titles per forward pass (method=cached)"})
@@ -99,6 +92,17 @@ class RandomScorer:
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     setup_logging()
     args, backbone, prompt = parse_config(*CONFIGS, args=argv)
+    # the model stack loads after parsing, so --help and argument errors answer at once
+    import torch
+    from tqdm.auto import tqdm
+
+    from data_prep import load_bundle
+    from llmrec.backbone import load_backbone
+    from llmrec.baselines import Pop
+    from llmrec.metrics import DEFAULT_KS, evaluate_scorer, format_table, write_metrics_json
+    from llmrec.reporting import machine_info
+    from llmrec.zeroshot import NORMALIZATIONS, ZeroShotScorer
+
     if args.split not in ("valid", "test"):
         raise ConfigError(f"--split must be valid or test, got {args.split!r}")
     bundle = load_bundle(args.data)

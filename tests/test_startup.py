@@ -48,10 +48,38 @@ def test_import_llmrec_is_light():
     assert probe("") == {"code": 0, "heavy": []}
 
 
-@pytest.mark.parametrize("recipe", ["pretrain", "finetune"])
-@pytest.mark.parametrize("argv, code", [(["--help"], 0), (["--lora_r", "many"], 2)])
+# every recipe with a flag of its own that a bad value fails (an int, a float or a bool of one of its configs)
+BAD_VALUES = {
+    "pretrain": ["--lora_r", "many"],
+    "finetune": ["--lora_r", "many"],
+    "evaluate": ["--batch_size", "many"],
+    "export": ["--merge", "many"],
+    "recommend": ["-k", "many"],
+    "index": ["--method", "collaborative", "--n_clusters", "many"],
+    "baselines": ["--sasrec_epochs", "many"],
+    "zeroshot": ["--max_history", "many"],
+    "align": ["--beta", "many"],
+}
+CALLS = [(recipe, ["--help"], 0) for recipe in BAD_VALUES] + [
+    (recipe, argv, 2) for recipe, argv in BAD_VALUES.items()
+]
+
+
+def test_every_recipe_is_probed():
+    assert sorted(BAD_VALUES) == sorted(path.stem for path in (REPO / "recipes").glob("*.py"))
+
+
+@pytest.mark.parametrize("recipe, argv, code", CALLS)
 def test_recipe_help_and_argument_errors_load_no_model_stack(recipe, argv, code):
     assert probe(str(REPO / "recipes" / f"{recipe}.py"), *argv) == {"code": code, "heavy": []}
+
+
+def test_index_method_help_loads_no_model_stack():
+    """``index.py --method M --help`` lists that indexer's config, still without the model stack."""
+    assert probe(str(REPO / "recipes" / "index.py"), "--method", "rqvae", "--help") == {
+        "code": 0,
+        "heavy": [],
+    }
 
 
 def test_every_benchmark_script_imports():

@@ -14,12 +14,17 @@ from llmrec.indexing.collaborative import CollaborativeIndexConfig, Collaborativ
 from llmrec.indexing.pieces import PiecesConfig, train_pieces
 from llmrec.indexing.rqvae import RQVAEConfig, RQVAEIndexer
 from llmrec.indexing.simple import NumberIndexConfig, RandomIndexer, SequentialIndexer
+from llmrec.options import INDEX_CONFIGS
 
+_INDEXER_CLASSES: dict[str, type[Indexer]] = {
+    "rqvae": RQVAEIndexer,
+    "random": RandomIndexer,
+    "sequential": SequentialIndexer,
+    "collaborative": CollaborativeIndexer,
+}
+# each method's indexer and config dataclass (the configs live in llmrec.options, importable without torch)
 INDEXERS: dict[str, tuple[type[Indexer], type]] = {
-    "rqvae": (RQVAEIndexer, RQVAEConfig),
-    "random": (RandomIndexer, NumberIndexConfig),
-    "sequential": (SequentialIndexer, NumberIndexConfig),
-    "collaborative": (CollaborativeIndexer, CollaborativeIndexConfig),
+    method: (indexer, INDEX_CONFIGS[method]) for method, indexer in _INDEXER_CLASSES.items()
 }
 
 

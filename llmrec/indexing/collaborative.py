@@ -13,38 +13,20 @@ Spectral clustering uses the regularised normalised adjacency (Qin & Rohe 2013: 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from dataclasses import field
-from typing import ClassVar
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 from scipy.sparse.linalg import LinearOperator, eigsh
 
-from common.config import require
 from llmrec.indexing.base import PAD, IndexData, Indexer, ItemIndex
 from llmrec.indexing.kmeans import kmeans
+from llmrec.options import CollaborativeIndexConfig
 
 logger = logging.getLogger(__name__)
 
 DENSE_LIMIT = 2000  # below this many items a dense eigendecomposition is faster and exact
-
-
-@dataclasses.dataclass
-class CollaborativeIndexConfig:
-    """The ``indexer`` section of ``recipes/index.py --method collaborative``."""
-
-    section: ClassVar[str] = "indexer"  # its YAML section (llmrec.config)
-
-    n_clusters: int = field(default=16, metadata={"help": "clusters per split"})
-    max_leaf: int = field(default=16, metadata={"help": "largest cluster left unsplit"})
-    seed: int = field(default=0, metadata={"help": "seed of the spectral embedding and k-means"})
-
-    def __post_init__(self) -> None:
-        require(self.n_clusters >= 2, "n_clusters", self.n_clusters, "must be >= 2")
-        require(self.max_leaf >= 1, "max_leaf", self.max_leaf, "must be >= 1")
 
 
 def cooccurrence(interactions, n_items: int) -> sp.csr_matrix:

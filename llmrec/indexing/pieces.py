@@ -19,18 +19,12 @@ import numpy as np
 import sentencepiece as spm
 
 from llmrec.indexing.base import PAD, ItemIndex, index_stats
+from llmrec.options import PiecesConfig
 
 logger = logging.getLogger(__name__)
 
 SYMBOL_BASE = 0x4E00  # CJK ideographs: one character per (position, code), no normaliser surprises
 SYMBOL_LIMIT = 0x9FFF - SYMBOL_BASE + 1
-
-
-@dataclasses.dataclass
-class PiecesConfig:
-    vocab_size: int = 1024
-    model_type: str = "bpe"  # or "unigram" (on ML-100K RQ-VAE codes unigram keeps single symbols only)
-    seed: int = 0
 
 
 def code_symbols(index: ItemIndex) -> list[str]:

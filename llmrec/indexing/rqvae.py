@@ -24,8 +24,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import field
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,60 +34,12 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from common.config import require
 from llmrec.indexing.base import IndexData, Indexer, ItemIndex, codebook_stats, collision_stats
 from llmrec.indexing.encoders import torch_threads
 from llmrec.indexing.kmeans import kmeans
+from llmrec.options import RQVAEConfig
 
 logger = logging.getLogger(__name__)
-
-RESOLVE_METHODS = ("sinkhorn", "extra_level", "none")
-
-
-@dataclasses.dataclass
-class RQVAEConfig:
-    """How the RQ-VAE is shaped and trained; the ``indexer`` section of ``recipes/index.py --method rqvae``."""
-
-    section: ClassVar[str] = "indexer"  # its YAML section (llmrec.config)
-
-    levels: int = field(default=3, metadata={"help": "quantization levels"})
-    codebook_size: int = field(default=256, metadata={"help": "codes per level"})
-    latent_dim: int = field(default=32, metadata={"help": "latent size"})
-    hidden_dims: list[int] = field(default_factory=lambda: [512, 256, 128], metadata={"help": "MLP widths"})
-    beta: float = field(default=0.25, metadata={"help": "commitment loss weight"})
-    # On ML-100K quantized training after a pretrained autoencoder only moved the latents off their
-    # k-means codes (MSE 0.00056 -> 0.00062 in 30 epochs): the default is autoencoder, residual
-    # k-means, then a decoder fitted to the codes (MSE 0.00054, benchmarks/rqvae_ml100k.py)
-    epochs: int = field(default=0, metadata={"help": "epochs of quantized (RQ-VAE) training"})
-    batch_size: int = field(default=256, metadata={"help": "batch size"})
-    lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate"})
-    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
-    kmeans_init: bool = field(default=True, metadata={"help": "start the codebooks from k-means"})
-    ae_epochs: int = field(
-        default=270, metadata={"help": "epochs of plain autoencoder training before the codebooks start"}
-    )
-    decoder_epochs: int = field(
-        default=30, metadata={"help": "epochs fitting only the decoder to the final quantized latents"}
-    )
-    warmup_epochs: int = field(default=10, metadata={"help": "epochs of linear lr warmup"})
-    dead_code_every: int = field(default=10, metadata={"help": "epochs between dead-code re-inits (0: off)"})
-    # a decaying lr lets re-seeded codes settle (quantized training: full utilisation in 300 epochs)
-    cosine_lr: bool = field(default=True, metadata={"help": "cosine learning-rate decay to 0"})
-    # CPU threads while training: the MLP's matrices are too small to gain from more, and on a loaded
-    # machine extra threads wait for each other (1 thread: 0.11 s/step, 2: 0.82 s on the shared 2 cores)
-    threads: int = field(default=1, metadata={"help": "CPU threads while training (0: leave torch's)"})
-    resolve: str = field(default="sinkhorn", metadata={"help": f"collisions: one of {RESOLVE_METHODS}"})
-    sinkhorn_epsilon: float = field(default=0.003, metadata={"help": "Sinkhorn entropy weight"})
-    sinkhorn_iters: int = field(default=50, metadata={"help": "Sinkhorn iterations per round"})
-    sinkhorn_rounds: int = field(default=20, metadata={"help": "Sinkhorn re-assignment rounds"})
-    seed: int = field(default=0, metadata={"help": "seed of every random choice"})
-    device: str = field(default="cpu", metadata={"help": "device for the RQ-VAE (and the content encoder)"})
-
-    def __post_init__(self) -> None:
-        require(self.resolve in RESOLVE_METHODS, "resolve", self.resolve, f"must be one of {RESOLVE_METHODS}")
-        require(self.levels >= 1, "levels", self.levels, "must be >= 1")
-        require(self.codebook_size >= 2, "codebook_size", self.codebook_size, "must be >= 2")
-        self.hidden_dims = [int(d) for d in self.hidden_dims]
 
 
 def _mlp(dims: list[int]) -> nn.Sequential:

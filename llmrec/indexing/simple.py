@@ -7,27 +7,10 @@ around the same time).
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import field
-from typing import ClassVar
-
 import numpy as np
 
-from common.config import require
 from llmrec.indexing.base import IndexData, Indexer, ItemIndex, digits
-
-
-@dataclasses.dataclass
-class NumberIndexConfig:
-    """The ``indexer`` section of ``recipes/index.py --method random|sequential``."""
-
-    section: ClassVar[str] = "indexer"  # its YAML section (llmrec.config)
-
-    codebook_size: int = field(default=256, metadata={"help": "digits per position (the number base)"})
-    seed: int = field(default=0, metadata={"help": "seed of the random permutation (random)"})
-
-    def __post_init__(self) -> None:
-        require(self.codebook_size >= 2, "codebook_size", self.codebook_size, "must be >= 2")
+from llmrec.options import NumberIndexConfig
 
 
 class RandomIndexer(Indexer):
