@@ -155,6 +155,14 @@ class Trie:
             out += np.bincount(self.parent[nodes], weights=out[nodes], minlength=len(out))
         return out
 
+    def subtree_max(self, values: np.ndarray) -> np.ndarray:
+        """``out[n]`` = max of ``values`` over the subtree of ``n`` (itself included), deepest level first."""
+        out = np.asarray(values, dtype=np.float64).copy()
+        for level in range(int(self.depth.max()), 0, -1):
+            nodes = np.flatnonzero(self.depth == level)
+            np.maximum.at(out, self.parent[nodes], out[nodes])
+        return out
+
     def path_sums(self, values: np.ndarray) -> np.ndarray:
         """``out[n]`` = sum of ``values`` over the root-to-``n`` path (root excluded), level by level."""
         out = np.zeros(len(self), dtype=np.float64)

@@ -313,17 +313,21 @@ def score_top_k(
     k: int,
     exclude: Sequence[int] | np.ndarray | None = None,
     chunk_size: int = 256,
+    prior: np.ndarray | torch.Tensor | None = None,
 ) -> ItemLogLikelihoods:
-    """Exact top-``k`` items by total log-likelihood without running every title to its end.
+    """Exact top-``k`` items by total log-likelihood plus ``prior`` (one score per item, e.g. a weighted
+    log-popularity) without running every title to its end.
 
     Branch and bound: log-probabilities are <= 0, so an item's total is at most the total of any prefix of
-    its tokens. Trie nodes are expanded best-first (highest prefix total), ``chunk_size`` per forward pass,
-    with tree attention over the prompt and the stored KV of their ancestors. Once ``k`` allowed items
-    (not in ``exclude``) have totals >= T, a node whose prefix total is below T cannot lead to a top-k
-    item and is never run. Items that are reached get their exact total (equal to :func:`score_trie`'s);
-    the others get ``-inf``. The ``k`` best allowed items, ties included, are always among the reached
+    its tokens, and its score at most that plus the best prior of the items below the prefix. Trie nodes
+    are expanded best-first (highest such bound), ``chunk_size`` per forward pass, with tree attention over
+    the prompt and the stored KV of their ancestors. Once ``k`` allowed items (not in ``exclude``) score
+    >= T, a node whose bound is below T cannot lead to a top-k item and is never run. Items that are
+    reached get their exact total (equal to :func:`score_trie`'s, without the prior); the others get
+    ``-inf``. The ``k`` best allowed items by total + prior, ties included, are always among the reached
     ones, so Recall/NDCG@K for K <= k are exactly those of full scoring. The sum variant only:
-    length-normalised totals are not monotone along a title.
+    length-normalised totals are not monotone along a title. A prior spread wide against the
+    log-likelihoods loosens the bound, so the search then runs more of the trie.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -333,8 +337,12 @@ def score_top_k(
     if exclude is not None:
         allowed_items[np.asarray(exclude, dtype=np.int64)] = False
     ends = trie.terminal[allowed_items]
+    item_prior = np.zeros(len(ends)) if prior is None else np.asarray(prior, dtype=np.float64)[allowed_items]
     at_node = np.bincount(ends, minlength=len(trie))
     below = trie.subtree_sums(at_node) - at_node  # allowed items ending strictly below each node
+    best_prior = np.full(len(trie), -np.inf)
+    np.maximum.at(best_prior, ends, item_prior)
+    best_prior = trie.subtree_max(best_prior)  # finite wherever `below` > 0
     total = np.full(len(trie), -np.inf)
     roots, root_logp = _root_logprobs(trie, first)
     total[roots] = root_logp
@@ -344,13 +352,15 @@ def score_top_k(
     store = _select_kv(kv, np.zeros(0, dtype=np.int64))
     tokens = p
     while True:
-        reached = total[ends]
+        reached = total[ends] + item_prior
         bound = np.partition(reached, len(reached) - k)[len(reached) - k] if len(reached) >= k else -np.inf
-        candidates = np.flatnonzero(pending & (total >= bound))
+        candidates = np.flatnonzero(pending)
+        optimistic = total[candidates] + best_prior[candidates]
+        candidates, optimistic = candidates[optimistic >= bound], optimistic[optimistic >= bound]
         if len(candidates) == 0:
             break
         if len(candidates) > chunk_size:
-            candidates = candidates[np.argpartition(-total[candidates], chunk_size - 1)[:chunk_size]]
+            candidates = candidates[np.argpartition(-optimistic, chunk_size - 1)[:chunk_size]]
         chunk = np.sort(candidates)
         context = trie.ancestors(chunk)  # all run already: a node is reached when its parent runs
         prefix = _concat_kv(kv, _select_kv(store, slot[context]))
@@ -421,21 +431,25 @@ class ZeroShotScorer:
                 len(self.trie.inner),
             )
 
-    def likelihoods(self, history: Sequence[int], exclude: Sequence[int] | None = None) -> ItemLogLikelihoods:
+    def likelihoods(
+        self,
+        history: Sequence[int],
+        exclude: Sequence[int] | None = None,
+        prior: torch.Tensor | None = None,
+    ) -> ItemLogLikelihoods:
         """Log-likelihood of every candidate after the prompt built from ``history`` (item indices, oldest
         first); entry j is ``candidates[j]`` (every item by default).
 
-        With ``top_k`` set, only the exact top-k candidates outside ``exclude`` (positions in the candidate
-        list) are guaranteed a score (:func:`score_top_k`); without it ``exclude`` is ignored and every
-        candidate is scored.
+        With ``top_k`` set, only the exact top-k candidates by log-likelihood plus ``prior`` (one score per
+        candidate), outside ``exclude`` (positions in the candidate list), are guaranteed a score
+        (:func:`score_top_k`); without it ``exclude`` and ``prior`` are ignored and every candidate is scored.
         """
-        return self._score_prompt(self.build_prompt(history), exclude)
-
-    def _score_prompt(
-        self, prompt_ids: list[int], exclude: Sequence[int] | None = None
-    ) -> ItemLogLikelihoods:
+        ids = self.build_prompt(history)
         if self.top_k is not None:
-            return score_top_k(self.model, prompt_ids, self.trie, self.top_k, exclude, self.chunk_size)
+            return score_top_k(self.model, ids, self.trie, self.top_k, exclude, self.chunk_size, prior)
+        return self._score_all(ids)
+
+    def _score_all(self, prompt_ids: list[int]) -> ItemLogLikelihoods:
         if self.method == "naive":
             return score_naive(self.model, prompt_ids, self.items)
         if self.method == "cached":
@@ -446,16 +460,17 @@ class ZeroShotScorer:
         """``log p(title | neutral prompt)`` of every candidate: the prompt template with
         ``PromptConfig.neutral_history`` for the history. User-independent, so computed once."""
         if self._neutral is None:
-            if self.top_k is not None:
-                raise ValueError("calibrated scores need every title scored; this scorer runs a top-k search")
-            self._neutral = self._score_prompt(self.build_prompt.neutral())
+            self._neutral = self._score_all(self.build_prompt.neutral())
         return self._neutral
 
     def normalized(self, result: ItemLogLikelihoods, normalize: str = "sum") -> torch.Tensor:
         """Every candidate's score from one :meth:`likelihoods` result: ``sum`` (log p(title | history
         prompt)), ``mean`` (per title token) or ``calibrated`` (the sum minus log p(title | neutral prompt):
         how much the history raises the title's likelihood, which removes the titles' own prior, e.g. short
-        or common titles winning whatever the user watched)."""
+        or common titles winning whatever the user watched). A top-k search ranks by its sum (plus the prior
+        it searched with) only."""
+        if not result.complete and normalize != "sum":
+            raise ValueError(f"{normalize!r} scores need every title scored; this was a top-k search")
         if normalize == "calibrated":
             return result.total - self.neutral().total
         return result.scores(normalize)
@@ -473,7 +488,8 @@ class ZeroShotScorer:
 class ZeroShotUsers:
     """``score(users) -> (batch, n_candidates)`` over a `ZeroShotScorer`; each user's likelihoods are
     computed once and kept, so every normalisation (:meth:`normalized`) comes from one pass over the LM.
-    ``prior`` (one score per candidate, e.g. a weighted log-popularity) is added to every user's scores."""
+    ``prior`` (one score per candidate, e.g. a weighted log-popularity) is added to every user's scores;
+    a top-k scorer searches for the best items by score plus prior."""
 
     def __init__(
         self,
@@ -494,7 +510,7 @@ class ZeroShotUsers:
         user = int(user)
         if user not in self.results:
             exclude = None if self.seen is None else self.seen[user].indices
-            self.results[user] = self.scorer.likelihoods(self.histories[user], exclude=exclude)
+            self.results[user] = self.scorer.likelihoods(self.histories[user], exclude, self.prior)
         return self.results[user]
 
     def score(self, users: Sequence[int] | np.ndarray) -> torch.Tensor:
@@ -503,5 +519,8 @@ class ZeroShotUsers:
 
     def normalized(self, normalize: str, prior: torch.Tensor | None = None) -> ZeroShotUsers:
         """The same users and likelihoods, scored with another normalisation (one of ``NORMALIZATIONS``)
-        and ``prior`` added."""
-        return ZeroShotUsers(self.scorer, self.histories, self.seen, normalize, self.results, prior)
+        and ``prior`` added. A top-k search depends on its prior, so another prior starts afresh there."""
+        shared = self.scorer.top_k is None or prior is self.prior
+        return ZeroShotUsers(
+            self.scorer, self.histories, self.seen, normalize, self.results if shared else None, prior
+        )

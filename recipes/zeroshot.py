@@ -7,12 +7,15 @@ catalogue item is scored by the LM log-likelihood of its title after the prompt 
 and the rankings go through the project's metric code: training items are excluded (and validation
 items for the test split). Every score variant comes from one pass: ``zeroshot-sum`` (total
 log-likelihood), ``zeroshot-mean`` (per token), ``zeroshot-calibrated`` (the sum minus the title's
-log-likelihood after a neutral prompt, computed once) and ``zeroshot-calibrated+pop`` (plus
-``w * log(1 + training count)``, ``w`` from ``--prior_weights`` chosen by NDCG@20 on the valid split of
-the same users: the prompt is the training history for both splits, so no extra LM pass). ``--top_k K`` runs only the part of the title trie
-that the exact top-K of ``zeroshot-sum`` needs (several times less work on ML-100K); the metrics are
-then reported at cut-offs <= K only, and only ``zeroshot-sum`` is reported. ``pop`` (training counts) and ``random`` (seeded
-uniform scores) are evaluated on exactly the same users. Writes ``OUTPUT_DIR/metrics.json``.
+log-likelihood after a neutral prompt, computed once) and ``zeroshot-calibrated+pop``: the sum minus
+``a`` times the neutral log-likelihood plus ``w * log(1 + training count)``, with ``(a, w)`` from
+``--calibrations`` x ``--prior_weights`` chosen by NDCG@20 on the valid split of the same users (the
+prompt is the training history for both splits, so no extra LM pass), or fixed by ``--calibration`` and
+``--prior_weight``. ``--top_k K`` runs only the part of the title trie that the exact top-K needs
+(several times less work on ML-100K); the metrics are then reported at cut-offs <= K only, for
+``zeroshot-sum``, or for ``zeroshot-calibrated+pop`` when ``(a, w)`` are fixed (choose them on valid
+without ``--top_k`` first). ``pop`` (training counts) and ``random`` (seeded uniform scores) are
+evaluated on exactly the same users. Writes ``OUTPUT_DIR/metrics.json``.
 """
 
 from __future__ import annotations
@@ -61,10 +64,31 @@ class ZeroShotArgs:
             "are unchanged, zeroshot-mean is not reported"
         },
     )
+    calibrations: list[float] = field(
+        default_factory=lambda: [0.0, 0.5, 1.0],
+        metadata={
+            "help": "weights a of the neutral-prompt log-likelihood subtracted from the sum (0: none, 1: "
+            "PMI), chosen on valid together with prior_weights"
+        },
+    )
     prior_weights: list[float] = field(
         default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0, 4.0],
-        metadata={"help": "weights of the log-popularity prior added to calibrated scores, chosen on valid"},
+        metadata={
+            "help": "weights w of the log-popularity prior, chosen on valid together with calibrations"
+        },
     )
+    calibration: float | None = field(
+        default=None,
+        metadata={"help": "a fixed calibration weight a instead of choosing one (needs prior_weight)"},
+    )
+    prior_weight: float | None = field(
+        default=None,
+        metadata={"help": "a fixed log-popularity weight w instead of choosing one (needs calibration)"},
+    )
+
+    def __post_init__(self) -> None:
+        if (self.calibration is None) != (self.prior_weight is None):
+            raise ConfigError("zeroshot: set both calibration and prior_weight, or neither")
 
 
 # what this recipe parses; the first is its own YAML section
@@ -123,33 +147,53 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         args.top_k,
     )
     logger.info("zero-shot scoring of %d items for %d users (%s)", bundle.n_items, len(users), args.method)
+    pop = Pop().fit(bundle.matrix("train"))
+    log_pop = torch.log1p(torch.as_tensor(pop.counts, dtype=torch.float64))
+    fixed = args.calibration is not None
     zeroshot = scorer.users(bundle.histories("train"), bundle.seen(args.split))
     start = time.perf_counter()
-    if args.top_k is None:
-        scorer.neutral()  # once per catalogue; counted in the time
+    if args.top_k is None or fixed:
+        neutral = scorer.neutral().total  # once per catalogue; counted in the time
+
+    def prior(calibration: float, weight: float) -> torch.Tensor:
+        return weight * log_pop - calibration * neutral
+
+    if args.top_k is not None and fixed:  # the search itself looks for the best calibrated+pop items
+        zeroshot = zeroshot.normalized("sum", prior(args.calibration, args.prior_weight))
     tokens = sum(zeroshot.likelihoods(u).tokens_computed for u in tqdm(users, desc="zero-shot", unit="user"))
     seconds = time.perf_counter() - start
 
-    pop = Pop().fit(bundle.matrix("train"))
-    variants = ("sum",) if args.top_k is not None else NORMALIZATIONS
-    scorers = {f"zeroshot-{v}": zeroshot.normalized(v) for v in variants}
     choice = {}
-    if args.top_k is None:
-        log_pop = torch.log1p(torch.as_tensor(pop.counts, dtype=torch.float64))
+    if fixed:
+        calibration, weight = args.calibration, args.prior_weight
+        choice = {"calibration": calibration, "prior_weight": weight, "chosen_on": None}
+    elif args.top_k is None:
+        grid = [(a, w) for a in args.calibrations for w in args.prior_weights]
         valid = {
-            w: evaluate_scorer(
-                zeroshot.normalized("calibrated", w * log_pop),
+            (a, w): evaluate_scorer(
+                zeroshot.normalized("sum", prior(a, w)),
                 bundle,
                 "valid",
                 users=users,
                 ks=(20,),
                 progress=False,
-            )
-            for w in args.prior_weights
+            )["ndcg@20"]
+            for a, w in grid
         }
-        best = max(args.prior_weights, key=lambda w: valid[w]["ndcg@20"])
-        choice = {"prior_weight": best, "valid_ndcg@20": {str(w): m["ndcg@20"] for w, m in valid.items()}}
-        scorers["zeroshot-calibrated+pop"] = zeroshot.normalized("calibrated", best * log_pop)
+        calibration, weight = max(grid, key=valid.get)
+        choice = {
+            "calibration": calibration,
+            "prior_weight": weight,
+            "chosen_on": "valid ndcg@20 of the same users",
+            "valid_ndcg@20": [
+                {"calibration": a, "prior_weight": w, "ndcg@20": v} for (a, w), v in valid.items()
+            ],
+        }
+    if args.top_k is not None:
+        scorers = {"zeroshot-calibrated+pop" if fixed else "zeroshot-sum": zeroshot}
+    else:
+        scorers = {f"zeroshot-{v}": zeroshot.normalized(v) for v in NORMALIZATIONS}
+        scorers["zeroshot-calibrated+pop"] = zeroshot.normalized("sum", prior(calibration, weight))
     scorers["pop"] = pop
     scorers["random"] = RandomScorer(bundle.n_items, args.seed)
     rows = {
@@ -165,7 +209,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     )
     if choice:
         print(
-            f"log-popularity prior weight {choice['prior_weight']} (chosen on valid NDCG@20 of the same users)"
+            f"zeroshot-calibrated+pop = sum - {choice['calibration']} * neutral + {choice['prior_weight']} * "
+            f"log(1 + count) ({choice['chosen_on'] or 'fixed by the config'})"
         )
     path = write_metrics_json(
         Path(args.output_dir) / "metrics.json",

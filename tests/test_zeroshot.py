@@ -230,6 +230,8 @@ def test_recipe_runs_end_to_end_on_a_tiny_model(tiny_bundle, tmp_path, capsys):
         "random",
     }
     assert saved_prior_weight(tmp_path / "run") in (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+    choice = json.loads((tmp_path / "run" / "metrics.json").read_text())["prior"]
+    assert choice["calibration"] in (0.0, 0.5, 1.0) and len(choice["valid_ndcg@20"]) == 18
     assert {r["users"] for r in rows.values()} == {6}
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["metrics"]["zeroshot-sum"]["recall@20"] == rows["zeroshot-sum"]["recall@20"]
@@ -265,6 +267,19 @@ def test_recipe_runs_end_to_end_on_a_tiny_model(tiny_bundle, tmp_path, capsys):
     timing = json.loads((tmp_path / "top" / "metrics.json").read_text())["timing"]
     assert timing["tokens_per_user"] < saved["timing"]["tokens_per_user"]
 
+    # a fixed (calibration, prior weight): full scoring and the top-k search that looks for the best
+    # calibrated+pop items agree at @K <= k
+    fixed = ["--calibration", "0.5", "--prior_weight", "1.0"]
+    try:
+        full = main([*args, *fixed, "--output_dir", str(tmp_path / "fixed")])
+        searched = main([*args, *fixed, "--top_k", "10", "--output_dir", str(tmp_path / "fixed-top")])
+    finally:
+        root.handlers[:], root.level = handlers, level
+    assert set(searched) == {"zeroshot-calibrated+pop", "pop", "random"}
+    for key in ("recall@10", "ndcg@10"):
+        assert searched["zeroshot-calibrated+pop"][key] == pytest.approx(full["zeroshot-calibrated+pop"][key])
+    assert json.loads((tmp_path / "fixed" / "metrics.json").read_text())["prior"]["chosen_on"] is None
+
 
 @pytest.mark.parametrize("k,chunk_size", [(1, 2), (3, 4), (4, 256)])
 def test_top_k_search_finds_the_exact_top_k(tiny_llama, k, chunk_size):
@@ -287,6 +302,36 @@ def test_top_k_search_finds_the_exact_top_k(tiny_llama, k, chunk_size):
     assert not top.complete
     with pytest.raises(ValueError, match="every item scored"):
         top.scores("mean")
+
+
+@pytest.mark.parametrize("k,chunk_size", [(1, 2), (4, 3)])
+def test_top_k_search_with_a_prior_finds_the_top_k_of_total_plus_prior(tiny_llama, k, chunk_size):
+    model, tokenizer = tiny_llama
+    items = encode_items(TITLES, tokenizer, PromptConfig())
+    prompt = tokenizer("Movies like Star Wars (1977), Heat (1995), and")["input_ids"]
+    trie = Trie(items)
+    full = score_trie(model, prompt, trie).total
+    # a prior wide enough to reorder the titles: the best by log-likelihood alone is pushed down
+    prior = torch.linspace(0.0, 6.0, len(items), dtype=torch.float64)
+    prior[full.argmax()] = -10.0
+    top = score_top_k(model, prompt, trie, k, exclude=[2], chunk_size=chunk_size, prior=prior)
+    allowed = torch.ones(len(items), dtype=torch.bool)
+    allowed[2] = False
+    want = (full + prior).masked_fill(~allowed, -torch.inf)
+    got = (top.total + prior).masked_fill(~allowed, -torch.inf)
+    torch.testing.assert_close(got.topk(k).values, want.topk(k).values, atol=1e-4, rtol=0)
+    reached = torch.isfinite(top.total)
+    torch.testing.assert_close(top.total[reached], full[reached], atol=1e-4, rtol=0)
+    # the prior did reorder: the top-k by log-likelihood alone is another set
+    alone = full.masked_fill(~allowed, -torch.inf).topk(k).indices
+    assert set(alone.tolist()) != set(want.topk(k).indices.tolist())
+
+
+def test_trie_subtree_max_is_the_max_over_each_preorder_interval():
+    trie = Trie([[1, 2], [1, 3, 4], [5], [1, 3]])
+    values = np.random.default_rng(0).normal(size=len(trie))
+    expected = [values[n : trie.end[n]].max() for n in range(len(trie))]
+    np.testing.assert_allclose(trie.subtree_max(values), expected)
 
 
 def test_top_k_search_prunes_the_trie(tiny_llama):
