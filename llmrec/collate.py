@@ -193,9 +193,13 @@ class SequenceDataset(Dataset):
         return min(len(self.histories[index]), self.prompts.max_tokens)
 
     def __getitem__(self, index: int) -> dict:
-        input_ids = self.prompts.encode(self.users[index], self.histories[index])
+        user, history = self.users[index], self.histories[index]
+        kept = self.prompts.kept(user, history)
+        input_ids = self.prompts.encode(user, history)
         labels = [t - self.items.start if t in self.items else IGNORE for t in input_ids[1:]] + [IGNORE]
-        return {"task": TASKS.index("sequential"), "input_ids": input_ids, "labels": labels}
+        # the items a long prompt leaves out: the pooled history path (`history_pool`) still counts them
+        older = history[: len(history) - len(kept)]
+        return {"task": TASKS.index("sequential"), "input_ids": input_ids, "labels": labels, "older": older}
 
 
 class TaskBucketSampler(Sampler[list[int]]):
@@ -264,8 +268,9 @@ def collate(examples: Sequence[dict], pad_token_id: int = 0) -> dict[str, torch.
     if "targets" in examples[0]:
         batch["targets"] = pad([example["targets"] for example in examples], -1)
         batch["user"] = torch.tensor([example["user"] for example in examples])
-    if "history" in examples[0]:
-        batch["history"] = pad([example["history"] for example in examples], -1)
+    for key in ("history", "older"):
+        if key in examples[0]:
+            batch[key] = pad([example[key] for example in examples], -1)
     for key in PREFERENCE_KEYS:
         if key in examples[0]:
             batch[key] = torch.tensor([example[key] for example in examples])

@@ -305,10 +305,42 @@ class CLLM4Rec(nn.Module):
         if self.config.history_pool != "mean":
             return state
         table = self.collab.family_weight("item")
-        pooled = (bag.to(table.dtype) @ table).to(state.dtype)
-        # RMS-normalised like the decoder's output, so both paths start at the same scale
+        return self._add_pooled(state, bag.to(table.dtype) @ table)
+
+    def _add_pooled(self, state: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """``state`` plus the learned scale times the RMS-normalised sum of history item embeddings
+        (normalised like the decoder's output, so both paths start at the same scale)."""
+        pooled = pooled.to(state.dtype)
         pooled = pooled * torch.rsqrt(pooled.pow(2).mean(dim=-1, keepdim=True) + 1e-6)
         return state + self.pool_scale * pooled
+
+    def prefix_head_inputs(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, older: torch.Tensor
+    ) -> torch.Tensor:
+        """The head input at every position of a chronological prompt (batch, time, hidden): with
+        ``history_pool="mean"``, each position's hidden state plus the pooled bag of the items up to it.
+
+        Position t's bag is the items the prompt left out (``older``, padded with -1) and the prompt's items
+        up to t, each item once, so it is :meth:`history_bag` of the one-prefix prompt that ends at t with
+        its whole history: a causal (prefix) mean that never lets a position see a later item.
+        """
+        if self.config.history_pool != "mean":
+            return hidden
+        table = self.collab.family_weight("item")
+        n_items = self.vocab.n_items
+        index = input_ids - self.vocab.family_range("item").start
+        inside = (index >= 0) & (index < n_items) & attention_mask.bool()
+        slot = torch.where(inside, index, n_items)
+        # count an item at its first occurrence only, and not at all when `older` holds it
+        positions = torch.arange(slot.shape[1], device=slot.device).expand_as(slot)
+        first = torch.full((slot.shape[0], n_items + 1), slot.shape[1], device=slot.device)
+        first = first.scatter_reduce(1, slot, positions, reduce="amin")
+        old_bag = self.history_bag(None, None, older)
+        counted = inside & (first.gather(1, slot) == positions)
+        counted &= old_bag.gather(1, slot.clamp(max=n_items - 1)) == 0
+        steps = table[slot.clamp(max=n_items - 1)] * counted.unsqueeze(-1).to(table.dtype)
+        pooled = steps.cumsum(dim=1) + (old_bag.to(table.dtype) @ table).unsqueeze(1)
+        return self._add_pooled(hidden, pooled)
 
     def head_scores(self, state: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
         """(batch, n_items) scores from head inputs (:meth:`last_hidden`) and, with a prior, the prior's
@@ -374,7 +406,9 @@ class CLLM4Rec(nn.Module):
         of the one-prefix prompt that ends there (`collate.SequenceDataset`); the item head and softmax
         are those of the multinomial task.
         """
-        hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"], "collab")
+        ids, attention = batch["input_ids"], batch["attention_mask"]
+        older = batch.get("older", ids.new_full((ids.shape[0], 0), -1))
+        hidden = self.prefix_head_inputs(self.hidden_states(ids, attention, "collab"), ids, attention, older)
         mask = batch["labels"] != IGNORE
         bias = self.head_bias if self.config.head == "untied" else None
         nll = softmax(hidden[mask], self.item_weight(), bias, batch["labels"][mask][:, None])

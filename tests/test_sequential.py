@@ -87,6 +87,39 @@ def test_sequential_losses_at_every_position_equal_separate_one_prefix_forwards(
     assert float(total) == pytest.approx(separate, rel=1e-4)
 
 
+def test_pooled_history_at_every_position_equals_the_one_prefix_prompt_with_its_whole_history():
+    """history_pool=mean: position t's bag holds the items up to t only (causal), also those a long
+    prompt left out, so each loss equals scoring the one-prefix prompt with the prefix as its history."""
+    pooled = CLLM4Rec.from_config(
+        ModelConfig(lora_r=4, history_pool="mean"), BackboneConfig("tiny-llama"), N_USERS, N_ITEMS, seed=0
+    ).eval()
+    with torch.no_grad():
+        pooled.pool_scale.fill_(2.5)  # the pooled path weighs as much as the decoder's state
+    # item 3 left out and in the prompt, item 20 twice in the prompt: each counted once
+    histories = [[3, 9, 4, 7, 1, 5, 20, 11, 3, 2, 20, 14], [12, 5]]
+    prompts = prompts_of(pooled, max_tokens=27)  # keeps the newest 6 of user 0's items
+    dataset = SequenceDataset(histories, prompts)
+    batch = collate([dataset[0], dataset[1]])
+    starts = [len(h) - len(prompts.kept(user, h)) for user, h in enumerate(histories)]
+    assert starts == [6, 0] and batch["older"][0].tolist() == histories[0][:6]
+    labels, softmax = batch["labels"], ItemSoftmax()
+    with torch.no_grad():
+        total, count = pooled.sequential_loss(batch, softmax)
+        without = CLLM4Rec.sequential_loss(pooled, dict(batch, older=batch["older"][:, :0]), softmax)[0]
+        separate = 0.0
+        for row, user in enumerate([0, 1]):
+            start = starts[row]
+            for position in (labels[row] != IGNORE).nonzero()[:, 0].tolist():
+                k = start + int((labels[row, : position + 1] != IGNORE).sum()) - 1
+                prompt = torch.tensor([prompts_of(pooled).encode(user, histories[user][start:k])])
+                history = torch.tensor([histories[user][:k] or [-1]])
+                scores = pooled.score_items(prompt, torch.ones_like(prompt), history)
+                separate += float(-F.log_softmax(scores, dim=-1)[0, histories[user][k]])
+    assert int(count) == 6 + 2
+    assert float(total) == pytest.approx(separate, rel=1e-4)
+    assert float(without) != pytest.approx(separate, rel=1e-3)  # the left-out items do count
+
+
 def test_sequence_examples_keep_the_most_recent_items():
     built = CLLM4Rec.from_config(ModelConfig(lora_r=4), BackboneConfig("tiny-llama"), N_USERS, N_ITEMS)
     prompts = prompts_of(built, max_tokens=40)
