@@ -180,8 +180,12 @@ class CLLM4Rec(nn.Module):
         yield
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, view: str) -> torch.Tensor:
-        """Last-layer hidden states (batch, time, hidden) with ID tokens embedded by ``view``."""
+        """Last-layer hidden states (batch, time, hidden) with ID tokens embedded by ``view`` (and, while
+        training, dropped out at ``embedding_dropout``)."""
         embeds = self.embedding(view)(input_ids)
+        if self.training and self.config.embedding_dropout > 0:
+            ids = (input_ids >= self.vocab.base_size).unsqueeze(-1)
+            embeds = torch.where(ids, F.dropout(embeds, self.config.embedding_dropout, training=True), embeds)
         with self._adapter(view):
             out = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state

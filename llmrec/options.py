@@ -93,6 +93,13 @@ class ModelConfig:
     mutual_reg: float = field(
         default=1.0, metadata={"help": "lambda of the mutual regulariser; 0 turns it off"}
     )
+    embedding_dropout: float = field(
+        default=0.0,
+        metadata={
+            "help": "dropout on the ID-token embeddings fed to the LM while training (SASRec's regulariser "
+            "on small catalogues)"
+        },
+    )
     head: str = field(
         default="tied",
         metadata={"help": "item head: tied (to collaborative item embeddings) | untied (own weights + bias)"},
@@ -130,6 +137,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         require(self.lora_r >= 1, "lora_r", self.lora_r, "must be at least 1")
         require(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "must be in [0, 1)")
+        require(
+            0 <= self.embedding_dropout < 1, "embedding_dropout", self.embedding_dropout, "must be in [0, 1)"
+        )
         require(self.mutual_reg >= 0, "mutual_reg", self.mutual_reg, "must be >= 0")
         require(self.max_doc_tokens >= 1, "max_doc_tokens", self.max_doc_tokens, "must be at least 1")
         require(

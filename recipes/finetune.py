@@ -29,7 +29,15 @@ from llmrec.options import BackboneConfig, ModelConfig, TrainConfig
 logger = get_logger("finetune")
 PRIOR_FILE = "prior_weight.json"  # the blend weight chosen on valid, with the score of every weight tried
 # model knobs a finetuning run may change
-FINETUNE_FIELDS = ("head", "mutual_reg", "max_doc_tokens", "history_pool", "prior", "prior_weight")
+FINETUNE_FIELDS = (
+    "head",
+    "mutual_reg",
+    "max_doc_tokens",
+    "history_pool",
+    "prior",
+    "prior_weight",
+    "embedding_dropout",
+)
 
 
 @dataclass
@@ -40,7 +48,7 @@ class FinetuneArgs:
         default=None,
         metadata={
             "help": "pretraining run to start from: its backbone, LoRA, tables; head, mutual_reg, max_doc_tokens, "
-            "history_pool and prior from here"
+            "history_pool, prior and embedding_dropout from here"
         },
     )
     mask_ratio: float = field(

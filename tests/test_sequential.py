@@ -256,3 +256,27 @@ def test_validity_diagnostics_with_and_without_the_trie():
     assert [out[f"codebook_usage@{level}"] for level in range(3)] == pytest.approx(
         [len(set(index.codes[:, level])) / 4 for level in range(3)]
     )
+
+
+def test_embedding_dropout_drops_id_token_embeddings_only_while_training():
+    built = CLLM4Rec.from_config(
+        ModelConfig(lora_r=4, lora_dropout=0.0, embedding_dropout=0.5),
+        BackboneConfig("tiny-llama"),
+        N_USERS,
+        N_ITEMS,
+        seed=0,
+    )
+    words = built.tokenizer("has interacted with", add_special_tokens=False)["input_ids"]
+    items = [built.vocab.family_range("item").start + i for i in (3, 9, 4)]
+    ids = torch.tensor([words + items])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        built.eval()
+        first, second = (built.hidden_states(ids, mask, "collab") for _ in range(2))
+        torch.testing.assert_close(first, second)  # off at evaluation
+        built.train()
+        torch.manual_seed(0)
+        dropped = built.hidden_states(ids, mask, "collab")
+    n = len(words)  # causal: the word positions before the first ID token see no dropped embedding
+    torch.testing.assert_close(dropped[0, :n], first[0, :n], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(dropped[0, n:], first[0, n:], atol=1e-3)
