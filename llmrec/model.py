@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from common.errors import UserError
+from common.io import read_json
 from llmrec.backbone import load_backbone
 from llmrec.options import BackboneConfig, ModelConfig
 from llmrec.prompts import IGNORE, TASKS
@@ -592,10 +593,7 @@ def run_model_dir(run: str | Path) -> Path:
 def run_config(run: str | Path) -> dict:
     """A run's ``run_config.json`` (every knob it was started with)."""
     path = Path(run) / "run_config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise RunError(f"{path}: cannot read the run's configuration ({err})") from err
+    config = read_json(path, "run configuration")
     if not isinstance(config, dict):
         raise RunError(f"{path}: not a run configuration (a JSON object)")
     return config
