@@ -196,12 +196,14 @@ def choose_prior_weight(
     metric: str = "cllm4rec",
     batch_size: int = 64,
     weights: Sequence[float] = PRIOR_WEIGHTS,
+    prompt: str = "masked",
 ) -> tuple[float, dict[float, float]]:
     """The blend weight of the prior with the best ``metric`` on valid; sets it on ``model.config``.
 
-    The LM and the prior are scored once; each weight only re-blends the two (standardised) matrices.
+    The LM and the prior are scored once, on the ``prompt`` kind the model trained on; each weight only
+    re-blends the two (standardised) matrices.
     """
-    scorer = scorer_for(bundle, model, batch_size)
+    scorer = scorer_for(bundle, model, batch_size, prompt=prompt)
     users = np.flatnonzero(np.diff(bundle.matrix("valid").indptr) > 0)
     logits, prior = scorer.parts(users)
     grid = {}

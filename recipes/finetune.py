@@ -177,19 +177,22 @@ def main(argv: list[str] | None = None) -> dict:
     state = train(model, dataset, train_config, accelerator, evaluate=evaluate, metric_for_best=metric)
     if model_config.prior != "none" and accelerator.is_main_process:
         state["prior_weight"] = blend_prior(
-            bundle, Path(train_config.output_dir), metric, args.eval_batch_size
+            bundle, Path(train_config.output_dir), metric, args.eval_batch_size, FINETUNE_TASKS[args.task]
         )
     return state
 
 
-def blend_prior(bundle, run: Path, metric: str = "cllm4rec", batch_size: int = 64) -> float:
-    """Choose the prior's blend weight on valid for the run's best model and save it into that model."""
+def blend_prior(
+    bundle, run: Path, metric: str = "cllm4rec", batch_size: int = 64, prompt: str = "masked"
+) -> float:
+    """Choose the prior's blend weight on valid for the run's best model, scored on its task's ``prompt``
+    kind, and save it into that model."""
     from llmrec.data import choose_prior_weight
     from llmrec.model import CLLM4Rec, run_model_dir
 
     directory = run_model_dir(run)
     model = CLLM4Rec.from_pretrained(directory)
-    weight, grid = choose_prior_weight(bundle, model, metric, batch_size=batch_size)
+    weight, grid = choose_prior_weight(bundle, model, metric, batch_size=batch_size, prompt=prompt)
     logger.info("prior weight %g chosen on valid (%s by weight: %s)", weight, metric, grid)
     model.save_pretrained(directory)
     record = {"prior_weight": weight, "model_dir": directory.name, "valid": {metric: grid}}

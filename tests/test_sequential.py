@@ -24,9 +24,11 @@ from llmrec.export import export_run
 from llmrec.generate import GenerativeScorer, NextSemanticDataset
 from llmrec.indexing import NumberIndexConfig, RandomIndexer
 from llmrec.indexing.base import IndexData
+from llmrec.metrics import evaluate_scorer
 from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig, run_model_dir
 from llmrec.prompts import IGNORE, TASKS, FinetunePrompts
 from llmrec.recommender import Recommender
+from llmrec.scoring import PrecomputedScorer
 
 REPO = Path(__file__).resolve().parents[1]
 SEQUENCE = "<user_{user}> has interacted with {history}"
@@ -233,6 +235,25 @@ def test_sequential_finetune_then_alignment_run_end_to_end_and_resume_after_a_ki
         torch.testing.assert_close(resumed[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
     moved = load_file(sft / "model" / "model.safetensors")
     assert any(not torch.equal(moved[name], expected[name]) for name in expected)  # DPO changed the weights
+
+
+def test_sequential_run_with_a_prior_chooses_its_weight_on_the_sequence_prompt(loo_bundle, tmp_path):
+    """The blend weight is chosen on the prompt the run trained on: at weight 0 the grid's score is the
+    item head's own on that prompt (it once used the masked prompt, which a sequential head never saw)."""
+    run = tmp_path / "run"
+    recipe_main("finetune")(
+        ["--data", str(loo_bundle), "--output_dir", str(run), *TINY, "--task", "sequential"]
+        + ["--with_content", "false", "--max_steps", "2", "--eval_batch_size", "256"]
+        + ["--history_pool", "mean", "--prior", "ease"]
+    )
+    grid = json.loads((run / "prior_weight.json").read_text())["valid"]["ndcg@10"]
+    model = CLLM4Rec.from_pretrained(run_model_dir(run))
+    bundle = load_bundle(loo_bundle)
+    logits, _ = scorer_for(bundle, model, 256, prompt="sequence").parts(np.arange(bundle.n_users))
+    lm_only = evaluate_scorer(
+        PrecomputedScorer(logits, np.arange(bundle.n_users)), bundle, "valid", progress=False
+    )
+    assert grid["0.0"] == pytest.approx(lm_only["ndcg@10"])
 
 
 def test_validity_diagnostics_with_and_without_the_trie():
