@@ -176,7 +176,7 @@ def generative_scorer(
     )
 
 
-PRIOR_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 100.0)
+PRIOR_WEIGHTS = (0.0, 0.05, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 100.0)
 
 
 def fit_prior(bundle: Bundle, model: CLLM4Rec) -> dict[str, float]:

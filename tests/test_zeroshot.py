@@ -281,50 +281,40 @@ def test_recipe_runs_end_to_end_on_a_tiny_model(tiny_bundle, tmp_path, capsys):
     assert json.loads((tmp_path / "fixed" / "metrics.json").read_text())["prior"]["chosen_on"] is None
 
 
+@pytest.mark.parametrize("with_prior", [False, True])
 @pytest.mark.parametrize("k,chunk_size", [(1, 2), (3, 4), (4, 256)])
-def test_top_k_search_finds_the_exact_top_k(tiny_llama, k, chunk_size):
+def test_top_k_search_finds_the_exact_top_k(tiny_llama, k, chunk_size, with_prior):
+    """The exact top-k by log-likelihood, or by log-likelihood plus a per-item prior."""
     model, tokenizer = tiny_llama
     items = encode_items(TITLES, tokenizer, PromptConfig())
     prompt = tokenizer("Movies like Star Wars (1977), Heat (1995), and")["input_ids"]
     trie = Trie(items)
     full = score_trie(model, prompt, trie).total
     exclude = [0, 3]
-    top = score_top_k(model, prompt, trie, k, exclude=exclude, chunk_size=chunk_size)
-    reached = torch.isfinite(top.total)
-    torch.testing.assert_close(top.total[reached], full[reached], atol=1e-4, rtol=0)
     allowed = torch.ones(len(items), dtype=torch.bool)
     allowed[exclude] = False
-    best = full.masked_fill(~allowed, -torch.inf).topk(k).indices
+    prior = torch.zeros(len(items), dtype=torch.float64)
+    if with_prior:  # wider than the log-likelihoods: the best by log-likelihood alone drops to the bottom
+        spread = float(full.max() - full.min())
+        prior = torch.linspace(0.0, 2 * spread, len(items), dtype=torch.float64)
+        prior[full.masked_fill(~allowed, -torch.inf).argmax()] = -2 * spread
+    top = score_top_k(
+        model, prompt, trie, k, exclude=exclude, chunk_size=chunk_size, prior=prior if with_prior else None
+    )
+    reached = torch.isfinite(top.total)
+    torch.testing.assert_close(top.total[reached], full[reached], atol=1e-4, rtol=0)
+    score = (full + prior).masked_fill(~allowed, -torch.inf)
+    best = score.topk(k).indices
     assert reached[best].all()
-    ranked = top.total.masked_fill(~allowed, -torch.inf).topk(k).indices
-    assert torch.equal(full[ranked], full[best])
+    ranked = (top.total + prior).masked_fill(~allowed, -torch.inf).topk(k).indices
+    torch.testing.assert_close(score[ranked], score[best], atol=1e-4, rtol=0)
+    if with_prior:  # the prior did reorder: the top-k by log-likelihood alone is another set
+        alone = full.masked_fill(~allowed, -torch.inf).topk(k).indices
+        assert set(alone.tolist()) != set(best.tolist())
     assert top.tokens_computed <= len(prompt) + len(trie.inner)
     assert not top.complete
     with pytest.raises(ValueError, match="every item scored"):
         top.scores("mean")
-
-
-@pytest.mark.parametrize("k,chunk_size", [(1, 2), (4, 3)])
-def test_top_k_search_with_a_prior_finds_the_top_k_of_total_plus_prior(tiny_llama, k, chunk_size):
-    model, tokenizer = tiny_llama
-    items = encode_items(TITLES, tokenizer, PromptConfig())
-    prompt = tokenizer("Movies like Star Wars (1977), Heat (1995), and")["input_ids"]
-    trie = Trie(items)
-    full = score_trie(model, prompt, trie).total
-    # a prior wide enough to reorder the titles: the best by log-likelihood alone is pushed down
-    prior = torch.linspace(0.0, 6.0, len(items), dtype=torch.float64)
-    prior[full.argmax()] = -10.0
-    top = score_top_k(model, prompt, trie, k, exclude=[2], chunk_size=chunk_size, prior=prior)
-    allowed = torch.ones(len(items), dtype=torch.bool)
-    allowed[2] = False
-    want = (full + prior).masked_fill(~allowed, -torch.inf)
-    got = (top.total + prior).masked_fill(~allowed, -torch.inf)
-    torch.testing.assert_close(got.topk(k).values, want.topk(k).values, atol=1e-4, rtol=0)
-    reached = torch.isfinite(top.total)
-    torch.testing.assert_close(top.total[reached], full[reached], atol=1e-4, rtol=0)
-    # the prior did reorder: the top-k by log-likelihood alone is another set
-    alone = full.masked_fill(~allowed, -torch.inf).topk(k).indices
-    assert set(alone.tolist()) != set(want.topk(k).indices.tolist())
 
 
 def test_trie_subtree_max_is_the_max_over_each_preorder_interval():
