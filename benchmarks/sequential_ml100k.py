@@ -46,6 +46,7 @@ from llmrec.reporting import machine_info  # noqa: E402
 
 METRICS = ["hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20"]
 STAGES = ("baselines", "sequential", "semantic", "align")
+LM_ALONE = "llmrec item head (sequential), LM alone: prior weight 0, not the valid choice"
 
 
 def valid_curve(run: Path) -> list[float]:
@@ -106,13 +107,21 @@ def llm_run(args, seed: int, name: str, recipe, extra: list[str]) -> tuple[Path,
 
 
 def run_sequential(args, data: Path) -> dict:
-    rows = []
+    """The sequential item head per seed; with a prior in the config, also the LM alone (prior weight 0)
+    as a diagnostic row: valid chose the blend, this shows what the blend does on test."""
+    rows: dict[str, list[dict]] = {"llmrec item head (sequential)": []}
     for seed in args.llm_seeds:
         extra = ["--task", "sequential", "--epochs", str(args.sequential_epochs)]
         run, wall = llm_run(args, seed, "sequential", finetune, extra)
-        metrics = evaluate.main(["--config", args.config, "--run", str(run), "--split", "test"])
-        rows.append({**metrics, "wall_s": wall, "curve": valid_curve(run), "seed": seed})
-    return {"llmrec item head (sequential)": rows}
+        test = ["--config", args.config, "--run", str(run), "--split", "test"]
+        metrics = evaluate.main(test)
+        rows["llmrec item head (sequential)"].append(
+            {**metrics, "wall_s": wall, "curve": valid_curve(run), "seed": seed}
+        )
+        if read_yaml(args.config).get("model", {}).get("prior", "none") != "none":
+            alone = evaluate.main([*test, "--prior_weight", "0"])
+            rows.setdefault(LM_ALONE, []).append({**alone, "wall_s": wall, "curve": [], "seed": seed})
+    return rows
 
 
 def run_semantic(args, data: Path) -> dict:

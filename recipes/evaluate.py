@@ -16,6 +16,7 @@ ranks the whole catalogue, ``SPLIT/cold`` ranks the split's cold items only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from typing import Any, ClassVar
 
 from common.errors import run_cli
 from common.log import setup_logging
-from llmrec.config import parse_config
+from llmrec.config import ConfigError, parse_config
 
 
 @dataclass
@@ -65,6 +66,13 @@ class EvaluateArgs:
         metadata={"help": "cold-items bundles: how unseen items get rows: mapper | fold-in | mapper+fold-in"},
     )
     encoder: str = field(default="minilm", metadata={"help": "text encoder of the cold-item mapper"})
+    prior_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "blend the run's prior at this weight instead of the one finetuning chose on valid "
+            "(0: the LM alone); stored under SPLIT/prior_weight=W"
+        },
+    )
 
 
 # what this recipe parses; the first is its own YAML section
@@ -100,6 +108,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = CLLM4Rec.from_pretrained(run_model_dir(run))
     bundle = load_bundle(data)
     require_same_catalogue(bundle, model, f"the model of {run}")
+    if args.prior_weight is not None:
+        if model.config.prior == "none":
+            raise ConfigError(f"--prior_weight: the model of {run} has no prior (prior: none)")
+        model.config = dataclasses.replace(model.config, prior_weight=args.prior_weight)
     loo = is_leave_one_out(bundle)
     ks = tuple(int(k) for k in args.ks.split(",")) if args.ks else (LOO_KS if loo else DEFAULT_KS)
     prompt = FINETUNE_TASKS[run_task(run)]
@@ -137,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     key = f"{args.split}/generate" if args.generate else args.split
     key += "" if args.exclude_seen else "/seen_kept"
+    key += "" if args.prior_weight is None else f"/prior_weight={args.prior_weight:g}"
     columns = [f"{name}@{k}" for name in (("hr", "ndcg") if loo else ("recall", "ndcg")) for k in ks]
     print(format_table({f"{run.name} ({key})": metrics}, columns))
     validity = {name.split("/", 1)[1]: v for name, v in metrics.items() if name.startswith("validity/")}

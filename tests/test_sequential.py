@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from conftest import recipe_main
 from safetensors.torch import load_file
 
+from common.config import ConfigError
 from data_prep import load_bundle
 from llmrec.align import DPOLoss, build_preferences, dpo_loss
 from llmrec.backbone import BackboneConfig
@@ -205,6 +206,8 @@ def test_sequential_finetune_then_alignment_run_end_to_end_and_resume_after_a_ki
     assert any("loss/sequential" in line for line in (sft / "metrics.jsonl").read_text().splitlines())
     metrics = evaluate(["--run", str(sft), "--split", "test", "--batch_size", "256"])
     assert metrics["users"] == 943 and {"hr@10", "ndcg@10", "hr@20"} <= set(metrics)
+    with pytest.raises(ConfigError, match="has no prior"):
+        evaluate(["--run", str(sft), "--prior_weight", "0"])
 
     # the export serves known users the chronological prompt the run trained on, with its scores
     bundle = load_bundle(loo_bundle)
@@ -254,6 +257,10 @@ def test_sequential_run_with_a_prior_chooses_its_weight_on_the_sequence_prompt(l
         PrecomputedScorer(logits, np.arange(bundle.n_users)), bundle, "valid", progress=False
     )
     assert grid["0.0"] == pytest.approx(lm_only["ndcg@10"])
+    # evaluate --prior_weight 0 reports the LM alone, beside the blend finetuning chose
+    alone = recipe_main("evaluate")(["--run", str(run), "--split", "valid", "--prior_weight", "0"])
+    assert alone["ndcg@10"] == pytest.approx(lm_only["ndcg@10"])
+    assert "valid/prior_weight=0" in json.loads((run / "metrics.json").read_text())["metrics"]
 
 
 def test_validity_diagnostics_with_and_without_the_trie():
