@@ -199,11 +199,13 @@ def plot(results: dict[str, list[dict]], pending: dict[str, list[float]], path: 
 
     fig, ax = plt.subplots(figsize=(7, 4))
     curves = {name: runs[0]["curve"] for name, runs in results.items()} | pending
+    flat_styles = iter(["--", ":", "-."])
     for name, curve in curves.items():
         if curve:
             ax.plot(range(1, len(curve) + 1), curve, marker="." if len(curve) < 30 else None, label=name)
         elif "valid_ndcg@10" in results[name][0]:
-            ax.axhline(results[name][0]["valid_ndcg@10"], linestyle="--", color="gray", label=name)
+            style = next(flat_styles, "--")
+            ax.axhline(results[name][0]["valid_ndcg@10"], linestyle=style, color="gray", label=name)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation NDCG@10")
     ax.set_xscale("log")
