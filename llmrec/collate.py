@@ -174,12 +174,22 @@ class SequenceDataset(Dataset):
     ``max_tokens``, as SASRec keeps the last ``max_len``). Every position whose next token is an item
     token is labelled with that item: one forward trains every prefix at once, as causal LM training
     does, and the last position of a prefix is exactly where the same prompt is scored at test time.
-    Deterministic: nothing is drawn per epoch.
+    With ``windows`` a history longer than a prompt holds is cut into consecutive windows, newest first,
+    one example each (the items before a window are its ``older`` items), so every training interaction
+    is a target once per epoch, not only the newest ones. Deterministic: nothing is drawn per epoch.
     """
 
-    def __init__(self, histories: Sequence[Sequence[int]], prompts: FinetunePrompts):
-        self.users = [user for user, items in enumerate(histories) if len(items) > 0]
-        self.histories = [list(histories[user]) for user in self.users]
+    def __init__(self, histories: Sequence[Sequence[int]], prompts: FinetunePrompts, windows: bool = False):
+        self.users: list[int] = []
+        self.histories: list[list[int]] = []  # each example's history, up to its last item
+        for user, items in enumerate(histories):
+            end = len(items)
+            while end > 0:
+                self.users.append(user)
+                self.histories.append(list(items[:end]))
+                if not windows:
+                    break
+                end -= len(prompts.kept(user, items[:end]))
         self.prompts = prompts
         self.items = prompts.vocab.family_range("item")
 

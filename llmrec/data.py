@@ -113,11 +113,13 @@ def finetune_dataset(
     with_content: bool = True,
     task: str = "multinomial",
     prompt_order: str = "shuffled",
+    sequence_windows: bool = False,
 ) -> FinetuneDataset | TaskMixture:
     """Finetuning examples of ``task``: masked-history examples for the item head (``"multinomial"``),
     for writing a held-out item's semantic ID (``"semantic"``, needs a model with an item index) or both;
     next-item examples on the chronological history for the item head (``"sequential"``, every prefix
-    in one forward) or for writing the next item's semantic ID (``"semantic_next"``). With
+    in one forward; with ``sequence_windows``, every window of a long history) or for writing the next
+    item's semantic ID (``"semantic_next"``). With
     ``with_content`` the content corpus keeps the content view (and the mutual regulariser) training
     alongside, as in CLLM4Rec's finetuning. Cold users (a cold-users split) are left out."""
     if task not in FINETUNE_TASKS:
@@ -138,7 +140,7 @@ def finetune_dataset(
             SemanticDataset(histories, prompts, require_index(model), seed=seed, mask_ratio=mask_ratio)
         )
     if task == "sequential":
-        parts.append(SequenceDataset(histories, prompts))
+        parts.append(SequenceDataset(histories, prompts, windows=sequence_windows))
     if task == "semantic_next":
         parts.append(NextSemanticDataset(histories, prompts, require_index(model), seed=seed))
     if with_content and _present(bundle, ("content",)):

@@ -63,6 +63,13 @@ class FinetuneArgs:
             "help": "order of the prompt's items while finetuning: shuffled | chronological (as evaluated)"
         },
     )
+    sequence_windows: bool = field(
+        default=False,
+        metadata={
+            "help": "sequential task: train on every window of a history longer than a prompt holds, not "
+            "only its newest items"
+        },
+    )
     task: str = field(
         default="multinomial",
         metadata={
@@ -163,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
         with_content=args.with_content,
         task=args.task,
         prompt_order=args.prompt_order,
+        sequence_windows=args.sequence_windows,
     )
     if model_config.prior != "none":
         logger.info(

@@ -308,3 +308,20 @@ def test_embedding_dropout_drops_id_token_embeddings_only_while_training():
     n = len(words)  # causal: the word positions before the first ID token see no dropped embedding
     torch.testing.assert_close(dropped[0, :n], first[0, :n], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(dropped[0, n:], first[0, n:], atol=1e-3)
+
+
+def test_sequence_windows_make_every_training_item_a_target_once():
+    built = CLLM4Rec.from_config(ModelConfig(lora_r=4), BackboneConfig("tiny-llama"), N_USERS, N_ITEMS)
+    prompts = prompts_of(built, max_tokens=27)  # 6 items per prompt
+    histories = [list(range(20)), [12, 5], []]
+    newest = SequenceDataset(histories, prompts)
+    windowed = SequenceDataset(histories, prompts, windows=True)
+    assert newest.users == [0, 1] and windowed.users == [0, 0, 0, 0, 1]
+    targets = {0: [], 1: []}
+    for index, user in enumerate(windowed.users):
+        example = windowed[index]
+        targets[user] += [label for label in example["labels"] if label != IGNORE]
+        kept = len(example["older"])  # the window starts where its older items end
+        assert windowed.histories[index][:kept] == example["older"]
+    assert sorted(targets[0]) == list(range(20)) and sorted(targets[1]) == [5, 12]
+    assert [label for label in newest[0]["labels"] if label != IGNORE] == list(range(14, 20))
