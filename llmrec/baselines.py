@@ -355,7 +355,7 @@ class SASRec:
     """SASRec next-item recommender with a full-softmax cross-entropy over the catalogue.
 
     Trained on every position of each user's chronological training sequence (the last ``max_len``
-    items); the paper's one sampled negative with binary cross-entropy is replaced by the full softmax,
+    items, or with ``windows`` every ``max_len`` window of it); the paper's one sampled negative with binary cross-entropy is replaced by the full softmax,
     which is stronger and what recent reproductions use (Klenitskiy & Vasilev, 2023). Hyper-parameters
     are chosen on ``valid`` by NDCG@10 with the training items excluded: the epoch by early stopping
     (``patience`` epochs without gain) and the dropout from ``dropouts``. Seeded: the same seed gives
@@ -383,6 +383,7 @@ class SASRec:
         seed: int = 0,
         device: str | None = None,
         progress: bool = False,
+        windows: bool = False,
     ) -> None:
         if max_len < 1 or epochs < 1 or batch_size < 1 or not dropouts:
             raise ValueError(
@@ -390,7 +391,7 @@ class SASRec:
             )
         self.max_len, self.hidden, self.heads, self.blocks = max_len, hidden, heads, blocks
         self.dropouts, self.epochs, self.batch_size, self.lr = tuple(dropouts), epochs, batch_size, lr
-        self.patience, self.seed, self.progress = patience, seed, progress
+        self.patience, self.seed, self.progress, self.windows = patience, seed, progress, windows
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.fit_info: dict[str, Any] = {}
         self.n_items: int | None = None
@@ -435,16 +436,16 @@ class SASRec:
         return self
 
     def _train(self, valid: sp.spmatrix | None, seen: sp.csr_matrix) -> dict[str, Any]:
-        trainable = [u for u, s in enumerate(self._sequences) if len(s) >= 2]
-        inputs = self._tokens([self._sequences[u][:-1] for u in trainable])
-        targets = self._tokens([self._sequences[u][1:] for u in trainable]) - 1  # -1 = padding
+        rows = [window for items in self._sequences for window in self._windows(items)]
+        inputs = self._tokens([window[:-1] for window in rows])
+        targets = self._tokens([window[1:] for window in rows]) - 1  # -1 = padding
         optimizer = torch.optim.Adam(self.net.parameters(), lr=self.lr, betas=(0.9, 0.98))
         rng = np.random.default_rng(self.seed)
         best_score, best_epoch, best_state, curve = -math.inf, 0, None, []
         epochs = tqdm(range(1, self.epochs + 1), desc="SASRec", unit="epoch", disable=not self.progress)
         for epoch in epochs:
             self.net.train()
-            order = rng.permutation(len(trainable))
+            order = rng.permutation(len(rows))
             for start in range(0, len(order), self.batch_size):
                 rows = torch.as_tensor(order[start : start + self.batch_size], device=self.device)
                 x, y = inputs[rows], targets[rows]
@@ -473,6 +474,12 @@ class SASRec:
             f"valid_{self.SELECT}": best_score if valid is not None else math.nan,
             f"valid_{self.SELECT}_by_epoch": curve,
         }
+
+    def _windows(self, items: list[int]) -> list[list[int]]:
+        """The training rows of one sequence: its newest ``max_len`` + 1 items, or with ``windows`` every
+        such window back to its start, so that every item but the first is a target once per epoch."""
+        ends = range(len(items), 1, -self.max_len) if self.windows else [len(items)] * (len(items) >= 2)
+        return [items[:end] for end in ends]
 
     def _valid(self, valid: sp.spmatrix, seen: sp.csr_matrix) -> float:
         result = evaluate_matrices(self, valid, seen, batch_size=1024, ks=(10,))

@@ -122,6 +122,10 @@ class SASRecArgs:
     sasrec_lr: float = field(default=1e-3, metadata={"help": "SASRec: Adam learning rate"})
     sasrec_batch_size: int = field(default=128, metadata={"help": "SASRec: users per update"})
     sasrec_seed: int = field(default=0, metadata={"help": "SASRec: seed"})
+    sasrec_windows: bool = field(
+        default=False,
+        metadata={"help": "SASRec: train on every max_len window of a sequence, not only its newest"},
+    )
 
 
 # what this recipe parses; the first is its own YAML section

@@ -194,3 +194,12 @@ def test_sasrec_is_seeded_and_selects_on_valid():
     assert first.fit_info["dropout"] == chosen
     with pytest.raises(ValueError, match="valid"):
         SASRec(dropouts=(0.1, 0.3)).fit(sequences, 30)
+
+
+def test_sasrec_windows_make_every_item_but_the_first_a_target_once():
+    items = list(range(8))
+    newest = SASRec(max_len=3, dropouts=(0.2,))._windows(items)
+    windowed = SASRec(max_len=3, dropouts=(0.2,), windows=True)._windows(items)
+    assert newest == [items] and SASRec(max_len=3, dropouts=(0.2,))._windows([4]) == []
+    targets = [t for window in windowed for t in window[1:][-3:]]  # what _tokens keeps of each row
+    assert sorted(targets) == list(range(1, 8))
