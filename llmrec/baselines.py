@@ -355,8 +355,8 @@ class SASRec:
     """SASRec next-item recommender with a full-softmax cross-entropy over the catalogue.
 
     Trained on every position of each user's chronological training sequence (the last ``max_len``
-    items, or with ``windows`` every ``max_len`` window of it); the paper's one sampled negative with binary cross-entropy is replaced by the full softmax,
-    which is stronger and what recent reproductions use (Klenitskiy & Vasilev, 2023). Hyper-parameters
+    items, or with ``windows`` every ``max_len`` window of it); the paper's one sampled negative with
+    binary cross-entropy is replaced by the full softmax, which is stronger and what recent reproductions use (Klenitskiy & Vasilev, 2023). Hyper-parameters
     are chosen on ``valid`` by NDCG@10 with the training items excluded: the epoch by early stopping
     (``patience`` epochs without gain) and the dropout from ``dropouts``. Seeded: the same seed gives
     the same weights on CPU.
@@ -436,16 +436,16 @@ class SASRec:
         return self
 
     def _train(self, valid: sp.spmatrix | None, seen: sp.csr_matrix) -> dict[str, Any]:
-        rows = [window for items in self._sequences for window in self._windows(items)]
-        inputs = self._tokens([window[:-1] for window in rows])
-        targets = self._tokens([window[1:] for window in rows]) - 1  # -1 = padding
+        windows = [window for items in self._sequences for window in self._windows(items)]
+        inputs = self._tokens([window[:-1] for window in windows])
+        targets = self._tokens([window[1:] for window in windows]) - 1  # -1 = padding
         optimizer = torch.optim.Adam(self.net.parameters(), lr=self.lr, betas=(0.9, 0.98))
         rng = np.random.default_rng(self.seed)
         best_score, best_epoch, best_state, curve = -math.inf, 0, None, []
         epochs = tqdm(range(1, self.epochs + 1), desc="SASRec", unit="epoch", disable=not self.progress)
         for epoch in epochs:
             self.net.train()
-            order = rng.permutation(len(rows))
+            order = rng.permutation(len(windows))
             for start in range(0, len(order), self.batch_size):
                 rows = torch.as_tensor(order[start : start + self.batch_size], device=self.device)
                 x, y = inputs[rows], targets[rows]

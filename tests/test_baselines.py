@@ -203,3 +203,17 @@ def test_sasrec_windows_make_every_item_but_the_first_a_target_once():
     assert newest == [items] and SASRec(max_len=3, dropouts=(0.2,))._windows([4]) == []
     targets = [t for window in windowed for t in window[1:][-3:]]  # what _tokens keeps of each row
     assert sorted(targets) == list(range(1, 8))
+
+
+def test_sasrec_trains_on_every_row_in_every_epoch(monkeypatch):
+    sequences, _, _ = chain_sequences(n_users=20)
+    rows_seen: list[int] = []
+    forward = SASRecNet.forward
+
+    def counting(self, tokens):
+        rows_seen.append(tokens.shape[0])
+        return forward(self, tokens)
+
+    monkeypatch.setattr(SASRecNet, "forward", counting)
+    SASRec(max_len=8, hidden=16, dropouts=(0.1,), epochs=3, batch_size=8, seed=3).fit(sequences, 30)
+    assert sum(rows_seen) == 3 * len(sequences)
