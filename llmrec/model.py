@@ -333,9 +333,8 @@ class CLLM4Rec(nn.Module):
             return hidden
         table = self.collab.family_weight("item")
         n_items = self.vocab.n_items
-        index = input_ids - self.vocab.family_range("item").start
-        inside = (index >= 0) & (index < n_items) & attention_mask.bool()
-        slot = torch.where(inside, index, n_items)
+        slot = self.item_slots(input_ids, attention_mask)
+        inside = slot < n_items
         # count an item at its first occurrence only, and not at all when `older` holds it
         positions = torch.arange(slot.shape[1], device=slot.device).expand_as(slot)
         first = torch.full((slot.shape[0], n_items + 1), slot.shape[1], device=slot.device)
@@ -365,13 +364,18 @@ class CLLM4Rec(nn.Module):
         """(batch, n_items) 0/1 rows of the users' history items: ``history`` (padded with -1) when given
         (the prompt is then not read), else the prompt's item tokens."""
         if history is None:
-            index = input_ids - self.vocab.family_range("item").start
-            inside = (index >= 0) & (index < self.vocab.n_items) & attention_mask.bool()
+            slot = self.item_slots(input_ids, attention_mask)
         else:
-            index, inside = history, history >= 0
-        bag = torch.zeros(index.shape[0], self.vocab.n_items + 1, device=index.device)
-        bag.scatter_(1, torch.where(inside, index, self.vocab.n_items), 1.0)
+            slot = torch.where(history >= 0, history, self.vocab.n_items)
+        bag = torch.zeros(slot.shape[0], self.vocab.n_items + 1, device=slot.device)
+        bag.scatter_(1, slot, 1.0)
         return bag[:, :-1]
+
+    def item_slots(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The catalogue index of every item token of a prompt, ``n_items`` at words and padding."""
+        index = input_ids - self.vocab.family_range("item").start
+        inside = (index >= 0) & (index < self.vocab.n_items) & attention_mask.bool()
+        return torch.where(inside, index, self.vocab.n_items)
 
     def score_items(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, history: torch.Tensor | None = None
