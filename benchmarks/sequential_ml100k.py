@@ -7,8 +7,10 @@ Builds the bundle from ``../shared/benchmarks/ml-100k-loo`` if needed. Every sta
 under ``--results`` (so stages can run at different times on a shared machine); the table and the plot
 of validation NDCG@10 by epoch are then made from every stage result present:
 
-- ``baselines``: Pop and EASE (deterministic), SASRec per seed in ``--seeds`` (its dropout is chosen on
-  valid with the first seed and reused for the others; its epoch by early stopping on valid);
+- ``baselines``: Pop and EASE (deterministic), SASRec per seed in ``--seeds`` on each user's newest
+  ``--sasrec_max_len`` items (its paper's setting) and on every window of each history (the data the
+  llmrec recipe trains on); per setting its dropout is chosen on valid with the first seed and reused for
+  the others, its epoch by early stopping on valid;
 - ``sequential``: the item head finetuned on next-item prediction (``--task sequential``) for up to
   ``--sequential_epochs``, per LLM seed;
 - ``semantic``: an RQ-VAE semantic-ID index and the generator finetuned on the next item's ID
@@ -74,18 +76,21 @@ def run_baselines(args, data: Path) -> dict:
         "--models", "sasrec", "--sasrec_max_len", str(args.sasrec_max_len), "--sasrec_lr", str(args.sasrec_lr),
         "--sasrec_epochs", str(args.sasrec_epochs), "--sasrec_patience", str(args.sasrec_patience),
     ]  # fmt: skip
-    dropouts = [str(d) for d in args.sasrec_dropouts]
-    rows["sasrec"] = []
-    for seed in args.seeds:
-        out = Path(args.results) / f"sasrec-seed{seed}.json"  # kept: a stage run again reuses finished seeds
-        if not out.exists():
-            seeded = ["--sasrec_dropouts", *dropouts, "--sasrec_seed", str(seed), "--out", str(out)]
-            baselines.main([*common, *sasrec, *seeded])
-        saved = json.loads(out.read_text())
-        info, metrics = saved["fit_info"]["sasrec"], saved["metrics"]["sasrec"]
-        dropouts = [str(info["dropout"])]  # chosen on valid with the first seed
-        curve = info["valid_ndcg@10_by_epoch"]
-        rows["sasrec"].append({**metrics, "wall_s": metrics["fit_s"], "curve": curve, "seed": seed, **info})
+    for name, windows in (("sasrec", False), ("sasrec (every window)", True)):
+        dropouts = [str(d) for d in args.sasrec_dropouts]
+        rows[name] = []
+        for seed in args.seeds:
+            stem = "sasrec-windows" if windows else "sasrec"
+            # kept: a stage run again reuses finished seeds
+            out = Path(args.results) / f"{stem}-seed{seed}.json"
+            if not out.exists():
+                seeded = ["--sasrec_dropouts", *dropouts, "--sasrec_seed", str(seed), "--out", str(out)]
+                baselines.main([*common, *sasrec, *seeded, "--sasrec_windows", str(windows).lower()])
+            saved = json.loads(out.read_text())
+            info, metrics = saved["fit_info"]["sasrec"], saved["metrics"]["sasrec"]
+            dropouts = [str(info["dropout"])]  # chosen on valid with the first seed
+            curve = info["valid_ndcg@10_by_epoch"]
+            rows[name].append({**metrics, "wall_s": metrics["fit_s"], "curve": curve, "seed": seed, **info})
     return rows
 
 
