@@ -238,7 +238,9 @@ def main() -> None:
         "--sequential_epochs", type=int, default=4, help="item head epochs (best on valid NDCG@10 kept)"
     )
     parser.add_argument("--semantic_epochs", type=int, default=3)
-    parser.add_argument("--rqvae_epochs", type=int, default=300, help="RQ-VAE epochs (3 levels)")
+    parser.add_argument(
+        "--rqvae_epochs", type=int, default=0, help="quantized RQ-VAE epochs after the default schedule"
+    )
     parser.add_argument("--rqvae_codebook", type=int, default=64, help="codes per RQ-VAE level")
     parser.add_argument(
         "--reuse", action="store_true", help="evaluate LLM runs that already kept a best model"
