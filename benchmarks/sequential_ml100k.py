@@ -235,7 +235,7 @@ def main() -> None:
     parser.add_argument("--sasrec_patience", type=int, default=10)
     parser.add_argument("--sasrec_dropouts", type=float, nargs="+", default=[0.2, 0.5])
     parser.add_argument(
-        "--sequential_epochs", type=int, default=4, help="item head epochs (best on valid NDCG@10 kept)"
+        "--sequential_epochs", type=int, default=3, help="item head epochs (best on valid NDCG@10 kept)"
     )
     parser.add_argument("--semantic_epochs", type=int, default=3)
     parser.add_argument(
