@@ -76,13 +76,14 @@ def run_baselines(args, data: Path) -> dict:
         "--models", "sasrec", "--sasrec_max_len", str(args.sasrec_max_len), "--sasrec_lr", str(args.sasrec_lr),
         "--sasrec_epochs", str(args.sasrec_epochs), "--sasrec_patience", str(args.sasrec_patience),
     ]  # fmt: skip
-    for name, windows in (("sasrec", False), ("sasrec (every window)", True)):
+    for name, stem, windows in (
+        ("sasrec", "sasrec", False),
+        ("sasrec (every window)", "sasrec-windows", True),
+    ):
         dropouts = [str(d) for d in args.sasrec_dropouts]
         rows[name] = []
         for seed in args.seeds:
-            stem = "sasrec-windows" if windows else "sasrec"
-            # kept: a stage run again reuses finished seeds
-            out = Path(args.results) / f"{stem}-seed{seed}.json"
+            out = Path(args.results) / f"{stem}-seed{seed}.json"  # kept: a rerun reuses finished seeds
             if not out.exists():
                 seeded = ["--sasrec_dropouts", *dropouts, "--sasrec_seed", str(seed), "--out", str(out)]
                 baselines.main([*common, *sasrec, *seeded, "--sasrec_windows", str(windows).lower()])
@@ -115,6 +116,7 @@ def run_sequential(args, data: Path) -> dict:
     """The sequential item head per seed; with a prior in the config, also the LM alone (prior weight 0)
     as a diagnostic row: valid chose the blend, this shows what the blend does on test."""
     rows: dict[str, list[dict]] = {"llmrec item head (sequential)": []}
+    has_prior = read_yaml(args.config).get("model", {}).get("prior", "none") != "none"
     for seed in args.llm_seeds:
         extra = ["--task", "sequential", "--epochs", str(args.sequential_epochs)]
         run, wall = llm_run(args, seed, "sequential", finetune, extra)
@@ -123,7 +125,7 @@ def run_sequential(args, data: Path) -> dict:
         rows["llmrec item head (sequential)"].append(
             {**metrics, "wall_s": wall, "curve": valid_curve(run), "seed": seed}
         )
-        if read_yaml(args.config).get("model", {}).get("prior", "none") != "none":
+        if has_prior:
             alone = evaluate.main([*test, "--prior_weight", "0"])
             rows.setdefault(LM_ALONE, []).append({**alone, "wall_s": wall, "curve": [], "seed": seed})
     return rows

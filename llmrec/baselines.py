@@ -356,10 +356,10 @@ class SASRec:
 
     Trained on every position of each user's chronological training sequence (the last ``max_len``
     items, or with ``windows`` every ``max_len`` window of it); the paper's one sampled negative with
-    binary cross-entropy is replaced by the full softmax, which is stronger and what recent reproductions use (Klenitskiy & Vasilev, 2023). Hyper-parameters
-    are chosen on ``valid`` by NDCG@10 with the training items excluded: the epoch by early stopping
-    (``patience`` epochs without gain) and the dropout from ``dropouts``. Seeded: the same seed gives
-    the same weights on CPU.
+    binary cross-entropy is replaced by the full softmax, which is stronger and what recent
+    reproductions use (Klenitskiy & Vasilev, 2023). Hyper-parameters are chosen on ``valid`` by NDCG@10
+    with the training items excluded: the epoch by early stopping (``patience`` epochs without gain) and
+    the dropout from ``dropouts``. Seeded: the same seed gives the same weights on CPU.
 
     Unlike the matrix baselines it reads *ordered* sequences: ``fit(sequences, n_items, valid)`` keeps
     them as the history ``score(users)`` reads, and ``score_rows(sequences)`` scores other ones
