@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.errors import UserError
+from common.errors import NotFoundError
 from common.io import ArtifactError, read_json, write_json
 
 USERS_FILE = "users.json"
@@ -48,7 +48,7 @@ class Catalogue:
         return len(self.item_ids)
 
     def user(self, raw_id: str | int, hint: str = "") -> int:
-        """Index of a user by raw id; an unknown id is a ``UserError`` (a ``ValueError``) with examples (and ``hint``)."""
+        """Index of a user by raw id; an unknown id is a ``NotFoundError`` (a ``UserError``) with examples (and ``hint``)."""
         return _lookup("user", self.user_index, self.user_ids, raw_id, "", hint)
 
     def items(self, raw_ids: Sequence[str | int]) -> list[int]:
@@ -96,7 +96,7 @@ def _lookup(kind: str, index_of: dict[str, int], ids: list[str], raw_id, where: 
     index = index_of.get(str(raw_id))
     if index is None:
         examples = ", ".join(repr(raw) for raw in ids[:3])
-        raise UserError(
+        raise NotFoundError(
             f"unknown {kind} id {str(raw_id)!r}{where}: not one of the {len(ids)} {kind}s of this catalogue "
             f"(e.g. {examples}){hint}"
         )

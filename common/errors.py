@@ -21,6 +21,15 @@ class UserError(ValueError):
     """Input that the user has to fix: the message says what is wrong, where, and what to do."""
 
 
+class NotFoundError(UserError):
+    """A raw id (user, item) that the catalogue does not hold; a service answers it with 404."""
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (how a command line or a service reports it)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def debug_requested(argv: list[str]) -> bool:
     """``--debug`` among the arguments or ``LLMREC_DEBUG`` set to anything but ``""``/``0``."""
     return "--debug" in argv or os.environ.get("LLMREC_DEBUG", "") not in ("", "0")
@@ -44,7 +53,6 @@ def run_cli(
     except UserError as err:
         if debug:
             raise
-        message = " ".join(str(err).split()) or type(err).__name__
-        sys.stderr.write(f"{prog}: error: {message} (--debug for the traceback)\n")
+        sys.stderr.write(f"{prog}: error: {one_line(err)} (--debug for the traceback)\n")
         return USER_ERROR_EXIT
     return 0

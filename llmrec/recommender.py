@@ -483,6 +483,10 @@ class Recommender:
         """Forget the cached states (needed only after changing the model's weights in place)."""
         self._states.clear()
 
+    def cached(self, users: Sequence[str | int]) -> list[bool]:
+        """Whether each known user's item-head input is cached (their next score skips the LM)."""
+        return [bool(self._states.known[self.user(u)]) for u in users]
+
     @property
     def cache_bytes(self) -> int:
         """Memory held by the cache of known users (states plus kept keys and values)."""

@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("llmrec.prompts",),
     ("llmrec.model",),
     ("llmrec.scoring", "llmrec.mapper"),
-    ("llmrec.recommender",),
+    ("llmrec.recommender", "llmrec.service", "llmrec.server"),
     ("llmrec.collate", "llmrec.generate", "llmrec.zeroshot", "llmrec.baselines", "llmrec.align"),
     ("llmrec.data", "llmrec.coldstart"),
     ("llmrec.train", "llmrec.export"),

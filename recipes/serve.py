@@ -1,0 +1,92 @@
+"""Serve an exported bundle over HTTP (FastAPI + uvicorn; ``pip install -e ".[serve]"``).
+
+python recipes/serve.py --bundle bundles/ml-100k [--host 127.0.0.1] [--port 8000] [--max_batch 32] [--max_wait_ms 5]
+
+Routes, the page at / and the OpenAPI schema at /docs: README, Serve. Changes (new interactions, new
+items) are journaled to --journal (default BUNDLE/journal.jsonl) and replayed at the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from common.errors import UserError, run_cli
+from common.log import setup_logging
+from llmrec.config import parse_config
+
+logger = logging.getLogger("serve")
+
+
+@dataclass
+class ServeArgs:
+    section: ClassVar[str] = "serve"  # its YAML section (llmrec.config)
+    bundle: str = field(default="runs/export", metadata={"help": "bundle written by recipes/export.py"})
+    host: str = field(
+        default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0: every interface)"}
+    )
+    port: int = field(default=8000, metadata={"help": "TCP port"})
+    max_batch: int = field(
+        default=32, metadata={"help": "most cold histories scored in one forward (1: no batching)"}
+    )
+    max_wait_ms: float = field(
+        default=5.0, metadata={"help": "longest a cold history waits for others to share its forward"}
+    )
+    journal: str | None = field(
+        default=None, metadata={"help": "append-only journal of changes (default BUNDLE/journal.jsonl)"}
+    )
+    warm: bool = field(default=True, metadata={"help": "cache every known user's state before ready"})
+    max_body_bytes: int = field(
+        default=1 << 20, metadata={"help": "largest request body accepted (413 above)"}
+    )
+    verify: bool = field(default=True, metadata={"help": "check every bundle file's sha256 at load"})
+    device: str | None = field(
+        default=None, metadata={"help": "cpu, cuda, ... (default: cuda when available)"}
+    )
+
+
+CONFIGS = (ServeArgs,)
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    (args,) = parse_config(*CONFIGS, args=argv)
+    if args.max_batch < 1 or args.max_wait_ms < 0:
+        raise UserError(
+            f"--max_batch must be >= 1 and --max_wait_ms >= 0, got {args.max_batch}, {args.max_wait_ms}"
+        )
+    import uvicorn  # the serving stack loads after parsing: --help answers at once
+
+    from llmrec.server import create_app
+    from llmrec.service import Service
+
+    def load(registry):
+        return Service.open(
+            args.bundle,
+            args.journal,
+            warm=args.warm,
+            max_batch=args.max_batch,
+            max_wait_ms=args.max_wait_ms,
+            registry=registry,
+            device=args.device,
+            verify=args.verify,
+        )
+
+    def stop(err: BaseException) -> None:
+        server.should_exit = True
+
+    app = create_app(load, max_body_bytes=args.max_body_bytes, on_failure=stop)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    logger.info(
+        "serving %s on http://%s:%d (ready once /healthz answers 200)", args.bundle, args.host, args.port
+    )
+    server.run()
+    if app.state.error is not None:
+        raise app.state.error
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
