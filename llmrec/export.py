@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import string
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from llmrec.data import FINETUNE_TASKS, prompt_template, require_same_catalogue
 from llmrec.indexing.encoders import MINILM, item_embeddings
 from llmrec.mapper import TextToID, item_texts
 from llmrec.model import VIEWS, CLLM4Rec, run_data, run_model_dir, run_task
+from llmrec.model_card import model_card
 from llmrec.recommender import DTYPES, HEAD_FILE, MERGED_INFO_FILE, require_finite, write_bundle
 from llmrec.tokens import export_plain_model
 
@@ -86,7 +88,8 @@ def export_model(
     ``model`` must not be used afterwards. With ``mapper`` the bundle carries the text-to-ID mapper of
     ``Recommender.add_items`` (:func:`fit_mapper`). ``prompt`` is the kind of prompt the model was
     finetuned on (`llmrec.data.prompt_template`: ``masked`` or ``sequence``); known users are served
-    with it. Written to a temporary directory and renamed.
+    with it. The bundle's ``README.md`` is its model card (`llmrec.model_card`: the run's metrics when
+    ``source["run"]`` names it). Written to a temporary directory and renamed.
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
@@ -105,6 +108,16 @@ def export_model(
     source = {**(source or {}), "data": str(data.path), "dataset_counts": data.manifest.get("counts")}
     text_mapper = fit_mapper(model, data) if mapper else None
     merged = (lambda directory: _export_merged(model, directory, DTYPES[dtype], templates)) if merge else None
+    card = model_card(
+        data.manifest,
+        {
+            "backbone": asdict(model.backbone),
+            "model": asdict(model.config),
+            "templates": templates,
+            "dtype": dtype,
+        },
+        source,
+    )
     return write_bundle(
         model,
         out,
@@ -116,6 +129,7 @@ def export_model(
         overwrite=overwrite,
         mapper=text_mapper,
         merged=merged,
+        card=card,
     )
 
 

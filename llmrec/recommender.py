@@ -17,6 +17,7 @@ Bundle layout (`llmrec.export.export_model` / ``python recipes/export.py``)::
     users.json             raw user ids by index
     items.json             raw item ids and titles by index (and texts, after ``add_items``)
     histories.safetensors  every user's training items, oldest first (CSR: ``offsets``, ``items``)
+    README.md              the model card (export only): data and split, recipe, metrics, use
     mapper.safetensors     the text-to-ID mapper of ``add_items`` (`llmrec.mapper.TextToID`), fit at
                            export (unless ``--mapper false``) or by the first ``add_items``
     merged/                (``--merge`` only) a plain transformers model: LoRA merged, ID tokens as
@@ -77,6 +78,7 @@ MERGED_DIR = "merged"
 HEAD_FILE = "item_head.safetensors"
 MERGED_INFO_FILE = "recommender.json"
 MAPPER_FILE = "mapper.safetensors"
+CARD_FILE = "README.md"
 # CPU threads of add_items: encoding ~100 short texts (a few tens of GFLOP) and growing a few tables gain
 # little from more threads, and on a busy CPU extra threads wait for each other (README, Cold start)
 ADD_ITEMS_THREADS = 1
@@ -161,8 +163,11 @@ def write_bundle(
     overwrite: bool = False,
     mapper: TextToID | None = None,
     merged: Callable[[Path], None] | None = None,
+    card: str | None = None,
 ) -> Path:
     """Write the bundle files (see the module docstring) into a temporary directory and rename it.
+
+    ``card`` is the Markdown of the bundle's ``README.md`` (`llmrec.model_card`, written by an export).
 
     ``mapper`` (the cold-item text-to-ID mapper) is an optional extra that :meth:`Recommender.add_items`
     reads back; ``merged(directory)`` writes the ``merged/`` directory (`llmrec.export`, ``--merge``),
@@ -205,6 +210,8 @@ def write_bundle(
         )
         if merged is not None:
             merged(tmp / MERGED_DIR)
+        if card is not None:
+            (tmp / CARD_FILE).write_text(card, encoding="utf-8")
         files = file_records(tmp)
         backbone = dataclasses.replace(model.backbone, cache_dir=None, allow_download=False)
         config = {

@@ -264,5 +264,40 @@ class Service:
         return {**answer, "version": self.version}
 
 
+def serial_replay(
+    rec: Recommender, calls: Sequence[tuple[str, dict[str, Any], dict[str, Any]]], tolerance: float = 1e-4
+) -> list[str]:
+    """Check answers given under concurrency against a serial replay on ``rec`` (a fresh load of the same
+    bundle and journal); returns one line per answer that differs (none: all equal).
+
+    ``calls`` are ``(kind, arguments, answer)`` with the kinds and keyword arguments of :class:`Service`'s
+    methods (``user``, ``history``, ``update``, ``add_items``). The changes are applied in the order of
+    their answers' versions; each read is asked between them, at its answer's version, one at a time.
+    Lists must hold the same items and scores within ``tolerance`` (a batched forward pads its prompts).
+    """
+    changes = sorted((c for c in calls if c[0] not in READS), key=lambda c: c[2]["version"])
+    reads = sorted((c for c in calls if c[0] in READS), key=lambda c: c[2]["version"])
+    base = changes[0][2]["version"] - 1 if changes else min((c[2]["version"] for c in reads), default=0)
+    if [c[2]["version"] for c in changes] != list(range(base + 1, base + 1 + len(changes))):
+        return [f"the changes' versions {[c[2]['version'] for c in changes]} are not consecutive"]
+    mismatches, position = [], 0
+    for step in range(len(changes) + 1):
+        while position < len(reads) and reads[position][2]["version"] <= base + step:
+            kind, args, answer = reads[position]
+            position += 1
+            target = {"user": args["user"]} if kind == "user" else {"history": args["history"]}
+            expected = rec.recommend(**target, k=args["k"], exclude=args.get("exclude", ()))
+            got = answer["items"]
+            same = [r["item"] for r in got] == [r.item for r in expected] and all(
+                abs(r["score"] - e.score) <= tolerance for r, e in zip(got, expected, strict=True)
+            )
+            if not same:
+                mismatches.append(f"{kind} {args} at version {answer['version']}: {got} != {expected}")
+        if step < len(changes):
+            kind, args, _ = changes[step]
+            rec.update(**args) if kind == "update" else rec.add_items(args["items"])
+    return mismatches
+
+
 def _record(recommendation: Recommendation) -> dict[str, Any]:
     return {"item": recommendation.item, "title": recommendation.title, "score": recommendation.score}

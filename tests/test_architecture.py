@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("llmrec.recommender", "llmrec.service", "llmrec.server"),
     ("llmrec.collate", "llmrec.generate", "llmrec.zeroshot", "llmrec.baselines", "llmrec.align"),
     ("llmrec.data", "llmrec.coldstart"),
-    ("llmrec.train", "llmrec.export"),
+    ("llmrec.train", "llmrec.export", "llmrec.model_card"),
     ("llmrec",),  # the package's __init__: the public facade (``llmrec.Recommender``)
 ]
 

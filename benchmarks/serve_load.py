@@ -1,0 +1,325 @@
+"""Load test of the HTTP service (``recipes/serve.py``) over loopback, beside in-process `Recommender` calls.
+
+Starts the service as a subprocess on 127.0.0.1 (a free port) and drives it with 1, 8 and 32 concurrent
+closed-loop clients (``httpx.AsyncClient``, keep-alive; each sends its next request when the last is
+answered), every loop bounded by ``--requests`` per client and ``--seconds``:
+
+- known users: ``GET /users/{user}/recommendations?k=10`` over sampled users (states cached at start);
+- cold histories: ``POST /recommendations`` with a sampled user's training items as an unseen user's
+  history, with request batching (``--max_batch``, ``--max_wait_ms``) and without (``--max_batch 1``);
+- in process: ``Recommender.recommend`` on the same bundle and requests, one call at a time, and
+  ``recommend_batch`` of ``--max_batch`` histories (the forward a full batch of the service runs);
+- consistency: 32 clients mixing reads with ``update`` and ``add_items``; every answer is checked
+  against a serial replay of the changes (`llmrec.service.serial_replay`).
+
+The bundle is ``--bundle``, or with ``--data`` an untrained model of the quality recipe's shapes
+(``recipes/configs/ml-100k-cpu.yaml``: SmolLM2-135M cut to 2 layers, LoRA r 8, tied head, pooled history,
+EASE prior, 128-token prompts), exported once to ``--work`` (timing depends on the shapes, not the
+weights). Prints a table and writes JSON (default ``benchmarks/results/serve_load.json``) and a PNG (``--plot``).
+
+    python benchmarks/serve_load.py --data data/ml-100k [--seconds 20] [--requests 400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from llmrec.metrics import format_table, write_metrics_json  # noqa: E402
+from llmrec.recommender import Recommender  # noqa: E402
+from llmrec.reporting import machine_info  # noqa: E402
+from llmrec.service import serial_replay  # noqa: E402
+
+CLIENTS = (1, 8, 32)
+K = 10
+
+
+def build_bundle(data: str, out: Path, seed: int) -> Path:
+    """An untrained model of the quality recipe's shapes, with an EASE prior fit on train, exported once."""
+    if (out / "config.json").is_file():
+        return out
+    from data_prep import load_bundle
+    from llmrec.backbone import BackboneConfig
+    from llmrec.baselines import EASE
+    from llmrec.export import export_model
+    from llmrec.model import CLLM4Rec, ModelConfig
+
+    bundle = load_bundle(data)
+    config = ModelConfig(lora_r=8, lora_alpha=16, max_doc_tokens=128, history_pool="mean", prior="ease")
+    backbone = BackboneConfig("smollm2-135m", num_layers=2)
+    model = CLLM4Rec.from_config(config, backbone, bundle.n_users, bundle.n_items, seed=seed)
+    ease = EASE(lambdas=(500.0,))
+    ease.fit(bundle.matrix("train"), None)
+    with torch.no_grad():
+        model.prior.fit(ease.weights)
+    return export_model(model, bundle, out, overwrite=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def server(bundle: Path, journal: Path, *options: str):
+    """``recipes/serve.py`` on 127.0.0.1 until the block ends; yields its base URL once /healthz is 200."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [
+        sys.executable,
+        str(ROOT / "recipes" / "serve.py"),
+        "--bundle",
+        str(bundle),
+        "--port",
+        str(port),
+    ]
+    process = subprocess.Popen([*command, "--journal", str(journal), "--device", "cpu", *options], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 900
+        while True:
+            assert process.poll() is None, "the server exited"
+            assert time.time() < deadline, "the server was not ready in 900 s"
+            try:
+                if httpx.get(f"{url}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+
+
+def summary(latencies: list[float], seconds: float, errors: int = 0) -> dict[str, float]:
+    ms = np.asarray(latencies) * 1000
+    return {
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "req_per_s": len(ms) / seconds,
+        "requests": len(ms),
+        "errors": errors,
+    }
+
+
+async def drive(url: str, requests: list[Callable], clients: int, per_client: int, seconds: float) -> dict:
+    """``clients`` closed loops, client c sending ``requests[(c + i * clients) % len]`` until it has sent
+    ``per_client`` or ``seconds`` have passed."""
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+        await asyncio.gather(*(requests[0](client) for _ in range(clients)))  # open the connections
+        end = time.perf_counter() + seconds
+
+        async def loop(c: int) -> None:
+            nonlocal errors
+            for i in range(per_client):
+                if time.perf_counter() >= end:
+                    return
+                start = time.perf_counter()
+                response = await requests[(c + i * clients) % len(requests)](client)
+                latencies.append(time.perf_counter() - start)
+                errors += response.status_code != 200
+
+        start = time.perf_counter()
+        await asyncio.gather(*(loop(c) for c in range(clients)))
+        return summary(latencies, time.perf_counter() - start, errors)
+
+
+def known(user: str) -> Callable:
+    return lambda client: client.get(f"/users/{user}/recommendations", params={"k": K})
+
+
+def cold(history: list[str]) -> Callable:
+    return lambda client: client.post("/recommendations", json={"history": history, "k": K})
+
+
+def in_process(calls: list[Callable[[], Any]], per_call: int, seconds: float) -> dict:
+    latencies, end, start = [], time.perf_counter() + seconds, time.perf_counter()
+    for i in range(per_call):
+        if time.perf_counter() >= end:
+            break
+        begin = time.perf_counter()
+        calls[i % len(calls)]()
+        latencies.append(time.perf_counter() - begin)
+    return summary(latencies, time.perf_counter() - start)
+
+
+async def mixed(url: str, rec: Recommender, clients: int, per_client: int, rng: random.Random) -> list[tuple]:
+    """Reads, updates and new items from ``clients`` concurrent loops; returns (kind, args, answer)."""
+    users, items = rec.catalogue.user_ids, rec.catalogue.item_ids
+    calls: list[tuple] = []
+
+    async def loop(client: httpx.AsyncClient, c: int) -> None:
+        for i in range(per_client):
+            roll, n = rng.random(), c * per_client + i
+            if roll < 0.1:
+                args = {"user": rng.choice(users), "items": [rng.choice(items)]}
+                response = await client.post(
+                    f"/users/{args['user']}/interactions", json={"items": args["items"]}
+                )
+                kind = "update"
+            elif roll < 0.15:
+                args = {
+                    "items": [{"id": f"load-{n}", "title": f"{rng.choice(rec.catalogue.item_titles)} II"}]
+                }
+                response, kind = await client.post("/items", json=args), "add_items"
+            elif roll < 0.6:
+                args = {"user": rng.choice(users), "k": K}
+                response, kind = await known(args["user"])(client), "user"
+            else:
+                args = {"history": rng.sample(items, 5), "k": K}
+                response, kind = await cold(args["history"])(client), "history"
+            assert response.status_code == 200, response.text
+            calls.append((kind, args, response.json()))
+
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        await asyncio.gather(*(loop(client, c) for c in range(clients)))
+    return calls
+
+
+def plot(rows: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in ("known users", "cold, batching", "cold, no batching"):
+        points = [(r["clients"], r) for key, r in rows.items() if key.startswith(name + " @")]
+        clients = [c for c, _ in points]
+        left.plot(clients, [r["p99_ms"] for _, r in points], marker="o", label=name)
+        right.plot(clients, [r["req_per_s"] for _, r in points], marker="o", label=name)
+    for axis, label in ((left, "p99 latency (ms)"), (right, "requests / s")):
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xticks(CLIENTS, [str(c) for c in CLIENTS])
+        axis.set_xlabel("concurrent clients")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    left.legend()
+    figure.suptitle("recipes/serve.py over loopback (2-layer SmolLM2, ML-100K)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", default=None, help="exported recommender bundle (recipes/export.py)")
+    parser.add_argument("--data", default="data/ml-100k", help="dataset bundle, for an untrained model")
+    parser.add_argument("--work", default="runs/serve_load", help="where the untrained bundle is exported")
+    parser.add_argument("--requests", type=int, default=400, help="most requests per client and loop")
+    parser.add_argument("--seconds", type=float, default=20.0, help="longest a loop runs")
+    parser.add_argument("--max_batch", type=int, default=32)
+    parser.add_argument("--max_wait_ms", type=float, default=5.0)
+    parser.add_argument("--mixed", type=int, default=30, help="requests per client of the consistency run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load.json"))
+    parser.add_argument("--plot", default=str(ROOT / "docs" / "images" / "serve_load.png"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    started, load_before = time.time(), os.getloadavg()
+    bundle = (
+        Path(args.bundle) if args.bundle else build_bundle(args.data, Path(args.work) / "bundle", args.seed)
+    )
+    rec = Recommender.from_pretrained(bundle, device="cpu")
+    rng = random.Random(args.seed)
+    users = rng.sample(rec.catalogue.user_ids, min(256, rec.n_users))
+    histories = [rec.history(u) for u in users]
+    rows: dict[str, dict[str, Any]] = {}
+
+    rec.warm_cache(users)
+    rows["in-process known user"] = {
+        "clients": 1,
+        **in_process([lambda u=u: rec.recommend(u, k=K) for u in users], args.requests, args.seconds),
+    }
+    rows["in-process cold history"] = {
+        "clients": 1,
+        **in_process(
+            [lambda h=h: rec.recommend(history=h, k=K) for h in histories], args.requests, args.seconds
+        ),
+    }
+    batches = [histories[i : i + args.max_batch] for i in range(0, len(histories), args.max_batch)]
+    batch = in_process(
+        [lambda b=b: rec.recommend_batch(histories=b, k=K) for b in batches], len(batches), args.seconds
+    )
+    rows[f"in-process cold, batches of {args.max_batch}"] = {
+        "clients": 1, **batch, "req_per_s": batch["req_per_s"] * args.max_batch,
+    }  # fmt: skip
+
+    with tempfile.TemporaryDirectory() as tmp:
+        batching = ("--max_batch", str(args.max_batch), "--max_wait_ms", str(args.max_wait_ms))
+        with server(bundle, Path(tmp) / "on.jsonl", *batching) as url:
+            for clients in CLIENTS:
+                run = asyncio.run(drive(url, [known(u) for u in users], clients, args.requests, args.seconds))
+                rows[f"known users @ {clients}"] = {"clients": clients, **run}
+            for clients in CLIENTS:
+                run = asyncio.run(
+                    drive(url, [cold(h) for h in histories], clients, args.requests, args.seconds)
+                )
+                rows[f"cold, batching @ {clients}"] = {"clients": clients, **run}
+            calls = asyncio.run(mixed(url, rec, 32, args.mixed, rng))
+        with server(bundle, Path(tmp) / "off.jsonl", "--max_batch", "1", "--warm", "false") as url:
+            for clients in CLIENTS:
+                run = asyncio.run(
+                    drive(url, [cold(h) for h in histories], clients, args.requests, args.seconds)
+                )
+                rows[f"cold, no batching @ {clients}"] = {"clients": clients, **run}
+    mismatches = serial_replay(Recommender.from_pretrained(bundle, device="cpu"), calls)
+    consistency = {
+        "requests": len(calls),
+        "changes": sum(kind in ("update", "add_items") for kind, _, _ in calls),
+        "mismatches": len(mismatches),
+        "first_mismatches": mismatches[:3],
+    }
+    speedup = rows["cold, batching @ 32"]["req_per_s"] / rows["cold, no batching @ 32"]["req_per_s"]
+    print(format_table(rows, ["clients", "p50_ms", "p99_ms", "req_per_s", "requests", "errors"]))
+    print(f"cold histories at 32 clients: batching {speedup:.2f}x the requests/s of no batching")
+    print(f"consistency: {consistency['requests']} requests ({consistency['changes']} changes) under 32 clients, "
+          f"{consistency['mismatches']} differ from a serial replay")  # fmt: skip
+    setup = {
+        "bundle": str(bundle)
+        if args.bundle
+        else f"untrained quality-recipe shapes on {args.data} (seed {args.seed})",
+        "k": K,
+        "max_batch": args.max_batch,
+        "max_wait_ms": args.max_wait_ms,
+        "requests_per_client": args.requests,
+        "seconds_per_loop": args.seconds,
+        "sampled_users": len(users),
+        "server_threads": "OMP_NUM_THREADS=1",
+        "torch_threads": torch.get_num_threads(),
+        "batching_speedup_at_32": speedup,
+        "consistency": consistency,
+        "load_average_before_after": [load_before, os.getloadavg()],
+        "wall_s": round(time.time() - started, 1),
+        "machine": machine_info(),
+    }
+    write_metrics_json(args.out, rows, setup=setup)
+    plot(rows, Path(args.plot))
+
+
+if __name__ == "__main__":
+    main()
