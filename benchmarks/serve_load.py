@@ -4,7 +4,8 @@ Starts the service as a subprocess on 127.0.0.1 (a free port) and drives it with
 closed-loop clients (``httpx.AsyncClient``, keep-alive; each sends its next request when the last is
 answered), every loop bounded by ``--requests`` per client and ``--seconds``:
 
-- known users: ``GET /users/{user}/recommendations?k=10`` over sampled users (states cached at start);
+- known users: ``GET /users/{user}/recommendations?k=10`` over sampled users (their states cached by
+  one untimed request each: the server starts with ``--warm false``, warming all users takes minutes);
 - cold histories: ``POST /recommendations`` with a sampled user's training items as an unseen user's
   history, with request batching (``--max_batch``, ``--max_wait_ms``) and without (``--max_batch 1``);
 - in process: ``Recommender.recommend`` on the same bundle and requests, one call at a time, and
@@ -235,6 +236,7 @@ def main() -> None:
     parser.add_argument("--max_batch", type=int, default=32)
     parser.add_argument("--max_wait_ms", type=float, default=5.0)
     parser.add_argument("--mixed", type=int, default=30, help="requests per client of the consistency run")
+    parser.add_argument("--users", type=int, default=128, help="sampled users (known users, cold histories)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load.json"))
     parser.add_argument("--plot", default=str(ROOT / "docs" / "images" / "serve_load.png"))
@@ -246,7 +248,7 @@ def main() -> None:
     )
     rec = Recommender.from_pretrained(bundle, device="cpu")
     rng = random.Random(args.seed)
-    users = rng.sample(rec.catalogue.user_ids, min(256, rec.n_users))
+    users = rng.sample(rec.catalogue.user_ids, min(args.users, rec.n_users))
     histories = [rec.history(u) for u in users]
     rows: dict[str, dict[str, Any]] = {}
 
@@ -271,7 +273,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         batching = ("--max_batch", str(args.max_batch), "--max_wait_ms", str(args.max_wait_ms))
-        with server(bundle, Path(tmp) / "on.jsonl", *batching) as url:
+        with server(bundle, Path(tmp) / "on.jsonl", *batching, "--warm", "false") as url:
+            asyncio.run(drive(url, [known(u) for u in users], 8, len(users), 3600))  # caches their states
             for clients in CLIENTS:
                 run = asyncio.run(drive(url, [known(u) for u in users], clients, args.requests, args.seconds))
                 rows[f"known users @ {clients}"] = {"clients": clients, **run}

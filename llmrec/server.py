@@ -175,10 +175,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        thread = threading.Thread(target=loader, name="llmrec-load", daemon=True)
-        thread.start()
-        yield
-        thread.join()
+        threading.Thread(target=loader, name="llmrec-load", daemon=True).start()
+        yield  # a shutdown during the load does not wait for it: the loader is a daemon thread
         if app.state.service is not None:
             app.state.service.close()
 
