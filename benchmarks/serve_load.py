@@ -83,7 +83,8 @@ def free_port() -> int:
 
 @contextmanager
 def server(bundle: Path, journal: Path, *options: str):
-    """``recipes/serve.py`` on 127.0.0.1 until the block ends; yields its base URL once /healthz is 200."""
+    """``recipes/serve.py`` on 127.0.0.1 until the block ends; yields its base URL and pid once /healthz
+    is 200."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [
@@ -107,26 +108,39 @@ def server(bundle: Path, journal: Path, *options: str):
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        yield url
+        yield url, process.pid
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(60)
 
 
-def summary(latencies: list[float], seconds: float, errors: int = 0) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` and its threads so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def summary(
+    latencies: list[float], seconds: float, errors: int = 0, cpu: float | None = None
+) -> dict[str, float]:
     ms = np.asarray(latencies) * 1000
-    return {
+    row = {
         "p50_ms": float(np.percentile(ms, 50)),
         "p99_ms": float(np.percentile(ms, 99)),
         "req_per_s": len(ms) / seconds,
         "requests": len(ms),
         "errors": errors,
     }
+    if cpu is not None:  # the server's CPU time per answered request
+        row["server_cpu_ms"] = 1000 * cpu / len(ms)
+    return row
 
 
-async def drive(url: str, requests: list[Callable], clients: int, per_client: int, seconds: float) -> dict:
+async def drive(
+    url: str, requests: list[Callable], clients: int, per_client: int, seconds: float, pid: int | None = None
+) -> dict:
     """``clients`` closed loops, client c sending ``requests[(c + i * clients) % len]`` until it has sent
-    ``per_client`` or ``seconds`` have passed."""
+    ``per_client`` or ``seconds`` have passed; with ``pid`` (the server's), its CPU time per request."""
     latencies: list[float] = []
     errors = 0
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -144,9 +158,10 @@ async def drive(url: str, requests: list[Callable], clients: int, per_client: in
                 latencies.append(time.perf_counter() - start)
                 errors += response.status_code != 200
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds(pid) if pid else None
         await asyncio.gather(*(loop(c) for c in range(clients)))
-        return summary(latencies, time.perf_counter() - start, errors)
+        cpu = cpu_seconds(pid) - cpu if pid else None
+        return summary(latencies, time.perf_counter() - start, errors, cpu)
 
 
 def known(user: str) -> Callable:
@@ -273,21 +288,23 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         batching = ("--max_batch", str(args.max_batch), "--max_wait_ms", str(args.max_wait_ms))
-        with server(bundle, Path(tmp) / "on.jsonl", *batching, "--warm", "false") as url:
+        with server(bundle, Path(tmp) / "on.jsonl", *batching, "--warm", "false") as (url, pid):
             asyncio.run(drive(url, [known(u) for u in users], 8, len(users), 3600))  # caches their states
             for clients in CLIENTS:
-                run = asyncio.run(drive(url, [known(u) for u in users], clients, args.requests, args.seconds))
+                run = asyncio.run(
+                    drive(url, [known(u) for u in users], clients, args.requests, args.seconds, pid)
+                )
                 rows[f"known users @ {clients}"] = {"clients": clients, **run}
             for clients in CLIENTS:
                 run = asyncio.run(
-                    drive(url, [cold(h) for h in histories], clients, args.requests, args.seconds)
+                    drive(url, [cold(h) for h in histories], clients, args.requests, args.seconds, pid)
                 )
                 rows[f"cold, batching @ {clients}"] = {"clients": clients, **run}
             calls = asyncio.run(mixed(url, rec, 32, args.mixed, rng))
-        with server(bundle, Path(tmp) / "off.jsonl", "--max_batch", "1", "--warm", "false") as url:
+        with server(bundle, Path(tmp) / "off.jsonl", "--max_batch", "1", "--warm", "false") as (url, pid):
             for clients in CLIENTS:
                 run = asyncio.run(
-                    drive(url, [cold(h) for h in histories], clients, args.requests, args.seconds)
+                    drive(url, [cold(h) for h in histories], clients, args.requests, args.seconds, pid)
                 )
                 rows[f"cold, no batching @ {clients}"] = {"clients": clients, **run}
     mismatches = serial_replay(Recommender.from_pretrained(bundle, device="cpu"), calls)
@@ -298,7 +315,11 @@ def main() -> None:
         "first_mismatches": mismatches[:3],
     }
     speedup = rows["cold, batching @ 32"]["req_per_s"] / rows["cold, no batching @ 32"]["req_per_s"]
-    print(format_table(rows, ["clients", "p50_ms", "p99_ms", "req_per_s", "requests", "errors"]))
+    print(
+        format_table(
+            rows, ["clients", "p50_ms", "p99_ms", "req_per_s", "server_cpu_ms", "requests", "errors"]
+        )
+    )
     print(f"cold histories at 32 clients: batching {speedup:.2f}x the requests/s of no batching")
     print(f"consistency: {consistency['requests']} requests ({consistency['changes']} changes) under 32 clients, "
           f"{consistency['mismatches']} differ from a serial replay")  # fmt: skip

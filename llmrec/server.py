@@ -162,6 +162,7 @@ def create_app(
     started with the app. A failed load is kept (``app.state.error``), reported by ``/healthz`` and passed
     to ``on_failure`` (the command line stops the server with it)."""
     registry = CollectorRegistry()
+    page_html = resources.files("llmrec").joinpath("serve_page.html").read_text(encoding="utf-8")
 
     def loader() -> None:
         try:
@@ -196,8 +197,9 @@ def create_app(
             raise HTTPException(503, detail)
         return app.state.service
 
-    async def answer(future: Any) -> dict[str, Any]:
-        return await asyncio.wrap_future(future)
+    async def answer(future: Any) -> JSONResponse:
+        # a JSONResponse, so that FastAPI does not walk the plain dict again (jsonable_encoder)
+        return JSONResponse(await asyncio.wrap_future(future))
 
     @app.exception_handler(NotFoundError)
     async def not_found(request: Request, err: NotFoundError) -> JSONResponse:
@@ -214,7 +216,7 @@ def create_app(
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:
-        return resources.files("llmrec").joinpath("serve_page.html").read_text(encoding="utf-8")
+        return page_html
 
     @app.get("/healthz", summary="Ready once the bundle is loaded and verified and its journal replayed")
     async def healthz() -> JSONResponse:
@@ -233,7 +235,7 @@ def create_app(
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/users/{user}", summary="A known user's history (raw item ids and titles, oldest first)")
-    async def user(user: str) -> dict[str, Any]:
+    async def user(user: str) -> JSONResponse:
         return await answer(
             service().call(lambda rec: {"user": user, "history": _items(rec, rec.history(user))})
         )
@@ -243,25 +245,25 @@ def create_app(
         user: str,
         k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
         exclude: Annotated[list[str] | None, Query(max_length=MAX_LIST)] = None,
-    ) -> dict[str, Any]:
+    ) -> JSONResponse:
         return await answer(service().recommend_user(user, k, exclude or []))
 
     @app.post("/recommendations", summary="The top-k of a history of a user unseen in training")
-    async def recommend_history(query: HistoryQuery) -> dict[str, Any]:
+    async def recommend_history(query: HistoryQuery) -> JSONResponse:
         return await answer(service().recommend_history(query.history, query.k, query.exclude))
 
     @app.post("/users/{user}/interactions", summary="New interactions of a known user (journaled)")
-    async def update(user: str, body: Interactions) -> dict[str, Any]:
+    async def update(user: str, body: Interactions) -> JSONResponse:
         return await answer(service().update(user, body.items))
 
     @app.post("/items", summary="New items from their title and text (journaled)")
-    async def add_items(body: NewItems) -> dict[str, Any]:
+    async def add_items(body: NewItems) -> JSONResponse:
         return await answer(service().add_items([item.model_dump() for item in body.items]))
 
     @app.get("/items", summary="Items whose title contains q (case-insensitive), for picking a history")
     async def search(
         q: Annotated[str, Query(max_length=200)] = "", limit: Annotated[int, Query(ge=1, le=1000)] = 20
-    ) -> dict[str, Any]:
+    ) -> JSONResponse:
         def find(rec: Recommender) -> dict[str, Any]:
             titles, needle = rec.catalogue.item_titles, q.casefold()
             found = [i for i, title in enumerate(titles) if needle in title.casefold()][:limit]
@@ -270,7 +272,7 @@ def create_app(
         return await answer(service().call(find))
 
     @app.get("/items/{item}", summary="An item's record: index, title and text")
-    async def item(item: str) -> dict[str, Any]:
+    async def item(item: str) -> JSONResponse:
         def record(rec: Recommender) -> dict[str, Any]:
             (index,) = rec.items([item])
             texts = rec.catalogue.item_texts
