@@ -120,10 +120,10 @@ class Service:
         (default ``BUNDLE/journal.jsonl``) and, with ``warm``, cache every known user's state."""
         rec = Recommender.from_pretrained(bundle, **load)
         path = Path(journal) if journal is not None else Path(bundle) / "journal.jsonl"
-        service = cls(rec, Journal(path, journal_owner(bundle)), max_batch, max_wait_ms, registry)
-        if warm:
+        journal = Journal(path, journal_owner(bundle))
+        if warm:  # before the worker starts: nothing else touches the recommender yet
             rec.warm_cache()
-        return service
+        return cls(rec, journal, max_batch, max_wait_ms, registry)
 
     # ------------------------------------------------------------------ calls (any thread)
     def recommend_user(self, user: str, k: int = 10, exclude: Sequence[str] = ()) -> Future:
