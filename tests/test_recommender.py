@@ -150,7 +150,7 @@ def test_merged_export_loads_with_plain_transformers_and_gives_the_same_scores(b
 def test_bundle_holds_no_pickle_and_records_what_it_needs(bundle, recommender):
     for path in bundle.rglob("*"):
         if path.is_file():
-            assert path.suffix in {".json", ".safetensors", ".jinja", ".txt"}, path
+            assert path.suffix in {".json", ".safetensors", ".jinja", ".txt", ".md"}, path
             head = path.read_bytes()[:2]
             assert head[:1] != b"\x80" and head != b"PK", f"{path} looks like a pickle/torch.save file"
     config = json.loads((bundle / "config.json").read_text())

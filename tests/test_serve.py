@@ -441,3 +441,11 @@ def test_the_page_in_headless_chromium(bundle, tmp_path):
         browser.close()
         server.should_exit = True
         thread.join(30)
+
+
+def test_the_service_loads_no_training_code():
+    from test_architecture import TRAINING_STACK, fresh_modules
+
+    loaded = fresh_modules("import llmrec.server")
+    assert "llmrec.service" in loaded and "fastapi" in loaded
+    assert sorted(m for m in loaded if any(m == s or m.startswith(s + ".") for s in TRAINING_STACK)) == []
