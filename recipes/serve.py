@@ -9,6 +9,7 @@ items) are journaled to --journal (default BUNDLE/journal.jsonl) and replayed at
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -77,13 +78,19 @@ def main(argv: list[str] | None = None) -> None:
     def stop(err: BaseException) -> None:
         server.should_exit = True
 
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    try:  # bound here, so that a taken port is one line before anything loads
+        listening = socket.create_server((args.host, args.port), family=family)
+    except OSError as err:
+        raise UserError(
+            f"cannot listen on {args.host}:{args.port} ({err.strerror}); pick another --port"
+        ) from err
     app = create_app(load, max_body_bytes=args.max_body_bytes, on_failure=stop)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     logger.info(
         "serving %s on http://%s:%d (ready once /healthz answers 200)", args.bundle, args.host, args.port
     )
-    server.run()
+    server.run(sockets=[listening])
     if app.state.error is not None:
         raise app.state.error
 

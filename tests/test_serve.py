@@ -330,6 +330,12 @@ def test_serve_refuses_a_bad_bundle_with_one_line(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert "serve.py: error: " in err and "absent: no such bundle directory" in err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        argv = ["--bundle", str(tmp_path / "absent"), "--port", str(taken.getsockname()[1])]
+        assert run_cli(main, argv, prog="serve.py") == 2
+    assert "cannot listen on 127.0.0.1:" in capsys.readouterr().err
 
 
 class Browser:
