@@ -31,8 +31,8 @@ import numpy as np
 
 from common.errors import run_cli
 from common.log import setup_logging
-from llmrec.config import ConfigError, parse_config, to_dict
-from llmrec.options import ZEROSHOT_METHODS, BackboneConfig, PromptConfig
+from llmrec.config import ConfigError, parse_config, require, to_dict
+from llmrec.options import BackboneConfig, PromptConfig, Split, ZeroShotMethod, require_seed
 
 logger = logging.getLogger("recipes.zeroshot")
 
@@ -46,14 +46,14 @@ class ZeroShotArgs:
         default="data/ml-100k",
         metadata={"help": "dataset bundle directory written by `python -m data_prep build`"},
     )
-    split: str = field(default="test", metadata={"help": "split to report: test or valid"})
+    split: Split = field(default="test", metadata={"help": "split to report"})
     max_users: int | None = field(
         default=None, metadata={"help": "evaluate a seeded random sample of this many users (default: all)"}
     )
     seed: int = field(default=0, metadata={"help": "seed of the user sample and the random baseline"})
     output_dir: str = field(default="runs/zeroshot", metadata={"help": "where metrics.json is written"})
-    method: str = field(
-        default="trie", metadata={"help": f"scorer, one of {ZEROSHOT_METHODS} (same scores, different cost)"}
+    method: ZeroShotMethod = field(
+        default="trie", metadata={"help": "scorer (the same scores at different costs)"}
     )
     chunk_size: int = field(default=256, metadata={"help": "trie nodes per forward pass (method=trie)"})
     batch_size: int = field(default=32, metadata={"help": "titles per forward pass (method=cached)"})
@@ -89,6 +89,12 @@ class ZeroShotArgs:
     def __post_init__(self) -> None:
         if (self.calibration is None) != (self.prior_weight is None):
             raise ConfigError("zeroshot: set both calibration and prior_weight, or neither")
+        require_seed(self.seed)
+        for name in ("max_users", "top_k", "chunk_size", "batch_size"):
+            value = getattr(self, name)
+            require(value is None or value >= 1, name, value, "must be at least 1")
+        for name in ("calibrations", "prior_weights"):
+            require(bool(getattr(self, name)), name, getattr(self, name), "must list at least one weight")
 
 
 # what this recipe parses; the first is its own YAML section
@@ -127,8 +133,6 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     from llmrec.reporting import machine_info
     from llmrec.zeroshot import NORMALIZATIONS, ZeroShotScorer
 
-    if args.split not in ("valid", "test"):
-        raise ConfigError(f"--split must be valid or test, got {args.split!r}")
     bundle = load_bundle(args.data)
     users = sample_users(np.diff(bundle.matrix(args.split).indptr), args.max_users, args.seed)
     ks = tuple(k for k in DEFAULT_KS if args.top_k is None or k <= args.top_k)

@@ -69,7 +69,7 @@ def test_defaults_component_section_recipe_override_and_cli_in_that_order(tmp_pa
     [
         ("pretrain:\n  epohcs: 5\n", r"exp.yaml: unknown field\(s\) \['epohcs'\] in section 'pretrain'"),
         ("train:\n  corpora: x\n", r"unknown field\(s\) \['corpora'\] in section 'train' \(Train\)"),
-        ("pretrain:\n  train: {init: x}\n", r"unknown field\(s\) \['init'\] in section 'train'"),
+        ("pretrain:\n  train: {init: x}\n", r"unknown field\(s\) \['init'\] in section 'pretrain.train'"),
         ("epochs: 3\n", r"top-level key\(s\) \['epochs'\] outside a section.*move epochs -> train:"),
         ("train: 3\n", r"section 'train' must be a mapping"),
     ],
