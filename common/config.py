@@ -325,8 +325,9 @@ def parse_dataclasses(
         try:
             parsed.append(cls(**{name: getattr(namespace, f"{i}:{name}") for name in field_names(cls)}))
         except ConfigError as err:  # a __post_init__ check: say where a value from the file came from
-            dest = f"{i}:{err.field}"
-            typed = any(a.split("=", 1)[0] in options.get((i, err.field or ""), ()) for a in rest)
-            where = f"{known.config}: " if dest in from_file and not typed else ""
+            flags_of = options.get((i, err.field or ""), [])
+            typed = any(a.split("=", 1)[0] in flags_of for a in rest)
+            where = f"{known.config}: " if f"{i}:{err.field}" in from_file and not typed else ""
+            where += f"{flags_of[0]}: " if flags_of else ""
             raise ConfigError(f"{where}{err}", field=err.field) from err
     return tuple(parsed)
