@@ -10,13 +10,13 @@ The cases are derived from each recipe's ``CONFIGS``, so a new recipe or field i
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import subprocess
 import sys
 import typing
 from pathlib import Path
 
 import pytest
+from conftest import recipe_main
 
 from common.config import MAX_DEPTH, SHOWN
 from common.errors import run_cli
@@ -26,15 +26,12 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(path.stem for path in (REPO / "recipes").glob("*.py"))
 
 
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+def module(name: str):
+    recipe_main(name)
+    return sys.modules[f"recipes_{name}"]
 
 
-MODULES = {name: load(name) for name in RECIPES}
+MODULES = {name: module(name) for name in RECIPES}
 
 
 def fields_of(name: str):
