@@ -28,8 +28,10 @@ def test_setup_logging_drops_the_known_noise_and_keeps_real_warnings():
         logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: Kernel repository ...")
         logger.warning("a real problem")
         with warnings.catch_warnings(record=True) as caught:
-            warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed", FutureWarning)
-            warnings.warn("something else is deprecated", FutureWarning)
+            warnings.warn(
+                "`is_gradient_checkpointing` is deprecated and will be removed", FutureWarning, stacklevel=1
+            )
+            warnings.warn("something else is deprecated", FutureWarning, stacklevel=1)
     finally:
         logger.removeHandler(collect)
         root.handlers[:], root.level = handlers, level
