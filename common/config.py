@@ -260,6 +260,11 @@ def _add_field(
         kwargs["type"] = _scalar(hint)
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
     group.add_argument(*flags, default=default, **kwargs)
+    hyphens = [
+        flag.replace("_", "-") for flag in flags if "_" in flag
+    ]  # --output-dir, as HfArgumentParser took
+    if hyphens:
+        group.add_argument(*hyphens, **{**kwargs, "default": argparse.SUPPRESS, "help": argparse.SUPPRESS})
     if hint is bool and default is True:
         flat = [flag for flag in flags if flag.startswith("--") and "." not in flag]
         if flat:

@@ -112,8 +112,29 @@ def test_a_former_key_of_the_recipe_section_reaches_its_new_section(tmp_path):
     path = write(tmp_path, "pretrain: {eval_batch_size: 16, train: {batch_size: 4}}\n")
     _, train, evaluation = parse_config(Moved, Train, Eval, args=["--config", path])
     assert (train.batch_size, evaluation.batch_size) == (4, 16)
-    _, train, evaluation = parse_config(Moved, Train, Eval, args=["--batch_size", "2", "--eval_batch_size", "3"])
+    _, train, evaluation = parse_config(
+        Moved, Train, Eval, args=["--batch_size", "2", "--eval_batch_size", "3"]
+    )
     assert (train.batch_size, evaluation.batch_size) == (2, 3)
+
+
+def test_the_flag_spellings_of_earlier_versions_still_work():
+    @dataclass
+    class Switches:
+        section: ClassVar[str] = "switches"
+        with_content: bool = True
+        hidden_dims: list[int] = field(default_factory=lambda: [4])
+
+    types = (Recipe, Train, Switches)
+    _, train, switches = parse_config(
+        *types, args=["--batch-size", "3", "--no_with_content", "--hidden-dims", "2", "1"]
+    )
+    assert (train.batch_size, switches.with_content, switches.hidden_dims) == (3, False, [2, 1])
+    _, train, switches = parse_config(
+        *types, args=["--train.batch-size=5", "--switches.with_content", "false"]
+    )
+    assert (train.batch_size, switches.with_content) == (5, False)
+    assert parse_config(*types, args=["--with_content"])[2].with_content is True
 
 
 def test_bad_yaml_and_missing_file_are_clear_errors(tmp_path):
