@@ -213,3 +213,15 @@ def test_finetune_init_refuses_settings_that_the_pretraining_run_would_override(
         ConfigError, match=r"--init runs/p .* sets num_layers=4 \(run: 2\), lora_r=32 \(run: 8\)"
     ):
         check_init("runs/p", (BackboneConfig(num_layers=4), run[0]), (ModelConfig(lora_r=32), run[1]))
+
+
+def test_every_choice_literal_names_what_the_code_implements():
+    from typing import get_args
+
+    from llmrec.baselines import BASELINES
+    from llmrec.data import FINETUNE_TASKS
+    from llmrec.options import BASELINE_NAMES, INDEX_CONFIGS, FinetuneTask, IndexMethod
+
+    assert set(get_args(FinetuneTask)) == set(FINETUNE_TASKS)
+    assert set(BASELINE_NAMES) == set(BASELINES)
+    assert set(get_args(IndexMethod)) == set(INDEX_CONFIGS)
