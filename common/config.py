@@ -31,6 +31,7 @@ from common.errors import UserError
 MAX_DEPTH = 32  # deepest nesting of a config file's values
 MAX_NODES = 100_000  # values in a config file, aliases expanded (a YAML alias bomb grows x9 per level)
 SHOWN = 120  # characters of a bad value that an error message shows
+REQUIRED = argparse.SUPPRESS  # the parsed value of a field without a default that nothing set
 
 
 class ConfigError(UserError):
@@ -258,7 +259,10 @@ def _add_field(
         kwargs.update(nargs="?", const=True, type=_scalar(bool), metavar="{true,false}")
     else:
         kwargs["type"] = _scalar(hint)
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    default = f.default
+    if default is dataclasses.MISSING:
+        default = REQUIRED if f.default_factory is dataclasses.MISSING else f.default_factory()
+        kwargs["help"] += " (required)" if default is REQUIRED else ""
     group.add_argument(*flags, default=default, **kwargs)
     hyphens = [
         flag.replace("_", "-") for flag in flags if "_" in flag
@@ -299,7 +303,7 @@ def parse_dataclasses(
     pre.add_argument("--config", type=str, default=None)
     known, rest = pre.parse_known_args(args)
     options = flags(types)
-    usage = "%(prog)s [-h] [--config FILE.yaml] [--section.field VALUE ...]"
+    usage = "%(prog)s [-h] [--config FILE.yaml] [--flag VALUE ...]"
     parser = _Parser(usage=usage, formatter_class=_Formatter, allow_abbrev=False)
     parser.add_argument("--config", type=str, default=None, help="YAML file whose keys set field defaults")
     for i, cls in enumerate(types):
@@ -327,8 +331,12 @@ def parse_dataclasses(
         raise _unknown(parser, extra)
     parsed = []
     for i, cls in enumerate(types):
+        names = [f.name for f in dataclasses.fields(cls) if f.init]
+        missing = [options[(i, name)][0] for name in names if not hasattr(namespace, f"{i}:{name}")]
+        if missing:
+            raise ConfigError(f"{', '.join(missing)} required (on the command line or in --config)")
         try:
-            parsed.append(cls(**{name: getattr(namespace, f"{i}:{name}") for name in field_names(cls)}))
+            parsed.append(cls(**{name: getattr(namespace, f"{i}:{name}") for name in names}))
         except ConfigError as err:  # a __post_init__ check: say where a value from the file came from
             flags_of = options.get((i, err.field or ""), [])
             typed = any(a.split("=", 1)[0] in flags_of for a in rest)

@@ -225,3 +225,18 @@ def test_every_choice_literal_names_what_the_code_implements():
     assert set(get_args(FinetuneTask)) == set(FINETUNE_TASKS)
     assert set(BASELINE_NAMES) == set(BASELINES)
     assert set(get_args(IndexMethod)) == set(INDEX_CONFIGS)
+
+
+def test_a_field_without_default_is_required_on_the_command_line_or_in_the_file(tmp_path):
+    from common.config import parse_dataclasses
+
+    @dataclass
+    class Build:
+        input: str
+        out: str
+        seed: int = 0
+
+    with pytest.raises(ConfigError, match=r"^--input, --out required"):
+        parse_dataclasses(Build, args=["--seed", "1"])
+    path = write(tmp_path, "input: src\n")
+    assert parse_dataclasses(Build, args=["--config", path, "--out", "b"]) == (Build("src", "b"),)
