@@ -26,6 +26,7 @@ from data_prep.splits import SPLITS, _cut, random_split, sort_rows, time_rank
 
 logger = logging.getLogger(__name__)
 
+
 def _pick(n: int, ratio: float, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
     """A seeded ``ratio`` share of ``range(n)`` cut in two halves (valid, test), each sorted."""
     if not 0 < ratio < 1:
