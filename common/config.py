@@ -264,9 +264,7 @@ def _add_field(
         default = REQUIRED if f.default_factory is dataclasses.MISSING else f.default_factory()
         kwargs["help"] += " (required)" if default is REQUIRED else ""
     group.add_argument(*flags, default=default, **kwargs)
-    hyphens = [
-        flag.replace("_", "-") for flag in flags if "_" in flag
-    ]  # --output-dir, as HfArgumentParser took
+    hyphens = [flag.replace("_", "-") for flag in flags if "_" in flag]  # as HfArgumentParser took them
     if hyphens:
         group.add_argument(*hyphens, **{**kwargs, "default": argparse.SUPPRESS, "help": argparse.SUPPRESS})
     if hint is bool and default is True:
@@ -280,7 +278,7 @@ def _unknown(parser: argparse.ArgumentParser, extra: list[str]) -> ConfigError:
     flag = next((arg.split("=", 1)[0] for arg in extra if arg.startswith("-")), None)
     if flag is None:
         return ConfigError(f"unexpected argument {shown(extra[0])}: every value follows its --flag")
-    options = [o for action in parser._actions for o in action.option_strings]
+    options = [o for a in parser._actions if a.help != argparse.SUPPRESS for o in a.option_strings]
     close = difflib.get_close_matches(flag, options, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]}?" if close else "; see --help"
     return ConfigError(f"unknown argument {shown(flag)}{hint}")

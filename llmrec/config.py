@@ -119,8 +119,9 @@ def dotted_flags(types: tuple[type, ...]) -> Flags:
     for cls in types:
         for key, target in former_keys(cls).items():
             part, _, field = target.partition(".")
-            if part in sections and f"--{key}" not in taken:
-                flags[(sections.index(part), field)].append(f"--{key}")
+            target_flags = flags.get((sections.index(part), field)) if part in sections else None
+            if target_flags is not None and f"--{key}" not in taken:
+                target_flags.append(f"--{key}")
                 taken.add(f"--{key}")
     return flags
 
