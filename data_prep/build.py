@@ -40,7 +40,7 @@ FORMATS = ("recbole", "movielens", "amazon", "csv")
 
 @dataclass
 class BuildConfig:
-    """Everything ``build`` needs; the CLI parses it with HfArgumentParser (``--config`` YAML works too)."""
+    """Everything ``build`` needs; the CLI parses it with ``common.config`` (``--config`` YAML works too)."""
 
     input: str = field(metadata={"help": "source directory or file"})
     out: str = field(metadata={"help": "bundle directory to create"})

@@ -26,8 +26,6 @@ from data_prep.splits import SPLITS, _cut, random_split, sort_rows, time_rank
 
 logger = logging.getLogger(__name__)
 
-COLD_SPLITS = ("cold-items", "cold-users")
-
 
 def _pick(n: int, ratio: float, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
     """A seeded ``ratio`` share of ``range(n)`` cut in two halves (valid, test), each sorted."""

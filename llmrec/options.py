@@ -9,7 +9,7 @@ Recipes parse their command line into these dataclasses before they import the m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal, get_args
 
 from common.config import require
 
@@ -19,10 +19,27 @@ if TYPE_CHECKING:
 ALLOW_DOWNLOAD_ENV = "LLMREC_ALLOW_DOWNLOAD"
 CACHE_ENV = "LLMREC_CACHE"
 PRETRAIN_CORPORA = ("collaborative", "content")
-HISTORY_POOLS = ("none", "mean")
-PRIORS = ("none", "ease")
-WEIGHT_DTYPES = ("fp32", "fp16", "bf16")  # of exported weights; llmrec.recommender.DTYPES maps them to torch
+# every choice a config offers, as a Literal type (checked by the parser, listed by --help) and a tuple
+HistoryPool = Literal["none", "mean"]
+HISTORY_POOLS = get_args(HistoryPool)
+Prior = Literal["none", "ease"]
+PRIORS = get_args(Prior)
+Head = Literal["tied", "untied"]
+EmbeddingInit = Literal["normal", "title_mean", "semantic_sum"]
+MixedPrecision = Literal["no", "bf16", "fp16"]
+Dtype = Literal["float32", "bfloat16", "float16", "auto"]
+WeightDtype = Literal["fp32", "fp16", "bf16"]  # of exported weights; llmrec.recommender.DTYPES maps them
+WEIGHT_DTYPES = get_args(WeightDtype)
+# finetuning tasks; llmrec.data.FINETUNE_TASKS gives each its prompt kind
+FinetuneTask = Literal["multinomial", "semantic", "both", "sequential", "semantic_next"]
+Split = Literal["test", "valid"]  # a split that recipes report (test) or select on (valid)
+BASELINE_NAMES = ("pop", "ease", "multvae", "sasrec", "random", "knn")  # llmrec.baselines.BASELINES
 EASE_LAMBDAS = (10.0, 50.0, 100.0, 200.0, 300.0, 500.0, 750.0, 1000.0, 2000.0, 5000.0)  # EASE's L2 grid
+
+
+def require_seed(seed: int, name: str = "seed") -> None:
+    """Seeds are non-negative (numpy refuses the others, deep inside a run)."""
+    require(seed >= 0, name, seed, "must be >= 0")
 
 
 @dataclass
@@ -47,10 +64,7 @@ class BackboneConfig:
     num_layers: int | None = field(default=None, metadata={"help": "keep only the first N decoder layers"})
     load_in_4bit: bool = field(default=False, metadata={"help": "load weights in 4 bit (bitsandbytes nf4)"})
     load_in_8bit: bool = field(default=False, metadata={"help": "load weights in 8 bit (bitsandbytes)"})
-    dtype: str | None = field(
-        default=None,
-        metadata={"help": "float32, bfloat16, float16 or auto (default: the checkpoint's dtype)"},
-    )
+    dtype: Dtype | None = field(default=None, metadata={"help": "weights' dtype (default: the checkpoint's)"})
     revision: str | None = field(default=None, metadata={"help": "hub revision (branch, tag or commit)"})
     trust_remote_code: bool = field(
         default=False, metadata={"help": "run modelling code shipped with a hub model"}
@@ -84,8 +98,8 @@ class ModelConfig:
         default=False,
         metadata={"help": "one LoRA adapter per view (collab, content) instead of one shared adapter"},
     )
-    embedding_init: str = field(
-        default="normal", metadata={"help": "ID-token init: normal | title_mean | semantic_sum (needs index)"}
+    embedding_init: EmbeddingInit = field(
+        default="normal", metadata={"help": "ID-token init (semantic_sum needs index)"}
     )
     embedding_init_std: float | None = field(
         default=None, metadata={"help": "std for normal init (default: the word embeddings' std)"}
@@ -100,9 +114,11 @@ class ModelConfig:
             "on small catalogues)"
         },
     )
-    head: str = field(
+    head: Head = field(
         default="tied",
-        metadata={"help": "item head: tied (to collaborative item embeddings) | untied (own weights + bias)"},
+        metadata={
+            "help": "item head: tied to the collaborative item embeddings, or untied (own weights + bias)"
+        },
     )
     max_doc_tokens: int = field(
         default=512, metadata={"help": "longest document fed to the LM (prompt + main)"}
@@ -113,18 +129,18 @@ class ModelConfig:
             "help": "saved ItemIndex directory (recipes/index.py): adds semantic-ID tokens for the semantic task"
         },
     )
-    history_pool: str = field(
+    history_pool: HistoryPool = field(
         default="none",
         metadata={
-            "help": "bag-of-items path into the item head: none | mean (the last hidden state plus a learned "
-            "scale times the RMS-normalised mean collaborative embedding of the history's items)"
+            "help": "bag-of-items path into the item head; mean: the last hidden state plus a learned "
+            "scale times the RMS-normalised mean collaborative embedding of the history's items"
         },
     )
-    prior: str = field(
+    prior: Prior = field(
         default="none",
         metadata={
-            "help": "collaborative prior blended into the item scores: none | ease (fitted on the training "
-            "matrix by finetuning, carried with the model)"
+            "help": "collaborative prior blended into the item scores; ease: fitted on the training "
+            "matrix by finetuning, carried with the model"
         },
     )
     prior_weight: float = field(
@@ -189,7 +205,7 @@ class TrainConfig:
     )
     warmup_ratio: float = field(default=0.05, metadata={"help": "share of the steps spent warming up"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: off)"})
-    mixed_precision: str = field(default="no", metadata={"help": "no | bf16 | fp16"})
+    mixed_precision: MixedPrecision = field(default="no", metadata={"help": "autocast dtype"})
     save_steps: int = field(
         default=0, metadata={"help": "checkpoint every N optimizer steps (0: only at the end)"}
     )
@@ -211,6 +227,7 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
+        require_seed(self.seed)
         require(self.lr > 0, "lr", self.lr, "must be > 0")
         require(
             self.embedding_lr is None or self.embedding_lr > 0,
@@ -248,8 +265,42 @@ class TrainConfig:
         )
 
 
+@dataclass
+class EvalConfig:
+    """How a recipe scores users on valid or test: finetune and align (validation after every epoch,
+    selecting the best), evaluate and baselines."""
+
+    section: ClassVar[str] = "eval"  # its YAML section (llmrec.config)
+
+    batch_size: int = field(default=64, metadata={"help": "users per forward pass"})
+    metric_for_best: str | None = field(
+        default=None,
+        metadata={
+            "help": "valid metric that selects the best epoch (finetune, align; default: ndcg@10 on a "
+            "leave-one-out bundle, else cllm4rec = recall@20 + recall@40 + ndcg@100)"
+        },
+    )
+    beam: int = field(
+        default=0,
+        metadata={
+            "help": "beam width of the constrained semantic-ID search (semantic tasks; evaluate --generate); "
+            "0: the largest metric cut-off"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
+        require(self.beam >= 0, "beam", self.beam, "must be >= 0")
+
+    def metric(self, leave_one_out: bool) -> str:
+        """The metric to select on: ``metric_for_best``, else the protocol's own."""
+        return self.metric_for_best or ("ndcg@10" if leave_one_out else "cllm4rec")
+
+
 # zero-shot LM scoring (llmrec.zeroshot): recipes/zeroshot.py
-ZEROSHOT_METHODS: tuple[str, ...] = ("naive", "cached", "trie")
+ZeroShotMethod = Literal["naive", "cached", "trie"]
+ZEROSHOT_METHODS = get_args(ZeroShotMethod)
+PromptStyle = Literal["completion", "chat"]
 NORMALIZATIONS: tuple[str, ...] = ("sum", "mean", "calibrated")
 EOS = "<eos>"  # item_suffix value meaning "the tokenizer's EOS / end-of-turn token"
 
@@ -260,9 +311,9 @@ class PromptConfig:
 
     section: ClassVar[str] = "prompt"  # its YAML section (llmrec.config)
 
-    style: str = field(
+    style: PromptStyle = field(
         default="completion",
-        metadata={"help": "'completion' (plain text, for base LMs) or 'chat' (tokenizer chat template)"},
+        metadata={"help": "completion: plain text, for base LMs; chat: the tokenizer's chat template"},
     )
     template: str = field(
         default="Movies like {history}, and",
@@ -302,10 +353,19 @@ class PromptConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.style not in ("completion", "chat"):
-            raise ValueError(f"PromptConfig.style must be 'completion' or 'chat', got {self.style!r}")
-        if self.max_history < 1:
-            raise ValueError(f"PromptConfig.max_history must be >= 1, got {self.max_history}")
+        require(
+            self.style in get_args(PromptStyle),
+            "style",
+            self.style,
+            f"must be one of {get_args(PromptStyle)}",
+        )
+        require(self.max_history >= 1, "max_history", self.max_history, "must be at least 1")
+        require(
+            self.max_prompt_tokens is None or self.max_prompt_tokens >= 1,
+            "max_prompt_tokens",
+            self.max_prompt_tokens,
+            "must be at least 1",
+        )
         if self.item_prefix is None:
             self.item_prefix = " " if self.style == "completion" else ""
         if self.item_suffix is None:
@@ -313,7 +373,9 @@ class PromptConfig:
 
 
 # item indexers (llmrec.indexing): the ``indexer`` section of recipes/index.py
-RESOLVE_METHODS = ("sinkhorn", "extra_level", "none")
+Resolve = Literal["sinkhorn", "extra_level", "none"]
+RESOLVE_METHODS = get_args(Resolve)
+IndexMethod = Literal["rqvae", "random", "sequential", "collaborative"]
 
 
 @dataclass
@@ -348,7 +410,7 @@ class RQVAEConfig:
     # CPU threads while training: the MLP's matrices are too small to gain from more, and on a loaded
     # machine extra threads wait for each other (1 thread: 0.11 s/step, 2: 0.82 s on the shared 2 cores)
     threads: int = field(default=1, metadata={"help": "CPU threads while training (0: leave torch's)"})
-    resolve: str = field(default="sinkhorn", metadata={"help": f"collisions: one of {RESOLVE_METHODS}"})
+    resolve: Resolve = field(default="sinkhorn", metadata={"help": "how code collisions are resolved"})
     sinkhorn_epsilon: float = field(default=0.003, metadata={"help": "Sinkhorn entropy weight"})
     sinkhorn_iters: int = field(default=50, metadata={"help": "Sinkhorn iterations per round"})
     sinkhorn_rounds: int = field(default=20, metadata={"help": "Sinkhorn re-assignment rounds"})
@@ -358,6 +420,7 @@ class RQVAEConfig:
     def __post_init__(self) -> None:
         require(self.resolve in RESOLVE_METHODS, "resolve", self.resolve, f"must be one of {RESOLVE_METHODS}")
         require(self.levels >= 1, "levels", self.levels, "must be >= 1")
+        require_seed(self.seed)
         require(self.codebook_size >= 2, "codebook_size", self.codebook_size, "must be >= 2")
         self.hidden_dims = [int(d) for d in self.hidden_dims]
 
@@ -373,6 +436,7 @@ class NumberIndexConfig:
 
     def __post_init__(self) -> None:
         require(self.codebook_size >= 2, "codebook_size", self.codebook_size, "must be >= 2")
+        require_seed(self.seed)
 
 
 @dataclass
@@ -388,17 +452,20 @@ class CollaborativeIndexConfig:
     def __post_init__(self) -> None:
         require(self.n_clusters >= 2, "n_clusters", self.n_clusters, "must be >= 2")
         require(self.max_leaf >= 1, "max_leaf", self.max_leaf, "must be >= 1")
+        require_seed(self.seed)
 
 
 @dataclass
 class PiecesConfig:
     vocab_size: int = 1024
-    model_type: str = "bpe"  # or "unigram" (on ML-100K RQ-VAE codes unigram keeps single symbols only)
+    model_type: Literal["bpe", "unigram"] = (
+        "bpe"  # or "unigram" (on ML-100K RQ-VAE codes unigram keeps single symbols only)
+    )
     seed: int = 0
 
 
 # the indexing methods and their config dataclass; llmrec.indexing.INDEXERS pairs each with its indexer
-INDEX_CONFIGS: dict[str, type] = {
+INDEX_CONFIGS: dict[IndexMethod, type] = {
     "rqvae": RQVAEConfig,
     "random": NumberIndexConfig,
     "sequential": NumberIndexConfig,

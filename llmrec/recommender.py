@@ -42,6 +42,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -402,6 +403,33 @@ class Recommender:
     def n_items(self) -> int:
         return self.catalogue.n_items
 
+    @property
+    def user_ids(self) -> tuple[str, ...]:
+        """Raw user ids by index (row ``u`` of a batch of users is ``user_ids[u]``)."""
+        return tuple(self.catalogue.user_ids)
+
+    @property
+    def item_ids(self) -> tuple[str, ...]:
+        """Raw item ids by index: column ``i`` of `score`/`score_batch` is ``item_ids[i]``."""
+        return tuple(self.catalogue.item_ids)
+
+    @property
+    def item_titles(self) -> tuple[str, ...]:
+        """Item titles by index, aligned with `item_ids`."""
+        return tuple(self.catalogue.item_titles)
+
+    @property
+    def user_index(self) -> dict[str, int]:
+        """Deprecated (llmrec 0.1): use `user` (raw id -> index, with a clear error) or `user_ids`."""
+        _deprecated("Recommender.user_index", "Recommender.user(raw_id) or Recommender.user_ids")
+        return dict(self.catalogue.user_index)
+
+    @property
+    def item_index(self) -> dict[str, int]:
+        """Deprecated (llmrec 0.1): use `items` (raw ids -> indices, with a clear error) or `item_ids`."""
+        _deprecated("Recommender.item_index", "Recommender.items(raw_ids) or Recommender.item_ids")
+        return dict(self.catalogue.item_index)
+
     def user(self, raw_id: str | int) -> int:
         """Index of a known user; a clear error for an id not seen in training."""
         return self.catalogue.user(
@@ -589,6 +617,14 @@ class Recommender:
             ]
             for row in range(len(scores))
         ]
+
+
+def _deprecated(name: str, instead: str) -> None:
+    warnings.warn(
+        f"{name} is deprecated and will be removed in llmrec 0.4; use {instead}",
+        DeprecationWarning,
+        stacklevel=3,
+    )
 
 
 def _exactly_one(first: Any, second: Any, first_name: str, second_name: str) -> None:

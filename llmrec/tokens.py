@@ -106,10 +106,6 @@ class RecVocab:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, RecVocab) and self.to_dict() == other.to_dict()
 
-    @property
-    def n_semantic(self) -> int:
-        return int(self._level_starts[-1])
-
     def family_range(self, name: str) -> range:
         """Token ids of one family (``user``, ``item`` or ``semantic``); empty when absent."""
         if name == "user":
@@ -146,10 +142,6 @@ class RecVocab:
         if not 0 <= code < len(levels):
             raise ValueError(f"code {code} out of range [0, {len(levels)}) at semantic level {level}")
         return levels.start + code
-
-    def semantic_tokens(self, codes: Sequence[int]) -> list[int]:
-        """Token ids of one item's code tuple (level 0 first); negative codes are padding and skipped."""
-        return [self.semantic_token(level, int(c)) for level, c in enumerate(codes) if c >= 0]
 
     # ------------------------------------------------------------ placeholders
     def placeholder(self, token_id: int) -> str:

@@ -20,8 +20,8 @@ from typing import ClassVar
 
 from common.errors import run_cli
 from common.log import get_logger, setup_logging
-from llmrec.config import ConfigError, parse_config
-from llmrec.options import TrainConfig
+from llmrec.config import ConfigError, parse_config, require
+from llmrec.options import EvalConfig, FinetuneTask, TrainConfig
 
 logger = get_logger("align")
 
@@ -29,11 +29,15 @@ logger = get_logger("align")
 @dataclass
 class AlignArgs:
     section: ClassVar[str] = "align"  # its YAML section (llmrec.config)
+    former: ClassVar[dict[str, str]] = {  # keys this section held before EvalConfig
+        "eval_batch_size": "eval.batch_size",
+        "metric_for_best": "eval.metric_for_best",
+    }
     data: str = field(default="data/ml-100k", metadata={"help": "dataset bundle directory"})
     init: str = field(
         default="runs/finetune", metadata={"help": "the SFT run (recipes/finetune.py): start and reference"}
     )
-    task: str | None = field(
+    task: FinetuneTask | None = field(
         default=None, metadata={"help": "the SFT run's finetuning task (default: read from --init)"}
     )
     beta: float = field(default=0.1, metadata={"help": "DPO temperature beta"})
@@ -46,21 +50,26 @@ class AlignArgs:
     n_rejected: int = field(
         default=8, metadata={"help": "rejected items per row (the SFT model's top unseen)"}
     )
-    metric_for_best: str = field(default="ndcg@10", metadata={"help": "valid metric to select on"})
-    eval_batch_size: int = field(default=64, metadata={"help": "users per forward pass during validation"})
+
+    def __post_init__(self) -> None:
+        require(self.beta > 0, "beta", self.beta, "must be > 0")
+        require(self.sft_weight >= 0, "sft_weight", self.sft_weight, "must be >= 0")
+        require(self.pairs_per_user >= 1, "pairs_per_user", self.pairs_per_user, "must be at least 1")
+        require(self.n_rejected >= 1, "n_rejected", self.n_rejected, "must be at least 1")
 
 
 # what this recipe parses; the first is its own YAML section
-CONFIGS = (AlignArgs, TrainConfig)
+CONFIGS = (AlignArgs, TrainConfig, EvalConfig)
 
 
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
-    args, train_config = parse_config(*CONFIGS, args=argv)
+    args, train_config, eval_config = parse_config(*CONFIGS, args=argv)
     # the model stack loads after parsing, so --help and argument errors answer at once
     from data_prep import load_bundle
     from llmrec.align import DPOLoss, build_preferences
     from llmrec.data import FINETUNE_TASKS, GENERATIVE_TASKS, prompts_for, validation_fn
+    from llmrec.metrics import is_leave_one_out
     from llmrec.model import CLLM4Rec, run_model_dir, run_task
     from llmrec.train import make_accelerator, save_run_config, train
 
@@ -80,15 +89,14 @@ def main(argv: list[str] | None = None) -> dict:
         bundle.histories("train"),
         per_user=args.pairs_per_user,
         n_rejected=args.n_rejected,
-        batch_size=args.eval_batch_size,
+        batch_size=eval_config.batch_size,
     )
     logger.info("%d preference rows from %s", len(dataset), init)
     model.preference = DPOLoss(args.beta, args.sft_weight)
-    save_run_config(accelerator, train_config.output_dir, args, train_config)
-    evaluate = validation_fn(bundle, batch_size=args.eval_batch_size, prompt=prompt)
-    return train(
-        model, dataset, train_config, accelerator, evaluate=evaluate, metric_for_best=args.metric_for_best
-    )
+    save_run_config(accelerator, train_config.output_dir, args, train_config, eval_config)
+    evaluate = validation_fn(bundle, batch_size=eval_config.batch_size, prompt=prompt)
+    metric = eval_config.metric(is_leave_one_out(bundle))
+    return train(model, dataset, train_config, accelerator, evaluate=evaluate, metric_for_best=metric)
 
 
 if __name__ == "__main__":

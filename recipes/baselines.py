@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -27,8 +27,8 @@ import numpy as np
 
 from common.errors import run_cli
 from common.log import setup_logging
-from llmrec.config import ConfigError, parse_config, to_dict
-from llmrec.options import EASE_LAMBDAS
+from llmrec.config import parse_config, require, to_dict
+from llmrec.options import BASELINE_NAMES, EASE_LAMBDAS, EvalConfig, Split, require_seed
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
@@ -46,14 +46,14 @@ LOO_COLUMNS = ["hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "fit_s"
 @dataclass
 class BaselineArgs:
     section: ClassVar[str] = "baselines"  # its YAML section (llmrec.config)
+    former: ClassVar[dict[str, str]] = {"eval_batch_size": "eval.batch_size"}  # before EvalConfig
     data: str = field(
         default="data/ml-100k",
         metadata={"help": "dataset bundle directory written by `python -m data_prep build`"},
     )
-    split: str = field(default="test", metadata={"help": "split to report: test or valid"})
+    split: Split = field(default="test", metadata={"help": "split to report"})
     models: str = field(
-        default="pop,ease,multvae",
-        metadata={"help": "comma-separated: pop, ease, multvae, sasrec, random, knn"},
+        default="pop,ease,multvae", metadata={"help": f"comma-separated, of {', '.join(BASELINE_NAMES)}"}
     )
     exclude_seen: bool = field(
         default=True, metadata={"help": "exclude training (and for test, validation) items from the rankings"}
@@ -62,10 +62,23 @@ class BaselineArgs:
         default="minilm", metadata={"help": "text encoder of the content kNN (cached in DATA/embeddings)"}
     )
     out: str | None = field(default=None, metadata={"help": "JSON file for all metrics (written atomically)"})
-    eval_batch_size: int = field(default=1024, metadata={"help": "users per scoring batch"})
     device: str | None = field(
         default=None, metadata={"help": "Mult-VAE / SASRec device (default: cuda when available)"}
     )
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.names() if name not in BASELINE_NAMES]
+        require(not unknown and self.names(), "models", self.models, f"must name some of {BASELINE_NAMES}")
+
+    def names(self) -> list[str]:
+        return [name.strip() for name in self.models.split(",") if name.strip()]
+
+
+@dataclass
+class BaselineEvalConfig(EvalConfig):
+    """`EvalConfig` with the baselines' scoring batch: cheap rows, so more users at a time."""
+
+    batch_size: int = field(default=1024, metadata={"help": "users per scoring batch"})
 
 
 @dataclass
@@ -74,6 +87,9 @@ class EASEArgs:
     lambdas: list[float] = field(
         default_factory=lambda: list(EASE_LAMBDAS), metadata={"help": "EASE L2 grid, chosen on valid"}
     )
+
+    def __post_init__(self) -> None:
+        require(bool(self.lambdas) and min(self.lambdas) > 0, "lambdas", self.lambdas, "must be positive")
 
 
 @dataclass
@@ -93,6 +109,12 @@ class MultVAEArgs:
         metadata={"help": "seed of Mult-VAE, also used by Random (Pop, EASE and kNN are deterministic)"},
     )
 
+    def __post_init__(self) -> None:
+        require_seed(self.seed)
+        require(self.lr > 0, "lr", self.lr, "must be > 0")
+        for name in ("epochs", "batch_size"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), "must be at least 1")
+
 
 def knn_embeddings(bundle, args: BaselineArgs) -> np.ndarray:
     """Item text embeddings of the content kNN, cached in the bundle directory."""
@@ -105,31 +127,38 @@ def knn_embeddings(bundle, args: BaselineArgs) -> np.ndarray:
 
 @dataclass
 class SASRecArgs:
-    """SASRec's options; prefixed, as a flag or key must reach one dataclass and Mult-VAE has the
-    same names (``sasrec: {sasrec_epochs: 40}``, ``--sasrec_epochs 40``)."""
+    """SASRec's options (``sasrec: {epochs: 40}``, ``--sasrec.epochs 40``); the ``sasrec_`` names of
+    llmrec 0.2 (``--sasrec_epochs``, a ``sasrec_epochs`` key) still work."""
 
     section: ClassVar[str] = "sasrec"  # its YAML section (llmrec.config)
-    sasrec_max_len: int = field(default=200, metadata={"help": "SASRec: most recent items read"})
-    sasrec_hidden: int = field(default=64, metadata={"help": "SASRec: embedding and hidden size"})
-    sasrec_blocks: int = field(default=2, metadata={"help": "SASRec: self-attention blocks"})
-    sasrec_dropouts: list[float] = field(
-        default_factory=lambda: [0.2, 0.5], metadata={"help": "SASRec: dropout grid, chosen on valid"}
+    max_len: int = field(default=200, metadata={"help": "most recent items read"})
+    hidden: int = field(default=64, metadata={"help": "embedding and hidden size"})
+    blocks: int = field(default=2, metadata={"help": "self-attention blocks"})
+    dropouts: list[float] = field(
+        default_factory=lambda: [0.2, 0.5], metadata={"help": "dropout grid, chosen on valid"}
     )
-    sasrec_epochs: int = field(default=200, metadata={"help": "SASRec: maximum epochs"})
-    sasrec_patience: int = field(
-        default=10, metadata={"help": "SASRec: epochs without valid NDCG@10 gain before stopping"}
+    epochs: int = field(default=200, metadata={"help": "maximum epochs"})
+    patience: int = field(default=10, metadata={"help": "epochs without valid NDCG@10 gain before stopping"})
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
+    batch_size: int = field(default=128, metadata={"help": "users per update"})
+    seed: int = field(default=0, metadata={"help": "seed"})
+    windows: bool = field(
+        default=False, metadata={"help": "train on every max_len window of a sequence, not only its newest"}
     )
-    sasrec_lr: float = field(default=1e-3, metadata={"help": "SASRec: Adam learning rate"})
-    sasrec_batch_size: int = field(default=128, metadata={"help": "SASRec: users per update"})
-    sasrec_seed: int = field(default=0, metadata={"help": "SASRec: seed"})
-    sasrec_windows: bool = field(
-        default=False,
-        metadata={"help": "SASRec: train on every max_len window of a sequence, not only its newest"},
-    )
+
+    def __post_init__(self) -> None:
+        require_seed(self.seed)
+        require(self.lr > 0, "lr", self.lr, "must be > 0")
+        require(all(0 <= d < 1 for d in self.dropouts), "dropouts", self.dropouts, "must be in [0, 1)")
+        for name in ("max_len", "hidden", "blocks", "epochs", "batch_size"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), "must be at least 1")
+
+
+SASRecArgs.former = {f"sasrec_{f.name}": f"sasrec.{f.name}" for f in fields(SASRecArgs)}
 
 
 # what this recipe parses; the first is its own YAML section
-CONFIGS = (BaselineArgs, EASEArgs, MultVAEArgs, SASRecArgs)
+CONFIGS = (BaselineArgs, EASEArgs, MultVAEArgs, SASRecArgs, BaselineEvalConfig)
 
 
 class FoldIn:
@@ -154,24 +183,29 @@ def fit_scorer(
     """Fit ``model`` on the bundle's training split, or on ``fit_on`` (training rows without the cold
     users), selecting on valid, and return its scorer for ``split``: the model itself (scoring every
     user's training rows, cold users' given history included), or a `FoldIn` of the input histories
-    when they hold more than the training items (`llmrec.metrics.history_splits`)."""
+    when they hold more than the training items (`llmrec.metrics.history_splits`) or when SASRec was
+    fit without the cold users' sequences."""
     from llmrec.baselines import SASRec
     from llmrec.data import input_histories
     from llmrec.metrics import history_splits
 
     if isinstance(model, SASRec):
-        model.fit(bundle.histories("train"), bundle.n_items, bundle.matrix("valid"))
+        sequences = bundle.histories("train")
+        if fit_on is not None:  # the users fit_on leaves out train on nothing
+            kept = np.diff(fit_on.indptr) > 0
+            sequences = [items if kept[user] else [] for user, items in enumerate(sequences)]
+        model.fit(sequences, bundle.n_items, bundle.matrix("valid"))
     else:
         model.fit(bundle.matrix("train") if fit_on is None else fit_on, bundle.matrix("valid"))
         model.history = bundle.matrix("train")
-    if history_splits(bundle, split) == ("train",):
+    if history_splits(bundle, split) == ("train",) and not (isinstance(model, SASRec) and fit_on is not None):
         return model
     return FoldIn(model, input_histories(bundle, split))
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     setup_logging()
-    args, ease, multvae, sasrec = parse_config(*CONFIGS, args=argv)
+    args, ease, multvae, sasrec, eval_config = parse_config(*CONFIGS, args=argv)
     # the model stack loads after parsing, so --help and argument errors answer at once
     import scipy.sparse as sp
 
@@ -191,16 +225,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     options = {
         "ease": lambda: {"lambdas": ease.lambdas},
         "multvae": lambda: {**asdict(multvae), "device": args.device, "progress": True},
-        "sasrec": lambda: {
-            **{key.removeprefix("sasrec_"): value for key, value in asdict(sasrec).items()},
-            "device": args.device,
-            "progress": True,
-        },
+        "sasrec": lambda: {**asdict(sasrec), "device": args.device, "progress": True},
         "random": lambda: {"seed": multvae.seed},
         "knn": lambda: {"embeddings": knn_embeddings(bundle, args)},
     }
-    if args.split not in ("valid", "test"):
-        raise ConfigError(f"--split must be valid or test, got {args.split!r}")
     bundle = load_bundle(args.data)
     rows: dict[str, dict[str, float]] = {}
     fit_info: dict[str, dict] = {}
@@ -211,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         keep = np.ones(bundle.n_users, dtype=np.float32)
         keep[cold_users] = 0.0
         fit_on = sp.csr_matrix(sp.diags(keep) @ bundle.matrix("train"))
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+    for name in args.names():
         model = make_baseline(name, **options.get(name, dict)())
         start = time.perf_counter()
         scorer = fit_scorer(model, bundle, args.split, fit_on)
@@ -220,11 +248,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         fit_info[name] = model.fit_info
         if not len(cold):
             metrics = evaluate_scorer(
-                scorer, bundle, args.split, batch_size=args.eval_batch_size, exclude_seen=args.exclude_seen
+                scorer, bundle, args.split, batch_size=eval_config.batch_size, exclude_seen=args.exclude_seen
             )
             rows[name] = {**metrics, "fit_s": fit_s}
             continue
-        views = evaluate_cold_items(scorer, bundle, args.split, cold, batch_size=args.eval_batch_size)
+        views = evaluate_cold_items(scorer, bundle, args.split, cold, batch_size=eval_config.batch_size)
         rows[f"{name} (all)"] = {**views["all"], "fit_s": fit_s}
         if name in UNSEEN_ITEMS:
             fit_info[name]["cold"] = UNSEEN_ITEMS[name]
@@ -241,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         write_metrics_json(
             args.out,
             rows,
-            config=to_dict(args, ease, multvae, sasrec),
+            config=to_dict(args, ease, multvae, sasrec, eval_config),
             fit_info=fit_info,
             history=inputs,
             exclude_seen=args.exclude_seen,

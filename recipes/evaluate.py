@@ -21,24 +21,28 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from common.errors import run_cli
 from common.log import setup_logging
-from llmrec.config import ConfigError, parse_config
+from llmrec.config import ConfigError, parse_config, require
+from llmrec.options import EvalConfig, Split
 
 
 @dataclass
 class EvaluateArgs:
     section: ClassVar[str] = "evaluate"  # its YAML section (llmrec.config)
+    former: ClassVar[dict[str, str]] = {
+        "batch_size": "eval.batch_size",
+        "beam": "eval.beam",
+    }  # before EvalConfig
     run: str = field(
         default="runs/finetune", metadata={"help": "run directory (recipes/finetune.py or pretrain.py)"}
     )
     data: str | None = field(
         default=None, metadata={"help": "dataset bundle (default: the one the run trained on)"}
     )
-    split: str = field(default="test", metadata={"help": "test | valid"})
-    batch_size: int = field(default=64, metadata={"help": "users per forward pass"})
+    split: Split = field(default="test", metadata={"help": "split to rank"})
     ks: str | None = field(
         default=None,
         metadata={
@@ -52,18 +56,14 @@ class EvaluateArgs:
     generate: bool = field(
         default=False, metadata={"help": "rank by constrained beam search of semantic IDs, not the item head"}
     )
-    beam: int = field(
-        default=0, metadata={"help": "beam width with --generate (default: the largest cut-off)"}
-    )
     diagnostic_users: int = field(
         default=256,
         metadata={
             "help": "with --generate: users whose lists get validity diagnostics (with and without the trie)"
         },
     )
-    cold_method: str = field(
-        default="mapper",
-        metadata={"help": "cold-items bundles: how unseen items get rows: mapper | fold-in | mapper+fold-in"},
+    cold_method: Literal["mapper", "fold-in", "mapper+fold-in"] = field(
+        default="mapper", metadata={"help": "cold-items bundles: how unseen items get rows"}
     )
     encoder: str = field(default="minilm", metadata={"help": "text encoder of the cold-item mapper"})
     prior_weight: float | None = field(
@@ -74,14 +74,20 @@ class EvaluateArgs:
         },
     )
 
+    def __post_init__(self) -> None:
+        require(self.diagnostic_users >= 0, "diagnostic_users", self.diagnostic_users, "must be >= 0")
+        cut_offs = (self.ks or "1").split(",")
+        valid = all(k.strip().isdigit() and int(k) >= 1 for k in cut_offs)
+        require(valid, "ks", self.ks, "must be comma-separated positive integers")
+
 
 # what this recipe parses; the first is its own YAML section
-CONFIGS = (EvaluateArgs,)
+CONFIGS = (EvaluateArgs, EvalConfig)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup_logging()
-    (args,) = parse_config(*CONFIGS, args=argv)
+    args, eval_config = parse_config(*CONFIGS, args=argv)
     # the model stack loads after parsing, so --help and argument errors answer at once
     from data_prep import load_bundle
     from data_prep.cold import cold_ids
@@ -121,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             model, bundle, args.cold_method, items=cold_ids(bundle.manifest, "items"), encoder=args.encoder
         )
         views = evaluate_cold_items(
-            scorer_for(bundle, model, args.batch_size, split=args.split, prompt=prompt),
+            scorer_for(bundle, model, eval_config.batch_size, split=args.split, prompt=prompt),
             bundle,
             args.split,
             cold,
@@ -135,12 +141,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         previous = json.loads(path.read_text())["metrics"] if path.exists() else {}
         write_metrics_json(path, {**previous, **results}, run=str(run), data=str(data))
         return results
-    beam = (args.beam or max(ks)) if args.generate else 0
+    beam = (eval_config.beam or max(ks)) if args.generate else 0
     metrics = evaluate_model(
         bundle,
         model,
         args.split,
-        batch_size=args.batch_size,
+        batch_size=eval_config.batch_size,
         beam=beam,
         prompt=prompt,
         exclude_seen=args.exclude_seen,

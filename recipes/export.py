@@ -19,7 +19,7 @@ from typing import ClassVar
 from common.errors import run_cli
 from common.log import setup_logging
 from llmrec.config import parse_config
-from llmrec.options import WEIGHT_DTYPES
+from llmrec.options import WeightDtype
 
 
 @dataclass
@@ -34,9 +34,7 @@ class ExportArgs:
         default=False,
         metadata={"help": "also write a plain transformers model with LoRA merged (OUT/merged)"},
     )
-    dtype: str = field(
-        default="fp32", metadata={"help": f"dtype of the saved weights: {', '.join(WEIGHT_DTYPES)}"}
-    )
+    dtype: WeightDtype = field(default="fp32", metadata={"help": "dtype of the saved weights"})
     cold_template: str | None = field(
         default=None,
         metadata={

@@ -18,13 +18,13 @@ import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from common.errors import run_cli
 from common.io import write_json
 from common.log import get_logger, setup_logging
-from llmrec.config import ConfigError, parse_config
-from llmrec.options import BackboneConfig, ModelConfig, TrainConfig
+from llmrec.config import ConfigError, parse_config, require
+from llmrec.options import BackboneConfig, EvalConfig, FinetuneTask, ModelConfig, TrainConfig
 
 logger = get_logger("finetune")
 PRIOR_FILE = "prior_weight.json"  # the blend weight chosen on valid, with the score of every weight tried
@@ -43,6 +43,11 @@ FINETUNE_FIELDS = (
 @dataclass
 class FinetuneArgs:
     section: ClassVar[str] = "finetune"  # its YAML section (llmrec.config)
+    former: ClassVar[dict[str, str]] = {  # keys this section held before EvalConfig
+        "eval_batch_size": "eval.batch_size",
+        "eval_beam": "eval.beam",
+        "metric_for_best": "eval.metric_for_best",
+    }
     data: str = field(default="data/ml-100k", metadata={"help": "dataset bundle directory"})
     init: str | None = field(
         default=None,
@@ -54,14 +59,12 @@ class FinetuneArgs:
     mask_ratio: float = field(
         default=0.2, metadata={"help": "share of training items held out of the prompt each epoch"}
     )
-    target: str = field(
-        default="all", metadata={"help": "multinomial target: all training items | masked ones only"}
+    target: Literal["all", "masked"] = field(
+        default="all", metadata={"help": "multinomial target: all training items, or the masked ones only"}
     )
-    prompt_order: str = field(
+    prompt_order: Literal["shuffled", "chronological"] = field(
         default="shuffled",
-        metadata={
-            "help": "order of the prompt's items while finetuning: shuffled | chronological (as evaluated)"
-        },
+        metadata={"help": "order of the prompt's items while finetuning (chronological: as evaluated)"},
     )
     sequence_windows: bool = field(
         default=False,
@@ -70,40 +73,33 @@ class FinetuneArgs:
             "only its newest items"
         },
     )
-    task: str = field(
+    task: FinetuneTask = field(
         default="multinomial",
         metadata={
-            "help": "multinomial (item head) | semantic (write a held-out item's semantic ID; needs --index) | both"
-            " | sequential (item head at every position of the chronological history) | semantic_next"
-            " (write the next item's semantic ID after a chronological prefix; needs --index)"
+            "help": "multinomial: item head; semantic: write a held-out item's semantic ID (needs --index); "
+            "both; sequential: item head at every position of the chronological history; semantic_next: "
+            "write the next item's semantic ID after a chronological prefix (needs --index)"
         },
-    )
-    eval_beam: int = field(
-        default=100,
-        metadata={"help": "semantic task: beam width of validation (at least the largest metric cut-off)"},
     )
     with_content: bool = field(
         default=True, metadata={"help": "keep training the content view alongside (CLLM4Rec)"}
     )
-    softmax: str = field(
-        default="full", metadata={"help": "item softmax: full | chunked | sampled (logQ-corrected)"}
+    softmax: Literal["full", "chunked", "sampled"] = field(
+        default="full", metadata={"help": "item softmax (sampled: logQ-corrected)"}
     )
     softmax_chunk: int = field(default=65536, metadata={"help": "items per chunk for the chunked softmax"})
     softmax_samples: int = field(
         default=8192, metadata={"help": "negatives per batch for the sampled softmax"}
     )
-    metric_for_best: str | None = field(
-        default=None,
-        metadata={
-            "help": "valid metric to select on (default: ndcg@10 on a leave-one-out bundle, else cllm4rec ="
-            " recall@20 + recall@40 + ndcg@100)"
-        },
-    )
-    eval_batch_size: int = field(default=64, metadata={"help": "users per forward pass during validation"})
+
+    def __post_init__(self) -> None:
+        require(0 <= self.mask_ratio <= 1, "mask_ratio", self.mask_ratio, "must be in [0, 1]")
+        for name in ("softmax_chunk", "softmax_samples"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), "must be at least 1")
 
 
 # what this recipe parses; the first is its own YAML section
-CONFIGS = (FinetuneArgs, BackboneConfig, ModelConfig, TrainConfig)
+CONFIGS = (FinetuneArgs, BackboneConfig, ModelConfig, TrainConfig, EvalConfig)
 
 
 def check_init(init: str, *pairs: tuple) -> None:
@@ -126,7 +122,7 @@ def check_init(init: str, *pairs: tuple) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
-    args, backbone, model_config, train_config = parse_config(*CONFIGS, args=argv)
+    args, backbone, model_config, train_config, eval_config = parse_config(*CONFIGS, args=argv)
     # the model stack loads after parsing, so --help and argument errors answer at once
     from data_prep import load_bundle
     from llmrec.data import (
@@ -139,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         require_same_catalogue,
         validation_fn,
     )
-    from llmrec.metrics import is_leave_one_out
+    from llmrec.metrics import DEFAULT_KS, LOO_KS, is_leave_one_out
     from llmrec.model import CLLM4Rec
     from llmrec.train import make_accelerator, save_run_config, train
 
@@ -176,16 +172,22 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info(
             "prior %s fitted on the training matrix: %s", model_config.prior, fit_prior(bundle, model)
         )
-    save_run_config(accelerator, train_config.output_dir, args, backbone, model_config, train_config)
-    beam = args.eval_beam if args.task in GENERATIVE_TASKS else 0  # "both" validates the item head
-    evaluate = validation_fn(
-        bundle, batch_size=args.eval_batch_size, beam=beam, prompt=FINETUNE_TASKS[args.task]
+    save_run_config(
+        accelerator, train_config.output_dir, args, backbone, model_config, train_config, eval_config
     )
-    metric = args.metric_for_best or ("ndcg@10" if is_leave_one_out(bundle) else "cllm4rec")
+    loo = is_leave_one_out(bundle)
+    beam = eval_config.beam or max(LOO_KS if loo else DEFAULT_KS)
+    evaluate = validation_fn(
+        bundle,
+        batch_size=eval_config.batch_size,
+        beam=beam if args.task in GENERATIVE_TASKS else 0,  # "both" validates the item head
+        prompt=FINETUNE_TASKS[args.task],
+    )
+    metric = eval_config.metric(loo)
     state = train(model, dataset, train_config, accelerator, evaluate=evaluate, metric_for_best=metric)
     if model_config.prior != "none" and accelerator.is_main_process:
         state["prior_weight"] = blend_prior(
-            bundle, Path(train_config.output_dir), metric, args.eval_batch_size, FINETUNE_TASKS[args.task]
+            bundle, Path(train_config.output_dir), metric, eval_config.batch_size, FINETUNE_TASKS[args.task]
         )
     return state
 

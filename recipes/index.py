@@ -19,13 +19,13 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from common.config import read_yaml
 from common.errors import run_cli
 from common.log import setup_logging
-from llmrec.config import ConfigError, parse_config
-from llmrec.options import INDEX_CONFIGS, PiecesConfig
+from llmrec.config import ConfigError, parse_config, require
+from llmrec.options import INDEX_CONFIGS, IndexMethod, PiecesConfig
 
 logger = logging.getLogger("recipes.index")
 
@@ -34,11 +34,8 @@ logger = logging.getLogger("recipes.index")
 class IndexArgs:
     section: ClassVar[str] = "index"  # its YAML section (llmrec.config)
     data: str = field(default="data/ml-100k", metadata={"help": "dataset bundle directory"})
-    method: str = field(
-        default="rqvae",
-        metadata={
-            "help": f"one of {sorted(INDEX_CONFIGS)}; its options (section indexer:) are listed by --method M --help"
-        },
+    method: IndexMethod = field(
+        default="rqvae", metadata={"help": "its options (section indexer:) are listed by --method M --help"}
     )
     out: str | None = field(default=None, metadata={"help": "index directory (default DATA/index/METHOD)"})
     # content embeddings (rqvae; they run on the indexer's --device)
@@ -50,9 +47,12 @@ class IndexArgs:
     pieces_vocab_size: int = field(
         default=0, metadata={"help": "train SentencePiece pieces of this vocab size (0: off)"}
     )
-    pieces_model_type: str = field(
-        default=PiecesConfig.model_type, metadata={"help": "pieces: bpe or unigram"}
+    pieces_model_type: Literal["bpe", "unigram"] = field(
+        default=PiecesConfig.model_type, metadata={"help": "pieces: SentencePiece model type"}
     )
+
+    def __post_init__(self) -> None:
+        require(self.pieces_vocab_size >= 0, "pieces_vocab_size", self.pieces_vocab_size, "must be >= 0")
 
 
 def configs(method: str) -> tuple[type, ...]:

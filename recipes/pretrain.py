@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from common.errors import run_cli
 from common.log import setup_logging
-from llmrec.config import parse_config
+from llmrec.config import parse_config, require
 from llmrec.options import PRETRAIN_CORPORA, BackboneConfig, ModelConfig, TrainConfig
 
 
@@ -27,6 +27,15 @@ class PretrainArgs:
     corpora: str = field(
         default=",".join(PRETRAIN_CORPORA), metadata={"help": "comma-separated corpora to train on"}
     )
+
+    def __post_init__(self) -> None:
+        names = self.corpora.split(",")
+        require(
+            set(names) <= set(PRETRAIN_CORPORA),
+            "corpora",
+            self.corpora,
+            f"must name some of {PRETRAIN_CORPORA}",
+        )
 
 
 # what this recipe parses; the first is its own YAML section

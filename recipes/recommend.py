@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from common.errors import run_cli
 from common.log import setup_logging
-from llmrec.config import ConfigError, parse_config
+from llmrec.config import ConfigError, parse_config, require
 
 if TYPE_CHECKING:
     from llmrec.recommender import Recommendation
@@ -35,6 +35,9 @@ class RecommendArgs:
     device: str | None = field(
         default=None, metadata={"help": "cpu, cuda, ... (default: cuda when available)"}
     )
+
+    def __post_init__(self) -> None:
+        require(self.k >= 1, "k", self.k, "must be at least 1")
 
 
 # what this recipe parses; the first is its own YAML section

@@ -2,15 +2,18 @@
 
     python recipes/zeroshot.py --data DIR --split test [--max_users N] [--name_or_path smollm2-135m]
 
-Each user's prompt lists the titles of their training items (most recent first, truncated to fit), every
+Each user's prompt lists the titles of their input history (most recent first, truncated to fit: the
+training items, plus the validation item for the test split of a leave-one-out bundle, as for every other
+scorer, `llmrec.metrics.history_splits`), every
 catalogue item is scored by the LM log-likelihood of its title after the prompt (``llmrec.zeroshot``),
 and the rankings go through the project's metric code: training items are excluded (and validation
 items for the test split). Every score variant comes from one pass: ``zeroshot-sum`` (total
 log-likelihood), ``zeroshot-mean`` (per token), ``zeroshot-calibrated`` (the sum minus the title's
 log-likelihood after a neutral prompt, computed once) and ``zeroshot-calibrated+pop``: the sum minus
 ``a`` times the neutral log-likelihood plus ``w * log(1 + training count)``, with ``(a, w)`` from
-``--calibrations`` x ``--prior_weights`` chosen by NDCG@20 on the valid split of the same users (the
-prompt is the training history for both splits, so no extra LM pass), or fixed by ``--calibration`` and
+``--calibrations`` x ``--prior_weights`` chosen by NDCG@20 on the valid split of the same users (from
+the same LM pass when both splits read the same input history; a second pass over the training-only
+prompts for the test split of a leave-one-out bundle), or fixed by ``--calibration`` and
 ``--prior_weight``. ``--top_k K`` runs only the part of the title trie that the exact top-K needs
 (several times less work on ML-100K); the metrics are then reported at cut-offs <= K only, for
 ``zeroshot-sum``, or for ``zeroshot-calibrated+pop`` when ``(a, w)`` are fixed (choose them on valid
@@ -31,8 +34,8 @@ import numpy as np
 
 from common.errors import run_cli
 from common.log import setup_logging
-from llmrec.config import ConfigError, parse_config, to_dict
-from llmrec.options import ZEROSHOT_METHODS, BackboneConfig, PromptConfig
+from llmrec.config import ConfigError, parse_config, require, to_dict
+from llmrec.options import BackboneConfig, PromptConfig, Split, ZeroShotMethod, require_seed
 
 logger = logging.getLogger("recipes.zeroshot")
 
@@ -46,14 +49,14 @@ class ZeroShotArgs:
         default="data/ml-100k",
         metadata={"help": "dataset bundle directory written by `python -m data_prep build`"},
     )
-    split: str = field(default="test", metadata={"help": "split to report: test or valid"})
+    split: Split = field(default="test", metadata={"help": "split to report"})
     max_users: int | None = field(
         default=None, metadata={"help": "evaluate a seeded random sample of this many users (default: all)"}
     )
     seed: int = field(default=0, metadata={"help": "seed of the user sample and the random baseline"})
     output_dir: str = field(default="runs/zeroshot", metadata={"help": "where metrics.json is written"})
-    method: str = field(
-        default="trie", metadata={"help": f"scorer, one of {ZEROSHOT_METHODS} (same scores, different cost)"}
+    method: ZeroShotMethod = field(
+        default="trie", metadata={"help": "scorer (the same scores at different costs)"}
     )
     chunk_size: int = field(default=256, metadata={"help": "trie nodes per forward pass (method=trie)"})
     batch_size: int = field(default=32, metadata={"help": "titles per forward pass (method=cached)"})
@@ -89,6 +92,12 @@ class ZeroShotArgs:
     def __post_init__(self) -> None:
         if (self.calibration is None) != (self.prior_weight is None):
             raise ConfigError("zeroshot: set both calibration and prior_weight, or neither")
+        require_seed(self.seed)
+        for name in ("max_users", "top_k", "chunk_size", "batch_size"):
+            value = getattr(self, name)
+            require(value is None or value >= 1, name, value, "must be at least 1")
+        for name in ("calibrations", "prior_weights"):
+            require(bool(getattr(self, name)), name, getattr(self, name), "must list at least one weight")
 
 
 # what this recipe parses; the first is its own YAML section
@@ -123,12 +132,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     from data_prep import load_bundle
     from llmrec.backbone import load_backbone
     from llmrec.baselines import Pop
-    from llmrec.metrics import DEFAULT_KS, evaluate_scorer, format_table, write_metrics_json
+    from llmrec.data import input_histories
+    from llmrec.metrics import DEFAULT_KS, evaluate_scorer, format_table, history_splits, write_metrics_json
     from llmrec.reporting import machine_info
     from llmrec.zeroshot import NORMALIZATIONS, ZeroShotScorer
 
-    if args.split not in ("valid", "test"):
-        raise ConfigError(f"--split must be valid or test, got {args.split!r}")
     bundle = load_bundle(args.data)
     users = sample_users(np.diff(bundle.matrix(args.split).indptr), args.max_users, args.seed)
     ks = tuple(k for k in DEFAULT_KS if args.top_k is None or k <= args.top_k)
@@ -150,7 +158,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     pop = Pop().fit(bundle.matrix("train"))
     log_pop = torch.log1p(torch.as_tensor(pop.counts, dtype=torch.float64))
     fixed = args.calibration is not None
-    zeroshot = scorer.users(bundle.histories("train"), bundle.seen(args.split))
+    inputs = history_splits(bundle, args.split)
+    zeroshot = scorer.users(input_histories(bundle, args.split), bundle.seen(args.split))
     start = time.perf_counter()
     if args.top_k is None or fixed:
         neutral = scorer.neutral().total  # once per catalogue; counted in the time
@@ -169,9 +178,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         choice = {"calibration": calibration, "prior_weight": weight, "chosen_on": None}
     elif args.top_k is None:
         grid = [(a, w) for a in args.calibrations for w in args.prior_weights]
+        selection = zeroshot  # valid is ranked from its own input history, as every scorer's
+        if history_splits(bundle, "valid") != inputs:
+            selection = scorer.users(input_histories(bundle, "valid"), bundle.seen("valid"))
         valid = {
             (a, w): evaluate_scorer(
-                zeroshot.normalized("sum", prior(a, w)),
+                selection.normalized("sum", prior(a, w)),
                 bundle,
                 "valid",
                 users=users,
@@ -200,7 +212,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         name: evaluate_scorer(ranker, bundle, args.split, users=users, ks=ks, progress=False)
         for name, ranker in scorers.items()
     }
-    print(f"{args.split} split of {args.data}, {len(users)} users (history: train), {backbone.name_or_path}")
+    history = "+".join(inputs)
+    print(
+        f"{args.split} split of {args.data}, {len(users)} users (history: {history}), {backbone.name_or_path}"
+    )
     print(format_table(rows, [c for c in COLUMNS if "@" not in c or int(c.split("@")[1]) in ks]))
     timing = {"seconds_per_user": seconds / len(users), "tokens_per_user": tokens / len(users)}
     how = args.method if args.top_k is None else f"{args.method}, exact top-{args.top_k}"
@@ -217,6 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         rows,
         config=to_dict(args, backbone, prompt),
         split=args.split,
+        history=history,
         users=[int(u) for u in users],
         timing=timing,
         prior=choice,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -217,3 +218,35 @@ def test_sasrec_trains_on_every_row_in_every_epoch(monkeypatch):
     monkeypatch.setattr(SASRecNet, "forward", counting)
     SASRec(max_len=8, hidden=16, dropouts=(0.1,), epochs=3, batch_size=8, seed=3).fit(sequences, 30)
     assert sum(rows_seen) == 3 * len(sequences)
+
+
+def test_sasrec_leaves_cold_users_out_of_training_and_scores_them_from_their_history(tmp_path, monkeypatch):
+    """``fit_on`` (training rows without the cold users) holds for SASRec as for the matrix baselines."""
+    from test_data_prep_cold import write_source
+
+    from data_prep import load_bundle
+    from data_prep.build import BuildConfig, build
+    from data_prep.cold import cold_ids
+
+    config = BuildConfig(
+        input=str(write_source(tmp_path / "toy")), out=str(tmp_path / "b"), split="cold-users"
+    )
+    bundle = load_bundle(build(config))
+    cold = cold_ids(bundle.manifest, "users")
+    keep = np.ones(bundle.n_users, dtype=np.float32)
+    keep[cold] = 0.0
+    fit_on = sp.csr_matrix(sp.diags(keep) @ bundle.matrix("train"))
+    trained_on = []
+    fit = SASRec.fit
+    monkeypatch.setattr(
+        SASRec, "fit", lambda self, sequences, *a: trained_on.extend(sequences) or fit(self, sequences, *a)
+    )
+    recipe_main("baselines")
+    fit_scorer = sys.modules["recipes_baselines"].fit_scorer
+    model = SASRec(max_len=8, hidden=8, dropouts=(0.1,), epochs=1, seed=0)
+    scorer = fit_scorer(model, bundle, "test", fit_on)
+    histories = bundle.histories("train")
+    assert len(cold) and all(trained_on[u] == [] for u in cold) and all(histories[u] for u in cold)
+    warm = [u for u in range(bundle.n_users) if u not in set(cold.tolist())]
+    assert all(trained_on[u] == list(histories[u]) for u in warm)
+    np.testing.assert_allclose(scorer.score(cold), model.score_rows([histories[u] for u in cold]))

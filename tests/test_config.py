@@ -69,7 +69,7 @@ def test_defaults_component_section_recipe_override_and_cli_in_that_order(tmp_pa
     [
         ("pretrain:\n  epohcs: 5\n", r"exp.yaml: unknown field\(s\) \['epohcs'\] in section 'pretrain'"),
         ("train:\n  corpora: x\n", r"unknown field\(s\) \['corpora'\] in section 'train' \(Train\)"),
-        ("pretrain:\n  train: {init: x}\n", r"unknown field\(s\) \['init'\] in section 'train'"),
+        ("pretrain:\n  train: {init: x}\n", r"unknown field\(s\) \['init'\] in section 'pretrain.train'"),
         ("epochs: 3\n", r"top-level key\(s\) \['epochs'\] outside a section.*move epochs -> train:"),
         ("train: 3\n", r"section 'train' must be a mapping"),
     ],
@@ -80,14 +80,61 @@ def test_every_key_reaches_one_dataclass_or_is_an_error(tmp_path, text, message)
         parse_config(Recipe, Train, args=["--config", write(tmp_path, text)])
 
 
-def test_a_field_two_dataclasses_could_take_is_an_error():
+def test_a_field_two_dataclasses_share_has_a_dotted_flag_each_and_the_flat_one_reaches_the_first(tmp_path):
     @dataclass
     class Clash:
         section: ClassVar[str] = "clash"
         epochs: int = 2
+        former: ClassVar[dict[str, str]] = {"clash_epochs": "clash.epochs"}
 
-    with pytest.raises(ConfigError, match=r"'epochs' is in both Train and Clash"):
-        parse_config(Recipe, Train, Clash, args=[])
+    types = (Recipe, Train, Clash)
+    _, train, clash = parse_config(*types, args=["--epochs", "3", "--clash.epochs", "4"])
+    assert (train.epochs, clash.epochs) == (3, 4)
+    _, train, clash = parse_config(*types, args=["--pretrain.train.epochs", "5", "--clash_epochs=6"])
+    assert (train.epochs, clash.epochs) == (5, 6)
+    path = write(tmp_path, "train: {epochs: 7}\nclash: {clash_epochs: 8}\npretrain: {clash: {epochs: 9}}\n")
+    _, train, clash = parse_config(*types, args=["--config", path])
+    assert (train.epochs, clash.epochs) == (7, 9)  # the recipe's nested section wins over the shared one
+    _, train, _ = parse_config(*types, args=["--config", path, "--train.epochs", "1"])
+    assert train.epochs == 1
+
+
+def test_a_former_key_of_the_recipe_section_reaches_its_new_section(tmp_path):
+    @dataclass
+    class Eval:
+        section: ClassVar[str] = "eval"
+        batch_size: int = 64
+
+    @dataclass
+    class Moved(Recipe):
+        former: ClassVar[dict[str, str]] = {"eval_batch_size": "eval.batch_size"}
+
+    path = write(tmp_path, "pretrain: {eval_batch_size: 16, train: {batch_size: 4}}\n")
+    _, train, evaluation = parse_config(Moved, Train, Eval, args=["--config", path])
+    assert (train.batch_size, evaluation.batch_size) == (4, 16)
+    _, train, evaluation = parse_config(
+        Moved, Train, Eval, args=["--batch_size", "2", "--eval_batch_size", "3"]
+    )
+    assert (train.batch_size, evaluation.batch_size) == (2, 3)
+
+
+def test_the_flag_spellings_of_earlier_versions_still_work():
+    @dataclass
+    class Switches:
+        section: ClassVar[str] = "switches"
+        with_content: bool = True
+        hidden_dims: list[int] = field(default_factory=lambda: [4])
+
+    types = (Recipe, Train, Switches)
+    _, train, switches = parse_config(
+        *types, args=["--batch-size", "3", "--no_with_content", "--hidden-dims", "2", "1"]
+    )
+    assert (train.batch_size, switches.with_content, switches.hidden_dims) == (3, False, [2, 1])
+    _, train, switches = parse_config(
+        *types, args=["--train.batch-size=5", "--switches.with_content", "false"]
+    )
+    assert (train.batch_size, switches.with_content) == (5, False)
+    assert parse_config(*types, args=["--with_content"])[2].with_content is True
 
 
 def test_bad_yaml_and_missing_file_are_clear_errors(tmp_path):
@@ -103,6 +150,9 @@ def test_help_lists_every_field(capsys):
     out = capsys.readouterr().out
     for name in ("--data", "--corpora", "--epochs", "--tags", "--config", "comma-separated"):
         assert name in out
+    groups = [line for line in out.splitlines() if line.endswith("):")]
+    assert groups == ["pretrain (Recipe):", "train (Train):"]
+    assert "--train.epochs, --pretrain.train.epochs, --epochs EPOCHS" in out
 
 
 RECIPES = (
@@ -136,6 +186,12 @@ def test_every_shipped_config_parses_for_the_recipes_it_has_sections_for(config,
         module = importlib.import_module(name)
         parsed = parse_config(*module.CONFIGS, args=["--config", str(config)])
         assert parsed[0].data == values["data"]
+        # the keys EvalConfig took over keep their values
+        own = values[name]
+        evaluation = [c for c in parsed if type(c).section == "eval"]
+        for key in ("eval_batch_size", "metric_for_best") + (("batch_size",) if name == "evaluate" else ()):
+            if key in own:
+                assert getattr(evaluation[0], key.removeprefix("eval_")) == own[key]
 
 
 def test_finetune_init_refuses_settings_that_the_pretraining_run_would_override(monkeypatch):
@@ -157,3 +213,30 @@ def test_finetune_init_refuses_settings_that_the_pretraining_run_would_override(
         ConfigError, match=r"--init runs/p .* sets num_layers=4 \(run: 2\), lora_r=32 \(run: 8\)"
     ):
         check_init("runs/p", (BackboneConfig(num_layers=4), run[0]), (ModelConfig(lora_r=32), run[1]))
+
+
+def test_every_choice_literal_names_what_the_code_implements():
+    from typing import get_args
+
+    from llmrec.baselines import BASELINES
+    from llmrec.data import FINETUNE_TASKS
+    from llmrec.options import BASELINE_NAMES, INDEX_CONFIGS, FinetuneTask, IndexMethod
+
+    assert set(get_args(FinetuneTask)) == set(FINETUNE_TASKS)
+    assert set(BASELINE_NAMES) == set(BASELINES)
+    assert set(get_args(IndexMethod)) == set(INDEX_CONFIGS)
+
+
+def test_a_field_without_default_is_required_on_the_command_line_or_in_the_file(tmp_path):
+    from common.config import parse_dataclasses
+
+    @dataclass
+    class Build:
+        input: str
+        out: str
+        seed: int = 0
+
+    with pytest.raises(ConfigError, match=r"^--input, --out required"):
+        parse_dataclasses(Build, args=["--seed", "1"])
+    path = write(tmp_path, "input: src\n")
+    assert parse_dataclasses(Build, args=["--config", path, "--out", "b"]) == (Build("src", "b"),)

@@ -172,7 +172,8 @@ def test_bundle_without_item_text_pretrains_and_says_content_is_skipped(tmp_path
 
 # ------------------------------------------------------------------------------------------------ config values
 BAD_VALUES = [
-    ("lr", [0.1], "must be a number"),
+    ("lr", [0.1], "must be a finite number"),
+    ("lr", ".nan", "must be a finite number"),
     ("lr", -1, "must be > 0"),
     ("batch_size", 0, "must be at least 1"),
     ("batch_size", -4, "must be at least 1"),
@@ -197,15 +198,13 @@ def test_bad_config_value_is_refused_naming_the_field(bundle, tmp_path, field, v
     cli = [] if where == "yaml" else [f"--{field}", json.dumps(value).strip('"')]
     if where == "cli" and isinstance(value, list):
         pytest.skip("argparse takes one value per flag")
-    type_error = message in ("must be a number", "must be an integer")
-    expected = SystemExit if where == "cli" and type_error else ConfigError  # argparse checks CLI types
     at = TINY.index(f"--{field}") if f"--{field}" in TINY else len(TINY)
     tiny = TINY[:at] + TINY[at + 2 :]  # the command line would win over the file
-    with pytest.raises(expected) as info:
+    with pytest.raises(ConfigError) as info:  # a type the parser refuses too, not argparse's SystemExit
         pretrain(bundle, tmp_path / "run", "--config", str(config), *cli, tiny=tiny)
-    if expected is ConfigError:
-        assert f"field {field!r}" in str(info.value) and message in str(info.value)
-        assert (str(config) in str(info.value)) == (where == "yaml")
+    assert f"field {field!r}" in str(info.value) or f"--{field}" in str(info.value)
+    assert message in str(info.value)
+    assert (str(config) in str(info.value)) == (where == "yaml")
     assert not (tmp_path / "run" / "run_config.json").exists()
 
 

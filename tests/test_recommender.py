@@ -180,6 +180,29 @@ def test_recommend_known_user_excludes_seen_items_and_carries_titles(recommender
     assert top[0].item not in {r.item for r in fewer} and fewer[0].item == top[1].item
 
 
+def test_ids_and_titles_map_score_columns_and_rows_and_are_read_only(recommender):
+    users, items, titles = recommender.user_ids, recommender.item_ids, recommender.item_titles
+    assert len(users) == recommender.n_users and len(items) == len(titles) == recommender.n_items
+    assert [recommender.user(u) for u in users[:3]] == [0, 1, 2] and recommender.items(items[:3]) == [0, 1, 2]
+    top = recommender.recommend(users[1], k=3)
+    assert [(r.item, r.title) for r in top] == [(items[r.index], titles[r.index]) for r in top]
+    scores = recommender.score_batch(users=[users[1]])[0]
+    assert items[int(scores.argmax())] in {
+        r.item for r in recommender.recommend(users[1], k=1, exclude_seen=False)
+    }
+    with pytest.raises(AttributeError):
+        recommender.item_ids = ()
+    with pytest.raises(TypeError):
+        recommender.item_ids[0] = "changed"  # a tuple: the catalogue cannot be changed through it
+
+
+def test_names_removed_since_0_1_still_work_with_a_deprecation_warning(recommender):
+    with pytest.deprecated_call(match="Recommender.user_index is deprecated"):
+        assert recommender.user_index[recommender.user_ids[2]] == 2
+    with pytest.deprecated_call(match="Recommender.item_index is deprecated"):
+        assert recommender.item_index[recommender.item_ids[4]] == 4
+
+
 def test_recommend_for_an_unseen_user_uses_the_cold_prompt(recommender):
     history = ["m1", "m5", "m9"]
     top = recommender.recommend(history=history, k=4)

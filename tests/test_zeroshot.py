@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from data_prep import load_bundle
 from llmrec.backbone import load_backbone
-from llmrec.metrics import DEFAULT_KS, evaluate_scorer
+from llmrec.data import input_histories
+from llmrec.metrics import DEFAULT_KS, evaluate_scorer, is_leave_one_out
 from llmrec.trie import Trie
 from llmrec.zeroshot import (
     EOS,
@@ -235,7 +236,7 @@ def test_recipe_runs_end_to_end_on_a_tiny_model(tiny_bundle, tmp_path, capsys):
     assert {r["users"] for r in rows.values()} == {6}
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["metrics"]["zeroshot-sum"]["recall@20"] == rows["zeroshot-sum"]["recall@20"]
-    assert len(saved["users"]) == 6 and saved["config"]["name_or_path"] == "tiny-llama"
+    assert len(saved["users"]) == 6 and saved["config"]["backbone"]["name_or_path"] == "tiny-llama"
     assert saved["timing"]["tokens_per_user"] > 0
     out = capsys.readouterr().out
     assert "zeroshot-sum" in out and "random" in out
@@ -245,8 +246,9 @@ def test_recipe_runs_end_to_end_on_a_tiny_model(tiny_bundle, tmp_path, capsys):
     model, tokenizer = load_backbone("tiny-llama")
     scorer = ZeroShotScorer(model, tokenizer, bundle.item_titles, PromptConfig(max_history=5), method="naive")
     users = saved["users"]
+    assert is_leave_one_out(bundle) and saved["history"] == "train+valid"  # the test prompt: train + valid
     naive = evaluate_scorer(
-        scorer.users(bundle.histories("train")),
+        scorer.users(input_histories(bundle, "test")),
         bundle,
         "test",
         users=users,
