@@ -59,6 +59,7 @@ BAD_VALUES = {
     "baselines": ["--sasrec_epochs", "many"],
     "zeroshot": ["--max_history", "many"],
     "align": ["--beta", "many"],
+    "serve": ["--port", "many"],
 }
 CALLS = [(recipe, ["--help"], 0) for recipe in BAD_VALUES] + [
     (recipe, argv, 2) for recipe, argv in BAD_VALUES.items()
