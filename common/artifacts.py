@@ -33,7 +33,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,14 +149,31 @@ class Lock:
         self.release()
 
 
-_HELD: list[Lock] = []
+_HELD: dict[Path, Lock] = {}
 
 
-def hold_lock(target: str | Path) -> Lock:
-    """Take ``target``'s lock for the rest of this process (a training run holds its output directory)."""
-    lock = Lock(target).__enter__()
-    _HELD.append(lock)
-    return lock
+def hold_lock(target: str | Path) -> None:
+    """Take ``target``'s lock until :func:`release_lock` or the end of this process (a training run holds
+    its output directory); taking it again in the same process is a no-op."""
+    key = Path(target).absolute()
+    if key not in _HELD:
+        _HELD[key] = Lock(target).__enter__()
+
+
+def release_lock(target: str | Path) -> None:
+    """Release a lock taken by :func:`hold_lock` (nothing when it is not held)."""
+    lock = _HELD.pop(Path(target).absolute(), None)
+    if lock is not None:
+        lock.release()
+
+
+def recover_all(folder: str | Path) -> None:
+    """:func:`recover` every target in ``folder`` that an interrupted replace left siblings of."""
+    pattern = re.compile(r"^\.(.+)\.(tmp|new|old)-\d+(-.*)?$")
+    folder = Path(folder)
+    names = {m.group(1) for m in map(pattern.match, os.listdir(folder)) if m} if folder.is_dir() else set()
+    for name in sorted(names):
+        recover(folder / name)
 
 
 def recover(out: str | Path, *, lock: bool = True) -> None:
@@ -194,14 +211,19 @@ def recover(out: str | Path, *, lock: bool = True) -> None:
         logger.debug("cannot recover %s: %s", out, err)
 
 
-def check_inputs(out: str | Path, inputs: Mapping[str, str | Path | None], kind: Kind) -> None:
-    """Refuse an ``out`` that is, contains or lies inside one of ``inputs`` (``{"--data": path}``)."""
+def check_inputs(
+    out: str | Path, inputs: Mapping[str, str | Path | None], kind: Kind, nested: Collection[str] = ()
+) -> None:
+    """Refuse an ``out`` that is, contains or lies inside one of ``inputs`` (``{"--data": path}``); an
+    input named in ``nested`` may hold the output (an index's default place is inside its dataset bundle,
+    whose own files the marker check still protects)."""
     target = Path(out).resolve()
     for flag, value in inputs.items():
         if value is None:
             continue
         source = Path(value).resolve()
-        if target == source or target in source.parents or source in target.parents:
+        inside = source in target.parents and flag not in nested
+        if target == source or target in source.parents or inside:
             relation = "is" if target == source else "contains" if target in source.parents else "lies inside"
             raise ArtifactError(
                 f"the output {relation} the {flag} {str(value)!r}; writing the {kind.name} there would "
@@ -227,11 +249,41 @@ def check_owned(out: str | Path, kind: Kind, overwrite: bool) -> None:
         raise ArtifactError(f"a {kind.name} already exists here; pass {kind.flag} to replace it", file=out)
 
 
-def disk_error(err: OSError, out: Path, kind: Kind) -> ArtifactError:
-    """The one-line error of a write that failed for want of space (``ENOSPC``/``EFBIG``/``EDQUOT``)."""
+def check_target(
+    out: str | Path,
+    kind: Kind,
+    overwrite: bool,
+    inputs: Mapping[str, str | Path | None] | None = None,
+    nested: Collection[str] = (),
+) -> None:
+    """Every check of :func:`write_directory`, for a command to run before its long work."""
+    check_inputs(out, inputs or {}, kind, nested)
+    recover(out)
+    check_owned(out, kind, overwrite)
+
+
+def disk_full(err: BaseException) -> str | None:
+    """Why ``err`` is a write that failed for want of space (``ENOSPC``/``EFBIG``/``EDQUOT``), else None.
+
+    Python raises ``OSError``; safetensors wraps the OS error in its text ("os error 28"); torch's
+    archive writer reports only the position it failed at ("unexpected pos").
+    """
+    if isinstance(err, OSError) and err.errno in DISK_FULL:
+        return err.strerror
+    text = str(err)
+    for code in DISK_FULL:
+        if f"os error {code})" in text:
+            return os.strerror(code)
+    if isinstance(err, RuntimeError) and "inline_container" in text and "unexpected pos" in text:
+        return "a torch file could not be written"
+    return None
+
+
+def disk_error(reason: str, out: Path, kind: Kind) -> ArtifactError:
+    """The one-line error of a write that failed for want of space: nothing was replaced."""
     return ArtifactError(
-        f"cannot write the {kind.name}: {err.strerror or err} (disk full or file size limit); "
-        "nothing was replaced",
+        f"cannot write the {kind.name}: {reason} (disk full or file size limit?); nothing was replaced, "
+        "free some space and run again",
         file=out,
     )
 
@@ -262,11 +314,12 @@ def write_directory(
     *,
     overwrite: bool = False,
     inputs: Mapping[str, str | Path | None] | None = None,
+    nested: Collection[str] = (),
 ) -> Iterator[Path]:
     """Yield an empty temporary sibling of ``out``; when the block succeeds it replaces ``out`` (rules 1-4
     of the module docstring). A failed block leaves ``out`` as it was and no temporary directory."""
     out = Path(out)
-    check_inputs(out, inputs or {}, kind)
+    check_inputs(out, inputs or {}, kind, nested)
     with Lock(out):
         recover(out, lock=False)
         check_owned(out, kind, overwrite)
@@ -278,9 +331,10 @@ def write_directory(
         try:
             yield tmp
             commit(tmp, out)
-        except OSError as err:
-            if err.errno in DISK_FULL:
-                raise disk_error(err, out, kind) from err
+        except Exception as err:
+            reason = disk_full(err)
+            if reason is not None:
+                raise disk_error(reason, out, kind) from err
             raise
         finally:
             _remove(tmp)

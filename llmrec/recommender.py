@@ -54,7 +54,8 @@ from safetensors.torch import load_file, save_file
 from common import __version__, io
 from common.catalogue import Catalogue
 from common.errors import UserError
-from common.io import ArtifactError, atomic_directory, file_records, read_json, write_json
+from common.artifacts import Kind, recover, write_directory
+from common.io import ArtifactError, file_records, read_json, write_json
 from llmrec.metrics import RankingMetrics
 from llmrec.options import WEIGHT_DTYPES
 from llmrec.prompts import FinetunePrompts
@@ -88,6 +89,17 @@ class BundleError(ArtifactError):
     """A recommender bundle that cannot be used; the message names the file and what is wrong."""
 
 
+def _is_bundle_config(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == BUNDLE_FORMAT
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
+
+
+# a directory --overwrite may replace: one whose config.json is a recommender bundle's, not any model's
+RECOMMENDER = Kind("recommender bundle", CONFIG_FILE, check=_is_bundle_config)
+
+
 def config_checksum(config: dict[str, Any]) -> str:
     """sha256 of config.json's content without its own ``checksum`` key (detects hand edits)."""
     content = {key: value for key, value in config.items() if key != "checksum"}
@@ -97,6 +109,7 @@ def config_checksum(config: dict[str, Any]) -> str:
 def read_config(directory: str | Path) -> dict[str, Any]:
     """``config.json`` of a bundle, checked: format, version, its own checksum, and the required keys."""
     path = Path(directory) / CONFIG_FILE
+    recover(directory)  # an export killed while renaming leaves the old or new bundle beside it
     if not Path(directory).is_dir():
         raise BundleError(f"{directory}: no such bundle directory")
     if not path.is_file():
@@ -159,6 +172,7 @@ def write_bundle(
     *,
     dtype: str = "fp32",
     overwrite: bool = False,
+    inputs: Mapping[str, str | Path | None] | None = None,
     mapper: TextToID | None = None,
     merged: Callable[[Path], None] | None = None,
 ) -> Path:
@@ -167,6 +181,7 @@ def write_bundle(
     ``mapper`` (the cold-item text-to-ID mapper) is an optional extra that :meth:`Recommender.add_items`
     reads back; ``merged(directory)`` writes the ``merged/`` directory (`llmrec.export`, ``--merge``),
     whose files config.json lists and checksums like the others. Non-finite weights are refused.
+    ``overwrite`` replaces only a recommender bundle, and never one of ``inputs`` (`common.artifacts`).
     """
     import peft
     import transformers
@@ -184,7 +199,7 @@ def write_bundle(
     fingerprint = backbone_fingerprint(model.backbone)
     trainable = {name: t.detach().to("cpu", torch_dtype) for name, t in model.trainable_state_dict().items()}
     require_finite(trainable, f"the model to export (as {dtype})")
-    with atomic_directory(out, overwrite=overwrite, marker=CONFIG_FILE) as tmp:
+    with write_directory(out, RECOMMENDER, overwrite=overwrite, inputs=inputs) as tmp:
         weights = {
             name: tensor.contiguous()
             for name, tensor in trainable.items()
