@@ -135,7 +135,8 @@ class Lock:
             taken = self.acquire()
         except OSError as err:
             raise ArtifactError(
-                f"cannot write the output directory (its lock {self.path.name}): {err.strerror}", file=self.target
+                f"cannot write the output directory (its lock {self.path.name}): {err.strerror}",
+                file=self.target,
             ) from err
         if not taken:
             raise ArtifactError(

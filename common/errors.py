@@ -15,10 +15,26 @@ from collections.abc import Callable
 from pathlib import Path
 
 USER_ERROR_EXIT = 2
+# the longest message an error prints: a value quoted in it (a YAML alias bomb expands to megabytes)
+# is cut in the middle, so the start (what is wrong, where) and the end (what to do) stay
+MAX_MESSAGE = 2000
+
+
+def bounded(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` cut in the middle to at most about ``limit`` characters, saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    tail = limit // 4
+    return f"{text[: limit - tail]} [... {len(text) - limit} characters cut ...] {text[-tail:]}"
 
 
 class UserError(ValueError):
-    """Input that the user has to fix: the message says what is wrong, where, and what to do."""
+    """Input that the user has to fix: the message says what is wrong, where, and what to do.
+
+    The message is bounded (:func:`bounded`), however long the values it quotes."""
+
+    def __init__(self, *args: object):
+        super().__init__(*(bounded(arg) if isinstance(arg, str) else arg for arg in args))
 
 
 def debug_requested(argv: list[str]) -> bool:
@@ -44,7 +60,7 @@ def run_cli(
     except UserError as err:
         if debug:
             raise
-        message = " ".join(str(err).split()) or type(err).__name__
+        message = bounded(" ".join(str(err).split())) or type(err).__name__
         sys.stderr.write(f"{prog}: error: {message} (--debug for the traceback)\n")
         return USER_ERROR_EXIT
     return 0

@@ -124,7 +124,9 @@ def inside(directory: Path, name: object, listed_in: Path) -> Path:
     without ``..`` that stays inside ``directory`` once links are resolved."""
     rel = PurePosixPath(name) if isinstance(name, str) else None
     if rel is None or not rel.parts or rel.is_absolute() or ".." in rel.parts or "\\" in str(name):
-        raise ArtifactError(f"lists {str(name)[:80]!r}, not a relative path inside the directory", file=listed_in)
+        raise ArtifactError(
+            f"lists {str(name)[:80]!r}, not a relative path inside the directory", file=listed_in
+        )
     path = directory / rel
     if not path.resolve().is_relative_to(directory.resolve()):
         raise ArtifactError(f"a link that leads outside {directory}: refused", file=path)

@@ -32,8 +32,8 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from common.errors import UserError
 from common.artifacts import Kind, recover, write_directory
+from common.errors import UserError
 from common.io import read_json, write_json
 from llmrec.backbone import load_backbone
 from llmrec.options import BackboneConfig, ModelConfig

@@ -41,6 +41,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import string
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,9 +53,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common import __version__, io
+from common.artifacts import Kind, recover, write_directory
 from common.catalogue import Catalogue
 from common.errors import UserError
-from common.artifacts import Kind, recover, write_directory
 from common.io import ArtifactError, file_records, read_json, write_json
 from llmrec.metrics import RankingMetrics
 from llmrec.options import WEIGHT_DTYPES
@@ -138,6 +139,81 @@ def read_config(directory: str | Path) -> dict[str, Any]:
             "Recommender.from_pretrained, not edits of this file"
         )
     return config
+
+
+# the fields each prompt template may use: known users' prompts name the user, cold ones only the history
+TEMPLATE_FIELDS = {"user": {"user", "history"}, "cold": {"history"}}
+MAX_TEMPLATE_CHARS = 10_000
+
+
+def check_template(template: object, name: str) -> str:
+    """A prompt template a bundle may carry: ``{history}``, plain fields of ``TEMPLATE_FIELDS[name]``
+    only, no conversion or format spec (``{user:>9999}`` would pad every prompt), bounded length. A
+    :class:`UserError` says what is wrong."""
+    allowed = TEMPLATE_FIELDS[name]
+    if not isinstance(template, str) or len(template) > MAX_TEMPLATE_CHARS:
+        raise UserError(f"{name} template must be a string of at most {MAX_TEMPLATE_CHARS} characters")
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise UserError(f"{name} template {template!r} is not a format string ({err})") from err
+    fields = set()
+    for _, field, spec, conversion in parts:
+        if field is None:
+            continue
+        if field not in allowed or spec or conversion:
+            raise UserError(
+                f"{name} template {template!r}: field {{{field}{'!' + conversion if conversion else ''}"
+                f"{':' + spec if spec else ''}}} is not allowed; use only {sorted(allowed)}, without "
+                "conversions or format specs"
+            )
+        fields.add(field)
+    if "history" not in fields:
+        raise UserError(f"{name} template {template!r} must contain {{history}}")
+    return template
+
+
+def check_templates(templates: object, path: Path) -> dict[str, str]:
+    """A bundle's ``templates`` (known users' and cold users' prompts), each checked by :func:`check_template`."""
+    if not isinstance(templates, dict) or set(templates) != set(TEMPLATE_FIELDS):
+        raise BundleError(f"'templates' must map exactly {sorted(TEMPLATE_FIELDS)} to prompts", file=path)
+    try:
+        return {name: check_template(templates[name], name) for name in TEMPLATE_FIELDS}
+    except UserError as err:
+        raise BundleError(str(err), file=path) from err
+
+
+# backbone options that are places on the loader's disk or network access: never taken from a bundle
+LOADER_OPTIONS = {"cache_dir": None, "allow_download": False}
+
+
+def saved_backbone(config: dict[str, Any], path: Path) -> BackboneConfig:
+    """The bundle's backbone, without the options that are the loader's choice (``LOADER_OPTIONS``): a
+    bundle cannot choose where a converted backbone is written or read from, nor allow downloads."""
+    from llmrec.backbone import BackboneConfig
+
+    saved = config["backbone"]["config"]
+    if not isinstance(saved, dict):
+        raise BundleError("'backbone.config' is not a mapping", file=path)
+    ignored = sorted(key for key, value in LOADER_OPTIONS.items() if saved.get(key, value) != value)
+    if ignored:
+        logger.warning(
+            "%s: ignoring the bundle's backbone %s (the loader's choice)", path, ", ".join(ignored)
+        )
+    return BackboneConfig(**{**saved, **LOADER_OPTIONS})
+
+
+def required_files(config: dict[str, Any]) -> list[str]:
+    """The files the loader opens: each must be listed (sized and hashed) in config.json."""
+    adapters = config["adapters"] if isinstance(config["adapters"], list) else []
+    per_adapter = ("adapter_config.json", "adapter_model.safetensors")
+    return [
+        WEIGHTS_FILE,
+        HISTORIES_FILE,
+        "users.json",
+        "items.json",
+        *(f"{ADAPTER_DIR}/{name}/{file}" for name in adapters for file in per_adapter),
+    ]
 
 
 def verify_files(directory: str | Path, files: dict[str, dict[str, Any]], hashes: bool = True) -> None:
@@ -338,26 +414,31 @@ class Recommender:
         bundles too large to hash at every load. ``kv_users``: how many known users' prompt keys and
         values the cache keeps for :meth:`update` (see :class:`Recommender`).
         """
-        from llmrec.backbone import BackboneConfig, backbone_fingerprint
+        from llmrec.backbone import backbone_fingerprint
         from llmrec.model import ModelConfig
 
         directory = Path(directory)
         config = read_config(directory)
+        config_path = directory / CONFIG_FILE
         verify_files(directory, config["files"], hashes=verify)
+        unlisted = [name for name in required_files(config) if name not in config["files"]]
+        if unlisted:
+            raise BundleError(
+                f"does not list {unlisted} among its files: incomplete bundle", file=config_path
+            )
+        templates = check_templates(config["templates"], config_path)
         try:
             vocab = RecVocab.from_dict(config["vocab"])
             model_config = ModelConfig(**config["model"])
-            saved_backbone = BackboneConfig(**config["backbone"]["config"])
+            backbone = saved_backbone(config, config_path)
         except (KeyError, TypeError, ValueError) as err:
-            raise BundleError(f"{directory / CONFIG_FILE}: invalid content ({err})") from err
-        if saved_backbone.trust_remote_code and not trust_remote_code:
+            raise BundleError(f"{config_path}: invalid content ({err})") from err
+        if backbone.trust_remote_code and not trust_remote_code:
             raise BundleError(
-                f"{directory / CONFIG_FILE}: the backbone {saved_backbone.name_or_path!r} needs "
+                f"{config_path}: the backbone {backbone.name_or_path!r} needs "
                 "trust_remote_code=True; pass it to from_pretrained only if you trust that model's code"
             )
-        backbone = dataclasses.replace(
-            saved_backbone, trust_remote_code=trust_remote_code, **backbone_overrides
-        )
+        backbone = dataclasses.replace(backbone, trust_remote_code=trust_remote_code, **backbone_overrides)
         try:
             found = backbone_fingerprint(backbone)
         except OSError as err:
@@ -394,7 +475,7 @@ class Recommender:
             model,
             catalogue,
             histories,
-            config["templates"],
+            templates,
             batch_size=batch_size,
             mapper=mapper,
             dtype=config["dtype"],

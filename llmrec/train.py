@@ -57,7 +57,9 @@ logger = get_logger(__name__)
 STATE_FILE = "trainer_state.json"
 
 
-def make_accelerator(config: TrainConfig, inputs: Mapping[str, str | Path | None] | None = None) -> Accelerator:
+def make_accelerator(
+    config: TrainConfig, inputs: Mapping[str, str | Path | None] | None = None
+) -> Accelerator:
     """The run's accelerator, after :func:`prepare_output_dir` has checked ``output_dir`` against the
     run's ``inputs`` (``{"--init": ..., "--data": ...}``) and taken its lock."""
     accelerator = Accelerator(
@@ -170,8 +172,10 @@ def settle_checkpoints(accelerator: Accelerator, output_dir: str | Path) -> None
     if accelerator.is_main_process and folder.is_dir():
         recover_all(folder)
         for stale in folder.iterdir():
-            if stale.name.startswith(".checkpoint_") and stale.name.endswith(".tmp") or (
-                CHECKPOINT.match(stale.name) and not (stale / STATE_FILE).is_file()
+            if (
+                stale.name.startswith(".checkpoint_")
+                and stale.name.endswith(".tmp")
+                or (CHECKPOINT.match(stale.name) and not (stale / STATE_FILE).is_file())
             ):
                 logger.warning("removing %s, left incomplete by an interrupted save", stale)
                 shutil.rmtree(stale, ignore_errors=True)

@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 
 from common.io import ArtifactError
-
 from llmrec.indexing import (
     CollaborativeIndexConfig,
     CollaborativeIndexer,
