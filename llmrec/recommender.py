@@ -38,10 +38,12 @@ of distribution; they are a usable fallback, not what the model was selected for
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import string
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,7 +56,7 @@ from safetensors.torch import load_file, save_file
 
 from common import __version__, io
 from common.artifacts import Kind, recover, write_directory
-from common.catalogue import Catalogue
+from common.catalogue import Catalogue, id_sequence
 from common.errors import UserError
 from common.io import ArtifactError, file_records, read_json, write_json
 from llmrec.metrics import RankingMetrics
@@ -341,6 +343,17 @@ def _save_adapters(model: CLLM4Rec, directory: Path, dtype: torch.dtype) -> None
         )
 
 
+def _locked(method: Callable) -> Callable:
+    """Run a :class:`Recommender` method under the instance's lock (see the class docstring)."""
+
+    @functools.wraps(method)
+    def call(self: Recommender, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return call
+
+
 @dataclass(frozen=True)
 class Recommendation:
     """One recommended item: raw id, catalogue index, title and score (the item head's logit)."""
@@ -363,6 +376,10 @@ class Recommender:
     (`llmrec.scoring.UserStates`; ``n_users x hidden`` floats, plus the keys and values of the last
     ``kv_users`` prompts), so later calls cost one head product. :meth:`warm_cache` fills the cache
     ahead of time, :meth:`update` grows a history on top of the cached prompt.
+
+    Thread-safe: every public method runs under one lock per instance (a re-entrant lock), so threads
+    may share a recommender; their calls run one at a time (each forward pass uses torch's own threads).
+    The cache, the histories, the catalogue and the model change only under that lock.
     """
 
     def __init__(
@@ -378,6 +395,7 @@ class Recommender:
     ):
         from llmrec.scoring import UserStates
 
+        self._lock = threading.RLock()
         self.model, self.catalogue, self.batch_size = model, catalogue, batch_size
         self.histories = list(histories)  # update() grows them in place
         self.templates, self.mapper, self.dtype = templates, mapper, dtype
@@ -501,11 +519,13 @@ class Recommender:
         """Indices of catalogue items; a clear error naming the first unknown id and its position."""
         return self.catalogue.items(raw_ids)
 
+    @_locked
     def history(self, user: str | int) -> list[str]:
         """A known user's training items (raw ids, oldest first): their prompt and their seen items."""
         return [self.catalogue.item_ids[i] for i in self.histories[self.user(user)]]
 
     # ------------------------------------------------------------------ catalogue
+    @_locked
     def add_items(self, items: Iterable[Mapping[str, Any]] | Any) -> list[int]:
         """Add items nobody has interacted with, from their text, without retraining; returns their indices.
 
@@ -539,6 +559,7 @@ class Recommender:
         logger.info("added %d items (%d in the catalogue)", len(new), self.n_items)
         return indices
 
+    @_locked
     def save_pretrained(self, directory: str | Path, overwrite: bool = False) -> Path:
         """Write this recommender, added items and mapper included, as a bundle that
         :meth:`from_pretrained` loads."""
@@ -555,12 +576,14 @@ class Recommender:
         )
 
     # ------------------------------------------------------------------ cache of known users
+    @_locked
     def warm_cache(self, users: Sequence[str | int] | None = None, batch_size: int | None = None) -> None:
         """Run the prompts of ``users`` (default: every known user) through the LM now, ``batch_size``
         (default: the recommender's) at a time, so that their later calls cost one head product."""
-        indices = None if users is None else [self.user(u) for u in users]
+        indices = None if users is None else [self.user(u) for u in id_sequence(users, "users")]
         self._states.warm(indices, batch_size=batch_size)
 
+    @_locked
     def update(self, user: str | int, items: Sequence[str | int]) -> bool:
         """Append ``items`` (raw ids, oldest first) to a known user's history and refresh their cached
         state; later scores rank from the grown history and exclude its items as seen.
@@ -571,10 +594,11 @@ class Recommender:
         Returns whether the incremental step was taken. The grown history is what
         :meth:`save_pretrained` writes.
         """
-        if isinstance(items, (str, bytes)) or len(items) == 0:
+        if len(id_sequence(items, f"update of user {user!r}")) == 0:
             raise UserError(f"update of user {user!r}: give a non-empty list of item ids")
         return self._states.update(self.user(user), self.items(items))
 
+    @_locked
     def clear_cache(self) -> None:
         """Forget the cached states (needed only after changing the model's weights in place)."""
         self._states.clear()
@@ -582,7 +606,8 @@ class Recommender:
     @property
     def cache_bytes(self) -> int:
         """Memory held by the cache of known users (states plus kept keys and values)."""
-        return self._states.nbytes
+        with self._lock:
+            return self._states.nbytes
 
     # ------------------------------------------------------------------ scores
     def score(
@@ -592,6 +617,7 @@ class Recommender:
         users, histories = _one(user, history)
         return self.score_batch(users, histories=histories)[0]
 
+    @_locked
     def score_batch(
         self,
         users: Sequence[str | int] | None = None,
@@ -600,6 +626,10 @@ class Recommender:
     ) -> torch.Tensor:
         """Scores (batch, n_items) for many known users, or for many histories of unseen users."""
         _exactly_one(users, histories, "users (known user ids)", "histories (lists of item ids)")
+        if users is not None:
+            users = id_sequence(users, "users")
+        else:
+            histories = id_sequence(histories, "histories")
         if len(users if users is not None else histories) == 0:
             return torch.empty(0, self.n_items)
         if users is not None:
@@ -611,9 +641,7 @@ class Recommender:
         return scorer.score(np.arange(len(indexed)))
 
     def _cold_history(self, history: Sequence[str | int], row: int) -> list[int]:
-        if isinstance(history, (str, bytes)):
-            raise UserError(f"history {row} is a string; pass a list of item ids")
-        if len(history) == 0:
+        if len(id_sequence(history, f"history {row}")) == 0:
             raise UserError(
                 f"history {row} is empty: a user unseen in training needs at least one item id "
                 "(known users: pass user=ID)"
@@ -637,6 +665,7 @@ class Recommender:
             users, histories=histories, k=k, exclude_seen=exclude_seen, exclude=[exclude]
         )[0]
 
+    @_locked
     def recommend_batch(
         self,
         users: Sequence[str | int] | None = None,
@@ -652,6 +681,8 @@ class Recommender:
         if k < 1:
             raise UserError(f"k must be a positive number of items, got {k}")
         scores = self.score_batch(users, histories=histories)
+        if exclude is not None:
+            exclude = id_sequence(exclude, "exclude (one list of item ids per row)")
         if exclude is not None and len(exclude) != len(scores):
             raise ValueError(f"exclude has {len(exclude)} lists for {len(scores)} users")
         masked = scores.clone()
