@@ -305,7 +305,10 @@ def commit(tmp: Path, out: Path) -> None:
         _remove(new)
         raise
     if old.exists():
-        shutil.rmtree(old)
+        try:
+            shutil.rmtree(old)
+        except OSError as err:  # the new content is in place: the next writer or reader removes it
+            logger.warning("could not delete the replaced %s (%s)", old, err)
 
 
 @contextlib.contextmanager
