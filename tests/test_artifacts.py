@@ -8,11 +8,10 @@ import errno
 import os
 import shutil
 import stat
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import STEPS, kill_during
 
 from common import artifacts
 from common.artifacts import Kind, Lock, recover, write_directory
@@ -102,41 +101,6 @@ def test_a_lock_held_by_another_process_refuses_and_a_dead_holder_does_not(tmp_p
 
 
 # ------------------------------------------------------------------------------------------- kills
-STEPS = 4  # tmp -> .new, out -> .old, .new -> out, delete .old
-
-
-def kill_during(out: Path, step: int, action: Callable[[], object]) -> int:
-    """Run ``action`` in a child process that dies (``os._exit``) just before the ``step``-th filesystem
-    step (1-based) of the replace of ``out``; returns the child's exit status (0: not killed)."""
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            calls = [0]
-
-            def counted(real):
-                def call(*args, **kwargs):
-                    names = {Path(a).name for a in args if isinstance(a, (str, Path))}
-                    if any(n == out.name or n.startswith(f".{out.name}.") for n in names):
-                        calls[0] += 1
-                        if calls[0] == step:
-                            os._exit(9)
-                    return real(*args, **kwargs)
-
-                return call
-
-            artifacts.os.rename = counted(os.rename)  # the child's copy of the module: dies with it
-            artifacts.shutil.rmtree = counted(shutil.rmtree)
-            action()
-        except BaseException as err:  # noqa: BLE001 - report it, the parent fails the test
-            sys.stderr.write(f"child failed: {err!r}\n")
-            code = 3
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
-
-
 @pytest.mark.parametrize("step", range(1, STEPS + 2))
 def test_a_kill_between_any_two_steps_leaves_the_old_or_the_new_content(tmp_path, step):
     out = write(tmp_path / "art", "old")
