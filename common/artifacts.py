@@ -12,9 +12,9 @@ extended recommender bundle) goes through :func:`write_directory`, and a run dir
 3. **One writer per target.** A lock (``flock`` on ``.NAME.lock`` beside the target) makes a second
    writer fail at once with a one-line error; the kernel drops it when its process dies.
 4. **Write beside, rename in, delete last.** The content is written into ``.NAME.tmp-PID-*``; when
-   complete it becomes ``.NAME.new-PID``; the old directory moves aside to ``.NAME.old-PID``; the new one
-   is renamed to ``NAME``; only then is the old one deleted. A failure during the renames puts the old one
-   back. After a kill between any two steps, :func:`recover` (run by the next writer and by readers)
+   complete it gets the umask's permissions and becomes ``.NAME.new-PID``; the old directory moves
+   aside to ``.NAME.old-PID``; the new one is renamed to ``NAME``; only then is the old one deleted.
+   A failure during the renames puts the old one back. After a kill between any two steps, :func:`recover` (run by the next writer and by readers)
    renames a complete ``new`` (else the ``old``) back to ``NAME`` and removes what is left, so the old
    or the new content is always complete and loadable.
 
@@ -289,11 +289,21 @@ def disk_error(reason: str, out: Path, kind: Kind) -> ArtifactError:
     )
 
 
+def follow_umask(directory: Path) -> None:
+    """Give ``directory`` and everything in it the umask's permissions (0644/0755 under umask 022):
+    ``tempfile`` and safetensors create files readable by their owner only (0600)."""
+    mask = umask()
+    for path in [directory, *directory.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def commit(tmp: Path, out: Path) -> None:
     """Replace ``out`` by the complete directory ``tmp``: tmp -> .new, out -> .old, .new -> out, delete
     .old. A failure in between puts the old content back (a kill is undone by :func:`recover`)."""
     new = out.with_name(f".{out.name}.new-{os.getpid()}")
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    follow_umask(tmp)
     os.rename(tmp, new)
     try:
         if out.exists():
@@ -329,7 +339,6 @@ def write_directory(
         check_owned(out, kind, overwrite)
         try:
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-            tmp.chmod(0o777 & ~umask())
         except OSError as err:  # no permission, a read-only file system
             raise ArtifactError(f"cannot write the output directory: {err.strerror}", file=out) from err
         try:
