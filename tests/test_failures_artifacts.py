@@ -5,6 +5,7 @@ of the issue is refused through the command line or the API."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -268,3 +269,46 @@ def test_save_pretrained_overwrite_takes_only_a_recommender_bundle(recommender, 
     assert tree(hf_model) == ["config.json", "tokenizer.json"]
     bundle = recommender.save_pretrained(tmp_path / "bundle")
     assert recommender.save_pretrained(bundle, overwrite=True) == bundle
+
+
+# ------------------------------------------------------------------------------------------- runtime errors
+def test_a_full_disk_during_build_is_one_line_and_keeps_the_old_bundle(tmp_path):
+    """``ulimit -f`` (RLIMIT_FSIZE) in a real ``python -m data_prep build --overwrite``: exit 2, one line."""
+    import resource
+    import subprocess
+    import sys
+
+    out = csv_bundle(tmp_path, 6, tmp_path / "bundle")
+    source = tmp_path / "big.csv"
+    rows = "".join(f"u{u},i{(u + k) % 50},{10 * k},a review {u} {k}\n" for u in range(300) for k in range(20))
+    source.write_text("user_id,item_id,timestamp,review\n" + rows)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    argv = ["--format", "csv", "--input", str(source), "--time_col", "timestamp", "--text_col", "review"]
+    done = subprocess.run(
+        [sys.executable, "-m", "data_prep", "build", *argv, "--out", str(out), "--overwrite"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"},
+        preexec_fn=limit,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert errors == [errors[0]] and "File too large (disk full or file size limit?)" in errors[0]
+    assert load_bundle(out).n_users == 6
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".bundle")) == []
+
+
+def test_a_cut_last_line_of_metrics_is_dropped_on_resume_and_a_damaged_one_is_named(tmp_path):
+    from llmrec.train import _truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "loss/fin')
+    _truncate_metrics(path, 2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+    path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
+    with pytest.raises(RunError, match=r"metrics.jsonl: line 2 is not a metrics record"):
+        _truncate_metrics(path, 2)

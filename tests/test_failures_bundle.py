@@ -226,3 +226,21 @@ def test_sequences_of_ids_still_work(recommender):
     assert recommender.score_batch(np.array(["u1"])).shape == (1, recommender.n_items)
     top = recommender.recommend(user="u1", exclude=["m10"], k=recommender.n_items)
     assert "m10" not in [r.item for r in top]
+
+
+def test_a_full_disk_during_save_pretrained_keeps_the_old_bundle(recommender, tmp_path, monkeypatch):
+    import safetensors
+
+    bundle = recommender.save_pretrained(tmp_path / "bundle")
+    before = (bundle / "config.json").read_text()
+
+    def full(*args, **kwargs):
+        raise safetensors.SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
+
+    monkeypatch.setattr("llmrec.recommender.save_file", full)
+    with pytest.raises(UserError, match="cannot write the recommender bundle: No space left on device"):
+        recommender.save_pretrained(bundle, overwrite=True)
+    assert (bundle / "config.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
