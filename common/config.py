@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from common.errors import UserError
+from common.errors import UserError, shown
 
 
 class ConfigError(UserError):
@@ -33,7 +33,7 @@ class ConfigError(UserError):
 def require(condition: bool, name: str, value: Any, requirement: str) -> None:
     """Raise a :class:`ConfigError` for field ``name`` unless ``condition`` holds."""
     if not condition:
-        raise ConfigError(f"field {name!r} {requirement}, got {value!r}", field=name)
+        raise ConfigError(f"field {name!r} {requirement}, got {shown(value)}", field=name)
 
 
 def coerce(value: Any, annotation: Any, name: str) -> Any:

@@ -10,6 +10,7 @@ both ``python -m data_prep`` and the recipes use it.
 from __future__ import annotations
 
 import os
+import reprlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,17 @@ USER_ERROR_EXIT = 2
 # the longest message an error prints: a value quoted in it (a YAML alias bomb expands to megabytes)
 # is cut in the middle, so the start (what is wrong, where) and the end (what to do) stay
 MAX_MESSAGE = 2000
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict, _SHORT.maxset = 2, 8, 8, 8, 8
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 200, 200, 60
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` for an error message, bounded without expanding it: a YAML alias bomb is a list
+    whose full repr has billions of elements (`reprlib` stops at 2 levels and 8 entries per level)."""
+    return _SHORT.repr(value)
 
 
 def bounded(text: str, limit: int = MAX_MESSAGE) -> str:

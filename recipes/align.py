@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"{init}: task {args.task!r} has no item head to align; DPO here aligns the item head"
         )
     model_dir = run_model_dir(init)  # checked before --overwrite_output_dir deletes anything
+    bundle = load_bundle(args.data)  # checked before --overwrite_output_dir deletes anything
     accelerator = make_accelerator(train_config, inputs={"--init": args.init, "--data": args.data})
-    bundle = load_bundle(args.data)
     model = CLLM4Rec.from_pretrained(model_dir)
     prompt = FINETUNE_TASKS[args.task]
     dataset = build_preferences(

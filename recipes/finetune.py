@@ -158,8 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
     from llmrec.train import make_accelerator, save_run_config, train
 
     init = init_model(args.init) if args.init else None  # checked before --overwrite_output_dir deletes
+    bundle = load_bundle(args.data)  # checked before --overwrite_output_dir deletes anything
     accelerator = make_accelerator(train_config, inputs={"--init": args.init, "--data": args.data})
-    bundle = load_bundle(args.data)
     if init is not None:
         model = CLLM4Rec.from_pretrained(init)
         require_same_catalogue(bundle, model, f"--init {args.init}")
