@@ -592,6 +592,7 @@ def run_model_dir(run: str | Path) -> Path:
     """The model a run is evaluated and exported with: ``RUN/best`` when the run kept one, else ``RUN/model``."""
     run = Path(run)
     for name in ("best", "model"):
+        recover(run / name)  # a save killed while renaming leaves the old or new model beside it
         if (run / name / "config.json").is_file():
             return run / name
     raise RunError(f"{run}: no trained model (expected {run}/best or {run}/model with config.json)")

@@ -312,3 +312,16 @@ def test_a_cut_last_line_of_metrics_is_dropped_on_resume_and_a_damaged_one_is_na
     path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
     with pytest.raises(RunError, match=r"metrics.jsonl: line 2 is not a metrics record"):
         _truncate_metrics(path, 2)
+
+
+def test_a_run_whose_best_model_save_was_killed_is_evaluated_with_best(data, tmp_path):
+    """run_model_dir (evaluate, export, align) finishes the interrupted replace before choosing."""
+    from llmrec.model import run_model_dir
+
+    model = model_for(load_bundle(data), ModelConfig(lora_r=4), BackboneConfig("tiny-llama"))
+    run = tmp_path / "run"
+    model.save_pretrained(run / "model")
+    model.save_pretrained(run / "best")
+    kill_during(run / "best", 3, lambda: model.save_pretrained(run / "best"))  # best/ is aside now
+    assert not (run / "best").exists()
+    assert run_model_dir(run) == run / "best"
