@@ -7,14 +7,30 @@ maps and the same errors for unknown ids.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from common.errors import NotFoundError
+from common.errors import NotFoundError, UserError
 from common.io import ArtifactError, read_json, write_json
 
 USERS_FILE = "users.json"
 ITEMS_FILE = "items.json"
+
+
+def id_sequence(value: object, what: str) -> Sequence:
+    """``value`` if it is a sequence of ids (list, tuple, 1-d array...); a bare string (which would be
+    read character by character: ``"538"`` as ids 5, 3 and 8), a mapping or a scalar is a `UserError`."""
+    if isinstance(value, (str, bytes, bytearray)):
+        shown = value[:50]
+        raise UserError(f"{what}: got the string {shown!r} where a list of ids is expected; pass [{shown!r}]")
+    if (
+        isinstance(value, Mapping)
+        or not hasattr(value, "__len__")
+        or not hasattr(value, "__iter__")
+        or getattr(value, "ndim", 1) != 1
+    ):
+        raise UserError(f"{what}: expected a list of ids, got a {type(value).__name__}")
+    return value
 
 
 class Catalogue:
@@ -52,7 +68,9 @@ class Catalogue:
         return _lookup("user", self.user_index, self.user_ids, raw_id, "", hint)
 
     def items(self, raw_ids: Sequence[str | int]) -> list[int]:
-        """Indices of items by raw id; the error names the first unknown id and its position."""
+        """Indices of items by raw id; the error names the first unknown id and its position (a bare string
+        is refused, :func:`id_sequence`)."""
+        raw_ids = id_sequence(raw_ids, "item ids")
         return [
             _lookup("item", self.item_index, self.item_ids, raw, f" at position {pos}", "")
             for pos, raw in enumerate(raw_ids)

@@ -26,11 +26,10 @@ from typing import Any, Literal
 
 import yaml
 
-from common.errors import UserError
+from common.errors import UserError, shown
 
 MAX_DEPTH = 32  # deepest nesting of a config file's values
 MAX_NODES = 100_000  # values in a config file, aliases expanded (a YAML alias bomb grows x9 per level)
-SHOWN = 120  # characters of a bad value that an error message shows
 REQUIRED = argparse.SUPPRESS  # the parsed value of a field without a default that nothing set
 
 
@@ -40,12 +39,6 @@ class ConfigError(UserError):
     def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
         self.field = field
-
-
-def shown(value: Any) -> str:
-    """``repr(value)``, cut to `SHOWN` characters: an expanded YAML alias can be megabytes long."""
-    text = repr(value)
-    return text if len(text) <= SHOWN else f"{text[:SHOWN]}... ({len(text)} characters)"
 
 
 def require(condition: bool, name: str, value: Any, requirement: str) -> None:

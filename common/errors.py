@@ -10,15 +10,43 @@ both ``python -m data_prep`` and the recipes use it.
 from __future__ import annotations
 
 import os
+import reprlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 USER_ERROR_EXIT = 2
+# the longest message an error prints: a value quoted in it (a YAML alias bomb expands to megabytes)
+# is cut in the middle, so the start (what is wrong, where) and the end (what to do) stay
+MAX_MESSAGE = 2000
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict, _SHORT.maxset = 2, 8, 8, 8, 8
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 200, 200, 60
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` for an error message, bounded without expanding it: a YAML alias bomb is a list
+    whose full repr has billions of elements (`reprlib` stops at 2 levels and 8 entries per level)."""
+    return _SHORT.repr(value)
+
+
+def bounded(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` cut in the middle to at most about ``limit`` characters, saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    tail = limit // 4
+    return f"{text[: limit - tail]} [... {len(text) - limit} characters cut ...] {text[-tail:]}"
 
 
 class UserError(ValueError):
-    """Input that the user has to fix: the message says what is wrong, where, and what to do."""
+    """Input that the user has to fix: the message says what is wrong, where, and what to do.
+
+    The message is bounded (:func:`bounded`), however long the values it quotes."""
+
+    def __init__(self, *args: object):
+        super().__init__(*(bounded(arg) if isinstance(arg, str) else arg for arg in args))
 
 
 class NotFoundError(UserError):
@@ -53,6 +81,6 @@ def run_cli(
     except UserError as err:
         if debug:
             raise
-        sys.stderr.write(f"{prog}: error: {one_line(err)} (--debug for the traceback)\n")
+        sys.stderr.write(f"{prog}: error: {bounded(one_line(err))} (--debug for the traceback)\n")
         return USER_ERROR_EXIT
     return 0

@@ -1,9 +1,8 @@
-"""Files that are either complete or absent: atomic directory and file writes, sha256, JSON.
+"""Files that are either complete or absent: atomic file writes, sha256, JSON, ArtifactError.
 
-Every artefact the project writes (dataset bundles, run directories, indexes, exports, metrics) goes
-through here, so an interrupted write never leaves a half-written file where a reader would find it.
-Written with the standard library only (``tempfile`` + ``os.replace``); no ecosystem package offers an
-atomic *directory* rename with rollback.
+Every file the project writes on its own (metrics, JSON records) goes through :func:`atomic_file`, so
+an interrupted write never leaves a half-written file where a reader would find it; whole directories
+go through `common.artifacts`. Written with the standard library (``tempfile`` + ``os.replace``).
 """
 
 from __future__ import annotations
@@ -11,18 +10,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
-import re
-import shutil
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from common.errors import UserError
-
-logger = logging.getLogger(__name__)
 
 
 class ArtifactError(UserError):
@@ -34,71 +28,11 @@ class ArtifactError(UserError):
         super().__init__(f"{file}: {message}" if file is not None else message)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-def _remove_stale(out: Path) -> None:
-    """Temporary siblings of ``out`` left by a killed writer (its pid is in the name and no longer runs)."""
-    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(\d+)(-|$)")
-    for path in out.parent.iterdir():
-        found = pattern.match(path.name)
-        if found and int(found.group(2)) != os.getpid() and not _alive(int(found.group(2))):
-            logger.warning("removing %s, left behind by an interrupted write", path)
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-
-
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (read by setting and restoring it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-@contextlib.contextmanager
-def atomic_directory(out: str | Path, overwrite: bool = False, marker: str | None = None) -> Iterator[Path]:
-    """Yield a temporary sibling of ``out`` and rename it to ``out`` only if the block succeeds,
-    so a failed write never leaves a half-written directory (or clobbers a good one).
-
-    ``overwrite`` replaces an existing directory, but only one holding ``marker`` (the file that makes
-    it an artefact of this kind) when one is given, so a mistyped ``--out`` cannot delete unrelated
-    data. Temporary siblings left by a killed writer are removed first; the result gets the umask.
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ArtifactError("output path is an existing file, not a directory; choose another", file=out)
-    if out.exists() and not overwrite:
-        raise ArtifactError("output directory already exists (use --overwrite to replace it)", file=out)
-    if out.exists() and marker and not (out / marker).is_file() and any(out.iterdir()):
-        raise ArtifactError(
-            f"output directory is not empty and holds no {marker}: not written by llmrec, so "
-            "--overwrite will not replace it; choose another output directory",
-            file=out,
-        )
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale(out)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    except OSError as err:  # no permission, a read-only file system, a parent that is a file
-        raise ArtifactError(f"cannot write the output directory: {err.strerror}", file=out) from err
-    try:
-        tmp.chmod(0o777 & ~_umask())
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 @contextlib.contextmanager
@@ -109,6 +43,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it 0600; the result follows the umask
         yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -162,9 +97,15 @@ def verify_files(
     directory: Path, records: dict[str, dict[str, Any]], listed_in: Path, hashes: bool = True
 ) -> None:
     """Every recorded file is present with its recorded size and (with ``hashes``) sha256; an
-    `ArtifactError` names the first that is not."""
+    `ArtifactError` names the first that is not. Nothing outside ``directory`` is opened: a name with
+    ``..`` or an absolute one, and a link that leads out of ``directory``, are refused (`contained`)."""
+    if not isinstance(records, dict):
+        raise ArtifactError("'files' is not a mapping of file names", file=listed_in)
+    contained(directory)
     for name, record in records.items():
-        path = directory / name
+        path = inside(directory, name, listed_in)
+        if not isinstance(record, dict) or not {"bytes", "sha256"} <= record.keys():
+            raise ArtifactError(f"the record of {name!r} has no bytes and sha256", file=listed_in)
         if not path.is_file():
             raise ArtifactError(f"missing (listed in {listed_in.name}): incomplete", file=path)
         if path.stat().st_size != record["bytes"]:
@@ -176,3 +117,25 @@ def verify_files(
             raise ArtifactError(
                 f"content differs from the sha256 in {listed_in.name}: corrupted or edited", file=path
             )
+
+
+def inside(directory: Path, name: object, listed_in: Path) -> Path:
+    """``directory / name`` for a file name read from an artefact; refused unless it is a relative path
+    without ``..`` that stays inside ``directory`` once links are resolved."""
+    rel = PurePosixPath(name) if isinstance(name, str) else None
+    if rel is None or not rel.parts or rel.is_absolute() or ".." in rel.parts or "\\" in str(name):
+        raise ArtifactError(
+            f"lists {str(name)[:80]!r}, not a relative path inside the directory", file=listed_in
+        )
+    path = directory / rel
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise ArtifactError(f"a link that leads outside {directory}: refused", file=path)
+    return path
+
+
+def contained(directory: Path) -> None:
+    """Refuse a directory holding a symbolic link that resolves outside it (a reader would follow it)."""
+    root = directory.resolve()
+    for path in directory.rglob("*"):
+        if path.is_symlink() and not path.resolve().is_relative_to(root):
+            raise ArtifactError(f"a link that leads outside {directory}: refused", file=path)

@@ -14,9 +14,10 @@ import pandas as pd
 import yaml
 
 from common import __version__
-from common.io import ArtifactError, atomic_directory, sha256_file
+from common.artifacts import write_directory
+from common.io import ArtifactError, sha256_file
 from data_prep import readers
-from data_prep.bundle import FORMAT_VERSION, MANIFEST, write_tables
+from data_prep.bundle import BUNDLE, FORMAT_VERSION, MANIFEST, write_tables
 from data_prep.cold import cold_ids, cold_item_split, cold_user_split
 from data_prep.corpora import collaborative_corpus, content_corpus, finetune_corpus
 from data_prep.errors import DataError
@@ -92,6 +93,10 @@ class BuildConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace an existing bundle directory"})
 
 
+# the options that name a source file or directory: the bundle may not be written over or around them
+INPUTS = ("input", "presplit", "item_meta", "user_meta", "templates")
+
+
 def read_source(config: BuildConfig) -> readers.SourceTables:
     """Dispatch to the reader of ``config.format``."""
     if config.format == "recbole":
@@ -127,24 +132,6 @@ def load_templates(path: str | None) -> Templates:
     if not isinstance(values, dict):
         raise DataError("expected a mapping of template name: format string", file=path)
     return Templates.from_dict(values, source=path)
-
-
-def check_output_path(config: BuildConfig) -> None:
-    """Refuse an ``--out`` that is, contains or lies inside an input: ``--overwrite`` would delete it."""
-    out = Path(config.out).resolve()
-    inputs = [config.input, config.presplit, config.item_meta, config.user_meta, config.templates]
-    for name, value in zip(("input", "presplit", "item_meta", "user_meta", "templates"), inputs, strict=True):
-        if value is None:
-            continue
-        source = Path(value).resolve()
-        if out == source or out in source.parents or source in out.parents:
-            relation = "is" if out == source else "contains" if out in source.parents else "lies inside"
-            raise DataError(
-                f"the output {relation} the --{name} {value!r}; writing the bundle would destroy the source. "
-                "Choose an --out outside the source data",
-                file=config.out,
-                field="out",
-            )
 
 
 def _overlaps(parts: dict[str, pd.DataFrame], directory: Path) -> dict[str, int]:
@@ -325,9 +312,9 @@ def _blank(texts: list[str], indices: np.ndarray) -> list[str]:
 def build(config: BuildConfig) -> Path:
     """Build the bundle at ``config.out`` and return its path; raises :class:`DataError` on bad input."""
     start = time.perf_counter()
-    check_output_path(config)
+    inputs = {f"--{name}": getattr(config, name) for name in INPUTS}
     try:
-        with atomic_directory(config.out, overwrite=config.overwrite, marker=MANIFEST) as tmp:
+        with write_directory(config.out, BUNDLE, overwrite=config.overwrite, inputs=inputs) as tmp:
             counts = _build_into(config, tmp)
     except ArtifactError as err:
         raise DataError(err.reason, file=err.file) from err

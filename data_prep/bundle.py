@@ -14,6 +14,7 @@ import pyarrow.csv as pacsv
 import scipy.sparse as sp
 from datasets import Dataset, load_from_disk
 
+from common.artifacts import Kind, recover
 from common.catalogue import Catalogue
 from common.io import ArtifactError, file_records, verify_files, write_json
 from data_prep.corpora import CORPORA, FEATURES
@@ -23,6 +24,7 @@ from data_prep.templates import Templates
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+BUNDLE = Kind("dataset bundle", MANIFEST)
 logger = logging.getLogger(__name__)
 
 
@@ -85,6 +87,7 @@ class Bundle:
 
     def __init__(self, path: str | Path, verify: bool = True):
         self.path = Path(path)
+        recover(self.path)  # a build killed while renaming leaves the old or new bundle beside it
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
             raise DataError("not a dataset bundle: manifest.json missing", file=self.path)

@@ -181,12 +181,56 @@ def require_columns(df: pd.DataFrame, columns: list[str], path: Path) -> None:
 
 
 def parse_ids(series: pd.Series, path: Path, name: str) -> pd.Series:
-    """Ids stay strings (raw ids round-trip exactly); an empty id is an error."""
+    """Ids as strings, whatever the file format typed them as.
+
+    Text ids are kept as written, stripped (raw ids round-trip exactly; Unicode digits stay as written:
+    ``"١٢"`` is not ``"12"``). Numbers (Parquet, JSON) are written as integers, so that one id matches
+    across files of different types: ``12``, ``12.0`` and ``"12"`` are all ``"12"``. Bytes are decoded
+    as UTF-8. A `DataError` names the row of the first id that is missing (empty, None, NaN), fractional
+    or too large for a float to hold exactly, a boolean, a list or mapping, or undecodable bytes.
+    """
+    missing = series.isna().to_numpy()
+    if missing.any():
+        raise DataError(
+            "missing id (None or NaN)", file=path, line=int(series.index[missing.argmax()]), field=name
+        )
+    if pd.api.types.is_integer_dtype(series):  # whole columns at once: the common typed cases
+        series = series.astype("int64").astype(str)
+    elif pd.api.types.is_float_dtype(series):
+        values = series.to_numpy(dtype="float64")
+        bad = (values != np.floor(values)) | (np.abs(values) >= 2**53)
+        if bad.any():
+            _one_id(values[bad.argmax()], path, series.index[bad.argmax()], name)
+        series = pd.Series(values.astype(np.int64).astype(str), index=series.index)
+    elif pd.api.types.infer_dtype(series, skipna=False) != "string":
+        series = pd.Series([_one_id(v, path, line, name) for line, v in series.items()], index=series.index)
     series = series.astype(str).str.strip()
     empty = series == ""
     if empty.any():
         raise DataError("empty id", file=path, line=int(empty.idxmax()), field=name)
     return series
+
+
+def _one_id(value: object, path: Path, line: int, name: str) -> str:
+    """One id of a column that is not all strings (see :func:`parse_ids`)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bool, np.bool_)):
+        problem = f"a boolean ({value}), not an id"
+    elif isinstance(value, (int, np.integer)):
+        return str(int(value))
+    elif isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            problem = "bytes that are not UTF-8 text"
+    elif isinstance(value, (float, np.floating)):
+        if np.isfinite(value) and value == np.floor(value) and abs(value) < 2**53:
+            return str(int(value))
+        problem = f"{float(value)!r} is not a whole-number id"
+    else:
+        problem = f"not an id: a {type(value).__name__} value ({str(value)[:40]})"
+    raise DataError(problem, file=path, line=int(line), field=name)
 
 
 def parse_numbers(series: pd.Series, path: Path, name: str) -> pd.Series:
@@ -196,8 +240,10 @@ def parse_numbers(series: pd.Series, path: Path, name: str) -> pd.Series:
     only when they fail is the column parsed value by value to find the offending row.
     """
     original = series
-    if pd.api.types.is_datetime64_any_dtype(series):  # Parquet timestamps -> unix seconds
-        series = series.astype("int64") // 10**9 if series.notna().all() else series.astype(object)
+    if pd.api.types.is_datetime64_any_dtype(series):  # Parquet timestamps -> unix seconds (NaT: NaN)
+        nanoseconds = series.dt.tz_convert(None) if getattr(series.dt, "tz", None) else series  # UTC
+        seconds = nanoseconds.to_numpy(dtype="datetime64[ns]").view("int64") // 10**9
+        series = pd.Series(np.where(series.isna().to_numpy(), np.nan, seconds), index=series.index)
     if pd.api.types.is_bool_dtype(series):
         series = series.astype(object)
     if not pd.api.types.is_numeric_dtype(series):
@@ -211,7 +257,9 @@ def parse_numbers(series: pd.Series, path: Path, name: str) -> pd.Series:
     bad = ~np.isfinite(values.to_numpy(dtype="float64", na_value=np.nan))
     if bad.any():
         first = series.index[int(np.argmax(bad))]
-        raise DataError(f"not a number: {original.loc[first]!r}", file=path, line=int(first), field=name)
+        value = original.loc[first]
+        value = value.item() if isinstance(value, np.generic) else value  # 'nan', not 'np.float64(nan)'
+        raise DataError(f"not a number: {value!r}", file=path, line=int(first), field=name)
     if (values == np.floor(values)).all() and values.abs().max() < 2**62:
         return values.astype("int64")
     return values

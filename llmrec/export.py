@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-import string
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from common.artifacts import check_target
 from common.errors import UserError
 from common.io import write_json
 from data_prep import Bundle, load_bundle
@@ -26,7 +27,15 @@ from llmrec.indexing.encoders import MINILM, item_embeddings
 from llmrec.mapper import TextToID, item_texts
 from llmrec.model import VIEWS, CLLM4Rec, run_data, run_model_dir, run_task
 from llmrec.model_card import model_card
-from llmrec.recommender import DTYPES, HEAD_FILE, MERGED_INFO_FILE, require_finite, write_bundle
+from llmrec.recommender import (
+    DTYPES,
+    HEAD_FILE,
+    MERGED_INFO_FILE,
+    RECOMMENDER,
+    check_template,
+    require_finite,
+    write_bundle,
+)
 from llmrec.tokens import export_plain_model
 
 logger = logging.getLogger(__name__)
@@ -37,17 +46,7 @@ _USER_PLACEHOLDER = re.compile(r"\s*<[^<>{}]*\{user\}[^<>{}]*>\s*")
 def cold_template(finetune_template: str) -> str:
     """The finetune template without its user placeholders: the prompt of a user unseen in training."""
     template = " ".join(_USER_PLACEHOLDER.sub(" ", finetune_template).split())
-    _check_template(template, "cold", user=False)
-    return template
-
-
-def _check_template(template: str, name: str, user: bool) -> None:
-    fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-    allowed = {"user", "history"} if user else {"history"}
-    if "history" not in fields or not fields <= allowed:
-        raise ValueError(
-            f"{name} template {template!r} must contain {{history}} and no other field than {sorted(allowed)}"
-        )
+    return check_template(template, "cold")
 
 
 def export_run(run: str | Path, out: str | Path, data: str | Path | None = None, **options: Any) -> Path:
@@ -61,10 +60,12 @@ def export_run(run: str | Path, out: str | Path, data: str | Path | None = None,
     model_path = run_model_dir(run)
     if data is None:
         data = run_data(run)
+    inputs = {"--run": run, "--data": data}
+    check_target(out, RECOMMENDER, options.get("overwrite", False), inputs)  # before the model loads
     model = CLLM4Rec.from_pretrained(model_path)
     source = {"run": str(run), "model": str(model_path), "data": str(data)}
     options.setdefault("prompt", FINETUNE_TASKS[run_task(run)])
-    return export_model(model, load_bundle(data), out, source=source, **options)
+    return export_model(model, load_bundle(data), out, source=source, inputs=inputs, **options)
 
 
 def export_model(
@@ -79,6 +80,7 @@ def export_model(
     source: dict[str, str] | None = None,
     mapper: bool = True,
     prompt: str = "masked",
+    inputs: Mapping[str, str | Path | None] | None = None,
 ) -> Path:
     """Write ``model`` (trained on the dataset bundle ``data``) as a recommender bundle at ``out``.
 
@@ -89,7 +91,8 @@ def export_model(
     ``Recommender.add_items`` (:func:`fit_mapper`). ``prompt`` is the kind of prompt the model was
     finetuned on (`llmrec.data.prompt_template`: ``masked`` or ``sequence``); known users are served
     with it. The bundle's ``README.md`` is its model card (`llmrec.model_card`: the run's metrics when
-    ``source["run"]`` names it). Written to a temporary directory and renamed.
+    ``source["run"]`` names it). Written to a temporary directory and renamed; ``out`` may not be,
+    contain or lie inside ``data`` or the other ``inputs`` (`common.artifacts`).
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
@@ -103,8 +106,8 @@ def export_model(
         )
     template = prompt_template(data, prompt)
     templates = {"user": template, "cold": cold or cold_template(template)}
-    _check_template(templates["user"], "finetune", user=True)
-    _check_template(templates["cold"], "cold", user=False)
+    for name, value in templates.items():
+        check_template(value, name)
     source = {**(source or {}), "data": str(data.path), "dataset_counts": data.manifest.get("counts")}
     text_mapper = fit_mapper(model, data) if mapper else None
     merged = (lambda directory: _export_merged(model, directory, DTYPES[dtype], templates)) if merge else None
@@ -127,6 +130,7 @@ def export_model(
         source,
         dtype=dtype,
         overwrite=overwrite,
+        inputs={"--data": data.path, **(inputs or {})},
         mapper=text_mapper,
         merged=merged,
         card=card,

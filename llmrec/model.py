@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
@@ -33,12 +32,13 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from common.artifacts import Kind, recover, write_directory
 from common.errors import UserError
-from common.io import read_json
+from common.io import read_json, write_json
 from llmrec.backbone import load_backbone
 from llmrec.options import BackboneConfig, ModelConfig
 from llmrec.prompts import IGNORE, TASKS
-from llmrec.tokens import RecEmbedding, RecVocab
+from llmrec.tokens import VOCAB_FILE, RecEmbedding, RecVocab
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
 VIEWS = ("collab", "content")
 INDEX_DIR = "index"  # the item index saved beside the weights, so a trained model decodes on its own
+MODEL_DIR = Kind("model directory", VOCAB_FILE)  # model/ and best/ of a run
 
 
 class CLLM4Rec(nn.Module):
@@ -486,19 +487,20 @@ class CLLM4Rec(nn.Module):
         """Write ``config.json``, ``rec_vocab.json``, ``model.safetensors`` (trainable weights only) and ``index/``.
 
         ``state_dict``: the full weights to save from, when this module's own are sharded (FSDP, ZeRO-3).
+        Written beside ``directory`` and renamed in; an existing directory is replaced only when it is
+        a model directory (has ``rec_vocab.json``), see `common.artifacts`.
         """
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         config = {"model": asdict(self.config), "backbone": asdict(self.backbone)}
-        (directory / "config.json").write_text(json.dumps(config, indent=2))
-        self.vocab.save_pretrained(directory)
         state = {
             name: tensor.detach().contiguous().cpu()
             for name, tensor in self.trainable_state_dict(state_dict).items()
         }
-        save_file(state, str(directory / "model.safetensors"))
-        if self.item_index is not None:
-            self.item_index.save(directory / INDEX_DIR)
+        with write_directory(directory, MODEL_DIR, overwrite=True) as tmp:
+            write_json(tmp / "config.json", config)
+            self.vocab.save_pretrained(tmp)
+            save_file(state, str(tmp / "model.safetensors"))
+            if self.item_index is not None:
+                self.item_index.save(tmp / INDEX_DIR)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **backbone_overrides) -> CLLM4Rec:
@@ -507,7 +509,8 @@ class CLLM4Rec(nn.Module):
         ``backbone_overrides`` change how the backbone is loaded (e.g. ``load_in_4bit``, ``cache_dir``).
         """
         directory = Path(directory)
-        saved = json.loads((directory / "config.json").read_text())
+        recover(directory)  # a save killed while renaming leaves the old or new model beside it
+        saved = read_json(directory / "config.json", "model config")
         config = ModelConfig(**saved["model"])
         backbone = BackboneConfig(**{**saved["backbone"], **backbone_overrides})
         index = None
@@ -589,6 +592,7 @@ def run_model_dir(run: str | Path) -> Path:
     """The model a run is evaluated and exported with: ``RUN/best`` when the run kept one, else ``RUN/model``."""
     run = Path(run)
     for name in ("best", "model"):
+        recover(run / name)  # a save killed while renaming leaves the old or new model beside it
         if (run / name / "config.json").is_file():
             return run / name
     raise RunError(f"{run}: no trained model (expected {run}/best or {run}/model with config.json)")

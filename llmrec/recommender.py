@@ -39,9 +39,12 @@ of distribution; they are a usable fallback, not what the model was selected for
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
+import string
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -54,9 +57,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common import __version__, io
-from common.catalogue import Catalogue
+from common.artifacts import Kind, recover, write_directory
+from common.catalogue import Catalogue, id_sequence
 from common.errors import UserError
-from common.io import ArtifactError, atomic_directory, file_records, read_json, write_json
+from common.io import ArtifactError, file_records, read_json, write_json
 from llmrec.metrics import RankingMetrics
 from llmrec.options import WEIGHT_DTYPES
 from llmrec.prompts import FinetunePrompts
@@ -91,6 +95,17 @@ class BundleError(ArtifactError):
     """A recommender bundle that cannot be used; the message names the file and what is wrong."""
 
 
+def _is_bundle_config(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == BUNDLE_FORMAT
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
+
+
+# a directory --overwrite may replace: one whose config.json is a recommender bundle's, not any model's
+RECOMMENDER = Kind("recommender bundle", CONFIG_FILE, check=_is_bundle_config)
+
+
 def config_checksum(config: dict[str, Any]) -> str:
     """sha256 of config.json's content without its own ``checksum`` key (detects hand edits)."""
     content = {key: value for key, value in config.items() if key != "checksum"}
@@ -100,6 +115,7 @@ def config_checksum(config: dict[str, Any]) -> str:
 def read_config(directory: str | Path) -> dict[str, Any]:
     """``config.json`` of a bundle, checked: format, version, its own checksum, and the required keys."""
     path = Path(directory) / CONFIG_FILE
+    recover(directory)  # an export killed while renaming leaves the old or new bundle beside it
     if not Path(directory).is_dir():
         raise BundleError(f"{directory}: no such bundle directory")
     if not path.is_file():
@@ -128,6 +144,81 @@ def read_config(directory: str | Path) -> dict[str, Any]:
             "Recommender.from_pretrained, not edits of this file"
         )
     return config
+
+
+# the fields each prompt template may use: known users' prompts name the user, cold ones only the history
+TEMPLATE_FIELDS = {"user": {"user", "history"}, "cold": {"history"}}
+MAX_TEMPLATE_CHARS = 10_000
+
+
+def check_template(template: object, name: str) -> str:
+    """A prompt template a bundle may carry: ``{history}``, plain fields of ``TEMPLATE_FIELDS[name]``
+    only, no conversion or format spec (``{user:>9999}`` would pad every prompt), bounded length. A
+    :class:`UserError` says what is wrong."""
+    allowed = TEMPLATE_FIELDS[name]
+    if not isinstance(template, str) or len(template) > MAX_TEMPLATE_CHARS:
+        raise UserError(f"{name} template must be a string of at most {MAX_TEMPLATE_CHARS} characters")
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise UserError(f"{name} template {template!r} is not a format string ({err})") from err
+    fields = set()
+    for _, field, spec, conversion in parts:
+        if field is None:
+            continue
+        if field not in allowed or spec or conversion:
+            raise UserError(
+                f"{name} template {template!r}: field {{{field}{'!' + conversion if conversion else ''}"
+                f"{':' + spec if spec else ''}}} is not allowed; use only {sorted(allowed)}, without "
+                "conversions or format specs"
+            )
+        fields.add(field)
+    if "history" not in fields:
+        raise UserError(f"{name} template {template!r} must contain {{history}}")
+    return template
+
+
+def check_templates(templates: object, path: Path) -> dict[str, str]:
+    """A bundle's ``templates`` (known users' and cold users' prompts), each checked by :func:`check_template`."""
+    if not isinstance(templates, dict) or set(templates) != set(TEMPLATE_FIELDS):
+        raise BundleError(f"'templates' must map exactly {sorted(TEMPLATE_FIELDS)} to prompts", file=path)
+    try:
+        return {name: check_template(templates[name], name) for name in TEMPLATE_FIELDS}
+    except UserError as err:
+        raise BundleError(str(err), file=path) from err
+
+
+# backbone options that are places on the loader's disk or network access: never taken from a bundle
+LOADER_OPTIONS = {"cache_dir": None, "allow_download": False}
+
+
+def saved_backbone(config: dict[str, Any], path: Path) -> BackboneConfig:
+    """The bundle's backbone, without the options that are the loader's choice (``LOADER_OPTIONS``): a
+    bundle cannot choose where a converted backbone is written or read from, nor allow downloads."""
+    from llmrec.backbone import BackboneConfig
+
+    saved = config["backbone"]["config"]
+    if not isinstance(saved, dict):
+        raise BundleError("'backbone.config' is not a mapping", file=path)
+    ignored = sorted(key for key, value in LOADER_OPTIONS.items() if saved.get(key, value) != value)
+    if ignored:
+        logger.warning(
+            "%s: ignoring the bundle's backbone %s (the loader's choice)", path, ", ".join(ignored)
+        )
+    return BackboneConfig(**{**saved, **LOADER_OPTIONS})
+
+
+def required_files(config: dict[str, Any]) -> list[str]:
+    """The files the loader opens: each must be listed (sized and hashed) in config.json."""
+    adapters = config["adapters"] if isinstance(config["adapters"], list) else []
+    per_adapter = ("adapter_config.json", "adapter_model.safetensors")
+    return [
+        WEIGHTS_FILE,
+        HISTORIES_FILE,
+        "users.json",
+        "items.json",
+        *(f"{ADAPTER_DIR}/{name}/{file}" for name in adapters for file in per_adapter),
+    ]
 
 
 def verify_files(directory: str | Path, files: dict[str, dict[str, Any]], hashes: bool = True) -> None:
@@ -162,6 +253,7 @@ def write_bundle(
     *,
     dtype: str = "fp32",
     overwrite: bool = False,
+    inputs: Mapping[str, str | Path | None] | None = None,
     mapper: TextToID | None = None,
     merged: Callable[[Path], None] | None = None,
     card: str | None = None,
@@ -173,6 +265,7 @@ def write_bundle(
     ``mapper`` (the cold-item text-to-ID mapper) is an optional extra that :meth:`Recommender.add_items`
     reads back; ``merged(directory)`` writes the ``merged/`` directory (`llmrec.export`, ``--merge``),
     whose files config.json lists and checksums like the others. Non-finite weights are refused.
+    ``overwrite`` replaces only a recommender bundle, and never one of ``inputs`` (`common.artifacts`).
     """
     import peft
     import transformers
@@ -190,7 +283,7 @@ def write_bundle(
     fingerprint = backbone_fingerprint(model.backbone)
     trainable = {name: t.detach().to("cpu", torch_dtype) for name, t in model.trainable_state_dict().items()}
     require_finite(trainable, f"the model to export (as {dtype})")
-    with atomic_directory(out, overwrite=overwrite, marker=CONFIG_FILE) as tmp:
+    with write_directory(out, RECOMMENDER, overwrite=overwrite, inputs=inputs) as tmp:
         weights = {
             name: tensor.contiguous()
             for name, tensor in trainable.items()
@@ -258,6 +351,17 @@ def _save_adapters(model: CLLM4Rec, directory: Path, dtype: torch.dtype) -> None
         )
 
 
+def _locked(method: Callable) -> Callable:
+    """Run a :class:`Recommender` method under the instance's lock (see the class docstring)."""
+
+    @functools.wraps(method)
+    def call(self: Recommender, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return call
+
+
 @dataclass(frozen=True)
 class Recommendation:
     """One recommended item: raw id, catalogue index, title and score (the item head's logit)."""
@@ -280,6 +384,10 @@ class Recommender:
     (`llmrec.scoring.UserStates`; ``n_users x hidden`` floats, plus the keys and values of the last
     ``kv_users`` prompts), so later calls cost one head product. :meth:`warm_cache` fills the cache
     ahead of time, :meth:`update` grows a history on top of the cached prompt.
+
+    Thread-safe: every public method runs under one lock per instance (a re-entrant lock), so threads
+    may share a recommender; their calls run one at a time (each forward pass uses torch's own threads).
+    The cache, the histories, the catalogue and the model change only under that lock.
     """
 
     def __init__(
@@ -295,6 +403,7 @@ class Recommender:
     ):
         from llmrec.scoring import UserStates
 
+        self._lock = threading.RLock()
         self.model, self.catalogue, self.batch_size = model, catalogue, batch_size
         self.histories = list(histories)  # update() grows them in place
         self.templates, self.mapper, self.dtype = templates, mapper, dtype
@@ -331,26 +440,31 @@ class Recommender:
         bundles too large to hash at every load. ``kv_users``: how many known users' prompt keys and
         values the cache keeps for :meth:`update` (see :class:`Recommender`).
         """
-        from llmrec.backbone import BackboneConfig, backbone_fingerprint
+        from llmrec.backbone import backbone_fingerprint
         from llmrec.model import ModelConfig
 
         directory = Path(directory)
         config = read_config(directory)
+        config_path = directory / CONFIG_FILE
         verify_files(directory, config["files"], hashes=verify)
+        unlisted = [name for name in required_files(config) if name not in config["files"]]
+        if unlisted:
+            raise BundleError(
+                f"does not list {unlisted} among its files: incomplete bundle", file=config_path
+            )
+        templates = check_templates(config["templates"], config_path)
         try:
             vocab = RecVocab.from_dict(config["vocab"])
             model_config = ModelConfig(**config["model"])
-            saved_backbone = BackboneConfig(**config["backbone"]["config"])
+            backbone = saved_backbone(config, config_path)
         except (KeyError, TypeError, ValueError) as err:
-            raise BundleError(f"{directory / CONFIG_FILE}: invalid content ({err})") from err
-        if saved_backbone.trust_remote_code and not trust_remote_code:
+            raise BundleError(f"{config_path}: invalid content ({err})") from err
+        if backbone.trust_remote_code and not trust_remote_code:
             raise BundleError(
-                f"{directory / CONFIG_FILE}: the backbone {saved_backbone.name_or_path!r} needs "
+                f"{config_path}: the backbone {backbone.name_or_path!r} needs "
                 "trust_remote_code=True; pass it to from_pretrained only if you trust that model's code"
             )
-        backbone = dataclasses.replace(
-            saved_backbone, trust_remote_code=trust_remote_code, **backbone_overrides
-        )
+        backbone = dataclasses.replace(backbone, trust_remote_code=trust_remote_code, **backbone_overrides)
         try:
             found = backbone_fingerprint(backbone)
         except OSError as err:
@@ -387,7 +501,7 @@ class Recommender:
             model,
             catalogue,
             histories,
-            config["templates"],
+            templates,
             batch_size=batch_size,
             mapper=mapper,
             dtype=config["dtype"],
@@ -440,11 +554,13 @@ class Recommender:
         """Indices of catalogue items; a clear error naming the first unknown id and its position."""
         return self.catalogue.items(raw_ids)
 
+    @_locked
     def history(self, user: str | int) -> list[str]:
         """A known user's training items (raw ids, oldest first): their prompt and their seen items."""
         return [self.catalogue.item_ids[i] for i in self.histories[self.user(user)]]
 
     # ------------------------------------------------------------------ catalogue
+    @_locked
     def add_items(self, items: Iterable[Mapping[str, Any]] | Any) -> list[int]:
         """Add items nobody has interacted with, from their text, without retraining; returns their indices.
 
@@ -478,6 +594,7 @@ class Recommender:
         logger.info("added %d items (%d in the catalogue)", len(new), self.n_items)
         return indices
 
+    @_locked
     def save_pretrained(self, directory: str | Path, overwrite: bool = False) -> Path:
         """Write this recommender, added items and mapper included, as a bundle that
         :meth:`from_pretrained` loads."""
@@ -494,12 +611,14 @@ class Recommender:
         )
 
     # ------------------------------------------------------------------ cache of known users
+    @_locked
     def warm_cache(self, users: Sequence[str | int] | None = None, batch_size: int | None = None) -> None:
         """Run the prompts of ``users`` (default: every known user) through the LM now, ``batch_size``
         (default: the recommender's) at a time, so that their later calls cost one head product."""
-        indices = None if users is None else [self.user(u) for u in users]
+        indices = None if users is None else [self.user(u) for u in id_sequence(users, "users")]
         self._states.warm(indices, batch_size=batch_size)
 
+    @_locked
     def update(self, user: str | int, items: Sequence[str | int]) -> bool:
         """Append ``items`` (raw ids, oldest first) to a known user's history and refresh their cached
         state; later scores rank from the grown history and exclude its items as seen.
@@ -510,10 +629,11 @@ class Recommender:
         Returns whether the incremental step was taken. The grown history is what
         :meth:`save_pretrained` writes.
         """
-        if isinstance(items, (str, bytes)) or len(items) == 0:
+        if len(id_sequence(items, f"update of user {user!r}")) == 0:
             raise UserError(f"update of user {user!r}: give a non-empty list of item ids")
         return self._states.update(self.user(user), self.items(items))
 
+    @_locked
     def clear_cache(self) -> None:
         """Forget the cached states (needed only after changing the model's weights in place)."""
         self._states.clear()
@@ -525,7 +645,8 @@ class Recommender:
     @property
     def cache_bytes(self) -> int:
         """Memory held by the cache of known users (states plus kept keys and values)."""
-        return self._states.nbytes
+        with self._lock:
+            return self._states.nbytes
 
     # ------------------------------------------------------------------ scores
     def score(
@@ -535,6 +656,7 @@ class Recommender:
         users, histories = _one(user, history)
         return self.score_batch(users, histories=histories)[0]
 
+    @_locked
     def score_batch(
         self,
         users: Sequence[str | int] | None = None,
@@ -543,6 +665,10 @@ class Recommender:
     ) -> torch.Tensor:
         """Scores (batch, n_items) for many known users, or for many histories of unseen users."""
         _exactly_one(users, histories, "users (known user ids)", "histories (lists of item ids)")
+        if users is not None:
+            users = id_sequence(users, "users")
+        else:
+            histories = id_sequence(histories, "histories")
         if len(users if users is not None else histories) == 0:
             return torch.empty(0, self.n_items)
         if users is not None:
@@ -554,9 +680,7 @@ class Recommender:
         return scorer.score(np.arange(len(indexed)))
 
     def _cold_history(self, history: Sequence[str | int], row: int) -> list[int]:
-        if isinstance(history, (str, bytes)):
-            raise UserError(f"history {row} is a string; pass a list of item ids")
-        if len(history) == 0:
+        if len(id_sequence(history, f"history {row}")) == 0:
             raise UserError(
                 f"history {row} is empty: a user unseen in training needs at least one item id "
                 "(known users: pass user=ID)"
@@ -580,6 +704,7 @@ class Recommender:
             users, histories=histories, k=k, exclude_seen=exclude_seen, exclude=[exclude]
         )[0]
 
+    @_locked
     def recommend_batch(
         self,
         users: Sequence[str | int] | None = None,
@@ -595,6 +720,8 @@ class Recommender:
         if k < 1:
             raise UserError(f"k must be a positive number of items, got {k}")
         scores = self.score_batch(users, histories=histories)
+        if exclude is not None:
+            exclude = id_sequence(exclude, "exclude (one list of item ids per row)")
         if exclude is not None and len(exclude) != len(scores):
             raise ValueError(f"exclude has {len(exclude)} lists for {len(scores)} users")
         masked = scores.clone()

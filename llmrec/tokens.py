@@ -34,10 +34,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from common import placeholders
-from common.io import atomic_directory, write_json
+from common.artifacts import Kind, write_directory
+from common.io import write_json
 
 FAMILIES = ("user", "item", "semantic")
 VOCAB_FILE = "rec_vocab.json"
+PLAIN_MODEL = Kind("plain model with ID tokens", VOCAB_FILE)  # export_plain_model
 FORMAT_VERSION = 1
 _NAME_RE = re.compile(r"[A-Za-z][A-Za-z_]*\Z")
 
@@ -492,7 +494,7 @@ def export_plain_model(
         outp = model.get_output_embeddings()
         if outp is not None and outp.weight.data_ptr() != inp.data_ptr():
             outp.weight[vocab.base_size :] = new_rows.to(outp.weight)
-    with atomic_directory(out_dir, overwrite=True) as tmp:
+    with write_directory(out_dir, PLAIN_MODEL, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         vocab.save_pretrained(tmp)

@@ -17,7 +17,7 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 
@@ -35,7 +35,17 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from common.io import ArtifactError, file_records, verify_files
+from common.artifacts import (
+    Kind,
+    check_inputs,
+    commit,
+    disk_error,
+    disk_full,
+    hold_lock,
+    recover_all,
+    release_lock,
+)
+from common.io import ArtifactError, file_records, verify_files, write_json, write_text
 from common.log import get_logger
 from llmrec.collate import TaskBucketSampler, collate
 from llmrec.config import to_dict
@@ -47,8 +57,11 @@ logger = get_logger(__name__)
 STATE_FILE = "trainer_state.json"
 
 
-def make_accelerator(config: TrainConfig) -> Accelerator:
-    """The run's accelerator, after :func:`prepare_output_dir` has checked ``output_dir``."""
+def make_accelerator(
+    config: TrainConfig, inputs: Mapping[str, str | Path | None] | None = None
+) -> Accelerator:
+    """The run's accelerator, after :func:`prepare_output_dir` has checked ``output_dir`` against the
+    run's ``inputs`` (``{"--init": ..., "--data": ...}``) and taken its lock."""
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.grad_accum,
@@ -59,10 +72,13 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     _fsdp_on_cpu(accelerator)
-    prepare_output_dir(config, accelerator)
+    prepare_output_dir(config, accelerator, inputs)
     return accelerator
 
 
+# a run directory: --overwrite_output_dir deletes RUN_OUTPUTS only where run_config.json says it is one
+RUN = Kind("run directory", "run_config.json", flag="--overwrite_output_dir")
+CHECKPOINT_KIND = Kind("checkpoint", STATE_FILE)
 RUN_OUTPUTS = (
     "checkpoints",
     "model",
@@ -75,17 +91,37 @@ RUN_OUTPUTS = (
 )
 
 
-def prepare_output_dir(config: TrainConfig, accelerator: Accelerator) -> None:
-    """Refuse, before any work, a fresh run into a directory that holds a previous run's results (they
-    would be mixed or overwritten): ``--resume`` continues it, ``--overwrite_output_dir`` deletes them."""
+def prepare_output_dir(
+    config: TrainConfig, accelerator: Accelerator, inputs: Mapping[str, str | Path | None] | None = None
+) -> None:
+    """Check ``output_dir`` before any work, then take its lock for the run (`common.artifacts`).
+
+    Refused: an ``output_dir`` that is, contains or lies inside an input of the run (``--init``,
+    ``--data``), even with ``--resume``; a fresh run into a directory holding a previous run's results
+    (they would be mixed or overwritten; ``--resume`` continues it); ``--overwrite_output_dir`` on a
+    directory without ``run_config.json`` (not a run: nothing is deleted); a directory another process is
+    training into. Only then does ``--overwrite_output_dir`` delete the previous run's outputs
+    (``RUN_OUTPUTS``, nothing else).
+    """
     out = Path(config.output_dir)
-    used = [name for name in RUN_OUTPUTS if (out / name).exists() and name != "run_config.json"]
+    try:
+        check_inputs(out, inputs or {}, RUN)
+        if accelerator.is_main_process:
+            hold_lock(out)
+    except ArtifactError as err:
+        raise RunError(str(err)) from err
+    used = [name for name in RUN_OUTPUTS if (out / name).exists() and name != RUN.marker]
     if not used or config.resume:
         return
     if not config.overwrite_output_dir:
         raise RunError(
             f"{out}: holds a previous run ({', '.join(used)}); pass --resume to continue it, "
             "--overwrite_output_dir to start afresh there, or choose another --output_dir"
+        )
+    if not RUN.owns(out):
+        raise RunError(
+            f"{out}: holds {', '.join(used)} but no {RUN.marker}: not a run directory of llmrec, so "
+            "--overwrite_output_dir deletes nothing there; choose another --output_dir"
         )
     if accelerator.is_main_process:
         logger.warning("--overwrite_output_dir: deleting the previous run's %s in %s", ", ".join(used), out)
@@ -127,37 +163,54 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def settle_checkpoints(accelerator: Accelerator, output_dir: str | Path) -> None:
+    """Finish the renames of a save a kill interrupted (`common.artifacts.recover`: the old or the new
+    checkpoint comes back complete), then remove what no complete checkpoint needs: temporary directories
+    and ``checkpoint_STEP`` directories without a trainer state (saved in place by older versions).
+    The main process does it, the others wait, so that every process then lists the same checkpoints."""
+    folder = Path(output_dir) / "checkpoints"
+    if accelerator.is_main_process and folder.is_dir():
+        recover_all(folder)
+        for stale in folder.iterdir():
+            if (
+                stale.name.startswith(".checkpoint_")
+                and stale.name.endswith(".tmp")
+                or (CHECKPOINT.match(stale.name) and not (stale / STATE_FILE).is_file())
+            ):
+                logger.warning("removing %s, left incomplete by an interrupted save", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
 def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, state: dict, keep: int) -> Path:
     """Save accelerate's state plus ``state`` as ``checkpoints/checkpoint_STEP``, atomically.
 
-    Everything is written to ``.checkpoint_STEP.tmp`` and renamed once complete (the trainer state, with
-    the size and sha256 of every file, last), so a kill leaves at most a temporary directory that is
-    never loaded and is removed by the next save. Then only the ``keep`` newest complete checkpoints
-    are kept.
+    Everything is written to ``.checkpoint_STEP.tmp`` (the trainer state, with the size and sha256 of
+    every file, last) and renamed in by `common.artifacts.commit`: a checkpoint of the same step (a run
+    resumed from its last one, or the end-of-run save) moves aside and is deleted only once the new one
+    is in place, so a kill at any moment leaves a complete checkpoint of that step. Then only the
+    ``keep`` newest complete checkpoints are kept. A full disk is a one-line :class:`RunError`.
     """
     folder = Path(output_dir) / "checkpoints"
     final = folder / f"checkpoint_{state['step']}"
     tmp = folder / f".{final.name}.tmp"
     if accelerator.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.iterdir():  # left by a killed save (in place, by older versions)
-            if (
-                stale.name.startswith(".checkpoint_")
-                or CHECKPOINT.match(stale.name)
-                and not (stale / STATE_FILE).is_file()
-            ):
-                logger.warning("removing %s, left incomplete by an interrupted save", stale)
-                shutil.rmtree(stale, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "files": file_records(tmp, exclude=STATE_FILE)}))
-        if final.exists():  # the same step saved again (a run resumed from its last checkpoint)
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in complete_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old)
+    settle_checkpoints(accelerator, output_dir)
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_json(tmp / STATE_FILE, {**state, "files": file_records(tmp, exclude=STATE_FILE)})
+            commit(tmp, final)
+            for old in complete_checkpoints(output_dir)[:-keep]:
+                shutil.rmtree(old)
+    except Exception as err:
+        reason = disk_full(err)
+        if reason is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunError(str(disk_error(reason, final, CHECKPOINT_KIND))) from err
     accelerator.wait_for_everyone()
     return final
 
@@ -185,10 +238,27 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> dict:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop the records a resumed run will write again (those after the checkpoint's step)."""
-    if path.is_file():
-        lines = path.read_text().splitlines(keepends=True)
-        path.write_text("".join(line for line in lines if json.loads(line).get("step", 0) <= step))
+    """Drop the records a resumed run will write again (those after the checkpoint's step), and a last
+    line cut by the kill that interrupted the run; a damaged line before it is a :class:`RunError`."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as err:
+            if number == len(lines):
+                logger.warning("%s: dropping its last line, cut by an interrupted write", path)
+                break
+            raise RunError(
+                f"{path}: line {number} is not a metrics record ({err}); repair or delete the file to resume"
+            ) from err
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    write_text(path, "".join(kept))
 
 
 def register_trainable_checkpointing(accelerator: Accelerator) -> None:
@@ -248,6 +318,8 @@ def train(
 
     state = {"step": 0, "epoch": 0, "best": None, "best_step": None, "evals_without_improvement": 0}
     metrics_file = out / "metrics.jsonl"
+    if config.resume:
+        settle_checkpoints(accelerator, out)
     if config.resume and (checkpoint := latest_checkpoint(out)) is not None:
         state = load_checkpoint(accelerator, checkpoint)
         if accelerator.is_main_process:
@@ -336,6 +408,7 @@ def train(
     checkpoint()
     save_model(accelerator, model, out / "model")
     accelerator.end_training()
+    release_lock(out)
     return state
 
 

@@ -79,9 +79,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise ConfigError(
             f"{init}: task {args.task!r} has no item head to align; DPO here aligns the item head"
         )
-    accelerator = make_accelerator(train_config)
-    bundle = load_bundle(args.data)
-    model = CLLM4Rec.from_pretrained(run_model_dir(init))
+    model_dir = run_model_dir(init)  # checked before --overwrite_output_dir deletes anything
+    bundle = load_bundle(args.data)  # checked before --overwrite_output_dir deletes anything
+    accelerator = make_accelerator(train_config, inputs={"--init": args.init, "--data": args.data})
+    model = CLLM4Rec.from_pretrained(model_dir)
     prompt = FINETUNE_TASKS[args.task]
     dataset = build_preferences(
         model,

@@ -102,6 +102,20 @@ class FinetuneArgs:
 CONFIGS = (FinetuneArgs, BackboneConfig, ModelConfig, TrainConfig, EvalConfig)
 
 
+def init_model(init: str) -> Path:
+    """The pretrained model that ``--init`` names: ``INIT/model``, written when pretraining ends."""
+    from llmrec.model import RunError
+
+    model = Path(init) / "model"
+    if not (model / "config.json").is_file():
+        state = "is not a directory" if not Path(init).is_dir() else "has no model/ yet"
+        raise RunError(
+            f"--init {init}: {state} (a pretraining run writes model/ when it finishes); finish or "
+            "--resume that run first, or pass the directory of a finished one"
+        )
+    return model
+
+
 def check_init(init: str, *pairs: tuple) -> None:
     """Refuse backbone/model settings that ``--init`` would override: a value set here (not the default)
     that differs from the pretraining run's, other than the knobs finetuning may change."""
@@ -139,10 +153,11 @@ def main(argv: list[str] | None = None) -> dict:
     from llmrec.model import CLLM4Rec
     from llmrec.train import make_accelerator, save_run_config, train
 
-    accelerator = make_accelerator(train_config)
-    bundle = load_bundle(args.data)
-    if args.init:
-        model = CLLM4Rec.from_pretrained(Path(args.init) / "model")
+    init = init_model(args.init) if args.init else None  # checked before --overwrite_output_dir deletes
+    bundle = load_bundle(args.data)  # checked before --overwrite_output_dir deletes anything
+    accelerator = make_accelerator(train_config, inputs={"--init": args.init, "--data": args.data})
+    if init is not None:
+        model = CLLM4Rec.from_pretrained(init)
         require_same_catalogue(bundle, model, f"--init {args.init}")
         check_init(args.init, (backbone, model.backbone), (model_config, model.config))
         model.reconfigure(**{name: getattr(model_config, name) for name in FINETUNE_FIELDS})

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
+from common.artifacts import check_target
 from common.config import read_yaml
 from common.errors import run_cli
 from common.log import setup_logging
@@ -38,6 +39,7 @@ class IndexArgs:
         default="rqvae", metadata={"help": "its options (section indexer:) are listed by --method M --help"}
     )
     out: str | None = field(default=None, metadata={"help": "index directory (default DATA/index/METHOD)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing item index at --out"})
     # content embeddings (rqvae; they run on the indexer's --device)
     encoder: str = field(
         default="minilm", metadata={"help": "minilm or backbone:SPEC (mean-pooled LM states)"}
@@ -79,6 +81,11 @@ def chosen_method(argv: list[str] | None) -> str:
     return known.method or IndexArgs.method
 
 
+def pieces_dir(out: Path) -> Path:
+    """Where the SentencePiece index of ``--pieces_vocab_size`` goes: beside the index."""
+    return out.with_name(out.name + "-pieces")
+
+
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     method = chosen_method(argv)
@@ -86,9 +93,14 @@ def main(argv: list[str] | None = None) -> dict:
     # the model stack loads after parsing, so --help and argument errors answer at once
     from data_prep import load_bundle
     from llmrec.indexing import INDEXERS, IndexData, train_pieces
-    from llmrec.indexing.base import describe
+    from llmrec.indexing.base import INDEX, describe
     from llmrec.indexing.encoders import item_embeddings
 
+    out = Path(args.out or Path(args.data) / "index" / method)
+    inputs = {"--data": args.data}
+    check_target(out, INDEX, args.overwrite, inputs, nested={"--data"})  # before any work
+    if args.pieces_vocab_size:
+        check_target(pieces_dir(out), INDEX, args.overwrite, inputs, nested={"--data"})
     bundle = load_bundle(args.data)
     data = IndexData(n_items=bundle.n_items, interactions=bundle.interactions("train"))
     if method == "rqvae":
@@ -99,15 +111,14 @@ def main(argv: list[str] | None = None) -> dict:
     index = INDEXERS[method][0](config).build(data)
     if method == "rqvae":
         index.config["encoder"] = args.encoder
-    out = Path(args.out or Path(args.data) / "index" / method)
-    index.save(out)
+    index.save(out, overwrite=args.overwrite, inputs=inputs)
     print(describe(index))
     report = {"index": str(out), "stats": index.stats}
     if args.pieces_vocab_size:
         pieces = train_pieces(
             index, PiecesConfig(args.pieces_vocab_size, args.pieces_model_type, config.seed)
         )
-        pieces_out = pieces.save(out.with_name(out.name + "-pieces"))
+        pieces_out = pieces.save(pieces_dir(out), overwrite=args.overwrite, inputs=inputs)
         print(describe(pieces))
         report["pieces"] = {"index": str(pieces_out), "stats": pieces.stats}
     print(f"written to {out}")

@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
     from llmrec.data import model_for, pretrain_dataset
     from llmrec.train import make_accelerator, save_run_config, train
 
-    accelerator = make_accelerator(train_config)
-    bundle = load_bundle(args.data)
+    bundle = load_bundle(args.data)  # checked before --overwrite_output_dir deletes anything
+    accelerator = make_accelerator(train_config, inputs={"--data": args.data})
     model = model_for(bundle, model_config, backbone, seed=train_config.seed)
     dataset = pretrain_dataset(bundle, model, train_config.seed, corpora=args.corpora.split(","))
     save_run_config(accelerator, train_config.output_dir, args, backbone, model_config, train_config)

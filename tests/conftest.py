@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -84,3 +86,40 @@ def perturb_trainable(model, scale: float = 0.1) -> None:
                 param.add_(
                     torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())) * scale
                 )
+
+
+STEPS = 4  # tmp -> .new, out -> .old, .new -> out, delete .old
+
+
+def kill_during(out: Path, step: int, action: Callable[[], object]) -> int:
+    """Run ``action`` in a child process that dies (``os._exit``) just before the ``step``-th filesystem
+    step (1-based) of the replace of ``out``; returns the child's exit status (0: not killed)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            calls = [0]
+
+            def counted(real):
+                def call(*args, **kwargs):
+                    names = {Path(a).name for a in args if isinstance(a, (str, Path))}
+                    if any(n == out.name or n.startswith(f".{out.name}.") for n in names):
+                        calls[0] += 1
+                        if calls[0] == step:
+                            os._exit(9)
+                    return real(*args, **kwargs)
+
+                return call
+
+            from common import artifacts
+
+            artifacts.os.rename = counted(os.rename)  # the child's copy of the module: dies with it
+            artifacts.shutil.rmtree = counted(shutil.rmtree)
+            action()
+        except BaseException as err:  # noqa: BLE001 - report it, the parent fails the test
+            sys.stderr.write(f"child failed: {err!r}\n")
+            code = 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)

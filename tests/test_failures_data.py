@@ -9,11 +9,13 @@ import os
 import stat
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from data_prep import DataError, load_bundle
 from data_prep.build import BuildConfig, build
-from data_prep.readers import read_amazon
+from data_prep.readers import ColumnMap, read_amazon, read_csv_source
 
 LOG = "user_id,item_id,timestamp\n" + "".join(
     f"u{u},i{(u + k) % 7},{10 * k}\n" for u in range(6) for k in range(5)
@@ -233,3 +235,93 @@ def test_damaged_bundle_is_a_data_error_naming_the_file(csv_source, tmp_path, da
         bundle.interactions("train")
         bundle.corpus("collaborative")
     assert name in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------ id types
+ID_CLASSES = {  # value in the item column -> (file formats that can hold it, the error)
+    "none": (None, ("parquet", "json"), "missing id"),
+    "nan": (float("nan"), ("parquet", "json"), "missing id"),
+    "list": (["a", "b"], ("parquet", "json"), "not an id: a"),
+    "mapping": ({"a": 1}, ("json",), "not an id: a dict"),
+    "fraction": (2.5, ("parquet", "json"), "2.5 is not a whole-number id"),
+    "huge float": (2.0**60, ("parquet", "json"), "is not a whole-number id"),
+    "boolean": (True, ("parquet", "json"), "a boolean"),
+    "blank": ("  ", ("csv", "parquet", "json"), "empty id"),
+}
+
+
+def id_source(tmp_path: Path, fmt: str, items: list) -> Path:
+    """Interactions of two users whose item column holds ``items``, as CSV, Parquet or JSON lines."""
+    users, times = ["u1", "u1", "u2", "u2"], [1, 2, 3, 4]
+    if fmt == "json":
+        path = tmp_path / "reviews.json"
+        rows = zip(users, items, times, strict=True)
+        path.write_text(
+            "".join(
+                json.dumps({"reviewerID": u, "asin": i, "overall": 5, "unixReviewTime": t}) + "\n"
+                for u, i, t in rows
+            )
+        )
+        return path
+    frame = pd.DataFrame({"user_id": users, "item_id": items, "timestamp": times})
+    if fmt == "csv":
+        frame.to_csv(tmp_path / "log.csv", index=False)
+        return tmp_path / "log.csv"
+    frame.to_parquet(tmp_path / "log.parquet")
+    return tmp_path / "log.parquet"
+
+
+def read_ids(path: Path) -> list[str]:
+    if path.suffix == ".json":
+        return read_amazon(path).interactions["item"].tolist()
+    return read_csv_source(path, ColumnMap(timestamp="timestamp")).interactions["item"].tolist()
+
+
+@pytest.mark.parametrize(
+    ("case", "fmt"), [(case, fmt) for case, (_, fmts, _) in ID_CLASSES.items() for fmt in fmts]
+)
+def test_ids_of_unusual_types_are_errors_naming_file_row_and_field(tmp_path, case, fmt):
+    value, _, error = ID_CLASSES[case]
+    if fmt == "parquet" and not isinstance(value, (str, type(None))):  # a column of one type
+        items = [value] * 4 if isinstance(value, (list, bool)) else [1.0, 3.0, value, 4.0]
+        if isinstance(value, float) and np.isnan(value):
+            items = [1.0, 3.0, value, 4.0]
+    else:
+        items = ["i1", "i2", value, "i3"] if fmt != "parquet" else ["i1", "i2", value, "i3"]
+    path = id_source(tmp_path, fmt, items)
+    line = 1 if fmt == "parquet" and isinstance(value, (list, bool)) else 3 + (fmt == "csv")
+    field = "asin" if fmt == "json" else "item_id"
+    with pytest.raises(DataError, match=error) as caught:
+        read_ids(path)
+    assert (caught.value.file, caught.value.line, caught.value.field) == (str(path), line, field)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "json"])
+def test_numeric_ids_are_one_id_whatever_the_format_typed_them_as(tmp_path, fmt):
+    items = {"csv": ["12", "7", "12", "١٢"], "parquet": [12.0, 7.0, 12.0, 3.0], "json": [12, 7, 12.0, "١٢"]}[
+        fmt
+    ]
+    ids = read_ids(id_source(tmp_path, fmt, items))
+    assert ids[:3] == ["12", "7", "12"]  # 12, 12.0 and "12" are the same id
+    if fmt != "parquet":
+        assert ids[3] == "١٢"  # Unicode digits stay as written: not the id "12"
+
+
+@pytest.mark.parametrize(
+    ("times", "fmt", "error"),
+    [
+        ([1, 2, float("nan"), 4], "parquet", "not a number: nan"),
+        (["1", "2", "2020-01-01", "4"], "csv", "not a number: '2020-01-01'"),
+        (["1", "2", "inf", "4"], "csv", "not a number: 'inf'"),
+        (pd.to_datetime(["2020-01-01", "2020-01-02", None, "2020-01-04"]), "parquet", "not a number: NaT"),
+    ],
+)
+def test_odd_timestamps_are_errors_naming_the_row(tmp_path, times, fmt, error):
+    frame = pd.DataFrame(
+        {"user_id": ["u1", "u1", "u2", "u2"], "item_id": ["a", "b", "a", "c"], "timestamp": times}
+    )
+    path = tmp_path / f"log.{fmt}"
+    frame.to_csv(path, index=False) if fmt == "csv" else frame.to_parquet(path)
+    with pytest.raises(DataError, match=error) as caught:
+        read_csv_source(path, ColumnMap(timestamp="timestamp"))
+    assert (caught.value.line, caught.value.field) == (3 + (fmt == "csv"), "timestamp")

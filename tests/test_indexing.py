@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from common.io import ArtifactError
 from llmrec.indexing import (
     CollaborativeIndexConfig,
     CollaborativeIndexer,
@@ -206,7 +207,9 @@ def test_save_load_round_trip(rqvae_index, tmp_path):
     assert loaded.codebook_sizes == rqvae_index.codebook_sizes and loaded.method == "rqvae"
     assert loaded.stats == rqvae_index.stats
     assert loaded.artifacts == rqvae_index.artifacts
-    assert rqvae_index.save(path) == path  # overwriting is atomic and leaves no temp dirs
+    with pytest.raises(ArtifactError, match="pass --overwrite"):
+        rqvae_index.save(path)
+    assert rqvae_index.save(path, overwrite=True) == path  # atomic, and leaves no temp dirs
     assert [p.name for p in tmp_path.iterdir()] == ["index"]
     with pytest.raises(FileNotFoundError, match="no item index"):
         ItemIndex.load(tmp_path / "missing")

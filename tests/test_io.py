@@ -1,4 +1,4 @@
-"""The I/O kernel: atomic files and directories, sha256, JSON with errors that name the file."""
+"""The I/O kernel: atomic files, sha256, JSON with errors that name the file."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from common.io import ArtifactError, atomic_directory, read_json, sha256_file, write_json
+from common.io import ArtifactError, read_json, sha256_file, write_json
 
 
 def test_a_failed_file_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, monkeypatch):
@@ -22,23 +22,6 @@ def test_a_failed_file_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path
         write_json(path, {"seed": 1})
     assert json.loads(path.read_text()) == {"seed": 0}
     assert [p.name for p in path.parent.iterdir()] == ["m.json"]
-
-
-def test_a_failed_directory_write_keeps_the_old_directory(tmp_path):
-    out = tmp_path / "bundle"
-    with atomic_directory(out) as tmp:
-        (tmp / "a.txt").write_text("old")
-    with pytest.raises(ArtifactError, match=r"bundle: output directory already exists"):
-        with atomic_directory(out):
-            pass
-    with pytest.raises(RuntimeError, match="boom"):
-        with atomic_directory(out, overwrite=True) as tmp:
-            (tmp / "a.txt").write_text("new")
-            raise RuntimeError("boom")
-    assert (out / "a.txt").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["bundle"]
-    with atomic_directory(out, overwrite=True) as tmp:
-        (tmp / "a.txt").write_text("new")
-    assert (out / "a.txt").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["bundle"]
 
 
 def test_sha256_and_json_errors_name_the_file(tmp_path):

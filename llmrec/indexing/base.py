@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.io import atomic_directory
+from common.artifacts import Kind, recover, write_directory
 from llmrec.trie import PAD, Trie
 
 if TYPE_CHECKING:
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 INDEX_FILE = "index.json"
 CODES_FILE = "codes.safetensors"
+INDEX = Kind("item index", INDEX_FILE)
 FORMAT_VERSION = 1
 
 
@@ -98,8 +99,15 @@ class ItemIndex:
         return np.where(self.codes >= 0, self.codes + starts, PAD)
 
     # ------------------------------------------------------------- save/load
-    def save(self, directory: str | Path) -> Path:
-        """Write the index into ``directory`` atomically (temp dir + rename, replacing an old one)."""
+    def save(
+        self,
+        directory: str | Path,
+        overwrite: bool = False,
+        inputs: Mapping[str, str | Path | None] | None = None,
+    ) -> Path:
+        """Write the index into ``directory`` atomically (`common.artifacts.write_directory`): an existing
+        directory is replaced only with ``overwrite`` and only when it is an item index (has index.json);
+        ``inputs`` (``{"--data": bundle}``) may hold it but never be it or lie inside it."""
         directory = Path(directory)
         meta = {
             "format_version": FORMAT_VERSION,
@@ -112,7 +120,7 @@ class ItemIndex:
             "stats": self.stats,
             "config": self.config,
         }
-        with atomic_directory(directory, overwrite=True) as tmp:
+        with write_directory(directory, INDEX, overwrite=overwrite, inputs=inputs, nested={"--data"}) as tmp:
             (tmp / INDEX_FILE).write_text(json.dumps(meta, indent=2, default=_json_default), encoding="utf-8")
             save_file({"codes": torch.from_numpy(self.codes)}, tmp / CODES_FILE)
             for name, blob in self.artifacts.items():
@@ -122,6 +130,7 @@ class ItemIndex:
     @classmethod
     def load(cls, directory: str | Path) -> ItemIndex:
         directory = Path(directory)
+        recover(directory)  # a save killed while renaming leaves the old or new index beside it
         meta_path = directory / INDEX_FILE
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
