@@ -19,7 +19,14 @@ from data_prep import Bundle, DataError
 from data_prep.cold import cold_ids
 from llmrec.backbone import BackboneConfig
 from llmrec.collate import FinetuneDataset, PretrainDataset, SequenceDataset, TaskMixture
-from llmrec.generate import GenerativeScorer, NextSemanticDataset, SemanticDataset, require_index
+from llmrec.generate import (
+    GenerativeScorer,
+    NextSemanticDataset,
+    SemanticDataset,
+    SemanticPrompts,
+    SemanticSequenceDataset,
+    require_index,
+)
 from llmrec.metrics import DEFAULT_KS, LOO_KS, evaluate_scorer, history_splits, is_leave_one_out
 from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig, blend_scores
 from llmrec.options import PRETRAIN_CORPORA
@@ -27,7 +34,7 @@ from llmrec.prompts import FinetunePrompts
 from llmrec.scoring import ItemHeadScorer, PrecomputedScorer
 
 logger = get_logger(__name__)
-PROMPT_KINDS = ("masked", "sequence")
+PROMPT_KINDS = ("masked", "sequence", "semantic_sequence")
 # finetuning task -> the prompt it trains on (and is evaluated with)
 FINETUNE_TASKS = {
     "multinomial": "masked",
@@ -35,8 +42,9 @@ FINETUNE_TASKS = {
     "both": "masked",
     "sequential": "sequence",
     "semantic_next": "sequence",
+    "semantic_sequence": "semantic_sequence",
 }
-GENERATIVE_TASKS = ("semantic", "semantic_next")  # validated by constrained beam search
+GENERATIVE_TASKS = ("semantic", "semantic_next", "semantic_sequence")  # validated by constrained beam search
 
 
 def input_histories(bundle: Bundle, split: str) -> list[list[int]]:
@@ -78,18 +86,20 @@ def model_for(bundle: Bundle, config: ModelConfig, backbone: BackboneConfig, see
 def prompt_template(bundle: Bundle, kind: str = "masked") -> str:
     """The prompt a task trains and is scored on: ``masked`` is the bundle's finetune template (a masked
     history, then "<user> will interact with"); ``sequence`` is the collaborative prompt followed by the
-    chronological history, whose last item position predicts the next item."""
+    chronological history, whose last item position predicts the next item; ``semantic_sequence`` is
+    that prompt with each history item written as its semantic ID (`generate.SemanticPrompts`)."""
     if kind == "masked":
         return bundle.templates.finetune
-    if kind == "sequence":
+    if kind in ("sequence", "semantic_sequence"):
         return bundle.templates.collaborative + " {history}"
     raise ValueError(f"unknown prompt kind {kind!r}: expected one of {PROMPT_KINDS}")
 
 
 def prompts_for(bundle: Bundle, model: CLLM4Rec, kind: str = "masked") -> FinetunePrompts:
-    return FinetunePrompts(
-        model.vocab, model.tokenizer, prompt_template(bundle, kind), max_tokens=model.config.max_doc_tokens
-    )
+    args = (model.vocab, model.tokenizer, prompt_template(bundle, kind), model.config.max_doc_tokens)
+    if kind == "semantic_sequence":
+        return SemanticPrompts(*args, index=require_index(model), history=model.config.semantic_history)
+    return FinetunePrompts(*args)
 
 
 def pretrain_dataset(
@@ -119,7 +129,9 @@ def finetune_dataset(
     for writing a held-out item's semantic ID (``"semantic"``, needs a model with an item index) or both;
     next-item examples on the chronological history for the item head (``"sequential"``, every prefix
     in one forward; with ``sequence_windows``, every window of a long history) or for writing the next
-    item's semantic ID (``"semantic_next"``). With
+    item's semantic ID (``"semantic_next"``, one prefix per user) or every item's semantic ID after the
+    history written in semantic IDs (``"semantic_sequence"``, every position in one forward, windows as
+    ``"sequential"``). With
     ``with_content`` the content corpus keeps the content view (and the mutual regulariser) training
     alongside, as in CLLM4Rec's finetuning. Cold users (a cold-users split) are left out."""
     if task not in FINETUNE_TASKS:
@@ -143,6 +155,8 @@ def finetune_dataset(
         parts.append(SequenceDataset(histories, prompts, windows=sequence_windows))
     if task == "semantic_next":
         parts.append(NextSemanticDataset(histories, prompts, require_index(model), seed=seed))
+    if task == "semantic_sequence":
+        parts.append(SemanticSequenceDataset(histories, prompts, windows=sequence_windows))
     if with_content and _present(bundle, ("content",)):
         parts.append(pretrain_dataset(bundle, model, seed, corpora=("content",)))
     return parts[0] if len(parts) == 1 else TaskMixture(*parts)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -31,9 +32,10 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from llmrec.collate import FinetuneDataset, epoch_rng, lm_example
+from llmrec.collate import FinetuneDataset, SequenceDataset, epoch_rng, lm_example
 from llmrec.model import CLLM4Rec
-from llmrec.prompts import TASKS, FinetunePrompts, prompt_batch
+from llmrec.options import SEMANTIC_HISTORIES
+from llmrec.prompts import IGNORE, TASKS, FinetunePrompts, prompt_batch
 
 if TYPE_CHECKING:
     from llmrec.indexing.base import ItemIndex
@@ -92,6 +94,61 @@ class NextSemanticDataset(SemanticDataset):
         items = self.histories[index]
         cut = int(epoch_rng(self.seed, self.epoch, index).integers(0, len(items)))
         return items[:cut], items[cut : cut + 1]
+
+
+@dataclass
+class SemanticPrompts(FinetunePrompts):
+    """Prompts whose history items are written as their semantic IDs: ``<s0_a> <s1_b> <s2_c>`` per item
+    (``history="codes"``), or the codes followed by the item's own token (``"codes_item"``).
+
+    The item token comes after the codes, not before: before them it would name the item whose codes
+    the position is trained to predict. Every item's codes follow the prompt the same way the generated
+    ones do, so one causal forward trains every next item (:class:`SemanticSequenceDataset`) and the
+    evaluation prompt is that forward's prefix.
+    """
+
+    index: ItemIndex | None = None
+    history: str = "codes"
+
+    def __post_init__(self) -> None:
+        if self.history not in SEMANTIC_HISTORIES:
+            raise ValueError(f"unknown semantic history {self.history!r}: expected one of {SEMANTIC_HISTORIES}")
+        tokens = require_index_of(self.index).token_ids(self.vocab)
+        self.codes = [[int(t) for t in row if t >= 0] for row in tokens]
+
+    def item_width(self, item: int) -> int:
+        return len(self.codes[item]) + (self.history == "codes_item")
+
+    def item_text(self, item: int) -> str:
+        tokens = self.codes[item] + ([self.vocab.item_token(item)] if self.history == "codes_item" else [])
+        return " ".join(self.vocab.placeholder(t) for t in tokens)
+
+
+class SemanticSequenceDataset(SequenceDataset):
+    """Every-position semantic-ID training: one causal forward per history window (`SequenceDataset`,
+    over :class:`SemanticPrompts`) trains the codes of every item of the window at once.
+
+    Each position whose next token is a semantic code is labelled with that code's row of the semantic
+    table (a per-level softmax, `CLLM4Rec.semantic_loss`); item tokens and the template's words carry no
+    loss. The history's first item is predicted from the template alone, as the item head's is. 943
+    prefixes per epoch become every training interaction (~99k on ML-100K).
+    """
+
+    def __init__(self, histories: Sequence[Sequence[int]], prompts: SemanticPrompts, windows: bool = True):
+        super().__init__(histories, prompts, windows=windows)
+        self.semantic = prompts.vocab.family_range("semantic")
+
+    def task(self, index: int) -> int:
+        return TASKS.index("semantic_sequence")
+
+    def length(self, index: int) -> int:
+        return min(sum(map(self.prompts.item_width, self.histories[index])), self.prompts.max_tokens)
+
+    def __getitem__(self, index: int) -> dict:
+        input_ids = self.prompts.encode(self.users[index], self.histories[index])
+        start = self.semantic.start
+        labels = [t - start if t in self.semantic else IGNORE for t in input_ids[1:]] + [IGNORE]
+        return {"task": TASKS.index("semantic_sequence"), "input_ids": input_ids, "labels": labels}
 
 
 class TrieTensors:
@@ -309,11 +366,15 @@ def index_validity(index: ItemIndex) -> dict[str, float]:
 
 def require_index(model: CLLM4Rec) -> ItemIndex:
     """The model's item index, or a clear error for a model built without one."""
-    if model.item_index is None:
+    return require_index_of(model.item_index)
+
+
+def require_index_of(index: ItemIndex | None) -> ItemIndex:
+    if index is None:
         raise ValueError(
             "the model has no item index: build one (recipes/index.py) and set ModelConfig.index"
         )
-    return model.item_index
+    return index
 
 
 class GenerativeScorer:

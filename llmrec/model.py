@@ -443,7 +443,7 @@ class CLLM4Rec(nn.Module):
             lm, view = self.collaborative_loss(batch), "collab"
         elif task == "content":
             lm, view = self.content_loss(batch), "content"
-        elif task == "semantic":
+        elif task in ("semantic", "semantic_sequence"):
             lm, view = self.semantic_loss(batch), "collab"
             # semantic tokens have no content view to agree with: regularise the prompt's user/item tokens only
             ids = ids.masked_fill(ids >= self.vocab.family_range("semantic").start, 0)

@@ -20,6 +20,7 @@ ALLOW_DOWNLOAD_ENV = "LLMREC_ALLOW_DOWNLOAD"
 CACHE_ENV = "LLMREC_CACHE"
 PRETRAIN_CORPORA = ("collaborative", "content")
 HISTORY_POOLS = ("none", "mean")
+SEMANTIC_HISTORIES = ("codes", "codes_item")  # how task semantic_sequence writes a history item
 PRIORS = ("none", "ease")
 WEIGHT_DTYPES = ("fp32", "fp16", "bf16")  # of exported weights; llmrec.recommender.DTYPES maps them to torch
 EASE_LAMBDAS = (10.0, 50.0, 100.0, 200.0, 300.0, 500.0, 750.0, 1000.0, 2000.0, 5000.0)  # EASE's L2 grid
@@ -120,6 +121,13 @@ class ModelConfig:
             "scale times the RMS-normalised mean collaborative embedding of the history's items)"
         },
     )
+    semantic_history: str = field(
+        default="codes",
+        metadata={
+            "help": "task semantic_sequence: a history item is written as its semantic-ID codes | codes_item "
+            "(its codes, then its item token)"
+        },
+    )
     prior: str = field(
         default="none",
         metadata={
@@ -142,6 +150,12 @@ class ModelConfig:
         )
         require(self.mutual_reg >= 0, "mutual_reg", self.mutual_reg, "must be >= 0")
         require(self.max_doc_tokens >= 1, "max_doc_tokens", self.max_doc_tokens, "must be at least 1")
+        require(
+            self.semantic_history in SEMANTIC_HISTORIES,
+            "semantic_history",
+            self.semantic_history,
+            f"must be one of {SEMANTIC_HISTORIES}",
+        )
         require(
             self.history_pool in HISTORY_POOLS,
             "history_pool",

@@ -1,0 +1,97 @@
+"""Every-position semantic-ID training (task ``semantic_sequence``): one forward of a history written in
+semantic IDs trains every next item's codes, exactly as one prefix at a time would."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmrec.backbone import BackboneConfig
+from llmrec.collate import collate, lm_example
+from llmrec.generate import GenerativeScorer, SemanticPrompts, SemanticSequenceDataset
+from llmrec.indexing import ItemIndex, NumberIndexConfig, RandomIndexer
+from llmrec.indexing.base import IndexData
+from llmrec.model import CLLM4Rec, ModelConfig
+from llmrec.prompts import IGNORE, TASKS
+
+SEQUENCE = "<user_{user}> has interacted with {history}"
+N_USERS, N_ITEMS = 4, 25
+
+
+@pytest.fixture(scope="module")
+def index() -> ItemIndex:
+    return RandomIndexer(NumberIndexConfig(codebook_size=4, seed=1)).build(IndexData(n_items=N_ITEMS))
+
+
+@pytest.fixture(scope="module")
+def model(index: ItemIndex) -> CLLM4Rec:
+    built = CLLM4Rec.from_config(
+        ModelConfig(lora_r=4), BackboneConfig("tiny-llama"), N_USERS, N_ITEMS, item_index=index, seed=0
+    )
+    with torch.no_grad():  # spread the fresh code embeddings so that losses differ between items
+        built.collab.family_weight("semantic").mul_(20)
+    return built.eval()
+
+
+def prompts(model: CLLM4Rec, history: str, max_tokens: int = 512) -> SemanticPrompts:
+    return SemanticPrompts(
+        model.vocab, model.tokenizer, SEQUENCE, max_tokens, index=model.item_index, history=history
+    )
+
+
+@pytest.mark.parametrize("history", ["codes", "codes_item"])
+def test_one_forward_loss_equals_the_sum_of_per_prefix_losses(model, history):
+    written = prompts(model, history)
+    items = [3, 9, 4, 7, 1, 11]
+    example = SemanticSequenceDataset([items], written, windows=False)[0]
+    assert example["task"] == TASKS.index("semantic_sequence")
+    with torch.no_grad():
+        full, count = model.semantic_loss(collate([example]))
+    codes = model.item_index.token_ids(model.vocab)
+    first = model.vocab.family_range("semantic").start
+    per_prefix = []
+    for k, item in enumerate(items):
+        target = [int(t) for t in codes[item] if t >= 0]
+        input_ids, labels = lm_example(written.encode(0, items[:k]), target, [t - first for t in target])
+        batch = collate([{"task": TASKS.index("semantic"), "input_ids": input_ids, "labels": labels}])
+        with torch.no_grad():
+            per_prefix.append(model.semantic_loss(batch))
+    assert int(count) == sum(int(n) for _, n in per_prefix) == codes.shape[1] * len(items)
+    assert float(full) == pytest.approx(sum(float(loss) for loss, _ in per_prefix), rel=1e-4)
+    # the loss is on code tokens only: the item tokens of "codes_item" carry none
+    labelled = {example["input_ids"][t + 1] for t, label in enumerate(example["labels"]) if label != IGNORE}
+    assert all(token in model.vocab.family_range("semantic") for token in labelled)
+    assert (model.vocab.item_token(3) in example["input_ids"]) == (history == "codes_item")
+
+
+def test_long_histories_are_cut_into_windows_that_cover_every_item(model):
+    fixed = len(prompts(model, "codes_item").encode(0, []))
+    written = prompts(model, "codes_item", max_tokens=fixed + 9)  # 4 tokens per item: 2 items a window
+    items = list(range(11))
+    dataset = SemanticSequenceDataset([items], written, windows=True)
+    assert len(dataset) == 6
+    covered = []
+    for row in range(len(dataset)):
+        example = dataset[row]
+        assert len(example["input_ids"]) <= fixed + 9
+        kept = written.kept(0, dataset.histories[row])
+        assert kept == dataset.histories[row][-len(kept) :]
+        covered = kept + covered
+    assert covered == items  # newest window first, each interaction a target once
+
+
+def test_beam_search_scores_equal_teacher_forcing_on_the_semantic_prompt(model):
+    written = prompts(model, "codes_item")
+    histories = [[1, 2, 3], [5, 6], [7], [8, 9, 10, 12]]
+    scorer = GenerativeScorer(model, written, histories, beam=N_ITEMS)
+    items, scores = scorer.recommend([0, 3])
+    codes = model.item_index.token_ids(model.vocab)
+    first = model.vocab.family_range("semantic").start
+    for row, user in enumerate([0, 3]):
+        best = int(items[row, 0])
+        target = [int(t) for t in codes[best] if t >= 0]
+        input_ids, labels = lm_example(written.encode(user, histories[user]), target, [t - first for t in target])
+        batch = collate([{"task": TASKS.index("semantic"), "input_ids": input_ids, "labels": labels}])
+        with torch.no_grad():
+            nll, _ = model.semantic_loss(batch)
+        assert float(scores[row, 0]) == pytest.approx(-float(nll), abs=1e-4)
