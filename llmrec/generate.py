@@ -23,6 +23,7 @@ each trie node, kept here as tensors (:class:`TrieTensors`).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -481,3 +482,85 @@ class GenerativeScorer:
         found = items >= 0
         dense[torch.nonzero(found)[:, 0], items[found]] = scores[found]
         return dense
+
+
+class _LevelLogProbs(torch.nn.Module):
+    """An LM head over the whole vocabulary for ``transformers``' ``generate``: each semantic level's block
+    holds that level's own log-softmax, every other token -inf. ``generate`` log-softmaxes it again over
+    the whole vocabulary, which subtracts log(levels) from every entry, the same at every step, so
+    beam order and the lists are those of the per-level scores `constrained_beam_search` uses."""
+
+    def __init__(self, model: CLLM4Rec):
+        super().__init__()
+        self.model = model
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        vocab = self.model.vocab
+        out = hidden.new_full((*hidden.shape[:-1], vocab.total_size), float("-inf"), dtype=torch.float32)
+        for level, size in enumerate(vocab.semantic_codebooks):
+            start = vocab.level_range(level).start
+            out[..., start : start + size] = F.log_softmax(self.model.semantic_logits(hidden, level).float(), -1)
+        return out
+
+
+@torch.no_grad()
+def generate_reference(
+    model: CLLM4Rec, prompts: Sequence[Sequence[int]], beam: int, excluded: Sequence[Sequence[int]] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top ``beam`` items per prompt from ``transformers``' ``generate(num_beams=beam,
+    prefix_allowed_tokens_fn=...)``, with the trie (and ``excluded`` items) in the callback: the
+    reference that `constrained_beam_search` is checked and timed against (``benchmarks/beam_speed.py``).
+
+    The LM's input embeddings and head are swapped for the collaborative ID table and
+    :class:`_LevelLogProbs` during the call. Scores are put back on the per-level scale. Fixed-length,
+    prefix-free indexes only (``generate`` ends every beam after ``max_new_tokens``).
+    """
+    index = require_index(model)
+    if index.lengths().min() != index.max_len:
+        raise ValueError("generate_reference needs an index whose code tuples all have the same length")
+    trie, vocab = index.trie(), model.vocab
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    tensors = TrieTensors(index)
+    remaining = tensors.remaining(excluded or [[]] * len(prompts)).numpy()
+    starts = [vocab.level_range(tensors.level(depth)).start for depth in range(index.max_len)]
+    width = max(len(p) for p in prompts)
+
+    def allowed(row: int, input_ids: torch.Tensor) -> list[int]:
+        generated = input_ids[width:].tolist()
+        node = trie.node([t - starts[depth] for depth, t in enumerate(generated)])
+        children = trie.child_nodes[trie.child_ptr[node] : trie.child_ptr[node + 1]]
+        children = children[remaining[row, children] > 0]
+        return (trie.token[children] + starts[len(generated)]).tolist()
+
+    pad = model.tokenizer.pad_token_id or 0
+    input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    causal = model.lm.get_base_model()
+    embeddings, head = causal.get_input_embeddings(), causal.get_output_embeddings()
+    causal.set_input_embeddings(model.collab)
+    causal.set_output_embeddings(_LevelLogProbs(model))
+    try:
+        with model._adapter("collab"):
+            out = causal.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                num_beams=beam,
+                num_return_sequences=beam,
+                max_new_tokens=index.max_len,
+                min_new_tokens=index.max_len,
+                do_sample=False,
+                length_penalty=0.0,
+                early_stopping=True,
+                prefix_allowed_tokens_fn=allowed,
+                return_dict_in_generate=True,
+                output_scores=True,
+                pad_token_id=pad,
+                eos_token_id=None,
+            )
+    finally:
+        causal.set_input_embeddings(embeddings)
+        causal.set_output_embeddings(head)
+    codes = (out.sequences[:, width:] - torch.tensor(starts, device=device)).view(len(prompts), beam, -1)
+    items = torch.tensor([[trie.item(row) for row in user.tolist()] for user in codes])
+    scores = out.sequences_scores.view(len(prompts), beam).cpu().float()
+    return items, scores + index.max_len * math.log(len(vocab.semantic_codebooks))

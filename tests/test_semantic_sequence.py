@@ -3,12 +3,14 @@ semantic IDs trains every next item's codes, exactly as one prefix at a time wou
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 
 from llmrec.backbone import BackboneConfig
 from llmrec.collate import collate, lm_example
-from llmrec.generate import GenerativeScorer, SemanticPrompts, SemanticSequenceDataset
+from llmrec.generate import GenerativeScorer, SemanticPrompts, SemanticSequenceDataset, generate_reference
 from llmrec.indexing import ItemIndex, NumberIndexConfig, RandomIndexer
 from llmrec.indexing.base import IndexData
 from llmrec.model import CLLM4Rec, ModelConfig
@@ -95,3 +97,24 @@ def test_beam_search_scores_equal_teacher_forcing_on_the_semantic_prompt(model):
         with torch.no_grad():
             nll, _ = model.semantic_loss(batch)
         assert float(scores[row, 0]) == pytest.approx(-float(nll), abs=1e-4)
+
+
+@pytest.mark.parametrize("beam", [5, 12])
+def test_batched_beam_search_equals_one_user_at_a_time_and_transformers_generate(model, beam):
+    written = prompts(model, "codes")
+    histories = [[1, 2, 3], [5, 6], [7], [8, 9, 10, 12]]
+    exclude = sp.csr_matrix(
+        (np.ones(9), ([0, 0, 0, 1, 1, 2, 3, 3, 3], [1, 2, 3, 5, 6, 7, 8, 9, 10])), shape=(N_USERS, N_ITEMS)
+    )
+    users = np.arange(N_USERS)
+    batched = GenerativeScorer(model, written, histories, exclude, beam=beam, batch_size=4).recommend(users)
+    single = GenerativeScorer(model, written, histories, exclude, beam=beam, batch_size=1).recommend(users)
+    reference = generate_reference(
+        model, [written.encode(u, histories[u]) for u in users], beam, [exclude[u].indices for u in users]
+    )
+    assert torch.equal(batched[0], single[0]) and torch.allclose(batched[1], single[1], atol=1e-5)
+    assert torch.equal(batched[0], reference[0])
+    assert torch.allclose(batched[1], reference[1], atol=1e-4)
+    for row in batched[0].tolist():  # real, unseen, distinct items only
+        assert min(row) >= 0 and len(set(row)) == beam
+    assert not any(set(batched[0][u].tolist()) & set(exclude[u].indices) for u in users)
