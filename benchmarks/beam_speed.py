@@ -35,6 +35,7 @@ from llmrec.metrics import format_table, write_metrics_json  # noqa: E402
 from llmrec.model import CLLM4Rec, ModelConfig, run_model_dir, run_task  # noqa: E402
 from llmrec.reporting import machine_info, timed  # noqa: E402
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="data/ml-100k-loo")
@@ -88,9 +89,19 @@ def main() -> None:
             "duplicates": int(sum(len(set(row)) < len(row) for row in lists)),
             "seen": int(sum(np.isin(lists[i], seen[u].indices).sum() for i, u in enumerate(users))),
         }
-        details[beam] = {"llmrec_s": ours_s, "generate_s": ref_s, "llmrec_cpu_s": ours_cpu, "generate_cpu_s": ref_cpu}
+        details[beam] = {
+            "llmrec_s": ours_s,
+            "generate_s": ref_s,
+            "llmrec_cpu_s": ours_cpu,
+            "generate_cpu_s": ref_cpu,
+        }
     print(format_table(rows, list(next(iter(rows.values())))))
-    setup = {"data": args.data, "run": args.run, "index": None if args.run else args.index, "users": len(users)}
+    setup = {
+        "data": args.data,
+        "run": args.run,
+        "index": None if args.run else args.index,
+        "users": len(users),
+    }
     setup |= {"batch_size": args.batch_size, "levels": model.item_index.max_len}
     write_metrics_json(args.out, rows, setup=setup, seconds=details, machine=machine_info())
     print(f"wrote {args.out}")

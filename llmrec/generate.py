@@ -113,7 +113,9 @@ class SemanticPrompts(FinetunePrompts):
 
     def __post_init__(self) -> None:
         if self.history not in SEMANTIC_HISTORIES:
-            raise ValueError(f"unknown semantic history {self.history!r}: expected one of {SEMANTIC_HISTORIES}")
+            raise ValueError(
+                f"unknown semantic history {self.history!r}: expected one of {SEMANTIC_HISTORIES}"
+            )
         tokens = require_index_of(self.index).token_ids(self.vocab)
         self.codes = [[int(t) for t in row if t >= 0] for row in tokens]
 
@@ -499,13 +501,18 @@ class _LevelLogProbs(torch.nn.Module):
         out = hidden.new_full((*hidden.shape[:-1], vocab.total_size), float("-inf"), dtype=torch.float32)
         for level, size in enumerate(vocab.semantic_codebooks):
             start = vocab.level_range(level).start
-            out[..., start : start + size] = F.log_softmax(self.model.semantic_logits(hidden, level).float(), -1)
+            out[..., start : start + size] = F.log_softmax(
+                self.model.semantic_logits(hidden, level).float(), -1
+            )
         return out
 
 
 @torch.no_grad()
 def generate_reference(
-    model: CLLM4Rec, prompts: Sequence[Sequence[int]], beam: int, excluded: Sequence[Sequence[int]] | None = None
+    model: CLLM4Rec,
+    prompts: Sequence[Sequence[int]],
+    beam: int,
+    excluded: Sequence[Sequence[int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The top ``beam`` items per prompt from ``transformers``' ``generate(num_beams=beam,
     prefix_allowed_tokens_fn=...)``, with the trie (and ``excluded`` items) in the callback: the

@@ -92,7 +92,9 @@ def test_beam_search_scores_equal_teacher_forcing_on_the_semantic_prompt(model):
     for row, user in enumerate([0, 3]):
         best = int(items[row, 0])
         target = [int(t) for t in codes[best] if t >= 0]
-        input_ids, labels = lm_example(written.encode(user, histories[user]), target, [t - first for t in target])
+        input_ids, labels = lm_example(
+            written.encode(user, histories[user]), target, [t - first for t in target]
+        )
         batch = collate([{"task": TASKS.index("semantic"), "input_ids": input_ids, "labels": labels}])
         with torch.no_grad():
             nll, _ = model.semantic_loss(batch)
