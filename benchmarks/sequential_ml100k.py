@@ -198,8 +198,12 @@ def run_semantic_sequence(args, data: Path) -> dict:
     for seed in args.llm_seeds:
         extra = ["--epochs", str(args.sid_epochs)]
         run, wall = llm_run(args, seed, "semantic_sequence", finetune, extra, config=args.sid_config)
-        test = ["--config", args.sid_config, "--run", str(run), "--split", "test", "--generate", "true"]
-        metrics = evaluate.main(test)
+        saved = run / "metrics.json"  # with --reuse, a test evaluation already run on it is taken
+        if args.reuse and saved.exists() and "test/generate" in json.loads(saved.read_text())["metrics"]:
+            metrics = json.loads(saved.read_text())["metrics"]["test/generate"]
+        else:
+            test = ["--config", args.sid_config, "--run", str(run), "--split", "test", "--generate", "true"]
+            metrics = evaluate.main(test)
         rows.append({**metrics, "wall_s": wall + index_wall, "curve": valid_curve(run), "seed": seed})
     return {"llmrec semantic-ID generator (every position, beam 20)": rows}
 
