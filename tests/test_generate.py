@@ -302,3 +302,8 @@ def test_finetune_and_evaluate_recipes_run_the_semantic_task(ml100k_bundle, tmp_
     assert metrics["users"] == 943 and 0 <= metrics["recall@20"] <= 1
     saved = json.loads((run / "metrics.json").read_text())["metrics"]
     assert saved["test/generate"]["recall@20"] == metrics["recall@20"]
+    from common.errors import UserError
+    from llmrec.export import export_run
+
+    with pytest.raises(UserError, match="generator run"):  # the bundle would serve an untrained item head
+        export_run(run, tmp_path / "bundle")
