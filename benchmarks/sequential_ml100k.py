@@ -280,7 +280,7 @@ def main() -> None:
         "--sid_config", default=str(REPO / "recipes" / "configs" / "ml-100k-loo-sid-cpu.yaml"),
         help="the semantic-ID generator recipe (stage semantic_sequence)",
     )  # fmt: skip
-    parser.add_argument("--sid_epochs", type=int, default=2, help="generator epochs (best on valid kept)")
+    parser.add_argument("--sid_epochs", type=int, default=1, help="generator epochs (best on valid kept)")
     parser.add_argument(
         "--rqvae_epochs", type=int, default=0, help="quantized RQ-VAE epochs after the default schedule"
     )

@@ -32,6 +32,7 @@ from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig, blend_scores
 from llmrec.options import PRETRAIN_CORPORA
 from llmrec.prompts import FinetunePrompts
 from llmrec.scoring import ItemHeadScorer, PrecomputedScorer
+from llmrec.textid import TextIDDataset
 
 logger = get_logger(__name__)
 PROMPT_KINDS = ("masked", "sequence", "semantic_sequence")
@@ -124,6 +125,7 @@ def finetune_dataset(
     task: str = "multinomial",
     prompt_order: str = "shuffled",
     sequence_windows: bool = False,
+    text_id_weight: float = 0.0,
 ) -> FinetuneDataset | TaskMixture:
     """Finetuning examples of ``task``: masked-history examples for the item head (``"multinomial"``),
     for writing a held-out item's semantic ID (``"semantic"``, needs a model with an item index) or both;
@@ -131,7 +133,8 @@ def finetune_dataset(
     in one forward; with ``sequence_windows``, every window of a long history) or for writing the next
     item's semantic ID (``"semantic_next"``, one prefix per user) or every item's semantic ID after the
     history written in semantic IDs (``"semantic_sequence"``, every position in one forward, windows as
-    ``"sequential"``). With
+    ``"sequential"``). ``text_id_weight`` > 0 mixes LC-Rec's text-ID tasks into a semantic-ID task
+    (`llmrec.textid`: that many rows per main-task row). With
     ``with_content`` the content corpus keeps the content view (and the mutual regulariser) training
     alongside, as in CLLM4Rec's finetuning. Cold users (a cold-users split) are left out."""
     if task not in FINETUNE_TASKS:
@@ -157,6 +160,22 @@ def finetune_dataset(
         parts.append(NextSemanticDataset(histories, prompts, require_index(model), seed=seed))
     if task == "semantic_sequence":
         parts.append(SemanticSequenceDataset(histories, prompts, windows=sequence_windows))
+    if text_id_weight > 0:
+        if task not in GENERATIVE_TASKS:
+            raise ValueError(f"text_id_weight: the text-ID tasks train semantic IDs, task {task!r} has none")
+        per_kind = max(1, round(text_id_weight * len(parts[0]) / 3))
+        parts.append(
+            TextIDDataset(
+                bundle.item_titles,
+                histories,
+                model.vocab,
+                model.tokenizer,
+                require_index(model),
+                per_kind,
+                seed=seed,
+                max_tokens=model.config.max_doc_tokens,
+            )  # fmt: skip
+        )
     if with_content and _present(bundle, ("content",)):
         parts.append(pretrain_dataset(bundle, model, seed, corpora=("content",)))
     return parts[0] if len(parts) == 1 else TaskMixture(*parts)

@@ -17,7 +17,7 @@ from llmrec.tokens import RecVocab
 
 IGNORE = -100
 # batch["task"] holds an index into this tuple
-TASKS = ("collaborative", "content", "finetune", "semantic", "sequential", "preference", "semantic_sequence")
+TASKS = ("collaborative", "content", "finetune", "semantic", "sequential", "preference", "semantic_sequence", "semantic_title")
 
 
 @dataclass

@@ -15,6 +15,7 @@ from llmrec.indexing import ItemIndex, NumberIndexConfig, RandomIndexer
 from llmrec.indexing.base import IndexData
 from llmrec.model import CLLM4Rec, ModelConfig
 from llmrec.prompts import IGNORE, TASKS
+from llmrec.textid import TextIDDataset
 
 SEQUENCE = "<user_{user}> has interacted with {history}"
 N_USERS, N_ITEMS = 4, 25
@@ -120,3 +121,70 @@ def test_batched_beam_search_equals_one_user_at_a_time_and_transformers_generate
     for row in batched[0].tolist():  # real, unseen, distinct items only
         assert min(row) >= 0 and len(set(row)) == beam
     assert not any(set(batched[0][u].tolist()) & set(exclude[u].indices) for u in users)
+
+
+# ---------------------------------------------------------------- LC-Rec text-ID tasks
+def test_text_id_rows_pair_titles_and_codes_the_same_way_every_epoch(model):
+    titles = [f"Movie {i} ({1990 + i})" for i in range(N_ITEMS)]
+    histories = [[3, 9, 4, 7, 1, 11], [5], [2, 8, 6], []]
+    dataset = TextIDDataset(titles, histories, model.vocab, model.tokenizer, model.item_index, 4, seed=1)
+    codes = model.item_index.token_ids(model.vocab)
+    first = model.vocab.family_range("semantic").start
+    words = lambda text: model.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert len(dataset) == 12
+    targets_by_epoch = []
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        rows = [dataset[i] for i in range(len(dataset))]
+        assert rows == [dataset[i] for i in range(len(dataset))]  # deterministic within an epoch
+        assert [row["task"] for row in rows] == [dataset.task(i) for i in range(12)]
+        assert [TASKS[row["task"]] for row in rows] == ["semantic"] * 4 + ["semantic_title"] * 4 + [
+            "semantic"
+        ] * 4
+        targets = []
+        for row in rows:
+            labelled = [label for label in row["labels"] if label != IGNORE]
+            if TASKS[row["task"]] == "semantic":  # the target is one item's codes, at the end
+                item = next(i for i in range(N_ITEMS) if [first + c for c in labelled] == codes[i].tolist())
+                assert row["input_ids"][-len(labelled) :] == codes[item].tolist()
+            else:  # the title follows the item's codes
+                item = next(i for i in range(N_ITEMS) if labelled == words(f' "{titles[i]}"'))
+                assert codes[item].tolist() == [t for t in row["input_ids"] if t >= first]
+            targets.append(item)
+        quoted = [words(f' "{title}"') for title in titles]
+        for row, item in zip(rows[:4], targets[:4], strict=True):  # title -> its own codes
+            start = len(words("The item"))
+            assert row["input_ids"][start : start + len(quoted[item])] == quoted[item]
+        for row, item in zip(rows[8:], targets[8:], strict=True):  # the titles of the items before it
+            user = next(u for u in range(N_USERS) if model.vocab.user_token(u) in row["input_ids"])
+            before = histories[user][: histories[user].index(item)]
+            assert before and len(row["input_ids"]) <= dataset.max_tokens
+            prompt = row["input_ids"][: -3 - len(words(" and next"))]  # without the 3 codes and " and next"
+            assert prompt[-len(quoted[before[-1]]) :] == quoted[before[-1]]
+        targets_by_epoch.append(targets)
+    assert targets_by_epoch[0] != targets_by_epoch[1]  # a fresh draw every epoch
+    for kind in range(3):  # every kind trains: finite losses on the labelled tokens only
+        batch = collate([dataset[kind * 4], dataset[kind * 4 + 1]])
+        lm_sum, lm_count, _, _ = model(batch)
+        assert torch.isfinite(lm_sum) and int(lm_count) == int((batch["labels"] != IGNORE).sum())
+
+
+def test_the_text_id_weight_mixes_that_many_rows_into_the_semantic_sequence_task(ml100k_bundle):
+    from data_prep import load_bundle
+    from llmrec.collate import TaskMixture
+    from llmrec.data import finetune_dataset
+
+    bundle = load_bundle(ml100k_bundle)
+    index = RandomIndexer(NumberIndexConfig(codebook_size=12)).build(IndexData(n_items=bundle.n_items))
+    built = CLLM4Rec.from_config(
+        ModelConfig(lora_r=4, max_doc_tokens=64), BackboneConfig("tiny-llama"), bundle.n_users, bundle.n_items,
+        item_index=index,
+    )  # fmt: skip
+    mixed = finetune_dataset(
+        bundle, built, 0, task="semantic_sequence", with_content=False, text_id_weight=0.3
+    )
+    assert isinstance(mixed, TaskMixture)
+    main, extra = mixed.parts
+    assert isinstance(extra, TextIDDataset) and len(extra) == 3 * round(0.3 * len(main) / 3)
+    with pytest.raises(ValueError, match="text_id_weight"):
+        finetune_dataset(bundle, built, 0, task="sequential", with_content=False, text_id_weight=0.3)
