@@ -17,7 +17,16 @@ from llmrec.tokens import RecVocab
 
 IGNORE = -100
 # batch["task"] holds an index into this tuple
-TASKS = ("collaborative", "content", "finetune", "semantic", "sequential", "preference", "semantic_sequence", "semantic_title")
+TASKS = (
+    "collaborative",
+    "content",
+    "finetune",
+    "semantic",
+    "sequential",
+    "preference",
+    "semantic_sequence",
+    "semantic_title",
+)
 
 
 @dataclass
