@@ -1,7 +1,8 @@
 """Next-item leave-one-out on ML-100K: Pop, EASE, SASRec and the llmrec next-item modes, side by side.
 
-    python benchmarks/sequential_ml100k.py [--stages baselines,sequential,semantic,align]
+    python benchmarks/sequential_ml100k.py [--stages baselines,sequential,semantic,align,semantic_sequence]
         [--seeds 0,1,2] [--llm_seeds 42] [--config recipes/configs/ml-100k-loo-cpu.yaml]
+        [--sid_config recipes/configs/ml-100k-loo-sid-cpu.yaml]
 
 Builds the bundle from ``../shared/benchmarks/ml-100k-loo`` if needed. Every stage writes its own JSON
 under ``--results`` (so stages can run at different times on a shared machine); the table and the plot
@@ -15,7 +16,10 @@ of validation NDCG@10 by epoch are then made from every stage result present:
   ``--sequential_epochs``, per LLM seed;
 - ``semantic``: an RQ-VAE semantic-ID index and the generator finetuned on the next item's ID
   (``--task semantic_next``), ranked by constrained beam search, with validity diagnostics;
-- ``align``: DPO of each ``sequential`` run's item head against itself (``recipes/align.py``).
+- ``align``: DPO of each ``sequential`` run's item head against itself (``recipes/align.py``);
+- ``semantic_sequence``: the generator recipe ``--sid_config`` (the history written in semantic IDs,
+  every next item's codes trained in one forward per window; ``--task semantic_sequence``) for up to
+  ``--sid_epochs``, ranked by constrained beam search, with validity diagnostics.
 
 Test metrics: HR@5/10/20 and NDCG@5/10/20 over the full catalogue, seen items excluded, the test prompt
 holding the validation item; the models are selected on valid only. Mean ± std over the seeds run.
@@ -47,7 +51,7 @@ from llmrec.metrics import format_table, write_metrics_json  # noqa: E402
 from llmrec.reporting import machine_info  # noqa: E402
 
 METRICS = ["hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20"]
-STAGES = ("baselines", "sequential", "semantic", "align")
+STAGES = ("baselines", "sequential", "semantic", "align", "semantic_sequence")
 LM_ALONE = "llmrec item head (sequential), LM alone: prior weight 0, not the valid choice"
 
 
@@ -100,14 +104,15 @@ def run_wall(run: Path) -> float:
     return (run / "metrics.jsonl").stat().st_mtime - (run / "run_config.json").stat().st_mtime
 
 
-def llm_run(args, seed: int, name: str, recipe, extra: list[str]) -> tuple[Path, float]:
-    """Train (or with ``--reuse``, take a run that already kept a best model, e.g. one stopped by hand
-    after the epochs that fit the machine) and return it with its wall time."""
+def llm_run(args, seed: int, name: str, recipe, extra: list[str], config: str = "") -> tuple[Path, float]:
+    """Train with ``config`` (default ``--config``), or with ``--reuse`` take a run that already kept a
+    best model (e.g. one stopped by hand after the epochs that fit the machine); return it with its wall
+    time."""
     run = Path(args.runs) / f"{name}-seed{seed}"
     if not (args.reuse and (run / "best" / "config.json").exists()):
         recipe.main(
-            ["--config", args.config, "--seed", str(seed), "--output_dir", str(run), "--overwrite_output_dir"]
-            + extra
+            ["--config", config or args.config, "--seed", str(seed), "--output_dir", str(run)]
+            + ["--overwrite_output_dir", *extra]
         )
     return run, run_wall(run)
 
@@ -181,6 +186,28 @@ def run_align(args, data: Path) -> dict:
     return rows
 
 
+def run_semantic_sequence(args, data: Path) -> dict:
+    """The semantic-ID generator recipe (``--sid_config``) per LLM seed; its index is built first if the
+    recipe's ``model.index`` does not exist yet."""
+    index_dir = Path(read_yaml(args.sid_config)["model"]["index"])
+    index_wall = 0.0
+    if not (index_dir / "index.json").exists():
+        build = ["--data", str(data), "--method", "rqvae", "--out", str(index_dir)]
+        _, index_wall = timed(index.main, [*build, "--codebook_size", str(args.rqvae_codebook)])
+    rows = []
+    for seed in args.llm_seeds:
+        extra = ["--epochs", str(args.sid_epochs)]
+        run, wall = llm_run(args, seed, "semantic_sequence", finetune, extra, config=args.sid_config)
+        saved = run / "metrics.json"  # with --reuse, a test evaluation already run on it is taken
+        if args.reuse and saved.exists() and "test/generate" in json.loads(saved.read_text())["metrics"]:
+            metrics = json.loads(saved.read_text())["metrics"]["test/generate"]
+        else:
+            test = ["--config", args.sid_config, "--run", str(run), "--split", "test", "--generate", "true"]
+            metrics = evaluate.main(test)
+        rows.append({**metrics, "wall_s": wall + index_wall, "curve": valid_curve(run), "seed": seed})
+    return {"llmrec semantic-ID generator (every position, beam 20)": rows}
+
+
 def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
     """Mean and std over seeds of every metric, as 'mean ± std' cells plus the raw numbers."""
     table = {}
@@ -197,14 +224,23 @@ def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
 
 
 def plot(results: dict[str, list[dict]], pending: dict[str, list[float]], path: Path) -> None:
-    """Validation NDCG@10 by epoch of every model's first seed (a dashed line for models without epochs),
-    plus the curves of ``pending`` runs whose stage has no result yet."""
+    """Left: validation NDCG@10 by epoch of every model's first seed (a dashed line for models without
+    epochs), plus the curves of ``pending`` runs whose stage has no result yet. Right: test NDCG@10, mean
+    with the standard deviation over seeds as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [1.2, 1]})
+    names = list(results)
+    values = [np.array([run["ndcg@10"] for run in results[name]], dtype=float) for name in names]
+    errors = [v.std(ddof=1) if len(v) > 1 else 0.0 for v in values]
+    bars.barh(range(len(names)), [v.mean() for v in values], xerr=errors, capsize=3, color="tab:blue")
+    bars.set_yticks(range(len(names)), [f"{n[:48]} ({len(v)})" for n, v in zip(names, values, strict=True)])
+    bars.tick_params(axis="y", labelsize=7)
+    bars.invert_yaxis()
+    bars.set_xlabel("test NDCG@10 (mean ± std over the seeds in brackets)")
     curves = {name: runs[0]["curve"] for name, runs in results.items()} | pending
     flat_styles = iter(["--", ":", "-."])
     for name, curve in curves.items():
@@ -241,6 +277,11 @@ def main() -> None:
     )
     parser.add_argument("--semantic_epochs", type=int, default=3)
     parser.add_argument(
+        "--sid_config", default=str(REPO / "recipes" / "configs" / "ml-100k-loo-sid-cpu.yaml"),
+        help="the semantic-ID generator recipe (stage semantic_sequence)",
+    )  # fmt: skip
+    parser.add_argument("--sid_epochs", type=int, default=1, help="generator epochs (best on valid kept)")
+    parser.add_argument(
         "--rqvae_epochs", type=int, default=0, help="quantized RQ-VAE epochs after the default schedule"
     )
     parser.add_argument("--rqvae_codebook", type=int, default=64, help="codes per RQ-VAE level")
@@ -264,6 +305,7 @@ def main() -> None:
         "sequential": run_sequential,
         "semantic": run_semantic,
         "align": run_align,
+        "semantic_sequence": run_semantic_sequence,
     }
     for stage in [s for s in args.stages.split(",") if s]:
         rows, wall = timed(stages[stage], args, data)

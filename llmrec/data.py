@@ -19,15 +19,23 @@ from data_prep import Bundle, DataError
 from data_prep.cold import cold_ids
 from llmrec.backbone import BackboneConfig
 from llmrec.collate import FinetuneDataset, PretrainDataset, SequenceDataset, TaskMixture
-from llmrec.generate import GenerativeScorer, NextSemanticDataset, SemanticDataset, require_index
+from llmrec.generate import (
+    GenerativeScorer,
+    NextSemanticDataset,
+    SemanticDataset,
+    SemanticPrompts,
+    SemanticSequenceDataset,
+    require_index,
+)
 from llmrec.metrics import DEFAULT_KS, LOO_KS, evaluate_scorer, history_splits, is_leave_one_out
 from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig, blend_scores
 from llmrec.options import PRETRAIN_CORPORA
 from llmrec.prompts import FinetunePrompts
 from llmrec.scoring import ItemHeadScorer, PrecomputedScorer
+from llmrec.textid import TextIDDataset
 
 logger = get_logger(__name__)
-PROMPT_KINDS = ("masked", "sequence")
+PROMPT_KINDS = ("masked", "sequence", "semantic_sequence")
 # finetuning task -> the prompt it trains on (and is evaluated with)
 FINETUNE_TASKS = {
     "multinomial": "masked",
@@ -35,8 +43,9 @@ FINETUNE_TASKS = {
     "both": "masked",
     "sequential": "sequence",
     "semantic_next": "sequence",
+    "semantic_sequence": "semantic_sequence",
 }
-GENERATIVE_TASKS = ("semantic", "semantic_next")  # validated by constrained beam search
+GENERATIVE_TASKS = ("semantic", "semantic_next", "semantic_sequence")  # validated by constrained beam search
 
 
 def input_histories(bundle: Bundle, split: str) -> list[list[int]]:
@@ -78,18 +87,20 @@ def model_for(bundle: Bundle, config: ModelConfig, backbone: BackboneConfig, see
 def prompt_template(bundle: Bundle, kind: str = "masked") -> str:
     """The prompt a task trains and is scored on: ``masked`` is the bundle's finetune template (a masked
     history, then "<user> will interact with"); ``sequence`` is the collaborative prompt followed by the
-    chronological history, whose last item position predicts the next item."""
+    chronological history, whose last item position predicts the next item; ``semantic_sequence`` is
+    that prompt with each history item written as its semantic ID (`generate.SemanticPrompts`)."""
     if kind == "masked":
         return bundle.templates.finetune
-    if kind == "sequence":
+    if kind in ("sequence", "semantic_sequence"):
         return bundle.templates.collaborative + " {history}"
     raise ValueError(f"unknown prompt kind {kind!r}: expected one of {PROMPT_KINDS}")
 
 
 def prompts_for(bundle: Bundle, model: CLLM4Rec, kind: str = "masked") -> FinetunePrompts:
-    return FinetunePrompts(
-        model.vocab, model.tokenizer, prompt_template(bundle, kind), max_tokens=model.config.max_doc_tokens
-    )
+    args = (model.vocab, model.tokenizer, prompt_template(bundle, kind), model.config.max_doc_tokens)
+    if kind == "semantic_sequence":
+        return SemanticPrompts(*args, index=require_index(model), history=model.config.semantic_history)
+    return FinetunePrompts(*args)
 
 
 def pretrain_dataset(
@@ -114,12 +125,16 @@ def finetune_dataset(
     task: str = "multinomial",
     prompt_order: str = "shuffled",
     sequence_windows: bool = False,
+    text_id_weight: float = 0.0,
 ) -> FinetuneDataset | TaskMixture:
     """Finetuning examples of ``task``: masked-history examples for the item head (``"multinomial"``),
     for writing a held-out item's semantic ID (``"semantic"``, needs a model with an item index) or both;
     next-item examples on the chronological history for the item head (``"sequential"``, every prefix
     in one forward; with ``sequence_windows``, every window of a long history) or for writing the next
-    item's semantic ID (``"semantic_next"``). With
+    item's semantic ID (``"semantic_next"``, one prefix per user) or every item's semantic ID after the
+    history written in semantic IDs (``"semantic_sequence"``, every position in one forward, windows as
+    ``"sequential"``). ``text_id_weight`` > 0 mixes LC-Rec's text-ID tasks into a semantic-ID task
+    (`llmrec.textid`: that many rows per main-task row). With
     ``with_content`` the content corpus keeps the content view (and the mutual regulariser) training
     alongside, as in CLLM4Rec's finetuning. Cold users (a cold-users split) are left out."""
     if task not in FINETUNE_TASKS:
@@ -143,6 +158,24 @@ def finetune_dataset(
         parts.append(SequenceDataset(histories, prompts, windows=sequence_windows))
     if task == "semantic_next":
         parts.append(NextSemanticDataset(histories, prompts, require_index(model), seed=seed))
+    if task == "semantic_sequence":
+        parts.append(SemanticSequenceDataset(histories, prompts, windows=sequence_windows))
+    if text_id_weight > 0:
+        if task not in GENERATIVE_TASKS:
+            raise ValueError(f"text_id_weight: the text-ID tasks train semantic IDs, task {task!r} has none")
+        per_kind = max(1, round(text_id_weight * len(parts[0]) / 3))
+        parts.append(
+            TextIDDataset(
+                bundle.item_titles,
+                histories,
+                model.vocab,
+                model.tokenizer,
+                require_index(model),
+                per_kind,
+                seed=seed,
+                max_tokens=model.config.max_doc_tokens,
+            )  # fmt: skip
+        )
     if with_content and _present(bundle, ("content",)):
         parts.append(pretrain_dataset(bundle, model, seed, corpora=("content",)))
     return parts[0] if len(parts) == 1 else TaskMixture(*parts)

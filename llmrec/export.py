@@ -22,7 +22,7 @@ from common.errors import UserError
 from common.io import write_json
 from data_prep import Bundle, load_bundle
 from llmrec.coldstart import warm_items
-from llmrec.data import FINETUNE_TASKS, prompt_template, require_same_catalogue
+from llmrec.data import FINETUNE_TASKS, GENERATIVE_TASKS, prompt_template, require_same_catalogue
 from llmrec.indexing.encoders import MINILM, item_embeddings
 from llmrec.mapper import TextToID, item_texts
 from llmrec.model import VIEWS, CLLM4Rec, run_data, run_model_dir, run_task
@@ -58,6 +58,11 @@ def export_run(run: str | Path, out: str | Path, data: str | Path | None = None,
     """
     run = Path(run)
     model_path = run_model_dir(run)
+    if run_task(run) in GENERATIVE_TASKS:
+        raise UserError(
+            f"{run}: a semantic-ID generator run (task {run_task(run)}); the recommender bundle serves the "
+            "item head only, which this run did not train: evaluate it with recipes/evaluate.py --generate true"
+        )
     if data is None:
         data = run_data(run)
     inputs = {"--run": run, "--data": data}

@@ -23,7 +23,9 @@ each trie node, kept here as tensors (:class:`TrieTensors`).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -31,9 +33,10 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from llmrec.collate import FinetuneDataset, epoch_rng, lm_example
+from llmrec.collate import FinetuneDataset, SequenceDataset, epoch_rng, lm_example
 from llmrec.model import CLLM4Rec
-from llmrec.prompts import TASKS, FinetunePrompts, prompt_batch
+from llmrec.options import SEMANTIC_HISTORIES
+from llmrec.prompts import IGNORE, TASKS, FinetunePrompts, prompt_batch
 
 if TYPE_CHECKING:
     from llmrec.indexing.base import ItemIndex
@@ -92,6 +95,63 @@ class NextSemanticDataset(SemanticDataset):
         items = self.histories[index]
         cut = int(epoch_rng(self.seed, self.epoch, index).integers(0, len(items)))
         return items[:cut], items[cut : cut + 1]
+
+
+@dataclass
+class SemanticPrompts(FinetunePrompts):
+    """Prompts whose history items are written as their semantic IDs: ``<s0_a> <s1_b> <s2_c>`` per item
+    (``history="codes"``), or the codes followed by the item's own token (``"codes_item"``).
+
+    The item token comes after the codes, not before: before them it would name the item whose codes
+    the position is trained to predict. Every item's codes follow the prompt the same way the generated
+    ones do, so one causal forward trains every next item (:class:`SemanticSequenceDataset`) and the
+    evaluation prompt is that forward's prefix.
+    """
+
+    index: ItemIndex | None = None
+    history: str = "codes"
+
+    def __post_init__(self) -> None:
+        if self.history not in SEMANTIC_HISTORIES:
+            raise ValueError(
+                f"unknown semantic history {self.history!r}: expected one of {SEMANTIC_HISTORIES}"
+            )
+        tokens = require_index_of(self.index).token_ids(self.vocab)
+        self.codes = [[int(t) for t in row if t >= 0] for row in tokens]
+
+    def item_width(self, item: int) -> int:
+        return len(self.codes[item]) + (self.history == "codes_item")
+
+    def item_text(self, item: int) -> str:
+        tokens = self.codes[item] + ([self.vocab.item_token(item)] if self.history == "codes_item" else [])
+        return " ".join(self.vocab.placeholder(t) for t in tokens)
+
+
+class SemanticSequenceDataset(SequenceDataset):
+    """Every-position semantic-ID training: one causal forward per history window (`SequenceDataset`,
+    over :class:`SemanticPrompts`) trains the codes of every item of the window at once.
+
+    Each position whose next token is a semantic code is labelled with that code's row of the semantic
+    table (a per-level softmax, `CLLM4Rec.semantic_loss`); item tokens and the template's words carry no
+    loss. The history's first item is predicted from the template alone, as the item head's is. 943
+    prefixes per epoch become every training interaction (~99k on ML-100K).
+    """
+
+    def __init__(self, histories: Sequence[Sequence[int]], prompts: SemanticPrompts, windows: bool = True):
+        super().__init__(histories, prompts, windows=windows)
+        self.semantic = prompts.vocab.family_range("semantic")
+
+    def task(self, index: int) -> int:
+        return TASKS.index("semantic_sequence")
+
+    def length(self, index: int) -> int:
+        return min(sum(map(self.prompts.item_width, self.histories[index])), self.prompts.max_tokens)
+
+    def __getitem__(self, index: int) -> dict:
+        input_ids = self.prompts.encode(self.users[index], self.histories[index])
+        start = self.semantic.start
+        labels = [t - start if t in self.semantic else IGNORE for t in input_ids[1:]] + [IGNORE]
+        return {"task": TASKS.index("semantic_sequence"), "input_ids": input_ids, "labels": labels}
 
 
 class TrieTensors:
@@ -309,11 +369,15 @@ def index_validity(index: ItemIndex) -> dict[str, float]:
 
 def require_index(model: CLLM4Rec) -> ItemIndex:
     """The model's item index, or a clear error for a model built without one."""
-    if model.item_index is None:
+    return require_index_of(model.item_index)
+
+
+def require_index_of(index: ItemIndex | None) -> ItemIndex:
+    if index is None:
         raise ValueError(
             "the model has no item index: build one (recipes/index.py) and set ModelConfig.index"
         )
-    return model.item_index
+    return index
 
 
 class GenerativeScorer:
@@ -420,3 +484,90 @@ class GenerativeScorer:
         found = items >= 0
         dense[torch.nonzero(found)[:, 0], items[found]] = scores[found]
         return dense
+
+
+class _LevelLogProbs(torch.nn.Module):
+    """An LM head over the whole vocabulary for ``transformers``' ``generate``: each semantic level's block
+    holds that level's own log-softmax, every other token -inf. ``generate`` log-softmaxes it again over
+    the whole vocabulary, which subtracts log(levels) from every entry, the same at every step, so
+    beam order and the lists are those of the per-level scores `constrained_beam_search` uses."""
+
+    def __init__(self, model: CLLM4Rec):
+        super().__init__()
+        self.model = model
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        vocab = self.model.vocab
+        out = hidden.new_full((*hidden.shape[:-1], vocab.total_size), float("-inf"), dtype=torch.float32)
+        for level, size in enumerate(vocab.semantic_codebooks):
+            start = vocab.level_range(level).start
+            out[..., start : start + size] = F.log_softmax(
+                self.model.semantic_logits(hidden, level).float(), -1
+            )
+        return out
+
+
+@torch.no_grad()
+def generate_reference(
+    model: CLLM4Rec,
+    prompts: Sequence[Sequence[int]],
+    beam: int,
+    excluded: Sequence[Sequence[int]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top ``beam`` items per prompt from ``transformers``' ``generate(num_beams=beam,
+    prefix_allowed_tokens_fn=...)``, with the trie (and ``excluded`` items) in the callback: the
+    reference that `constrained_beam_search` is checked and timed against (``benchmarks/beam_speed.py``).
+
+    The LM's input embeddings and head are swapped for the collaborative ID table and
+    :class:`_LevelLogProbs` during the call. Scores are put back on the per-level scale. Fixed-length,
+    prefix-free indexes only (``generate`` ends every beam after ``max_new_tokens``).
+    """
+    index = require_index(model)
+    if index.lengths().min() != index.max_len:
+        raise ValueError("generate_reference needs an index whose code tuples all have the same length")
+    trie, vocab = index.trie(), model.vocab
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    tensors = TrieTensors(index)
+    remaining = tensors.remaining(excluded or [[]] * len(prompts)).numpy()
+    starts = [vocab.level_range(tensors.level(depth)).start for depth in range(index.max_len)]
+    width = max(len(p) for p in prompts)
+
+    def allowed(row: int, input_ids: torch.Tensor) -> list[int]:
+        generated = input_ids[width:].tolist()
+        node = trie.node([t - starts[depth] for depth, t in enumerate(generated)])
+        children = trie.child_nodes[trie.child_ptr[node] : trie.child_ptr[node + 1]]
+        children = children[remaining[row, children] > 0]
+        return (trie.token[children] + starts[len(generated)]).tolist()
+
+    pad = model.tokenizer.pad_token_id or 0
+    input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    causal = model.lm.get_base_model()
+    embeddings, head = causal.get_input_embeddings(), causal.get_output_embeddings()
+    causal.set_input_embeddings(model.collab)
+    causal.set_output_embeddings(_LevelLogProbs(model))
+    try:
+        with model._adapter("collab"):
+            out = causal.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                num_beams=beam,
+                num_return_sequences=beam,
+                max_new_tokens=index.max_len,
+                min_new_tokens=index.max_len,
+                do_sample=False,
+                length_penalty=0.0,
+                early_stopping=True,
+                prefix_allowed_tokens_fn=allowed,
+                return_dict_in_generate=True,
+                output_scores=True,
+                pad_token_id=pad,
+                eos_token_id=None,
+            )
+    finally:
+        causal.set_input_embeddings(embeddings)
+        causal.set_output_embeddings(head)
+    codes = (out.sequences[:, width:] - torch.tensor(starts, device=device)).view(len(prompts), beam, -1)
+    items = torch.tensor([[trie.item(row) for row in user.tolist()] for user in codes])
+    scores = out.sequences_scores.view(len(prompts), beam).cpu().float()
+    return items, scores + index.max_len * math.log(len(vocab.semantic_codebooks))

@@ -281,9 +281,12 @@ class CLLM4Rec(nn.Module):
         logits = logits.masked_fill(other_level, float("-inf"))
         return F.cross_entropy(logits, rows, reduction="sum"), mask.sum()
 
-    def content_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next-word NLL over the word vocabulary, on main-text positions only."""
-        hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"], "content")
+    def content_loss(
+        self, batch: dict[str, torch.Tensor], view: str = "content"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-word NLL over the word vocabulary, on main-text positions only, with ``view``'s ID tokens
+        (the content corpus; ``collab`` for a title written after an item's semantic ID)."""
+        hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"], view)
         mask = batch["labels"] != IGNORE
         logits = self.lm_head(hidden[mask])
         return F.cross_entropy(logits.float(), batch["labels"][mask], reduction="sum"), mask.sum()
@@ -444,8 +447,9 @@ class CLLM4Rec(nn.Module):
             lm, view = self.collaborative_loss(batch), "collab"
         elif task == "content":
             lm, view = self.content_loss(batch), "content"
-        elif task == "semantic":
-            lm, view = self.semantic_loss(batch), "collab"
+        elif task in ("semantic", "semantic_sequence", "semantic_title"):
+            view = "collab"
+            lm = self.content_loss(batch, view) if task == "semantic_title" else self.semantic_loss(batch)
             # semantic tokens have no content view to agree with: regularise the prompt's user/item tokens only
             ids = ids.masked_fill(ids >= self.vocab.family_range("semantic").start, 0)
         elif task == "sequential":

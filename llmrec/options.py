@@ -22,6 +22,8 @@ PRETRAIN_CORPORA = ("collaborative", "content")
 # every choice a config offers, as a Literal type (checked by the parser, listed by --help) and a tuple
 HistoryPool = Literal["none", "mean"]
 HISTORY_POOLS = get_args(HistoryPool)
+SemanticHistory = Literal["codes", "codes_item"]  # how task semantic_sequence writes a history item
+SEMANTIC_HISTORIES = get_args(SemanticHistory)
 Prior = Literal["none", "ease"]
 PRIORS = get_args(Prior)
 Head = Literal["tied", "untied"]
@@ -31,7 +33,7 @@ Dtype = Literal["float32", "bfloat16", "float16", "auto"]
 WeightDtype = Literal["fp32", "fp16", "bf16"]  # of exported weights; llmrec.recommender.DTYPES maps them
 WEIGHT_DTYPES = get_args(WeightDtype)
 # finetuning tasks; llmrec.data.FINETUNE_TASKS gives each its prompt kind
-FinetuneTask = Literal["multinomial", "semantic", "both", "sequential", "semantic_next"]
+FinetuneTask = Literal["multinomial", "semantic", "both", "sequential", "semantic_next", "semantic_sequence"]
 Split = Literal["test", "valid"]  # a split that recipes report (test) or select on (valid)
 BASELINE_NAMES = ("pop", "ease", "multvae", "sasrec", "random", "knn")  # llmrec.baselines.BASELINES
 EASE_LAMBDAS = (10.0, 50.0, 100.0, 200.0, 300.0, 500.0, 750.0, 1000.0, 2000.0, 5000.0)  # EASE's L2 grid
@@ -136,6 +138,13 @@ class ModelConfig:
             "scale times the RMS-normalised mean collaborative embedding of the history's items"
         },
     )
+    semantic_history: SemanticHistory = field(
+        default="codes",
+        metadata={
+            "help": "task semantic_sequence: a history item is written as its semantic-ID codes, or as "
+            "codes_item (its codes, then its item token)"
+        },
+    )
     prior: Prior = field(
         default="none",
         metadata={
@@ -158,6 +167,12 @@ class ModelConfig:
         )
         require(self.mutual_reg >= 0, "mutual_reg", self.mutual_reg, "must be >= 0")
         require(self.max_doc_tokens >= 1, "max_doc_tokens", self.max_doc_tokens, "must be at least 1")
+        require(
+            self.semantic_history in SEMANTIC_HISTORIES,
+            "semantic_history",
+            self.semantic_history,
+            f"must be one of {SEMANTIC_HISTORIES}",
+        )
         require(
             self.history_pool in HISTORY_POOLS,
             "history_pool",

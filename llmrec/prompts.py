@@ -10,13 +10,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from llmrec.tokens import RecVocab
 
 IGNORE = -100
 # batch["task"] holds an index into this tuple
-TASKS = ("collaborative", "content", "finetune", "semantic", "sequential", "preference")
+TASKS = (
+    "collaborative",
+    "content",
+    "finetune",
+    "semantic",
+    "sequential",
+    "preference",
+    "semantic_sequence",
+    "semantic_title",
+)
 
 
 @dataclass
@@ -49,12 +59,24 @@ class FinetunePrompts:
         return ids, len(head) if ids[: len(head)] == head else len(ids)
 
     def kept(self, user: int, items: Sequence[int]) -> list[int]:
-        """The newest ``items`` that fit ``max_tokens`` beside the template's own tokens."""
-        fixed = len(self.vocab.encode(self.render(user, []), self.tokenizer))
-        return list(items)[-max(1, self.max_tokens - fixed) :]
+        """The newest ``items`` that fit ``max_tokens`` beside the template's own tokens (at least one)."""
+        items = list(items)
+        if not items:
+            return items
+        budget = self.max_tokens - len(self.vocab.encode(self.render(user, []), self.tokenizer))
+        used = np.cumsum([self.item_width(i) for i in reversed(items)])
+        return items[len(items) - max(1, int(np.searchsorted(used, budget, side="right"))) :]
+
+    def item_width(self, item: int) -> int:
+        """Tokens one history item takes in the prompt."""
+        return 1
+
+    def item_text(self, item: int) -> str:
+        """How one history item is written in the prompt: its item token."""
+        return self.vocab.placeholder(self.vocab.item_token(item))
 
     def render(self, user: int, items: Sequence[int], template: str | None = None) -> str:
-        history = " ".join(self.vocab.placeholder(self.vocab.item_token(i)) for i in items)
+        history = " ".join(self.item_text(i) for i in items)
         # no trailing space: an empty history must give the same tokens as the start of a longer one
         return (template or self.template).format(user=user, history=history).rstrip()
 

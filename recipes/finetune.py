@@ -78,7 +78,16 @@ class FinetuneArgs:
         metadata={
             "help": "multinomial: item head; semantic: write a held-out item's semantic ID (needs --index); "
             "both; sequential: item head at every position of the chronological history; semantic_next: "
-            "write the next item's semantic ID after a chronological prefix (needs --index)"
+            "write the next item's semantic ID after a chronological prefix (needs --index); "
+            "semantic_sequence: the history written in semantic IDs, every next item's ID trained in one "
+            "forward (needs --index)"
+        },
+    )
+    text_id_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "semantic-ID tasks: LC-Rec's text-ID tasks (title -> ID, ID -> title, titles -> next ID) "
+            "mixed in, this many rows per main-task row (0: off)"
         },
     )
     with_content: bool = field(
@@ -182,6 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
         task=args.task,
         prompt_order=args.prompt_order,
         sequence_windows=args.sequence_windows,
+        text_id_weight=args.text_id_weight,
     )
     if model_config.prior != "none":
         logger.info(

@@ -276,7 +276,8 @@ def test_a_model_without_index_says_what_is_missing():
         GenerativeScorer(model, prompts_of(model), [[1]] * N_USERS)
 
 
-def test_finetune_and_evaluate_recipes_run_the_semantic_task(ml100k_bundle, tmp_path):
+@pytest.mark.parametrize("task", ["semantic", "semantic_sequence"])
+def test_finetune_and_evaluate_recipes_run_the_semantic_task(ml100k_bundle, tmp_path, task):
     import json
     import sys
     from pathlib import Path
@@ -294,10 +295,15 @@ def test_finetune_and_evaluate_recipes_run_the_semantic_task(ml100k_bundle, tmp_
     tiny = ["--name_or_path", "tiny-llama", "--lora_r", "4", "--max_doc_tokens", "64"]
     finetune.main(
         ["--data", str(ml100k_bundle), "--output_dir", str(run), *tiny, "--index", str(tmp_path / "index")]
-        + ["--task", "semantic", "--with_content", "false", "--max_steps", "3", "--batch_size", "16"]
+        + ["--task", task, "--with_content", "false", "--max_steps", "3", "--batch_size", "16"]
     )
-    assert any("loss/semantic" in line for line in (run / "metrics.jsonl").read_text().splitlines())
+    assert any(f'"loss/{task}"' in line for line in (run / "metrics.jsonl").read_text().splitlines())
     metrics = evaluate.main(["--run", str(run), "--generate", "true", "--ks", "10,20", "--batch_size", "256"])
     assert metrics["users"] == 943 and 0 <= metrics["recall@20"] <= 1
     saved = json.loads((run / "metrics.json").read_text())["metrics"]
     assert saved["test/generate"]["recall@20"] == metrics["recall@20"]
+    from common.errors import UserError
+    from llmrec.export import export_run
+
+    with pytest.raises(UserError, match="generator run"):  # the bundle would serve an untrained item head
+        export_run(run, tmp_path / "bundle")
