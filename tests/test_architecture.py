@@ -32,7 +32,14 @@ LAYERS: list[tuple[str, ...]] = [
     ("llmrec.model",),
     ("llmrec.scoring", "llmrec.mapper"),
     ("llmrec.recommender",),
-    ("llmrec.collate", "llmrec.generate", "llmrec.zeroshot", "llmrec.baselines", "llmrec.align"),
+    (
+        "llmrec.collate",
+        "llmrec.generate",
+        "llmrec.zeroshot",
+        "llmrec.baselines",
+        "llmrec.align",
+        "llmrec.grpo",
+    ),
     ("llmrec.data", "llmrec.coldstart"),
     ("llmrec.train", "llmrec.export"),
     ("llmrec",),  # the package's __init__: the public facade (``llmrec.Recommender``)
