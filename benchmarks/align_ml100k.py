@@ -8,7 +8,8 @@ The stages run apart so that a shared machine can run two jobs at a time (one se
 seed's alignment). ``sft`` finetunes the sequential item head (``recipes/finetune.py --config``, plus
 ``--sft_args``); ``align`` runs ``recipes/align.py`` from it with each method's arguments (``METHODS``,
 ``--align_args`` for all, ``--tag`` to name a variant while choosing on valid); ``report`` evaluates every
-run found on valid and test (``recipes/evaluate.py``, cached in the run's ``metrics.json``) and writes
+run found on test (``recipes/evaluate.py``, cached in the run's ``metrics.json``), takes its valid NDCG@10
+from the run's own records (the SFT run's prior-weight choice, the alignment run's validation) and writes
 the table (markdown), the JSON (per seed: valid and test before and after) and a PNG of valid and test
 NDCG@10 before/after per seed and method. Hyper-parameters are chosen on valid only; test is reported.
 """
@@ -41,7 +42,7 @@ METHODS = {
     "sdpo": ["--loss", "sdpo", "--n_rejected", "8", "--n_random", "8"],
     "grpo": ["--loss", "grpo", "--grpo_group", "8", "--grpo_length", "10", "--kl_weight", "0.05"],
 }
-SHOWN = ("hr@10", "ndcg@10", "ndcg@20")
+SHOWN = ("hr@10", "ndcg@10", "ndcg@20")  # test columns
 
 
 def sft_run(args, seed: int) -> Path:
@@ -64,12 +65,23 @@ def run_align(args, seed: int, method: str) -> None:
     )
 
 
-def metrics_of(args, run: Path, split: str) -> dict:
-    """The run's metrics on ``split``, from its metrics.json when an earlier report evaluated it."""
+def test_metrics(args, run: Path) -> dict:
+    """The run's test metrics, from its metrics.json when an earlier report evaluated it."""
     saved = run / "metrics.json"
-    if saved.exists() and split in json.loads(saved.read_text())["metrics"]:
-        return json.loads(saved.read_text())["metrics"][split]
-    return evaluate.main(["--config", args.config, "--run", str(run), "--split", split])
+    if saved.exists() and "test" in json.loads(saved.read_text())["metrics"]:
+        return json.loads(saved.read_text())["metrics"]["test"]
+    return evaluate.main(["--config", args.config, "--run", str(run), "--split", "test"])
+
+
+def valid_ndcg(run: Path) -> float:
+    """The valid NDCG@10 the run was selected by: an SFT run's at its prior weight (chosen on valid after
+    training, `prior_weight.json`), else the best of its validations (an alignment run validates with the
+    SFT run's prior weight; without a prior, the LM alone)."""
+    prior = run / "prior_weight.json"
+    if prior.exists():  # the weight was chosen as the grid's best
+        return max(json.loads(prior.read_text())["valid"]["ndcg@10"].values())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return max(row["eval/ndcg@10"] for row in rows if "eval/ndcg@10" in row)
 
 
 def wall_s(run: Path) -> float:
@@ -78,34 +90,34 @@ def wall_s(run: Path) -> float:
 
 
 def collect(args) -> dict[str, dict[int, dict]]:
-    """{name: {seed: {"valid": metrics, "test": metrics, "wall_s": s}}} for the SFT start and every
+    """{name: {seed: {"valid": {"ndcg@10"}, "test": metrics, "wall_s": s}}} for the SFT start and every
     finished alignment run (a run counts once it has kept a model)."""
     results: dict[str, dict[int, dict]] = {}
     for run in sorted(Path(args.runs).glob("*-seed*")):
         name, seed = run.name.rsplit("-seed", 1)
-        if not (run / "model" / "config.json").exists() and not (run / "best" / "config.json").exists():
+        if not (run / "model" / "config.json").exists():
             continue
-        row = {split: metrics_of(args, run, split) for split in ("valid", "test")}
-        results.setdefault(name, {})[int(seed)] = {**row, "wall_s": wall_s(run)}
+        row = {"valid": {"ndcg@10": valid_ndcg(run)}, "test": test_metrics(args, run), "wall_s": wall_s(run)}
+        results.setdefault(name, {})[int(seed)] = row
     return results
 
 
 def summary(results: dict[str, dict[int, dict]]) -> tuple[list[str], dict]:
     """Markdown table lines (mean ± std over seeds, and per-seed change from the SFT start) and its JSON."""
     start = results.get("sequential", {})
-    header = ["run", "seeds"] + [f"{split} {m}" for split in ("valid", "test") for m in SHOWN]
-    header += ["valid ndcg@10 Δ per seed", "test ndcg@10 Δ per seed", "wall_s"]
+    columns = [("valid", "ndcg@10")] + [("test", m) for m in SHOWN]
+    header = ["run", "seeds"] + [f"{split} {m}" for split, m in columns]
+    header += ["valid ndcg@10 Δ per seed", "test ndcg@10 Δ per seed", "wall s"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     table = {}
     for name, seeds in results.items():
         order = sorted(seeds)
         cells, row = [name, ",".join(str(s) for s in order)], {"seeds": order}
-        for split in ("valid", "test"):
-            for metric in SHOWN:
-                values = np.array([seeds[s][split][metric] for s in order])
-                row[f"{split}/{metric}"] = values.tolist()
-                std = f" ± {values.std(ddof=1):.4f}" if len(values) > 1 else ""
-                cells.append(f"{values.mean():.4f}{std}")
+        for split, metric in columns:
+            values = np.array([seeds[s][split][metric] for s in order])
+            row[f"{split}/{metric}"] = values.tolist()
+            std = f" ± {values.std(ddof=1):.4f}" if len(values) > 1 else ""
+            cells.append(f"{values.mean():.4f}{std}")
         for split in ("valid", "test"):
             deltas = [seeds[s][split]["ndcg@10"] - start[s][split]["ndcg@10"] for s in order if s in start]
             row[f"{split}/ndcg@10_delta"] = deltas
