@@ -65,12 +65,24 @@ def run_align(args, seed: int, method: str) -> None:
     )
 
 
-def test_metrics(args, run: Path) -> dict:
-    """The run's test metrics, from its metrics.json when an earlier report evaluated it."""
+def evaluated(args, run: Path, split: str, *extra: str) -> dict:
+    """The run's metrics on ``split`` (``extra``: more recipes/evaluate.py arguments), from its
+    metrics.json when an earlier report evaluated it."""
+    key = split + "".join(
+        f"/{flag.lstrip('-')}={value}" for flag, value in zip(extra[::2], extra[1::2], strict=True)
+    )
     saved = run / "metrics.json"
-    if saved.exists() and "test" in json.loads(saved.read_text())["metrics"]:
-        return json.loads(saved.read_text())["metrics"]["test"]
-    return evaluate.main(["--config", args.config, "--run", str(run), "--split", "test"])
+    if saved.exists() and key in json.loads(saved.read_text())["metrics"]:
+        return json.loads(saved.read_text())["metrics"][key]
+    return evaluate.main(["--config", args.config, "--run", str(run), "--split", split, *extra])
+
+
+def lm_alone_valid_ndcg(args, run: Path) -> float:
+    """Valid NDCG@10 of the item head without the prior (weight 0): what alignment changed, unblended."""
+    prior = run / "prior_weight.json"
+    if prior.exists():  # the SFT run scored weight 0 when it chose its weight
+        return json.loads(prior.read_text())["valid"]["ndcg@10"]["0.0"]
+    return evaluated(args, run, "valid", "--prior_weight", "0")["ndcg@10"]
 
 
 def valid_ndcg(run: Path) -> float:
@@ -97,7 +109,10 @@ def collect(args) -> dict[str, dict[int, dict]]:
         name, seed = run.name.rsplit("-seed", 1)
         if not (run / "model" / "config.json").exists():
             continue
-        row = {"valid": {"ndcg@10": valid_ndcg(run)}, "test": test_metrics(args, run), "wall_s": wall_s(run)}
+        if int(seed) not in args.seed_list:
+            continue
+        valid = {"ndcg@10": valid_ndcg(run), "ndcg@10 LM alone": lm_alone_valid_ndcg(args, run)}
+        row = {"valid": valid, "test": evaluated(args, run, "test"), "wall_s": wall_s(run)}
         results.setdefault(name, {})[int(seed)] = row
     return results
 
@@ -105,7 +120,7 @@ def collect(args) -> dict[str, dict[int, dict]]:
 def summary(results: dict[str, dict[int, dict]]) -> tuple[list[str], dict]:
     """Markdown table lines (mean ± std over seeds, and per-seed change from the SFT start) and its JSON."""
     start = results.get("sequential", {})
-    columns = [("valid", "ndcg@10")] + [("test", m) for m in SHOWN]
+    columns = [("valid", "ndcg@10"), ("valid", "ndcg@10 LM alone")] + [("test", m) for m in SHOWN]
     header = ["run", "seeds"] + [f"{split} {m}" for split, m in columns]
     header += ["valid ndcg@10 Δ per seed", "test ndcg@10 Δ per seed", "wall s"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
@@ -174,7 +189,7 @@ def main() -> None:
     build_ml100k_reference(
         Path(args.shared), Path(read_yaml(args.config)["data"]), "ml-100k-loo", exist_ok=True
     )
-    seeds = [int(s) for s in args.seeds.split(",")]
+    args.seed_list = seeds = [int(s) for s in args.seeds.split(",")]
     if args.stage == "sft":
         for seed in seeds:
             run_sft(args, seed)
