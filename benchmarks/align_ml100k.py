@@ -111,7 +111,9 @@ def collect(args) -> dict[str, dict[int, dict]]:
             continue
         if int(seed) not in args.seed_list:
             continue
-        valid = {"ndcg@10": valid_ndcg(run), "ndcg@10 LM alone": lm_alone_valid_ndcg(args, run)}
+        valid = {"ndcg@10": valid_ndcg(run)}
+        if args.lm_alone:
+            valid["ndcg@10 LM alone"] = lm_alone_valid_ndcg(args, run)
         row = {"valid": valid, "test": evaluated(args, run, "test"), "wall_s": wall_s(run)}
         results.setdefault(name, {})[int(seed)] = row
     return results
@@ -129,7 +131,7 @@ def summary(results: dict[str, dict[int, dict]]) -> tuple[list[str], dict]:
         order = sorted(seeds)
         cells, row = [name, ",".join(str(s) for s in order)], {"seeds": order}
         for split, metric in columns:
-            values = np.array([seeds[s][split][metric] for s in order])
+            values = np.array([seeds[s][split].get(metric, np.nan) for s in order])
             row[f"{split}/{metric}"] = values.tolist()
             std = f" ± {values.std(ddof=1):.4f}" if len(values) > 1 else ""
             cells.append(f"{values.mean():.4f}{std}")
@@ -179,6 +181,9 @@ def main() -> None:
     parser.add_argument("--methods", default="sdpo,grpo", help=f"any of {sorted(METHODS)}")
     parser.add_argument("--sft_args", default="", help="more recipes/finetune.py arguments")
     parser.add_argument("--align_args", default="", help="more recipes/align.py arguments (every method)")
+    parser.add_argument(
+        "--lm_alone", action="store_true", help="report: also valid NDCG@10 at prior weight 0 (one more pass)"
+    )
     parser.add_argument("--tag", default="", help="suffix of the alignment run names (a variant)")
     parser.add_argument("--shared", default=str(REPO.parent / "shared"))
     parser.add_argument("--runs", default=str(REPO / "runs" / "align_ml100k"))
