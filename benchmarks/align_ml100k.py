@@ -119,10 +119,12 @@ def collect(args) -> dict[str, dict[int, dict]]:
     return results
 
 
-def summary(results: dict[str, dict[int, dict]]) -> tuple[list[str], dict]:
+def summary(results: dict[str, dict[int, dict]], lm_alone: bool = False) -> tuple[list[str], dict]:
     """Markdown table lines (mean ± std over seeds, and per-seed change from the SFT start) and its JSON."""
     start = results.get("sequential", {})
-    columns = [("valid", "ndcg@10"), ("valid", "ndcg@10 LM alone")] + [("test", m) for m in SHOWN]
+    columns = (
+        [("valid", "ndcg@10")] + [("valid", "ndcg@10 LM alone")] * lm_alone + [("test", m) for m in SHOWN]
+    )
     header = ["run", "seeds"] + [f"{split} {m}" for split, m in columns]
     header += ["valid ndcg@10 Δ per seed", "test ndcg@10 Δ per seed", "wall s"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
@@ -204,7 +206,7 @@ def main() -> None:
                 run_align(args, seed, method)
     else:
         results = collect(args)
-        lines, table = summary(results)
+        lines, table = summary(results, args.lm_alone)
         out = Path(args.results)
         out.mkdir(parents=True, exist_ok=True)
         (out / "table.md").write_text("\n".join(lines) + "\n")
