@@ -1,16 +1,22 @@
-"""Preference alignment of the item head after supervised finetuning: DPO against the SFT model.
+"""Preference alignment of the item head after supervised finetuning: DPO and S-DPO against the SFT model.
 
 For a prompt built from a chronological prefix of a user's training history, the *chosen* item is the
 item that came next and the *rejected* items are those the SFT (reference) model ranks highest among
-the items the user never took in training. The policy is the same item head, trained with the DPO loss
-(Rafailov et al., 2023) averaged over a prompt's rejected items, as S-DPO does for recommendation:
+the items the user never took in training, plus (``n_random``) items drawn uniformly from the rest of
+the unseen catalogue, so the loss also sees ordinary negatives and not only the hardest. With the ratio
+``m(i) = log pi(i) - log ref(i)``, the policy is trained with either
 
-    L = mean_r -log sigmoid(beta * [(log pi(c) - log ref(c)) - (log pi(r) - log ref(r))])
-        + sft_weight * -log pi(c)
+    pairwise DPO (Rafailov et al., 2023), averaged over the rejected items:
+        L = mean_r -log sigmoid(beta * [m(c) - m(r)])
+    or S-DPO (softmax DPO, Chen et al., 2024), one term over all rejected items at once:
+        L = -log sigmoid(-log sum_r exp(beta * [m(r) - m(c)]))
 
-where ``log pi(i)`` is the log-softmax of the item head over the whole catalogue at the prompt's last
-position. The optional SFT term (RPO, Pang et al., 2024) keeps the chosen item's likelihood from
-falling while margins grow.
+plus ``sft_weight * -log pi(c)``, where ``log pi(i)`` is the log-softmax of the item head's logits
+over the whole catalogue at the prompt's last position (the distribution SFT fitted; a prior, if the
+run has one, is blended after, as in evaluation). With one rejected item both losses are the same;
+with many, S-DPO's gradient concentrates on the rejected items the policy over-rates instead of pushing
+every pair equally, which is what lowered the chosen item's likelihood under pairwise DPO. The optional
+SFT term (RPO, Pang et al., 2024) keeps the chosen item's likelihood from falling while margins grow.
 
 Why not TRL's ``DPOTrainer``: it takes text ``prompt``/``chosen``/``rejected`` columns, tokenizes them
 and scores completions by the token log-probabilities of ``model(...).logits`` over the LM vocabulary.
@@ -26,7 +32,7 @@ examples.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -60,14 +66,34 @@ def dpo_loss(
     return pairwise.mean(dim=1) - sft_weight * policy_chosen
 
 
-class DPOLoss(nn.Module):
-    """The ``preference`` task's loss for `CLLM4Rec`: summed `dpo_loss` of a batch and its row count."""
+def sdpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    sft_weight: float = 0.0,
+) -> torch.Tensor:
+    """Per-row S-DPO loss, shapes as `dpo_loss`: ``softplus(logsumexp_r beta * (m(r) - m(c)))``, which is
+    ``-log sigmoid(-log sum_r exp(...))`` written so that it stays finite for large margins."""
+    margins = beta * ((policy_rejected - ref_rejected) - (policy_chosen - ref_chosen)[:, None])
+    return F.softplus(torch.logsumexp(margins, dim=1)) - sft_weight * policy_chosen
 
-    def __init__(self, beta: float = 0.1, sft_weight: float = 0.0):
+
+PREFERENCE_LOSSES = {"dpo": dpo_loss, "sdpo": sdpo_loss}
+
+
+class DPOLoss(nn.Module):
+    """The ``preference`` task's loss for `CLLM4Rec`: the summed pairwise DPO (``loss="dpo"``) or S-DPO
+    (``loss="sdpo"``) loss of a batch and its row count."""
+
+    def __init__(self, beta: float = 0.1, sft_weight: float = 0.0, loss: str = "dpo"):
         super().__init__()
         if beta <= 0:
             raise ValueError(f"DPO beta must be positive, got {beta}")
-        self.beta, self.sft_weight = beta, sft_weight
+        if loss not in PREFERENCE_LOSSES:
+            raise ValueError(f"preference loss must be one of {sorted(PREFERENCE_LOSSES)}, got {loss!r}")
+        self.beta, self.sft_weight, self.loss = beta, sft_weight, PREFERENCE_LOSSES[loss]
 
     def forward(
         self, log_probs: torch.Tensor, batch: dict[str, torch.Tensor]
@@ -75,7 +101,7 @@ class DPOLoss(nn.Module):
         """``log_probs``: (batch, n_items) policy log-softmax over the catalogue."""
         chosen = log_probs.gather(1, batch["chosen"][:, None])[:, 0]
         rejected = log_probs.gather(1, batch["rejected"])
-        loss = dpo_loss(
+        loss = self.loss(
             chosen, rejected, batch["ref_chosen"], batch["ref_rejected"], self.beta, self.sft_weight
         )
         return loss.sum(), torch.tensor(loss.shape[0], device=loss.device)
@@ -118,34 +144,55 @@ def build_preferences(
     per_user: int = 1,
     n_rejected: int = 8,
     batch_size: int = 32,
+    n_random: int = 0,
+    seed: int = 0,
 ) -> PreferenceDataset:
-    """Preference rows from the (reference) ``model``: its log-probs of the chosen item and of its
-    ``n_rejected`` best-ranked items outside the user's training history."""
+    """Preference rows from the (reference) ``model``: its log-probs of the chosen item, of its
+    ``n_rejected`` best-ranked items outside the user's training history and of ``n_random`` other such
+    items drawn uniformly (seeded by ``seed``)."""
+    rng = np.random.default_rng(seed)
+    rows: list[dict] = []
+    for (user, t), ids, log_probs in reference_log_probs(model, prompts, histories, per_user, batch_size):
+        seen = np.asarray(histories[user], dtype=np.int64)
+        ranked = log_probs.clone()
+        ranked[seen] = -torch.inf
+        rejected = ranked.topk(n_rejected).indices
+        if n_random:
+            ranked[rejected] = -torch.inf
+            rest = torch.isfinite(ranked).nonzero()[:, 0].numpy()
+            drawn = rng.choice(rest, size=min(n_random, len(rest)), replace=False)
+            rejected = torch.cat([rejected, torch.from_numpy(np.sort(drawn))])
+        chosen = int(histories[user][t])
+        rows.append(
+            {
+                "task": TASKS.index("preference"),
+                "input_ids": ids,
+                "chosen": chosen,
+                "rejected": rejected.tolist(),
+                "ref_chosen": float(log_probs[chosen]),
+                "ref_rejected": log_probs[rejected].tolist(),
+            }
+        )
+    return PreferenceDataset(rows)
+
+
+@torch.no_grad()
+def reference_log_probs(
+    model: CLLM4Rec,
+    prompts: FinetunePrompts,
+    histories: Sequence[Sequence[int]],
+    per_user: int,
+    batch_size: int,
+) -> Iterator[tuple[tuple[int, int], list[int], torch.Tensor]]:
+    """For every `preference_cuts` cut: ``((user, t), prompt ids, (n_items,) log-softmax of the model's
+    item head)``, the reference distribution that alignment (DPO, S-DPO, GRPO) measures the policy against."""
     model.eval()
     device = next(p for p in model.parameters() if p.requires_grad).device
     pad = model.tokenizer.pad_token_id or 0
-    rows: list[dict] = []
     cuts = preference_cuts(histories, per_user)
-    for start in tqdm(range(0, len(cuts), batch_size), desc="preferences", unit="batch", leave=False):
+    for start in tqdm(range(0, len(cuts), batch_size), desc="reference", unit="batch", leave=False):
         chunk = cuts[start : start + batch_size]
         encoded = [prompts.encode(user, histories[user][:t]) for user, t in chunk]
         batch = prompt_batch(encoded, pad)
-        scores = model.score_items(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        log_probs = torch.log_softmax(scores.float(), dim=-1).cpu()
-        for row, ((user, t), ids) in enumerate(zip(chunk, encoded, strict=True)):
-            seen = np.asarray(histories[user], dtype=np.int64)
-            ranked = log_probs[row].clone()
-            ranked[seen] = -torch.inf
-            rejected = ranked.topk(n_rejected).indices
-            chosen = int(histories[user][t])
-            rows.append(
-                {
-                    "task": TASKS.index("preference"),
-                    "input_ids": ids,
-                    "chosen": chosen,
-                    "rejected": rejected.tolist(),
-                    "ref_chosen": float(log_probs[row, chosen]),
-                    "ref_rejected": log_probs[row, rejected].tolist(),
-                }
-            )
-    return PreferenceDataset(rows)
+        log_probs = model.item_log_probs(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        yield from zip(chunk, encoded, log_probs.cpu(), strict=True)

@@ -23,7 +23,8 @@ PREFERENCE_KEYS = (
     "rejected",
     "ref_chosen",
     "ref_rejected",
-)  # rows of `llmrec.align.PreferenceDataset`
+    "ref_log_probs",
+)  # rows of `llmrec.align.PreferenceDataset` (DPO, S-DPO and GRPO rows)
 
 
 def epoch_rng(seed: int, epoch: int, row: int | None = None) -> np.random.Generator:

@@ -427,12 +427,18 @@ class CLLM4Rec(nn.Module):
         nll = softmax(hidden[mask], self.item_weight(), bias, batch["labels"][mask][:, None])
         return nll, mask.sum()
 
+    def item_log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(batch, n_items) log-softmax of the item head's logits at each prompt's last position: the
+        distribution next-item training fits (a prior is blended only into rankings, never in here)."""
+        logits = self.item_logits(self.last_hidden(input_ids, attention_mask)).float()
+        return torch.log_softmax(logits, dim=-1)
+
     def preference_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The alignment loss of the item head's catalogue log-softmax at each prompt's last position."""
+        """The alignment loss (``model.preference``: `llmrec.align.DPOLoss`, `llmrec.grpo.GRPOLoss`) of the
+        item head's catalogue log-softmax (:meth:`item_log_probs`)."""
         if self.preference is None:
             raise ValueError("a preference batch needs model.preference (e.g. llmrec.align.DPOLoss) set")
-        log_probs = torch.log_softmax(self.score_items(batch["input_ids"], batch["attention_mask"]), dim=-1)
-        return self.preference(log_probs, batch)
+        return self.preference(self.item_log_probs(batch["input_ids"], batch["attention_mask"]), batch)
 
     def forward(
         self, batch: dict[str, torch.Tensor]

@@ -390,17 +390,33 @@ class PromptConfig:
 # item indexers (llmrec.indexing): the ``indexer`` section of recipes/index.py
 Resolve = Literal["sinkhorn", "extra_level", "none"]
 RESOLVE_METHODS = get_args(Resolve)
-IndexMethod = Literal["rqvae", "random", "sequential", "collaborative"]
+IndexMethod = Literal["rqvae", "rqkmeans", "random", "sequential", "collaborative"]
 
 
 @dataclass
-class RQVAEConfig:
+class QuantizerConfig:
+    """What residual quantizers share: their codebooks and how colliding code tuples are made unique
+    (`llmrec.indexing.collisions`)."""
+
+    levels: int = field(default=3, metadata={"help": "quantization levels"})
+    codebook_size: int = field(default=256, metadata={"help": "codes per level"})
+    resolve: Resolve = field(default="sinkhorn", metadata={"help": "how code collisions are resolved"})
+    sinkhorn_epsilon: float = field(default=0.003, metadata={"help": "Sinkhorn entropy weight"})
+    sinkhorn_iters: int = field(default=50, metadata={"help": "Sinkhorn iterations per round"})
+    sinkhorn_rounds: int = field(default=20, metadata={"help": "Sinkhorn re-assignment rounds"})
+
+    def __post_init__(self) -> None:
+        require(self.resolve in RESOLVE_METHODS, "resolve", self.resolve, f"must be one of {RESOLVE_METHODS}")
+        require(self.levels >= 1, "levels", self.levels, "must be >= 1")
+        require(self.codebook_size >= 2, "codebook_size", self.codebook_size, "must be >= 2")
+
+
+@dataclass
+class RQVAEConfig(QuantizerConfig):
     """How the RQ-VAE is shaped and trained; the ``indexer`` section of ``recipes/index.py --method rqvae``."""
 
     section: ClassVar[str] = "indexer"  # its YAML section (llmrec.config)
 
-    levels: int = field(default=3, metadata={"help": "quantization levels"})
-    codebook_size: int = field(default=256, metadata={"help": "codes per level"})
     latent_dim: int = field(default=32, metadata={"help": "latent size"})
     hidden_dims: list[int] = field(default_factory=lambda: [512, 256, 128], metadata={"help": "MLP widths"})
     beta: float = field(default=0.25, metadata={"help": "commitment loss weight"})
@@ -425,19 +441,32 @@ class RQVAEConfig:
     # CPU threads while training: the MLP's matrices are too small to gain from more, and on a loaded
     # machine extra threads wait for each other (1 thread: 0.11 s/step, 2: 0.82 s on the shared 2 cores)
     threads: int = field(default=1, metadata={"help": "CPU threads while training (0: leave torch's)"})
-    resolve: Resolve = field(default="sinkhorn", metadata={"help": "how code collisions are resolved"})
-    sinkhorn_epsilon: float = field(default=0.003, metadata={"help": "Sinkhorn entropy weight"})
-    sinkhorn_iters: int = field(default=50, metadata={"help": "Sinkhorn iterations per round"})
-    sinkhorn_rounds: int = field(default=20, metadata={"help": "Sinkhorn re-assignment rounds"})
     seed: int = field(default=0, metadata={"help": "seed of every random choice"})
     device: str = field(default="cpu", metadata={"help": "device for the RQ-VAE (and the content encoder)"})
 
     def __post_init__(self) -> None:
-        require(self.resolve in RESOLVE_METHODS, "resolve", self.resolve, f"must be one of {RESOLVE_METHODS}")
-        require(self.levels >= 1, "levels", self.levels, "must be >= 1")
+        super().__post_init__()
         require_seed(self.seed)
-        require(self.codebook_size >= 2, "codebook_size", self.codebook_size, "must be >= 2")
         self.hidden_dims = [int(d) for d in self.hidden_dims]
+
+
+@dataclass
+class RQKMeansConfig(QuantizerConfig):
+    """Residual k-means semantic IDs; the ``indexer`` section of ``recipes/index.py --method rqkmeans``."""
+
+    section: ClassVar[str] = "indexer"  # its YAML section (llmrec.config)
+
+    balanced: bool = field(
+        default=False, metadata={"help": "size-constrained k-means: every code holds n/K items (+-1)"}
+    )
+    iters: int = field(default=50, metadata={"help": "k-means iterations per level"})
+    seed: int = field(default=0, metadata={"help": "seed of the k-means++ seeding"})
+    device: str = field(default="cpu", metadata={"help": "device for k-means (and the content encoder)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.iters >= 1, "iters", self.iters, "must be >= 1")
+        require_seed(self.seed)
 
 
 @dataclass
@@ -482,6 +511,7 @@ class PiecesConfig:
 # the indexing methods and their config dataclass; llmrec.indexing.INDEXERS pairs each with its indexer
 INDEX_CONFIGS: dict[IndexMethod, type] = {
     "rqvae": RQVAEConfig,
+    "rqkmeans": RQKMeansConfig,
     "random": NumberIndexConfig,
     "sequential": NumberIndexConfig,
     "collaborative": CollaborativeIndexConfig,

@@ -1,11 +1,14 @@
-"""Preference alignment after supervised finetuning: DPO of the item head against the SFT model.
+"""Alignment after supervised finetuning: DPO, S-DPO or GRPO of the item head against the SFT model.
 
-    python recipes/align.py --data DIR --init runs/finetune --output_dir runs/align [--beta 0.1 ...]
+    python recipes/align.py --data DIR --init runs/finetune --output_dir runs/align [--loss sdpo --beta 0.1 ...]
 
 Starts from the SFT run's model (``RUN/best`` or ``RUN/model``), which is also the frozen reference:
 for the last ``pairs_per_user`` positions of each user's training history the prompt is the history
-before that position, the chosen item the one taken there, and the rejected items the SFT model's
-``n_rejected`` best-ranked items the user never took (`llmrec.align`). Training runs through the same
+before that position and the chosen item the one taken there. ``--loss dpo|sdpo``: the rejected items
+are the SFT model's ``n_rejected`` best-ranked items the user never took plus ``n_random`` drawn from the
+rest of the unseen catalogue (`llmrec.align`); ``--loss grpo``: every step samples ``grpo_group`` lists of
+``grpo_length`` unseen items from the current item head, rewards the chosen item's hit and rank and
+keeps the policy near the SFT model by ``kl_weight`` (`llmrec.grpo`). Training runs through the same
 loop as the other recipes (``--resume`` continues from the latest checkpoint; the preference rows are
 rebuilt from the same SFT model, so they are the same), validating after every epoch and keeping the
 best model by ``metric_for_best``. The prompt is the one the SFT run was finetuned on.
@@ -16,7 +19,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from common.errors import run_cli
 from common.log import get_logger, setup_logging
@@ -24,6 +27,7 @@ from llmrec.config import ConfigError, parse_config, require
 from llmrec.options import EvalConfig, FinetuneTask, TrainConfig
 
 logger = get_logger("align")
+AlignLoss = Literal["dpo", "sdpo", "grpo"]  # llmrec.align.PREFERENCE_LOSSES, and llmrec.grpo
 
 
 @dataclass
@@ -40,7 +44,10 @@ class AlignArgs:
     task: FinetuneTask | None = field(
         default=None, metadata={"help": "the SFT run's finetuning task (default: read from --init)"}
     )
-    beta: float = field(default=0.1, metadata={"help": "DPO temperature beta"})
+    loss: AlignLoss = field(
+        default="dpo", metadata={"help": "dpo: pairwise; sdpo: softmax DPO over all rejected; grpo"}
+    )
+    beta: float = field(default=0.1, metadata={"help": "DPO / S-DPO temperature beta"})
     sft_weight: float = field(
         default=0.0, metadata={"help": "weight of -log pi(chosen) added to the DPO loss (RPO)"}
     )
@@ -50,12 +57,25 @@ class AlignArgs:
     n_rejected: int = field(
         default=8, metadata={"help": "rejected items per row (the SFT model's top unseen)"}
     )
+    n_random: int = field(
+        default=0,
+        metadata={"help": "more rejected items per row, drawn uniformly from the other unseen ones"},
+    )
+    grpo_group: int = field(default=8, metadata={"help": "GRPO: sampled lists per prompt"})
+    grpo_length: int = field(
+        default=10, metadata={"help": "GRPO: items per sampled list (the reward's cutoff)"}
+    )
+    kl_weight: float = field(default=0.05, metadata={"help": "GRPO: weight of KL(policy || SFT model)"})
 
     def __post_init__(self) -> None:
         require(self.beta > 0, "beta", self.beta, "must be > 0")
         require(self.sft_weight >= 0, "sft_weight", self.sft_weight, "must be >= 0")
         require(self.pairs_per_user >= 1, "pairs_per_user", self.pairs_per_user, "must be at least 1")
         require(self.n_rejected >= 1, "n_rejected", self.n_rejected, "must be at least 1")
+        require(self.n_random >= 0, "n_random", self.n_random, "must be >= 0")
+        require(self.grpo_group >= 2, "grpo_group", self.grpo_group, "must be at least 2")
+        require(self.grpo_length >= 1, "grpo_length", self.grpo_length, "must be at least 1")
+        require(self.kl_weight >= 0, "kl_weight", self.kl_weight, "must be >= 0")
 
 
 # what this recipe parses; the first is its own YAML section
@@ -69,6 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     from data_prep import load_bundle
     from llmrec.align import DPOLoss, build_preferences
     from llmrec.data import FINETUNE_TASKS, GENERATIVE_TASKS, prompts_for, validation_fn
+    from llmrec.grpo import GRPOLoss, build_grpo_rows
     from llmrec.metrics import is_leave_one_out
     from llmrec.model import CLLM4Rec, run_model_dir, run_task
     from llmrec.train import make_accelerator, save_run_config, train
@@ -84,16 +105,23 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator = make_accelerator(train_config, inputs={"--init": args.init, "--data": args.data})
     model = CLLM4Rec.from_pretrained(model_dir)
     prompt = FINETUNE_TASKS[args.task]
-    dataset = build_preferences(
-        model,
-        prompts_for(bundle, model, prompt),
-        bundle.histories("train"),
-        per_user=args.pairs_per_user,
-        n_rejected=args.n_rejected,
-        batch_size=eval_config.batch_size,
-    )
-    logger.info("%d preference rows from %s", len(dataset), init)
-    model.preference = DPOLoss(args.beta, args.sft_weight)
+    prompts, histories = prompts_for(bundle, model, prompt), bundle.histories("train")
+    if args.loss == "grpo":
+        dataset = build_grpo_rows(model, prompts, histories, args.pairs_per_user, eval_config.batch_size)
+        model.preference = GRPOLoss(args.grpo_group, args.grpo_length, args.kl_weight, seed=train_config.seed)
+    else:
+        dataset = build_preferences(
+            model,
+            prompts,
+            histories,
+            per_user=args.pairs_per_user,
+            n_rejected=args.n_rejected,
+            batch_size=eval_config.batch_size,
+            n_random=args.n_random,
+            seed=train_config.seed,
+        )
+        model.preference = DPOLoss(args.beta, args.sft_weight, args.loss)
+    logger.info("%d %s rows from %s", len(dataset), args.loss, init)
     save_run_config(accelerator, train_config.output_dir, args, train_config, eval_config)
     evaluate = validation_fn(bundle, batch_size=eval_config.batch_size, prompt=prompt)
     metric = eval_config.metric(is_leave_one_out(bundle))

@@ -1,14 +1,16 @@
 """Index the items of a dataset bundle: every item gets a code tuple (semantic ID or other ID scheme).
 
-    python recipes/index.py --data DIR --method rqvae|random|sequential|collaborative [--field value ...]
+    python recipes/index.py --data DIR --method rqvae|rqkmeans|random|sequential|collaborative [--field value ...]
 
-The method's own options are its config dataclass (``RQVAEConfig``, ``NumberIndexConfig``,
+The method's own options are its config dataclass (``RQVAEConfig``, ``RQKMeansConfig``, ``NumberIndexConfig``,
 ``CollaborativeIndexConfig``), read from the ``indexer:`` section (or ``index: {indexer: ...}``) and
 the command line; ``--method M --help`` lists them.
 
 Writes the index (``index.json`` + ``codes.safetensors``) to ``--out`` (default ``DIR/index/METHOD``),
 with ``--pieces_vocab_size N`` also a SentencePiece-pieces version beside it (``...-pieces``), and
-prints the quality figures. Content embeddings for ``rqvae`` are cached in ``DIR/embeddings``.
+prints the index report (`llmrec.indexing.report`: codebook usage per level, collisions before/after
+resolution, items per leaf and prefix, reconstruction error), also saved as ``report.json`` in the index
+directory. Content embeddings for ``rqvae`` and ``rqkmeans`` are cached in ``DIR/embeddings``.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from typing import ClassVar, Literal
 from common.artifacts import check_target
 from common.config import read_yaml
 from common.errors import run_cli
+from common.io import write_json
 from common.log import setup_logging
 from llmrec.config import ConfigError, parse_config, require
 from llmrec.options import INDEX_CONFIGS, IndexMethod, PiecesConfig
 
 logger = logging.getLogger("recipes.index")
+CONTENT_METHODS = ("rqvae", "rqkmeans")  # indexers of the items' text embeddings
 
 
 @dataclass
@@ -40,7 +44,7 @@ class IndexArgs:
     )
     out: str | None = field(default=None, metadata={"help": "index directory (default DATA/index/METHOD)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing item index at --out"})
-    # content embeddings (rqvae; they run on the indexer's --device)
+    # content embeddings (rqvae, rqkmeans; they run on the indexer's --device)
     encoder: str = field(
         default="minilm", metadata={"help": "minilm or backbone:SPEC (mean-pooled LM states)"}
     )
@@ -95,6 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     from llmrec.indexing import INDEXERS, IndexData, train_pieces
     from llmrec.indexing.base import INDEX, describe
     from llmrec.indexing.encoders import item_embeddings
+    from llmrec.indexing.report import REPORT_FILE, format_report, index_report
 
     out = Path(args.out or Path(args.data) / "index" / method)
     inputs = {"--data": args.data}
@@ -103,17 +108,19 @@ def main(argv: list[str] | None = None) -> dict:
         check_target(pieces_dir(out), INDEX, args.overwrite, inputs, nested={"--data"})
     bundle = load_bundle(args.data)
     data = IndexData(n_items=bundle.n_items, interactions=bundle.interactions("train"))
-    if method == "rqvae":
+    if method in CONTENT_METHODS:
         cache = args.embeddings_cache or str(Path(args.data) / "embeddings")
         data.embeddings = item_embeddings(
             bundle.item_text, args.encoder, cache_dir=cache, device=config.device
         )
     index = INDEXERS[method][0](config).build(data)
-    if method == "rqvae":
+    if method in CONTENT_METHODS:
         index.config["encoder"] = args.encoder
     index.save(out, overwrite=args.overwrite, inputs=inputs)
-    print(describe(index))
-    report = {"index": str(out), "stats": index.stats}
+    summary = index_report(index)
+    write_json(out / REPORT_FILE, summary)
+    print(format_report(summary))
+    report = {"index": str(out), "stats": index.stats, "report": summary}
     if args.pieces_vocab_size:
         pieces = train_pieces(
             index, PiecesConfig(args.pieces_vocab_size, args.pieces_model_type, config.seed)

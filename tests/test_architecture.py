@@ -39,6 +39,7 @@ LAYERS: list[tuple[str, ...]] = [
         "llmrec.zeroshot",
         "llmrec.baselines",
         "llmrec.align",
+        "llmrec.grpo",
     ),
     ("llmrec.data", "llmrec.coldstart"),
     ("llmrec.train", "llmrec.export", "llmrec.model_card"),

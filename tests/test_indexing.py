@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from common.io import ArtifactError
 from llmrec.indexing import (
@@ -16,6 +17,8 @@ from llmrec.indexing import (
     ItemIndex,
     NumberIndexConfig,
     PiecesConfig,
+    RQKMeansConfig,
+    RQKMeansIndexer,
     RQVAEConfig,
     RQVAEIndexer,
     SequentialIndexer,
@@ -23,7 +26,10 @@ from llmrec.indexing import (
     train_pieces,
 )
 from llmrec.indexing.base import collision_stats, describe, digits, shared_attribute_ratio
-from llmrec.indexing.rqvae import resolve_extra_level, resolve_sinkhorn, train_rqvae
+from llmrec.indexing.collisions import resolve_extra_level, resolve_sinkhorn
+from llmrec.indexing.report import format_report, index_report
+from llmrec.indexing.rqkmeans import balanced_assignment, residual_kmeans
+from llmrec.indexing.rqvae import train_rqvae
 from llmrec.tokens import RecVocab
 from llmrec.trie import Trie
 
@@ -184,6 +190,73 @@ def test_sinkhorn_separates_and_refuses_overfull_prefixes():
     assert stats["collision_rate_after_sinkhorn"] == 0  # Sinkhorn alone separated distinct items
     with pytest.raises(ValueError, match="share the prefix"):
         resolve_sinkhorn(np.zeros((5, 2), dtype=int), np.zeros((5, 4)), 0.003, 10, 2)
+
+
+def test_rqkmeans_is_seeded_and_recovers_clusters():
+    x, labels = clustered()
+
+    def build(seed: int) -> ItemIndex:
+        cfg = RQKMeansConfig(levels=2, codebook_size=8, seed=seed, resolve="extra_level")  # 40 items/blob
+        return RQKMeansIndexer(cfg).build(IndexData(len(x), embeddings=x))
+
+    first, again, other = build(0), build(0), build(1)
+    np.testing.assert_array_equal(first.codes, again.codes)
+    assert first.artifacts == again.artifacts and "rqkmeans.safetensors" in first.artifacts
+    assert not np.array_equal(first.codes[:, 1], other.codes[:, 1])  # the seed matters below the blobs
+    purity = sum(np.bincount(first.codes[labels == c, 0]).max() for c in range(8)) / len(x)
+    assert purity == 1.0 and first.is_unique()
+    mse = first.stats["recon_mse_by_level"]
+    assert mse[1] < mse[0] < first.stats["embedding_variance"]
+
+
+def test_balanced_rqkmeans_uses_every_code():
+    """Skewed data (one dense blob of 200 points, 7 small ones): every code of every level holds n/K +-1."""
+    x, _ = clustered(per_cluster=10)
+    x = np.concatenate([x, np.random.default_rng(2).standard_normal((200, 16)).astype(np.float32) * 0.1])
+    n, k = len(x), 20  # 14 items per code: a prefix fits in the last level (sinkhorn resolution)
+    for balanced in (False, True):
+        cfg = RQKMeansConfig(levels=2, codebook_size=k, balanced=balanced)
+        raw, *_ = residual_kmeans(torch.from_numpy(x), cfg)
+        sizes = [np.bincount(col, minlength=k) for col in raw.T]
+        if balanced:
+            assert all(set(size.tolist()) <= {n // k, n // k + 1} for size in sizes)
+            index = RQKMeansIndexer(cfg).build(IndexData(n, embeddings=x))
+            assert index.stats["before_resolution"]["utilisation"] == [1.0, 1.0] and index.is_unique()
+        else:  # plain k-means follows the density: the blob's codes are crowded
+            assert max(size.max() for size in sizes) > 2 * (n // k + 1)
+
+
+def test_balanced_assignment_capacities():
+    distances = np.array([[0.0, 5.0], [0.1, 5.0], [0.2, 0.3], [9.0, 0.0]])
+    # 2 per code: rows 0, 1 and 3 have the largest regrets and take their nearest; row 2 gets what is left
+    assert balanced_assignment(distances).tolist() == [0, 0, 1, 1]
+    assert np.bincount(balanced_assignment(np.zeros((5, 2))), minlength=2).tolist() == [3, 2]
+
+
+def test_rqkmeans_collisions_resolved_and_reported():
+    x, _ = clustered(n_clusters=4, per_cluster=10)
+    x[1:6] = x[0]  # six identical items share every code
+    for resolve in ("sinkhorn", "extra_level"):
+        cfg = RQKMeansConfig(levels=2, codebook_size=16, resolve=resolve)
+        index = RQKMeansIndexer(cfg).build(IndexData(len(x), embeddings=x))
+        assert index.stats["collision_rate_before"] > 0 and index.is_unique(), resolve
+        report = index_report(index)
+        assert (
+            report["collisions"]["before"]["max_group"] >= 6
+            and report["collisions"]["after"]["max_group"] == 1
+        )
+        assert report["items_per_leaf"]["after"] == {"1": len(x)}
+        assert sum(int(n) * leaves for n, leaves in report["items_per_leaf"]["before"].items()) == len(x)
+        assert "collisions before resolution" in format_report(report)
+    assert index.codebook_sizes[-1] >= 6  # extra_level numbers the six duplicates
+
+
+def test_index_report_of_an_index_unique_by_construction(interactions):
+    index = make_indexer("sequential", codebook_size=8).build(IndexData(61, interactions=interactions))
+    report = index_report(index)
+    assert report["collisions"]["before"] == report["collisions"]["after"]
+    assert report["items_per_prefix"]["max"] <= 8 and report["reconstruction"] == {}
+    assert [level["codes_used_after"] for level in report["levels"]] == [8, 8]
 
 
 def test_pieces(rqvae_index, tmp_path):

@@ -10,6 +10,7 @@ import torch
 from conftest import recipe_main
 from safetensors.torch import save_file
 
+from common.io import read_json
 from data_prep import load_bundle
 from llmrec.indexing import ItemIndex, encoders
 from llmrec.indexing.encoders import item_embeddings, texts_fingerprint
@@ -57,27 +58,37 @@ def test_recipe_sequential_with_pieces(ml100k_bundle, tmp_path):
     assert pieces.is_unique() and pieces.stats["mean_tokens_per_item"] <= 2
 
 
-def test_recipe_rqvae_from_cached_embeddings(ml100k_bundle, tmp_path):
-    """RQ-VAE through the recipe, with the embedding cache pre-filled so no encoder runs."""
+@pytest.fixture
+def embeddings_cache(ml100k_bundle, tmp_path) -> Path:
+    """The recipe's embedding cache pre-filled with random vectors, so no encoder runs."""
     texts = load_bundle(ml100k_bundle).item_text
     cache = tmp_path / "cache"
     cache.mkdir()
     emb = torch.from_numpy(np.random.default_rng(0).standard_normal((len(texts), 16)).astype(np.float32))
     meta = {"texts_sha256": texts_fingerprint(texts), "encoder": "minilm"}
     save_file({"embeddings": emb}, cache / "minilm.safetensors", metadata=meta)
+    return cache
+
+
+def test_recipe_rqvae_from_cached_embeddings(ml100k_bundle, embeddings_cache, tmp_path):
     out = tmp_path / "rq"
-    args = [
-        "--data",
-        str(ml100k_bundle),
-        "--method",
-        "rqvae",
-        "--embeddings_cache",
-        str(cache),
-        "--out",
-        str(out),
-    ]
-    args += ["--epochs", "5", "--codebook_size", "32", "--hidden_dims", "32", "--latent_dim", "8"]
+    args = ["--data", str(ml100k_bundle), "--method", "rqvae", "--embeddings_cache", str(embeddings_cache)]
+    args += ["--out", str(out), "--epochs", "5", "--codebook_size", "32"]
+    args += ["--hidden_dims", "32", "--latent_dim", "8"]
     report = recipe_main("index")(args)
     index = ItemIndex.load(out)
     assert index.is_unique() and index.codebook_sizes == (32, 32, 32)
     assert report["stats"]["collision_rate"] == 0 and "rqvae.safetensors" in index.artifacts
+    assert read_json(out / "report.json")["reconstruction"]["recon_mse"] == index.stats["recon_mse"]
+
+
+def test_recipe_rqkmeans_writes_the_index_report(ml100k_bundle, embeddings_cache, tmp_path, capsys):
+    out = tmp_path / "rqk"
+    args = ["--data", str(ml100k_bundle), "--method", "rqkmeans", "--embeddings_cache", str(embeddings_cache)]
+    recipe_main("index")([*args, "--out", str(out), "--codebook_size", "16", "--balanced", "true"])
+    index, report = ItemIndex.load(out), read_json(out / "report.json")
+    assert index.is_unique() and index.codebook_sizes == (16, 16, 16) and report["method"] == "rqkmeans"
+    assert [level["codes_used_before"] for level in report["levels"]] == [16, 16, 16]  # balanced: all used
+    assert report["collisions"]["after"]["collision_rate"] == 0
+    assert sum(report["items_per_leaf"]["after"].values()) == 1682
+    assert "collisions before resolution" in capsys.readouterr().out

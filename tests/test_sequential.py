@@ -225,6 +225,12 @@ def test_sequential_finetune_then_alignment_run_end_to_end_and_resume_after_a_ki
     losses = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
     assert any("loss/preference" in row for row in losses) and any("eval/ndcg@10" in row for row in losses)
     assert json.loads((reference / "run_config.json").read_text())["task"] == "sequential"
+    for loss in ("sdpo", "grpo"):  # the other losses through the same recipe and loop
+        out = tmp_path / loss
+        align([*align_args(loo_bundle, sft, out, "--loss", loss, "--n_random", "2"), "--max_steps", "2"])
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert any(np.isfinite(row.get("loss/preference", np.nan)) for row in rows), loss
+        assert any("eval/ndcg@10" in row for row in rows), loss
 
     killed = tmp_path / "killed"
     align_command = [str(REPO / "recipes" / "align.py"), *align_args(loo_bundle, sft, killed)]

@@ -1,6 +1,6 @@
 """Item indexers: every method gives each item a code tuple, saved in one format (:class:`ItemIndex`).
 
-``rqvae`` (semantic IDs from content), ``random``, ``sequential`` and ``collaborative`` (Hua et
+``rqvae`` and ``rqkmeans`` (semantic IDs from content), ``random``, ``sequential`` and ``collaborative`` (Hua et
 al. 2023) share the :class:`Indexer` interface; :func:`train_pieces` turns any index into
 SentencePiece pieces; :meth:`ItemIndex.trie` gives the prefix trie for constrained decoding.
 """
@@ -12,12 +12,14 @@ from typing import Any
 from llmrec.indexing.base import IndexData, Indexer, ItemIndex, collision_stats, index_stats
 from llmrec.indexing.collaborative import CollaborativeIndexConfig, CollaborativeIndexer
 from llmrec.indexing.pieces import PiecesConfig, train_pieces
+from llmrec.indexing.rqkmeans import RQKMeansConfig, RQKMeansIndexer
 from llmrec.indexing.rqvae import RQVAEConfig, RQVAEIndexer
 from llmrec.indexing.simple import NumberIndexConfig, RandomIndexer, SequentialIndexer
 from llmrec.options import INDEX_CONFIGS
 
 _INDEXER_CLASSES: dict[str, type[Indexer]] = {
     "rqvae": RQVAEIndexer,
+    "rqkmeans": RQKMeansIndexer,
     "random": RandomIndexer,
     "sequential": SequentialIndexer,
     "collaborative": CollaborativeIndexer,
@@ -45,6 +47,8 @@ __all__ = [
     "ItemIndex",
     "NumberIndexConfig",
     "PiecesConfig",
+    "RQKMeansConfig",
+    "RQKMeansIndexer",
     "RQVAEConfig",
     "RQVAEIndexer",
     "RandomIndexer",
