@@ -21,6 +21,7 @@ CACHE_ENV = "LLMREC_CACHE"
 PRETRAIN_CORPORA = ("collaborative", "content")
 HISTORY_POOLS = ("none", "mean")
 PRIORS = ("none", "ease")
+USER_TABLES = ("full", "none", "hashed", "lowrank")  # how user rows are stored (llmrec.id_tables)
 WEIGHT_DTYPES = ("fp32", "fp16", "bf16")  # of exported weights; llmrec.recommender.DTYPES maps them to torch
 EASE_LAMBDAS = (10.0, 50.0, 100.0, 200.0, 300.0, 500.0, 750.0, 1000.0, 2000.0, 5000.0)  # EASE's L2 grid
 
@@ -134,8 +135,32 @@ class ModelConfig:
         },
     )
 
+    user_table: str = field(
+        default="full",
+        metadata={
+            "help": "user rows: full (one per user) | none (one shared row: the user is the history) | hashed "
+            "(user_buckets rows, user_hashes summed per user) | lowrank (user_rank wide, projected)"
+        },
+    )
+    user_buckets: int = field(default=65536, metadata={"help": "rows of a hashed user table"})
+    user_hashes: int = field(default=2, metadata={"help": "hash functions (rows summed) per user, hashed"})
+    user_rank: int = field(default=32, metadata={"help": "row width of a low-rank user table"})
+    sparse_updates: bool = field(
+        default=False,
+        metadata={
+            "help": "sparse gradients for the user rows: a step updates only the rows of its batch (not "
+            "under FSDP/DeepSpeed)"
+        },
+    )
+
     def __post_init__(self) -> None:
         require(self.lora_r >= 1, "lora_r", self.lora_r, "must be at least 1")
+        require(
+            self.user_table in USER_TABLES, "user_table", self.user_table, f"must be one of {USER_TABLES}"
+        )
+        require(self.user_buckets >= 1, "user_buckets", self.user_buckets, "must be at least 1")
+        require(self.user_hashes >= 1, "user_hashes", self.user_hashes, "must be at least 1")
+        require(self.user_rank >= 1, "user_rank", self.user_rank, "must be at least 1")
         require(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "must be in [0, 1)")
         require(
             0 <= self.embedding_dropout < 1, "embedding_dropout", self.embedding_dropout, "must be in [0, 1)"

@@ -31,6 +31,7 @@ from accelerate.utils import (
     parse_flag_from_env,
     set_seed,
 )
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -40,6 +41,7 @@ from common.log import get_logger
 from llmrec.collate import TaskBucketSampler, collate
 from llmrec.config import to_dict
 from llmrec.model import CLLM4Rec, RunError
+from llmrec.optim import RowSparseAdamW, clip_sparse_grad_norm_, has_sparse_grads
 from llmrec.options import TrainConfig
 from llmrec.prompts import TASKS
 
@@ -209,6 +211,15 @@ def register_trainable_checkpointing(accelerator: Accelerator) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
+def clip_gradients(accelerator: Accelerator, model: nn.Module, max_norm: float) -> None:
+    """accelerate's clipping, or, with sparse user-table gradients (which torch's refuses), ours."""
+    if has_sparse_grads(model.parameters()):
+        accelerator.unscale_gradients()
+        clip_sparse_grad_norm_(model.parameters(), max_norm)
+    else:
+        accelerator.clip_grad_norm_(model.parameters(), max_norm)
+
+
 def train(
     model: CLLM4Rec,
     dataset: Dataset,
@@ -234,7 +245,7 @@ def train(
     )
     steps_per_epoch = math.ceil(len(loader) / config.grad_accum)
     total_steps = config.max_steps if config.max_steps > 0 else config.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(
+    optimizer = RowSparseAdamW(  # AdamW; also steps sparse user tables (ModelConfig.sparse_updates)
         model.param_groups(config.lr, config.embedding_lr or config.lr, config.weight_decay)
     )
     scheduler = get_scheduler(
@@ -290,7 +301,7 @@ def train(
                 loss = (lm_sum / lm_total + reg_sum / reg_total) * world
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    clip_gradients(accelerator, model, config.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
