@@ -60,6 +60,15 @@ def train_run(recipe: str, table: str, seed: int, runs: Path, epochs: list[str],
     return run
 
 
+def evaluation(run: Path, split: str, extra: list[str], reuse: bool) -> dict:
+    """`recipes/evaluate.py`'s metrics of ``run`` on ``split``; with ``reuse``, the ones it saved before."""
+    key = split + (f"/prior_weight={float(extra[1]):g}" if extra else "")
+    saved = run / "metrics.json"
+    if reuse and saved.exists() and key in (metrics := json.loads(saved.read_text())["metrics"]):
+        return metrics[key]
+    return evaluate.main(["--run", str(run), "--split", split, *extra])
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", choices=list(RECIPES), required=True)
@@ -68,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--splits", default="valid,test")
     parser.add_argument("--epochs", type=int, default=None, help="cap on the finetuning epochs")
     parser.add_argument("--runs", default="runs/id_tables")
-    parser.add_argument("--reuse", action="store_true", help="keep finished runs")
+    parser.add_argument("--reuse", action="store_true", help="keep finished runs and their evaluations")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     setup_logging()
@@ -83,9 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
             train_s = time.perf_counter() - start
             row: dict = {"seed": seed, "train_s": train_s}
             for split in args.splits.split(","):
-                test = ["--run", str(run / "finetune"), "--split", split]
-                row[f"{split} hybrid"] = evaluate.main(test)
-                row[f"{split} lm"] = evaluate.main([*test, "--prior_weight", "0"])
+                for view, extra in (("hybrid", []), ("lm", ["--prior_weight", "0"])):
+                    row[f"{split} {view}"] = evaluation(run / "finetune", split, extra, args.reuse)
             results.setdefault(table, []).append(row)
     table_rows = {}
     for table, rows in results.items():
