@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from common.config import ConfigError
 from common.io import ArtifactError, file_records, verify_files
 from common.log import get_logger
 from llmrec.collate import TaskBucketSampler, collate
@@ -234,6 +235,12 @@ def train(
     is saved in ``output_dir/best`` and training stops after ``config.patience`` epochs without progress.
     """
     out = Path(config.output_dir)
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if sharded and model.config.sparse_updates:
+        raise ConfigError(
+            "sparse_updates: FSDP and DeepSpeed shard dense gradients only; use DDP, or sparse_updates false",
+            field="sparse_updates",
+        )
     set_seed(config.seed)
     sampler = TaskBucketSampler(dataset, config.batch_size, seed=config.seed)
     loader = DataLoader(

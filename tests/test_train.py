@@ -140,6 +140,21 @@ def test_two_processes_follow_the_single_process_loss_curve(ml100k_bundle, tmp_p
     assert_same_loss_curves(single, double)
 
 
+def test_sparse_hashed_user_rows_under_ddp_follow_the_single_process_loss_curve(ml100k_bundle, tmp_path):
+    """DDP reduces the sparse user-row gradients (gloo) like dense ones: two processes, one process's losses."""
+    common = ["--max_steps", "4", "--batch_size", "8", "--lora_dropout", "0", "--user_table", "hashed"]
+    common += ["--user_buckets", "64", "--sparse_updates", "true"]
+    single = tmp_path / "single"
+    pretrain.main(run_args(ml100k_bundle, single, *common))
+
+    double = tmp_path / "double"
+    launch = ["--num_processes", "2", "--cpu", "--num_machines", "1", "--mixed_precision", "no"]
+    launch_two_cpu_processes([*launch, "--dynamo_backend", "no"], run_args(ml100k_bundle, double, *common))
+    assert_same_loss_curves(single, double)
+    weights = load_file(double / "model" / "model.safetensors")
+    assert weights["collab.tables.user.embedding.weight"].shape[0] == 64
+
+
 def test_fsdp_config_follows_the_single_process_loss_curve_and_resumes(ml100k_bundle, tmp_path):
     """recipes/accelerate/fsdp.yaml on two CPU processes: FSDP2 shards, same losses, resumable checkpoints.
 
