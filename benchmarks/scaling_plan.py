@@ -17,8 +17,10 @@ GFLOP per position, 7x the LM), from:
   fraction reached (``--mfu``), and the all-reduce bandwidth (``--bus_gbs``).
 
 DDP keeps every table on every GPU and all-reduces dense gradients each step (sparse user gradients
-travel as their touched rows); FSDP shards parameters, gradients and Adam state over the GPUs (sparse
-gradients are not supported there, so the user tables pay 16 bytes per element). Prints a Markdown table
+travel as their touched rows); FSDP shards gradients and Adam state over the GPUs, but the ID tables
+live in the root unit of ``recipes/accelerate/fsdp.yaml`` (transformer-layer wrapping), so each forward
+all-gathers them whole: their fp32 weights count in full on every GPU. Sparse gradients are not
+supported there, so the user tables pay the dense cost. Prints a Markdown table
 for docs/scaling.md and writes it as JSON.
 """
 
@@ -88,7 +90,10 @@ def plan(args: argparse.Namespace, per_element: float, sparse_element: float, ba
                     dense = 4 * (item_elements + (0 if sparse else users))  # fp32 gradients all-reduced
                     wire = 2 * (gpus - 1) / gpus * dense
                 else:
-                    table_bytes = (item_elements + users) * per_element / gpus
+                    # the tables sit in the root FSDP unit: all-gathered whole (4 B/element) at each
+                    # forward; gradients and Adam state stay sharded
+                    elements = item_elements + users
+                    table_bytes = elements * 4 + elements * (per_element - 4) / gpus
                     dense = 4 * (item_elements + users)
                     wire = 3 * (gpus - 1) / gpus * dense / 2  # all-gather params (bf16) + reduce-scatter
                 comm_s = steps * wire / (args.bus_gbs * 1e9) if gpus > 1 else 0.0
