@@ -6,8 +6,9 @@
 For every option and seed it trains the recipe (`quality`: `recipes/configs/ml-100k-cpu.yaml`, pretrain
 then finetune on the random split; `next`: `recipes/configs/ml-100k-loo-cpu.yaml`, the sequential item
 head on the leave-one-out split) with the option's user table on top of the config, then evaluates the
-kept model on each of ``--splits`` through `recipes/evaluate.py` (the hybrid at the blend weight chosen
-on valid, and the LM alone at prior weight 0). Options are chosen on ``valid``; test is reported beside it.
+kept model on each of ``--splits``, from one LM pass per split (as `quality_ml100k.py`): the hybrid at the
+blend weight chosen on valid (what `recipes/evaluate.py` reports) and the LM alone (prior weight 0).
+Options are chosen on ``valid``; test is reported beside it.
 ``--epochs`` caps the finetuning epochs (to fit the shared CPU; the JSON records it).
 """
 
@@ -24,14 +25,18 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "recipes"))
 
-import evaluate  # noqa: E402
 import finetune  # noqa: E402
 import pretrain  # noqa: E402
 
 from common.config import read_yaml  # noqa: E402
 from common.log import setup_logging  # noqa: E402
+from data_prep import load_bundle  # noqa: E402
 from data_prep.build import build_ml100k_reference  # noqa: E402
+from llmrec.data import FINETUNE_TASKS, scorer_for  # noqa: E402
+from llmrec.metrics import evaluate_scorer  # noqa: E402
+from llmrec.model import CLLM4Rec, blend_scores, run_data, run_model_dir, run_task  # noqa: E402
 from llmrec.reporting import machine_info  # noqa: E402
+from llmrec.scoring import PrecomputedScorer  # noqa: E402
 
 # each option's flags on top of the recipe (ML-100K has 943 users: 256 buckets x 2 hashes, rank 32)
 TABLES: dict[str, list[str]] = {
@@ -60,13 +65,22 @@ def train_run(recipe: str, table: str, seed: int, runs: Path, epochs: list[str],
     return run
 
 
-def evaluation(run: Path, split: str, extra: list[str], reuse: bool) -> dict:
-    """`recipes/evaluate.py`'s metrics of ``run`` on ``split``; with ``reuse``, the ones it saved before."""
-    key = split + (f"/prior_weight={float(extra[1]):g}" if extra else "")
-    saved = run / "metrics.json"
-    if reuse and saved.exists() and key in (metrics := json.loads(saved.read_text())["metrics"]):
-        return metrics[key]
-    return evaluate.main(["--run", str(run), "--split", split, *extra])
+def evaluation(run: Path, split: str) -> dict[str, dict]:
+    """Metrics of ``run``'s kept model on ``split``, both heads from one LM pass: ``hybrid`` (the prior at
+    the weight chosen on valid, what `recipes/evaluate.py` reports) and ``lm`` (prior weight 0)."""
+    model = CLLM4Rec.from_pretrained(run_model_dir(run))
+    bundle = load_bundle(run_data(run))
+    users = np.arange(bundle.n_users)
+    scorer = scorer_for(bundle, model, batch_size=16, split=split, prompt=FINETUNE_TASKS[run_task(run)])
+    if model.config.prior == "none":
+        scores = {"lm": scorer.score(users)}
+    else:
+        logits, prior = scorer.parts(users)
+        scores = {"lm": logits, "hybrid": blend_scores(logits, prior, model.config.prior_weight)}
+    return {
+        view: evaluate_scorer(PrecomputedScorer(matrix, users), bundle, split, progress=False)
+        for view, matrix in scores.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -77,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--splits", default="valid,test")
     parser.add_argument("--epochs", type=int, default=None, help="cap on the finetuning epochs")
     parser.add_argument("--runs", default="runs/id_tables")
-    parser.add_argument("--reuse", action="store_true", help="keep finished runs and their evaluations")
+    parser.add_argument("--reuse", action="store_true", help="keep finished runs")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     setup_logging()
@@ -92,13 +106,15 @@ def main(argv: list[str] | None = None) -> dict:
             train_s = time.perf_counter() - start
             row: dict = {"seed": seed, "train_s": train_s}
             for split in args.splits.split(","):
-                for view, extra in (("hybrid", []), ("lm", ["--prior_weight", "0"])):
-                    row[f"{split} {view}"] = evaluation(run / "finetune", split, extra, args.reuse)
+                for view, split_metrics in evaluation(run / "finetune", split).items():
+                    row[f"{split} {view}"] = split_metrics
             results.setdefault(table, []).append(row)
     table_rows = {}
     for table, rows in results.items():
         cells = {}
         for head in (f"{split} {view}" for split in args.splits.split(",") for view in ("hybrid", "lm")):
+            if head not in rows[0]:
+                continue
             for metric in metrics:
                 values = np.array([row[head][metric] for row in rows])
                 std = values.std(ddof=1) if len(values) > 1 else 0.0
