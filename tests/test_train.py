@@ -129,8 +129,13 @@ def assert_same_loss_curves(single: Path, other: Path) -> None:
         np.testing.assert_allclose(two, one, rtol=1e-4)
 
 
-def test_two_processes_follow_the_single_process_loss_curve(ml100k_bundle, tmp_path):
-    common = ["--max_steps", "6", "--batch_size", "8", "--lora_dropout", "0"]
+SPARSE_HASHED = ["--user_table", "hashed", "--user_buckets", "64", "--sparse_updates", "true"]
+
+
+@pytest.mark.parametrize("tables", [[], SPARSE_HASHED], ids=["full", "hashed-sparse"])
+def test_two_processes_follow_the_single_process_loss_curve(ml100k_bundle, tmp_path, tables):
+    """Also with sparse hashed user rows: DDP (gloo) reduces their sparse gradients like dense ones."""
+    common = ["--max_steps", "6", "--batch_size", "8", "--lora_dropout", "0", *tables]
     single = tmp_path / "single"
     pretrain.main(run_args(ml100k_bundle, single, *common))
 
@@ -138,21 +143,6 @@ def test_two_processes_follow_the_single_process_loss_curve(ml100k_bundle, tmp_p
     launch = ["--num_processes", "2", "--cpu", "--num_machines", "1", "--mixed_precision", "no"]
     launch_two_cpu_processes([*launch, "--dynamo_backend", "no"], run_args(ml100k_bundle, double, *common))
     assert_same_loss_curves(single, double)
-
-
-def test_sparse_hashed_user_rows_under_ddp_follow_the_single_process_loss_curve(ml100k_bundle, tmp_path):
-    """DDP reduces the sparse user-row gradients (gloo) like dense ones: two processes, one process's losses."""
-    common = ["--max_steps", "4", "--batch_size", "8", "--lora_dropout", "0", "--user_table", "hashed"]
-    common += ["--user_buckets", "64", "--sparse_updates", "true"]
-    single = tmp_path / "single"
-    pretrain.main(run_args(ml100k_bundle, single, *common))
-
-    double = tmp_path / "double"
-    launch = ["--num_processes", "2", "--cpu", "--num_machines", "1", "--mixed_precision", "no"]
-    launch_two_cpu_processes([*launch, "--dynamo_backend", "no"], run_args(ml100k_bundle, double, *common))
-    assert_same_loss_curves(single, double)
-    weights = load_file(double / "model" / "model.safetensors")
-    assert weights["collab.tables.user.embedding.weight"].shape[0] == 64
 
 
 def test_fsdp_config_follows_the_single_process_loss_curve_and_resumes(ml100k_bundle, tmp_path):
