@@ -45,6 +45,7 @@ TABLES: dict[str, list[str]] = {
     "hashed": ["--user_table", "hashed", "--user_buckets", "256", "--user_hashes", "2"],
     "lowrank": ["--user_table", "lowrank", "--user_rank", "32"],
 }
+EVAL_FILE = "id_tables_eval.json"  # a run's evaluations, beside its model
 RECIPES = {  # config, shared split, whether it pretrains, metrics reported
     "quality": ("recipes/configs/ml-100k-cpu.yaml", "ml-100k-random", True, ("recall@20", "ndcg@20")),
     "next": ("recipes/configs/ml-100k-loo-cpu.yaml", "ml-100k-loo", False, ("hr@10", "ndcg@10")),
@@ -83,6 +84,16 @@ def evaluation(run: Path, split: str) -> dict[str, dict]:
     }
 
 
+def cached_evaluation(run: Path, split: str, reuse: bool) -> dict[str, dict]:
+    """:func:`evaluation`, kept in ``run/id_tables_eval.json`` so that ``--reuse`` gathers without a pass."""
+    path = run / EVAL_FILE
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    if not (reuse and split in saved):
+        saved[split] = evaluation(run, split)
+        path.write_text(json.dumps(saved, indent=2))
+    return saved[split]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", choices=list(RECIPES), required=True)
@@ -91,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--splits", default="valid,test")
     parser.add_argument("--epochs", type=int, default=None, help="cap on the finetuning epochs")
     parser.add_argument("--runs", default="runs/id_tables")
-    parser.add_argument("--reuse", action="store_true", help="keep finished runs")
+    parser.add_argument("--reuse", action="store_true", help="keep finished runs and their evaluations")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     setup_logging()
@@ -106,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
             train_s = time.perf_counter() - start
             row: dict = {"seed": seed, "train_s": train_s}
             for split in args.splits.split(","):
-                for view, split_metrics in evaluation(run / "finetune", split).items():
+                for view, split_metrics in cached_evaluation(run / "finetune", split, args.reuse).items():
                     row[f"{split} {view}"] = split_metrics
             results.setdefault(table, []).append(row)
     table_rows = {}
