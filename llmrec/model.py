@@ -36,6 +36,7 @@ from common.artifacts import Kind, recover, write_directory
 from common.errors import UserError
 from common.io import read_json, write_json
 from llmrec.backbone import load_backbone
+from llmrec.id_tables import UserTableSpec
 from llmrec.options import BackboneConfig, ModelConfig
 from llmrec.prompts import IGNORE, TASKS
 from llmrec.tokens import VOCAB_FILE, RecEmbedding, RecVocab
@@ -92,6 +93,13 @@ class CLLM4Rec(nn.Module):
             titles=item_titles,
             tokenizer=tokenizer,
             item_index=item_index,
+            users=UserTableSpec(
+                config.user_table,
+                config.user_buckets,
+                config.user_hashes,
+                config.user_rank,
+                config.sparse_updates,
+            ),
         )
         self.collab = RecEmbedding(base, vocab, seed=seed, **init)
         self.content = RecEmbedding(base, vocab, seed=seed + 1, **init)

@@ -26,6 +26,8 @@ SemanticHistory = Literal["codes", "codes_item"]  # how task semantic_sequence w
 SEMANTIC_HISTORIES = get_args(SemanticHistory)
 Prior = Literal["none", "ease"]
 PRIORS = get_args(Prior)
+UserTable = Literal["full", "none", "hashed", "lowrank"]  # how user rows are stored (llmrec.id_tables)
+USER_TABLES = get_args(UserTable)
 Head = Literal["tied", "untied"]
 EmbeddingInit = Literal["normal", "title_mean", "semantic_sum"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
@@ -159,8 +161,32 @@ class ModelConfig:
         },
     )
 
+    user_table: UserTable = field(
+        default="full",
+        metadata={
+            "help": "user rows; full: one per user; none: one shared row (the user is the history); hashed: "
+            "user_buckets rows, user_hashes summed per user; lowrank: user_rank wide, projected"
+        },
+    )
+    user_buckets: int = field(default=65536, metadata={"help": "rows of a hashed user table"})
+    user_hashes: int = field(default=2, metadata={"help": "hash functions (rows summed) per user, hashed"})
+    user_rank: int = field(default=32, metadata={"help": "row width of a low-rank user table"})
+    sparse_updates: bool = field(
+        default=False,
+        metadata={
+            "help": "sparse gradients for the user rows: a step updates only the rows of its batch (not "
+            "under FSDP/DeepSpeed)"
+        },
+    )
+
     def __post_init__(self) -> None:
         require(self.lora_r >= 1, "lora_r", self.lora_r, "must be at least 1")
+        require(
+            self.user_table in USER_TABLES, "user_table", self.user_table, f"must be one of {USER_TABLES}"
+        )
+        require(self.user_buckets >= 1, "user_buckets", self.user_buckets, "must be at least 1")
+        require(self.user_hashes >= 1, "user_hashes", self.user_hashes, "must be at least 1")
+        require(self.user_rank >= 1, "user_rank", self.user_rank, "must be at least 1")
         require(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "must be in [0, 1)")
         require(
             0 <= self.embedding_dropout < 1, "embedding_dropout", self.embedding_dropout, "must be in [0, 1)"

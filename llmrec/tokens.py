@@ -36,6 +36,7 @@ from torch.nn import functional as F
 from common import placeholders
 from common.artifacts import Kind, write_directory
 from common.io import write_json
+from llmrec.id_tables import FULL_TABLE, UserTableSpec, materialize, reset_table
 
 FAMILIES = ("user", "item", "semantic")
 VOCAB_FILE = "rec_vocab.json"
@@ -313,6 +314,9 @@ class RecEmbedding(nn.Module):
     same tensor twice). ``forward`` is loop- and sync-free: one lookup per family, merged with
     ``torch.where``.
 
+    ``users`` chooses how the user family is stored (`llmrec.id_tables`: a full table, none, hashed or
+    low-rank rows, optionally with sparse gradients); the other families are full tables.
+
     Init options (``init``):
       - ``"normal"``: every table ~ N(0, std²), ``std`` defaulting to the std of the base table.
       - ``"title_mean"``: item rows = mean base embedding of the item's title tokens (needs
@@ -334,6 +338,7 @@ class RecEmbedding(nn.Module):
         dtype: torch.dtype = torch.float32,
         freeze_base: bool = True,
         seed: int = 0,
+        users: UserTableSpec = FULL_TABLE,
     ) -> None:
         super().__init__()
         if base.weight.shape[0] != vocab.base_size:
@@ -348,7 +353,9 @@ class RecEmbedding(nn.Module):
         device = base.weight.device
         self.tables = nn.ModuleDict(
             {
-                name: nn.Embedding(len(ids), hidden, device=device, dtype=dtype)
+                name: users.build(len(ids), hidden, device, dtype)
+                if name == "user"
+                else nn.Embedding(len(ids), hidden, device=device, dtype=dtype)
                 for name, ids in vocab.families().items()
             }
         )
@@ -361,10 +368,17 @@ class RecEmbedding(nn.Module):
         return self._base
 
     def family_weight(self, name: str) -> torch.Tensor:
-        """The trainable table of one family (rows in family order: user u is row u)."""
+        """The trainable table of one family (rows in family order: user u is row u); full tables only."""
         if name not in self.tables:
             raise ValueError(f"no {name!r} table; families present: {list(self.tables)}")
+        if not isinstance(self.tables[name], nn.Embedding):
+            raise ValueError(f"the {name!r} family is not a full table; use family_rows")
         return self.tables[name].weight
+
+    def family_rows(self, name: str) -> torch.Tensor:
+        """Every row of one family, (family size, hidden), whatever table stores it (computed for hashed,
+        low-rank and shared user tables)."""
+        return materialize(self.tables[name], len(self.vocab.family_range(name)))
 
     @torch.no_grad()
     def reset_parameters(
@@ -385,8 +399,7 @@ class RecEmbedding(nn.Module):
             std = float(base_w.float().std())
         gen = torch.Generator(device="cpu").manual_seed(seed)
         for table in self.tables.values():
-            # draw on CPU so the same seed gives the same numbers on every device
-            table.weight.copy_(torch.randn(table.weight.shape, generator=gen) * std)
+            reset_table(table, gen, std)
         if init == "title_mean":
             if titles is None or tokenizer is None:
                 raise ValueError("init='title_mean' needs titles and tokenizer")
@@ -450,8 +463,8 @@ class RecEmbedding(nn.Module):
     @torch.no_grad()
     def full_weight(self) -> torch.Tensor:
         """The base table and every family table stacked in id order: (total_size, hidden)."""
-        parts = [self.base.weight] + [t.weight.to(self.base.weight.dtype) for t in self.tables.values()]
-        return torch.cat(parts)
+        rows = [self.family_rows(name).to(self.base.weight.dtype) for name in self.tables]
+        return torch.cat([self.base.weight, *rows])
 
 
 def export_plain_model(
@@ -486,7 +499,7 @@ def export_plain_model(
             f"tokenizer ended with {len(tokenizer)} tokens, expected {vocab.total_size} "
             "(some placeholders already existed in it?)"
         )
-    new_rows = torch.cat([t.weight.detach() for t in rec_embedding.tables.values()])
+    new_rows = torch.cat([rec_embedding.family_rows(name) for name in rec_embedding.tables])
     model.resize_token_embeddings(vocab.total_size, mean_resizing=False)
     with torch.no_grad():
         inp = model.get_input_embeddings().weight

@@ -31,6 +31,7 @@ from accelerate.utils import (
     parse_flag_from_env,
     set_seed,
 )
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -45,11 +46,13 @@ from common.artifacts import (
     recover_all,
     release_lock,
 )
+from common.config import ConfigError
 from common.io import ArtifactError, file_records, verify_files, write_json, write_text
 from common.log import get_logger
 from llmrec.collate import TaskBucketSampler, collate
 from llmrec.config import to_dict
 from llmrec.model import CLLM4Rec, RunError
+from llmrec.optim import RowSparseAdamW, clip_sparse_grad_norm_, has_sparse_grads
 from llmrec.options import TrainConfig
 from llmrec.prompts import TASKS
 
@@ -279,6 +282,15 @@ def register_trainable_checkpointing(accelerator: Accelerator) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
+def clip_gradients(accelerator: Accelerator, model: nn.Module, max_norm: float) -> None:
+    """accelerate's clipping, or, with sparse user-table gradients (which torch's refuses), ours."""
+    if has_sparse_grads(model.parameters()):
+        accelerator.unscale_gradients()
+        clip_sparse_grad_norm_(model.parameters(), max_norm)
+    else:
+        accelerator.clip_grad_norm_(model.parameters(), max_norm)
+
+
 def train(
     model: CLLM4Rec,
     dataset: Dataset,
@@ -293,6 +305,12 @@ def train(
     is saved in ``output_dir/best`` and training stops after ``config.patience`` epochs without progress.
     """
     out = Path(config.output_dir)
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if sharded and model.config.sparse_updates:
+        raise ConfigError(
+            "sparse_updates: FSDP and DeepSpeed shard dense gradients only; use DDP, or sparse_updates false",
+            field="sparse_updates",
+        )
     set_seed(config.seed)
     sampler = TaskBucketSampler(dataset, config.batch_size, seed=config.seed)
     loader = DataLoader(
@@ -304,7 +322,7 @@ def train(
     )
     steps_per_epoch = math.ceil(len(loader) / config.grad_accum)
     total_steps = config.max_steps if config.max_steps > 0 else config.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(
+    optimizer = RowSparseAdamW(  # AdamW; also steps sparse user tables (ModelConfig.sparse_updates)
         model.param_groups(config.lr, config.embedding_lr or config.lr, config.weight_decay)
     )
     scheduler = get_scheduler(
@@ -362,7 +380,7 @@ def train(
                 loss = (lm_sum / lm_total + reg_sum / reg_total) * world
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    clip_gradients(accelerator, model, config.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()

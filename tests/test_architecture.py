@@ -20,6 +20,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("data_prep",),
     (
         "llmrec.tokens",
+        "llmrec.id_tables",
+        "llmrec.optim",
         "llmrec.backbone",
         "llmrec.metrics",
         "llmrec.reporting",

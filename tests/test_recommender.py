@@ -376,6 +376,26 @@ def test_untied_head_and_one_adapter_per_view_round_trip(data, tmp_path):
     assert loaded.score_batch([]).shape == (0, N_ITEMS)
 
 
+@pytest.mark.parametrize("table", ["none", "hashed", "lowrank"])
+def test_user_tables_without_a_row_per_user_export_and_serve_known_users(data, tmp_path, table):
+    b = load_bundle(data)
+    config = ModelConfig(lora_r=2, user_table=table, user_buckets=7, user_rank=3, history_pool="mean")
+    model = CLLM4Rec.from_config(config, BackboneConfig("tiny-llama"), b.n_users, b.n_items, seed=1)
+    perturb_trainable(model)
+    model.eval()
+    expected = scorer_for(b, model).score(np.arange(b.n_users))
+    loaded = Recommender.from_pretrained(export_model(model, b, tmp_path / "bundle"), device="cpu")
+    assert loaded.model.config == config
+    assert type(loaded.model.collab.tables["user"]) is type(model.collab.tables["user"])
+    assert torch.allclose(loaded.score_batch(loaded.catalogue.user_ids), expected, atol=1e-5, rtol=0)
+    assert len(loaded.recommend(loaded.catalogue.user_ids[0], k=5)) == 5
+    if table == "none":  # a user is its history: the same history under another user's token scores alike
+        history = loaded.histories[0]
+        ids = [torch.tensor([loaded.prompts.encode(user, history)]) for user in (0, 1)]
+        first, second = (loaded.model.score_items(i, torch.ones_like(i)) for i in ids)
+        assert torch.equal(first, second)
+
+
 @pytest.mark.slow
 def test_smollm2_bundle_and_merged_model_agree(ml100k_bundle, tmp_path):
     """The real tokenizer and tied 135M backbone (truncated to 2 layers): merged scores = bundle scores."""

@@ -129,8 +129,13 @@ def assert_same_loss_curves(single: Path, other: Path) -> None:
         np.testing.assert_allclose(two, one, rtol=1e-4)
 
 
-def test_two_processes_follow_the_single_process_loss_curve(ml100k_bundle, tmp_path):
-    common = ["--max_steps", "6", "--batch_size", "8", "--lora_dropout", "0"]
+SPARSE_HASHED = ["--user_table", "hashed", "--user_buckets", "64", "--sparse_updates", "true"]
+
+
+@pytest.mark.parametrize("tables", [[], SPARSE_HASHED], ids=["full", "hashed-sparse"])
+def test_two_processes_follow_the_single_process_loss_curve(ml100k_bundle, tmp_path, tables):
+    """Also with sparse hashed user rows: DDP (gloo) reduces their sparse gradients like dense ones."""
+    common = ["--max_steps", "6", "--batch_size", "8", "--lora_dropout", "0", *tables]
     single = tmp_path / "single"
     pretrain.main(run_args(ml100k_bundle, single, *common))
 
