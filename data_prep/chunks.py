@@ -98,17 +98,6 @@ def _blocks(path: Path, block_bytes: int, quoted: bool) -> Iterator[bytes]:
         raise DataError(f"not a valid gzip file: {err}", file=path) from err
 
 
-def _decode(raw: bytes, encoding: str, path: Path, lines_before: int) -> str:
-    try:
-        return raw.decode(encoding)
-    except UnicodeDecodeError as err:
-        raise DataError(
-            f"cannot decode byte {raw[err.start : err.start + 1]!r} as {encoding}",
-            file=path,
-            line=lines_before + raw.count(b"\n", 0, err.start) + 1,
-        ) from err
-
-
 def delimited_chunks(
     path: Path,
     *,
@@ -123,7 +112,7 @@ def delimited_chunks(
     block); blocks left without data rows are skipped."""
     head, rows, lines = "", 0, 0
     for raw in _blocks(path, block_bytes, quoted=quoting != csv.QUOTE_NONE):
-        text = _decode(raw, encoding, path, lines)
+        text = readers.decode(raw, encoding, path, lines)
         lines += raw.count(b"\n")
         if header and not head:
             head = text[: text.find("\n") + 1] if "\n" in text else text
@@ -143,7 +132,7 @@ def json_chunks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[list[tup
     """:func:`data_prep.readers.json_records` a block of lines at a time."""
     number = 1
     for raw in _blocks(path, block_bytes, quoted=False):
-        lines = _decode(raw, "utf-8", path, number - 1).splitlines()
+        lines = readers.decode(raw, "utf-8", path, number - 1).splitlines()
         records = readers.json_records(lines, path, first=number)
         number += len(lines)
         if records:

@@ -39,18 +39,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _duckdb():
-    """DuckDB is an optional dependency (``pip install 'llmrec[scale]'``)."""
-    try:
-        import duckdb
-    except ImportError as err:
-        raise DataError(
-            "--engine duckdb needs the duckdb package: pip install 'llmrec[scale]' (or use --engine memory)",
-            field="engine",
-        ) from err
-    return duckdb
-
-
 def run(con, statement: str) -> list[tuple]:
     """Execute and fetch to the end (DuckDB refuses the next statement while a result is unfinished)."""
     return con.execute(statement).fetchall()
@@ -67,7 +55,8 @@ class OutOfCore:
         self._float_time = False
 
     def __enter__(self) -> OutOfCore:
-        duckdb = _duckdb()
+        import duckdb  # here: only out-of-core builds pay for importing it
+
         self.directory = Path(tempfile.mkdtemp(prefix="data_prep-duckdb-"))
         self.con = duckdb.connect(str(self.directory / "log.duckdb"))
         run(self.con, f"SET memory_limit = '{self.config.memory_limit}'")

@@ -81,14 +81,19 @@ def read_text(path: Path, encoding: str = "utf-8") -> str:
             raw = gzip.decompress(raw)
         except (OSError, EOFError) as err:
             raise DataError(f"not a valid gzip file: {err}", file=path) from err
+    return decode(raw, encoding, path)
+
+
+def decode(raw: bytes, encoding: str, path: Path, lines_before: int = 0) -> str:
+    """Bytes of ``path`` that follow its first ``lines_before`` lines, as text; undecodable bytes raise a
+    DataError naming the line (``position``: the byte's offset in ``raw``)."""
     try:
         return raw.decode(encoding)
     except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
         raise DataError(
             f"cannot decode byte {raw[err.start : err.start + 1]!r} as {encoding} (position {err.start})",
             file=path,
-            line=line,
+            line=lines_before + raw.count(b"\n", 0, err.start) + 1,
         ) from err
 
 
