@@ -73,10 +73,10 @@ class OutOfCore:
         rows = 0
         self._float_time = False
         for piece in pieces:
-            columns = {
+            columns = {  # from_pandas keeps pandas' Arrow-backed strings as they are (no Python objects)
                 "line": piece.index.to_numpy(dtype=np.int64),
-                "user": piece["user"].to_numpy(dtype=object),
-                "item": piece["item"].to_numpy(dtype=object),
+                "user": pa.Array.from_pandas(piece["user"]).cast(pa.string()),
+                "item": pa.Array.from_pandas(piece["item"]).cast(pa.string()),
                 "rating": piece["rating"].to_numpy(dtype=np.float64),
                 "timestamp": piece["timestamp"].to_numpy(),
             }
