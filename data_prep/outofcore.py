@@ -6,12 +6,13 @@ duplicate collapse, k-core filter and the (user, time, item) sort run there as S
 rows come back in chunks of whole users for the shared second half (:mod:`data_prep.assemble`).
 Python holds only the id maps, per-user counts and one chunk at a time.
 
-Why DuckDB rather than Polars' streaming engine: every operator needed here (window functions for
-"latest duplicate wins", the iterative k-core's group-bys and anti-joins, a full sort) runs under a
-fixed ``memory_limit`` and spills to a temporary directory, with the semantics spelled out in SQL;
-Polars' streaming engine falls back to in-memory execution for some of them (windows, sorts), which
-is exactly the case this engine exists for. DuckDB is one dependency-free wheel and reads and writes
-Arrow without copies.
+Why DuckDB rather than Polars' streaming engine: every operator needed here (a window function for
+"latest duplicate wins", the iterative k-core's group-bys, joins, a full sort) runs under a fixed
+``memory_limit`` and spills to a temporary directory, with the semantics spelled out in SQL; Polars'
+streaming engine transparently falls back to its in-memory engine for operations it has no streaming
+implementation of yet (pola-rs/polars#20947), so whether a plan fits in memory would depend on the
+Polars version, which is exactly the case this engine exists for. DuckDB is one dependency-free wheel
+and reads and writes Arrow without copies.
 """
 
 from __future__ import annotations
