@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -17,10 +18,12 @@ from common import __version__
 from common.artifacts import write_directory
 from common.io import ArtifactError, sha256_file
 from data_prep import readers
-from data_prep.bundle import BUNDLE, FORMAT_VERSION, MANIFEST, write_tables
-from data_prep.cold import cold_ids, cold_item_split, cold_user_split
-from data_prep.corpora import collaborative_corpus, content_corpus, finetune_corpus
+from data_prep.assemble import IndexedLog, splitter, write_content, write_rows
+from data_prep.bundle import BUNDLE, FORMAT_VERSION, MANIFEST, BundleWriter
+from data_prep.chunks import interactions_file
+from data_prep.cold import ColdUserSplitter, cold_ids
 from data_prep.errors import DataError
+from data_prep.outofcore import OutOfCore
 from data_prep.process import (
     align_metadata,
     apply_threshold,
@@ -30,7 +33,7 @@ from data_prep.process import (
     k_core,
     sorted_ids,
 )
-from data_prep.splits import SPLITS, leave_one_out, random_split, sort_rows, temporal_split
+from data_prep.splits import SPLITS, sort_rows
 from data_prep.templates import Templates
 from data_prep.text import item_text, user_text
 
@@ -91,34 +94,60 @@ class BuildConfig:
         default=0.8, metadata={"help": "share of training items shown in finetune prompts"}
     )
     overwrite: bool = field(default=False, metadata={"help": "replace an existing bundle directory"})
+    engine: Literal["auto", "memory", "duckdb"] = field(
+        default="auto",
+        metadata={
+            "help": "memory: pandas, the whole log in RAM; duckdb: out of core, for logs larger than memory "
+            "(same bundle, byte for byte); auto: duckdb when the interaction file exceeds --auto_bytes"
+        },
+    )
+    auto_bytes: int = field(
+        default=500 * 2**20,
+        metadata={"help": "--engine auto: interaction files larger than this build out of core"},
+    )
+    memory_limit: str = field(
+        default="4GB",
+        metadata={"help": "--engine duckdb: DuckDB's memory limit; beyond it, it spills to disk"},
+    )
+    chunk_rows: int = field(
+        default=2_000_000,
+        metadata={"help": "--engine duckdb: rows read, split and written per chunk (whole users per chunk)"},
+    )
 
 
 # the options that name a source file or directory: the bundle may not be written over or around them
 INPUTS = ("input", "presplit", "item_meta", "user_meta", "templates")
 
 
-def read_source(config: BuildConfig) -> readers.SourceTables:
-    """Dispatch to the reader of ``config.format``."""
+def read_source(config: BuildConfig, interactions: bool = True) -> readers.SourceTables:
+    """Dispatch to the reader of ``config.format``; without ``interactions``, metadata only (the
+    out-of-core engine reads the interactions in pieces)."""
     if config.format == "recbole":
-        return readers.read_recbole(config.input)
+        return readers.read_recbole(config.input, interactions=interactions)
     if config.format == "movielens":
-        return readers.read_movielens(config.input)
+        return readers.read_movielens(config.input, interactions=interactions)
     if config.format == "amazon":
-        return readers.read_amazon(config.input, meta=config.item_meta)
+        return readers.read_amazon(config.input, meta=config.item_meta, interactions=interactions)
     if config.format == "csv":
         return readers.read_csv_source(
             config.input,
-            readers.ColumnMap(
-                user=config.user_col,
-                item=config.item_col,
-                rating=config.rating_col,
-                timestamp=config.time_col,
-                text=config.text_col,
-            ),
+            column_map(config),
             item_meta=config.item_meta,
             user_meta=config.user_meta,
+            interactions=interactions,
         )
     raise DataError(f"unknown format {config.format!r}; expected one of {list(FORMATS)}", field="format")
+
+
+def column_map(config: BuildConfig) -> readers.ColumnMap:
+    """The ``csv`` format's column names."""
+    return readers.ColumnMap(
+        user=config.user_col,
+        item=config.item_col,
+        rating=config.rating_col,
+        timestamp=config.time_col,
+        text=config.text_col,
+    )
 
 
 def load_templates(path: str | None) -> Templates:
@@ -177,15 +206,15 @@ def _warn_non_positive(df: pd.DataFrame, threshold: float | None, file: str | Pa
         )
 
 
-def _warn_empty_held_out(splits: dict[str, pd.DataFrame], config: BuildConfig) -> None:
+def _warn_empty_held_out(rows: dict[str, int], per_user: np.ndarray, config: BuildConfig) -> None:
     """Say so when a split the protocol asks for comes out empty (users with too few interactions): such a
-    bundle trains, but cannot validate or test."""
+    bundle trains, but cannot validate or test. ``rows``: rows per split; ``per_user``: rows per user."""
     wanted = {"valid": config.ratios[1] > 0, "test": config.ratios[2] > 0}
     if config.split == "loo":
         wanted = {"valid": True, "test": True}
-    empty = [name for name, asked in wanted.items() if asked and splits[name].empty]
+    empty = [name for name, asked in wanted.items() if asked and not rows[name]]
     if empty:
-        per_user = np.bincount(pd.concat(splits.values())["user"])
+        per_user = per_user[per_user > 0]
         logger.warning(
             "%s: the %s split(s) came out empty: users have %d to %d interactions (median %g), too few "
             "for --split %s with ratios %s; use more data, other ratios or --split loo",
@@ -236,10 +265,8 @@ def _presplit(
     return splits, user_ids, item_ids, files, removed
 
 
-def _split(
-    config: BuildConfig, raw: pd.DataFrame
-) -> tuple[dict[str, pd.DataFrame], list[str], list[str], dict, dict[str, dict[str, list[int]]]]:
-    """Filter (threshold, duplicates, k-core), index, split. Ids are encoded to integers first so
+def _index(config: BuildConfig, raw: pd.DataFrame) -> IndexedLog:
+    """Filter (threshold, duplicates, k-core) and index in memory. Ids are encoded to integers first so
     that duplicate removal and k-core work on int columns, then renumbered contiguously."""
     _warn_non_positive(raw, config.rating_threshold, config.input)
     df = apply_threshold(raw, config.rating_threshold)
@@ -263,33 +290,33 @@ def _split(
         raise DataError(f"no interactions left after filtering ({filters})", file=config.input)
     coded, user_ids = compact(coded, "user", user_ids)
     coded, item_ids = compact(coded, "item", item_ids)
-    ratios = tuple(config.ratios)
-    cold: dict[str, dict[str, list[int]]] = {}
-    if config.split == "cold-items":
-        splits, cold["items"] = cold_item_split(
-            coded, len(user_ids), len(item_ids), config.cold_ratio, ratios, config.seed
+    coded = sort_rows(coded)
+    counts = np.bincount(coded["user"].to_numpy(), minlength=len(user_ids))
+    return IndexedLog(user_ids, item_ids, counts, lambda: iter([coded]), filters)
+
+
+class _FrameReviews:
+    """:class:`data_prep.assemble.Reviews` of a reader's in-memory review table."""
+
+    def __init__(self, reviews: pd.DataFrame, user_ids: list[str], item_ids: list[str]):
+        self.reviews, self.user_ids, self.item_ids = reviews, user_ids, item_ids
+        self.train: list[pd.DataFrame] = []
+
+    def add_train(self, train: pd.DataFrame) -> None:
+        self.train.append(train[["user", "item"]])
+
+    def chunks(self) -> Iterator[pd.DataFrame]:
+        train = (
+            pd.concat(self.train) if self.train else pd.DataFrame({"user": [], "item": []}, dtype=np.int64)
         )
-    elif config.split == "cold-users":
-        splits, cold["users"] = cold_user_split(coded, len(user_ids), config.cold_ratio, ratios, config.seed)
-    elif config.split == "random":
-        splits = random_split(coded, len(user_ids), ratios, config.seed)
-    elif config.split == "temporal":
-        splits = temporal_split(coded, len(user_ids), ratios)
-    elif config.split == "loo":
-        splits = leave_one_out(coded, len(user_ids))
-    else:
-        raise DataError(f"unknown split {config.split!r}", field="split")
-    _warn_empty_held_out(splits, config)
-    return splits, user_ids, item_ids, filters, cold
+        yield _reviews(self.reviews, train, self.user_ids, self.item_ids)
 
 
 def _reviews(
-    tables: readers.SourceTables, train: pd.DataFrame, user_ids: list[str], item_ids: list[str]
-) -> pd.DataFrame | None:
+    reviews: pd.DataFrame, train: pd.DataFrame, user_ids: list[str], item_ids: list[str]
+) -> pd.DataFrame:
     """Reviews of training interactions only (a held-out review would leak its target)."""
-    if tables.reviews is None:
-        return None
-    reviews = tables.reviews[tables.reviews["text"].str.strip() != ""]
+    reviews = reviews[reviews["text"].str.strip() != ""]
     coded = pd.DataFrame(
         {
             "user": encode(reviews["user"], user_ids),
@@ -327,12 +354,51 @@ def _build_into(config: BuildConfig, tmp: Path) -> dict[str, int]:
     templates = load_templates(config.templates)
     if not 0 < config.finetune_keep <= 1:
         raise DataError(f"must be in (0, 1], got {config.finetune_keep}", field="finetune_keep")
+    if choose_engine(config) == "duckdb":
+        tables = read_source(config, interactions=False)
+        with OutOfCore(config, column_map(config)) as source:
+            log = source.index()
+            return _assemble(config, tmp, templates, tables, log, source.known_users, source.known_items)
     tables = read_source(config)
     logger.info("read %d interactions from %s", len(tables.interactions), tables.interactions_file)
     known_users = set(pd.unique(tables.interactions["user"]))
     known_items = set(pd.unique(tables.interactions["item"]))
-    files = list(tables.files)
     if config.split == "presplit":
+        return _assemble(config, tmp, templates, tables, None, known_users, known_items)
+    log = _index(config, tables.interactions)
+    if tables.reviews is not None:
+        log.reviews = _FrameReviews(tables.reviews, log.user_ids, log.item_ids)
+    return _assemble(config, tmp, templates, tables, log, known_users, known_items)
+
+
+def choose_engine(config: BuildConfig) -> str:
+    """``memory`` or ``duckdb``: ``auto`` takes DuckDB when the interaction file is larger than
+    ``--auto_bytes``. A fixed split (``presplit``) is always read in memory."""
+    if config.split == "presplit" or config.engine == "memory":
+        return "memory"
+    if config.engine == "duckdb":
+        return "duckdb"
+    try:
+        size = interactions_file(config.format, config.input, config.item_meta).stat().st_size
+    except (OSError, DataError):
+        return "memory"  # the reader then names what is missing
+    return "duckdb" if size > config.auto_bytes else "memory"
+
+
+def _assemble(
+    config: BuildConfig,
+    tmp: Path,
+    templates: Templates,
+    tables: readers.SourceTables,
+    log: IndexedLog | None,
+    known_users: set[str],
+    known_items: set[str],
+) -> dict[str, int]:
+    """Split (or take the fixed split), write rows, texts, corpora and the manifest into ``tmp``."""
+    files = list(tables.files)
+    writer = BundleWriter(tmp)
+    reviews = None
+    if log is None:  # presplit
         splits, user_ids, item_ids, split_files, removed = _presplit(config)
         files += split_files
         filters = {
@@ -343,20 +409,40 @@ def _build_into(config: BuildConfig, tmp: Path) -> dict[str, int]:
         }
         known_users |= set(user_ids)
         known_items |= set(item_ids)
+        if tables.reviews is not None:
+            reviews = _FrameReviews(tables.reviews, user_ids, item_ids)
+        per_user = write_rows(
+            writer, [splits], len(user_ids), templates, config.seed, config.finetune_keep, reviews=reviews
+        )
         protocol = {"protocol": "presplit", "source": str(config.presplit), "seed": None}
     else:
-        splits, user_ids, item_ids, filters, cold = _split(config, tables.interactions)
+        user_ids, item_ids, filters, reviews = log.user_ids, log.item_ids, log.filters, log.reviews
+        ratios = tuple(config.ratios)
+        split = splitter(config.split, log, ratios, config.seed, config.cold_ratio)
+        untrained = split.users if isinstance(split, ColdUserSplitter) else None
+        per_user = write_rows(
+            writer,
+            (split(chunk) for chunk in log.chunks()),
+            len(user_ids),
+            templates,
+            config.seed,
+            config.finetune_keep,
+            untrained_users=None if untrained is None else np.concatenate(list(untrained.values())),
+            reviews=reviews,
+        )
+        cold = split.finish()
         seeded = config.split in ("random", "cold-items", "cold-users")
         protocol = {"protocol": config.split, "seed": config.seed if seeded else None}
         if config.split != "loo":
             protocol["ratios"] = list(config.ratios)
         if cold:
             protocol["cold_ratio"] = config.cold_ratio
-        for kind, parts in cold.items():
+            kind = "items" if config.split == "cold-items" else "users"
             ids = user_ids if kind == "users" else item_ids
             protocol[f"cold_{kind}"] = {
-                name: {"index": index, "raw_id": [ids[i] for i in index]} for name, index in parts.items()
+                name: {"index": index, "raw_id": [ids[i] for i in index]} for name, index in cold.items()
             }
+        _warn_empty_held_out(writer.split_rows, per_user, config)
     item_text_series = item_text(tables.items) if tables.items is not None else None
     user_text_series = user_text(tables.users) if tables.users is not None else None
     titles, items_text = align_metadata(
@@ -377,22 +463,17 @@ def _build_into(config: BuildConfig, tmp: Path) -> dict[str, int]:
         user_text_series,
         tables.extra_metadata_ok,
     )
-    train = splits["train"]
-    if config.split == "cold-users":  # a cold user's history is given at evaluation, never trained on
-        train = train[~train["user"].isin(cold_ids({"split": protocol}, "users"))]
-    reviews = _reviews(tables, train, user_ids, item_ids)
+    writer.write_ids(user_ids, users_text, item_ids, titles, items_text)
     # new items and users are unknown at training time: none of their text goes into the corpora
-    corpora = {
-        "collaborative": collaborative_corpus(train, templates),
-        "content": content_corpus(
-            templates,
-            _blank(items_text, cold_ids({"split": protocol}, "items")),
-            _blank(users_text, cold_ids({"split": protocol}, "users")),
-            reviews,
-        ),
-        "finetune": finetune_corpus(train, templates, config.seed, config.finetune_keep),
-    }
-    if not len(corpora["content"]):
+    write_content(
+        writer,
+        templates,
+        _blank(items_text, cold_ids({"split": protocol}, "items")),
+        _blank(users_text, cold_ids({"split": protocol}, "users")),
+        reviews,
+    )
+    counts = writer.close()
+    if not counts["corpus_content"]:
         logger.warning("no item text, user text or reviews: the content corpus is empty (training skips it)")
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -401,29 +482,14 @@ def _build_into(config: BuildConfig, tmp: Path) -> dict[str, int]:
             "input": str(config.input),
             "files": {str(p): sha256_file(p) for p in files},
         },
-        "counts": {
-            "users": len(user_ids),
-            "items": len(item_ids),
-            **{name: len(splits[name]) for name in SPLITS},
-            **{f"corpus_{name}": len(ds) for name, ds in corpora.items()},
-        },
+        "counts": {"users": len(user_ids), "items": len(item_ids), **counts},
         "split": protocol,
         "filters": filters,
         "finetune_keep": config.finetune_keep,
         "templates": templates.to_dict(),
         "data_prep_version": __version__,
     }
-    write_tables(
-        tmp,
-        manifest=manifest,
-        user_ids=user_ids,
-        user_text=users_text,
-        item_ids=item_ids,
-        item_titles=titles,
-        item_text=items_text,
-        splits=splits,
-        corpora=corpora,
-    )
+    writer.write_manifest(manifest)
     return manifest["counts"]
 
 

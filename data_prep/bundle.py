@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -12,11 +13,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import scipy.sparse as sp
-from datasets import Dataset, load_from_disk
+from datasets import Dataset, DatasetInfo, load_from_disk
 
 from common.artifacts import Kind, recover
 from common.catalogue import Catalogue
-from common.io import ArtifactError, file_records, verify_files, write_json
+from common.io import ArtifactError, file_records, sha256_file, verify_files, write_json
 from data_prep.corpora import CORPORA, FEATURES
 from data_prep.errors import DataError
 from data_prep.splits import SPLITS, user_histories
@@ -28,45 +29,145 @@ BUNDLE = Kind("dataset bundle", MANIFEST)
 logger = logging.getLogger(__name__)
 
 
-def _write_numeric_tsv(df: pd.DataFrame, path: Path) -> None:
-    """Numbers only, so no quoting is needed; pyarrow's writer is ~5x faster than ``to_csv`` at 1M rows."""
-    with open(path, "wb") as fh:
-        fh.write(("\t".join(df.columns) + "\n").encode())
-        options = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
-        pacsv.write_csv(pa.Table.from_pandas(df, preserve_index=False), fh, options)
+TSV_OPTIONS = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
+SPLIT_COLUMNS = ["user", "item", "rating", "timestamp"]
+CORPUS_BATCH_ROWS = 10_000
+CORPUS_SHARD_BYTES = 500 * 2**20  # datasets' default max_shard_size
 
 
-def write_tables(
-    directory: Path,
-    *,
-    manifest: dict[str, Any],
-    user_ids: list[str],
-    user_text: list[str],
-    item_ids: list[str],
-    item_titles: list[str],
-    item_text: list[str],
-    splits: dict[str, pd.DataFrame],
-    corpora: dict[str, Dataset],
-) -> None:
-    """Write every file of the bundle layout into ``directory``."""
-    pd.DataFrame({"index": np.arange(len(user_ids)), "raw_id": user_ids, "text": user_text}).to_csv(
-        directory / "users.tsv", sep="\t", index=False
-    )
-    pd.DataFrame(
-        {"index": np.arange(len(item_ids)), "raw_id": item_ids, "title": item_titles, "text": item_text}
-    ).to_csv(directory / "items.tsv", sep="\t", index=False)
-    (directory / "splits").mkdir()
-    for name in SPLITS:
-        _write_numeric_tsv(
-            splits[name][["user", "item", "rating", "timestamp"]], directory / "splits" / f"{name}.tsv"
+class CorpusWriter:
+    """One corpus written as it comes, in the on-disk layout of ``Dataset.save_to_disk`` (so
+    ``load_from_disk`` reads it): Arrow stream shards of fixed ``CORPUS_BATCH_ROWS``-row record batches,
+    a new shard past ``CORPUS_SHARD_BYTES``, ``dataset_info.json`` and ``state.json``.
+
+    Not ``save_to_disk`` itself: that needs the whole corpus in memory, and its ``state.json`` holds a
+    random fingerprint, so two builds of the same data differed. Here the bytes depend only on the rows
+    (the fingerprint is their sha256), however the rows were cut into pieces: the in-memory and
+    out-of-core builds write identical files.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        directory.mkdir(parents=True)
+        self.rows = 0
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._shards: list[Path] = []
+        self._writer: pa.ipc.RecordBatchStreamWriter | None = None
+        self._shard_bytes = 0
+
+    def write(self, rows: Dataset | pa.Table) -> None:
+        """Append rows (a corpus Dataset or an Arrow table of its features)."""
+        table = rows.data.table if isinstance(rows, Dataset) else rows
+        if not len(table):
+            return
+        self._pending.append(table.cast(FEATURES.arrow_schema))
+        self._pending_rows += len(table)
+        if self._pending_rows >= CORPUS_BATCH_ROWS:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        table = pa.concat_tables(self._pending).combine_chunks()
+        full = len(table) if final else len(table) - len(table) % CORPUS_BATCH_ROWS
+        for start in range(0, full, CORPUS_BATCH_ROWS):
+            # take() copies into fresh buffers: Arrow serialises a slice of a larger array differently
+            self._write_batch(table.take(np.arange(start, min(start + CORPUS_BATCH_ROWS, full))))
+        rest = table.slice(full)
+        self._pending, self._pending_rows = ([rest], len(rest)) if len(rest) else ([], 0)
+
+    def _write_batch(self, batch: pa.Table) -> None:
+        if self._writer is None:
+            self._shards.append(self.directory / f"shard-{len(self._shards)}.arrow")
+            self._writer = pa.ipc.new_stream(str(self._shards[-1]), FEATURES.arrow_schema)
+            self._shard_bytes = 0
+        self._writer.write_table(batch)
+        self.rows += len(batch)
+        self._shard_bytes += batch.nbytes
+        if self._shard_bytes >= CORPUS_SHARD_BYTES:
+            self._writer.close()
+            self._writer = None
+
+    def close(self) -> int:
+        """Finish the shards and the metadata files; returns the number of rows."""
+        if self._pending:
+            self._flush(final=True)
+        if self._writer is None and not self._shards:  # an empty corpus still gets one (empty) shard
+            self._shards.append(self.directory / "shard-0.arrow")
+            self._writer = pa.ipc.new_stream(str(self._shards[-1]), FEATURES.arrow_schema)
+        if self._writer is not None:
+            self._writer.close()
+        names = [f"data-{i:05d}-of-{len(self._shards):05d}.arrow" for i in range(len(self._shards))]
+        for shard, name in zip(self._shards, names, strict=True):
+            shard.rename(self.directory / name)
+        digest = hashlib.sha256("".join(sha256_file(self.directory / n) for n in names).encode())
+        state = {
+            "_data_files": [{"filename": name} for name in names],
+            "_fingerprint": digest.hexdigest()[:16],
+            "_format_columns": None,
+            "_format_kwargs": {},
+            "_format_type": None,
+            "_output_all_columns": False,
+            "_split": None,
+        }
+        write_json(self.directory / "state.json", state)
+        DatasetInfo(features=FEATURES).write_to_directory(str(self.directory))
+        return self.rows
+
+
+class BundleWriter:
+    """Writes a bundle piece by piece: split rows and corpus rows are appended in chunks (whole users at
+    a time, in index order), so a build never needs all of them in memory at once."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        (directory / "splits").mkdir()
+        self.split_rows = dict.fromkeys(SPLITS, 0)
+        self._splits = {}
+        for name in SPLITS:
+            self._splits[name] = open(directory / "splits" / f"{name}.tsv", "wb")  # noqa: SIM115 (closed in finish)
+            self._splits[name].write(("\t".join(SPLIT_COLUMNS) + "\n").encode())
+        self._corpora = {name: CorpusWriter(directory / "corpora" / name) for name in CORPORA}
+
+    def append_splits(self, splits: dict[str, pd.DataFrame]) -> None:
+        """Rows of each split (numbers only, so no quoting; pyarrow's writer is ~5x faster than
+        ``to_csv`` at 1M rows)."""
+        for name, part in splits.items():
+            if len(part):
+                table = pa.Table.from_pandas(part[SPLIT_COLUMNS], preserve_index=False)
+                pacsv.write_csv(table, self._splits[name], TSV_OPTIONS)
+                self.split_rows[name] += len(part)
+
+    def append_corpus(self, name: str, rows: Dataset | pa.Table) -> None:
+        self._corpora[name].write(rows)
+
+    def write_ids(
+        self,
+        user_ids: list[str],
+        user_text: list[str],
+        item_ids: list[str],
+        item_titles: list[str],
+        item_text: list[str],
+    ) -> None:
+        """``users.tsv`` and ``items.tsv``: index, raw id and text (items: and title)."""
+        pd.DataFrame({"index": np.arange(len(user_ids)), "raw_id": user_ids, "text": user_text}).to_csv(
+            self.directory / "users.tsv", sep="\t", index=False
         )
-    for name in CORPORA:
-        # an empty corpus (no item text) still needs one shard, or load_from_disk cannot read it back
-        corpora[name].save_to_disk(
-            str(directory / "corpora" / name), num_shards=1 if not len(corpora[name]) else None
+        pd.DataFrame(
+            {"index": np.arange(len(item_ids)), "raw_id": item_ids, "title": item_titles, "text": item_text}
+        ).to_csv(self.directory / "items.tsv", sep="\t", index=False)
+
+    def close(self) -> dict[str, int]:
+        """Close every file; returns the row counts of the splits and ``corpus_<name>`` of the corpora."""
+        for handle in self._splits.values():
+            handle.close()
+        corpora = {f"corpus_{name}": writer.close() for name, writer in self._corpora.items()}
+        return {**self.split_rows, **corpora}
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        """The manifest, with the size and sha256 of every other file (written last)."""
+        write_json(
+            self.directory / MANIFEST, {**manifest, "files": file_records(self.directory, exclude=MANIFEST)}
         )
-    manifest = {**manifest, "files": file_records(directory, exclude=MANIFEST)}
-    write_json(directory / MANIFEST, manifest)
 
 
 def _read_tsv(path: Path) -> pd.DataFrame:

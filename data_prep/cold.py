@@ -47,6 +47,81 @@ def _pick(n: int, ratio: float, seed: int, what: str) -> tuple[np.ndarray, np.nd
     return np.sort(chosen[:half]), np.sort(chosen[half:])
 
 
+class ColdItemSplitter:
+    """``cold-items`` chunk by chunk (rows of whole users in (user, time, item) order per call): the cold
+    items are picked once from the catalogue, the warm rows' random split runs on one stream."""
+
+    def __init__(
+        self, n_users: int, n_items: int, cold_ratio: float, ratios: tuple[float, float, float], seed: int
+    ):
+        self.n_users, self.ratios = n_users, ratios
+        self.items = dict(zip(("valid", "test"), _pick(n_items, cold_ratio, seed, "items"), strict=True))
+        self.home = np.full(n_items, -1, dtype=np.int64)  # -1 warm, else the split index of a cold item
+        self.home[self.items["valid"]], self.home[self.items["test"]] = 1, 2
+        self.rng = np.random.default_rng(seed)
+        self.dropped = {"valid": 0, "test": 0}
+        self.found = {"valid": False, "test": False}
+
+    def __call__(self, df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+        where = self.home[df["item"].to_numpy()]
+        splits = random_split(df[where < 0].reset_index(drop=True), self.n_users, self.ratios, self.rng)
+        has_train = np.zeros(self.n_users, dtype=bool)
+        has_train[splits["train"]["user"].to_numpy()] = True
+        for code, name in ((1, "valid"), (2, "test")):
+            cold = df[where == code]
+            keep = has_train[cold["user"].to_numpy()]
+            self.dropped[name] += int((~keep).sum())
+            splits[name] = sort_rows(pd.concat([splits[name], cold[keep]]))
+            self.found[name] |= bool(keep.any())
+        return splits
+
+    def finish(self) -> dict[str, list[int]]:
+        """The cold items per split, once every chunk is split; refuses a split left without any."""
+        for name, dropped in self.dropped.items():
+            if dropped:
+                logger.warning(
+                    "%s: dropped %d cold-item rows of users with no warm interaction", name, dropped
+                )
+        for name, found in self.found.items():
+            if not found:
+                raise DataError(
+                    f"no {name} interaction with a cold item is left (every user of them lacks warm history): "
+                    "raise --cold_ratio or use another seed",
+                    field="cold_ratio",
+                )
+        return {name: items.tolist() for name, items in self.items.items()}
+
+
+class ColdUserSplitter:
+    """``cold-users`` chunk by chunk: the cold users are picked once from every user's interaction count
+    (``counts``), the warm rows' random split runs on one stream."""
+
+    def __init__(self, counts: np.ndarray, cold_ratio: float, ratios: tuple[float, float, float], seed: int):
+        self.n_users, self.ratios = len(counts), ratios
+        eligible = np.flatnonzero(counts >= 2)
+        valid_pos, test_pos = _pick(len(eligible), cold_ratio, seed, "users with two or more interactions")
+        self.users = {"valid": eligible[valid_pos], "test": eligible[test_pos]}
+        self.home = np.zeros(self.n_users, dtype=np.int64)
+        self.home[self.users["valid"]], self.home[self.users["test"]] = 1, 2
+        share = ratios[0] / sum(ratios)
+        n_history = np.clip(np.floor(counts * share + 0.5).astype(np.int64), 1, np.maximum(counts - 1, 1))
+        n_target = counts - n_history
+        zero = np.zeros(self.n_users, dtype=np.int64)
+        self.n_valid = np.where(self.home == 1, n_target, zero)
+        self.n_test = np.where(self.home == 2, n_target, zero)
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+        cold = self.home[df["user"].to_numpy()] > 0
+        splits = random_split(df[~cold].reset_index(drop=True), self.n_users, self.ratios, self.rng)
+        cold_rows = df[cold].reset_index(drop=True)
+        parts = _cut(cold_rows, time_rank(cold_rows["user"].to_numpy()), self.n_valid, self.n_test)
+        return {name: sort_rows(pd.concat([splits[name], parts[name]])) for name in SPLITS}
+
+    def finish(self) -> dict[str, list[int]]:
+        return {name: users.tolist() for name, users in self.users.items()}
+
+
 def cold_item_split(
     df: pd.DataFrame,
     n_users: int,
@@ -60,31 +135,9 @@ def cold_item_split(
     Held-out rows of a user who has no warm interaction left would have no history to score from: they
     are dropped and counted in the log (none on ML-100K at 10%).
     """
-    df = sort_rows(df)
-    valid_items, test_items = _pick(n_items, cold_ratio, seed, "items")
-    home = np.full(n_items, -1, dtype=np.int64)  # -1 warm, else the split index of a cold item
-    home[valid_items], home[test_items] = 1, 2
-    where = home[df["item"].to_numpy()]
-    warm = df[where < 0].reset_index(drop=True)
-    splits = random_split(warm, n_users, ratios, seed)
-    has_train = np.zeros(n_users, dtype=bool)
-    has_train[splits["train"]["user"].to_numpy()] = True
-    for code, name in ((1, "valid"), (2, "test")):
-        cold = df[where == code]
-        keep = has_train[cold["user"].to_numpy()]
-        if (~keep).any():
-            logger.warning(
-                "%s: dropped %d cold-item rows of users with no warm interaction", name, (~keep).sum()
-            )
-        splits[name] = sort_rows(pd.concat([splits[name], cold[keep]]))
-    for name, items in (("valid", valid_items), ("test", test_items)):
-        if not splits[name]["item"].isin(items).any():
-            raise DataError(
-                f"no {name} interaction with a cold item is left (every user of them lacks warm history): "
-                "raise --cold_ratio or use another seed",
-                field="cold_ratio",
-            )
-    return splits, {"valid": valid_items.tolist(), "test": test_items.tolist()}
+    splitter = ColdItemSplitter(n_users, n_items, cold_ratio, ratios, seed)
+    splits = splitter(sort_rows(df))
+    return splits, splitter.finish()
 
 
 def cold_user_split(
@@ -99,27 +152,9 @@ def cold_user_split(
     A cold user needs two interactions (one history, one target); users with fewer are never chosen.
     """
     df = sort_rows(df)
-    counts = np.bincount(df["user"], minlength=n_users)
-    eligible = np.flatnonzero(counts >= 2)
-    valid_pos, test_pos = _pick(len(eligible), cold_ratio, seed, "users with two or more interactions")
-    valid_users, test_users = eligible[valid_pos], eligible[test_pos]
-    home = np.zeros(n_users, dtype=np.int64)
-    home[valid_users], home[test_users] = 1, 2
-    users = df["user"].to_numpy()
-    cold = home[users] > 0
-    splits = random_split(df[~cold].reset_index(drop=True), n_users, ratios, seed)
-    cold_rows = df[cold].reset_index(drop=True)
-    cold_users = cold_rows["user"].to_numpy()
-    share = ratios[0] / sum(ratios)
-    n_history = np.clip(np.floor(counts * share + 0.5).astype(np.int64), 1, np.maximum(counts - 1, 1))
-    n_target = counts - n_history
-    zero = np.zeros(n_users, dtype=np.int64)
-    n_valid = np.where(home == 1, n_target, zero)
-    n_test = np.where(home == 2, n_target, zero)
-    parts = _cut(cold_rows, time_rank(cold_users), n_valid, n_test)
-    for name in SPLITS:
-        splits[name] = sort_rows(pd.concat([splits[name], parts[name]]))
-    return splits, {"valid": valid_users.tolist(), "test": test_users.tolist()}
+    splitter = ColdUserSplitter(np.bincount(df["user"], minlength=n_users), cold_ratio, ratios, seed)
+    splits = splitter(df)
+    return splits, splitter.finish()
 
 
 def cold_ids(manifest: dict[str, Any], kind: str, split: str | None = None) -> np.ndarray:

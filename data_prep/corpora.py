@@ -63,13 +63,22 @@ def collaborative_corpus(train: pd.DataFrame, templates: Templates) -> Dataset:
     return _dataset("collaborative", histories.index.to_numpy(), -1, prompts, histories.tolist())
 
 
-def finetune_corpus(train: pd.DataFrame, templates: Templates, seed: int, keep: float = 0.8) -> Dataset:
+def finetune_rng(seed: int) -> np.random.Generator:
+    """The finetune masks' stream, apart from the split's."""
+    return np.random.default_rng([seed, 1])
+
+
+def finetune_corpus(
+    train: pd.DataFrame, templates: Templates, seed: int | np.random.Generator, keep: float = 0.8
+) -> Dataset:
     """One example per user: a seeded ``keep`` share (at least one) of training items in the prompt,
-    all training items as the multinomial target. Training re-draws this mask every epoch."""
+    all training items as the multinomial target. Training re-draws this mask every epoch. A Generator
+    (from :func:`finetune_rng`) runs on across chunks of whole users."""
     train = sort_rows(train)
     users = train["user"].to_numpy()
     n_keep = np.maximum(1, np.floor(np.bincount(users) * keep + 0.5).astype(np.int64))
-    shown = random_rank(users, [seed, 1]) < n_keep[users]  # a seed stream apart from the split's
+    rng = finetune_rng(seed) if isinstance(seed, int) else seed
+    shown = random_rank(users, rng) < n_keep[users]
     history = _histories(train[shown])
     target = _histories(train)
     prompts = [

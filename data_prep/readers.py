@@ -62,6 +62,10 @@ class SourceTables:
         self.files.append(path)
 
 
+# What a reader called with ``interactions=False`` holds in place of the interaction table.
+NOT_READ = pd.DataFrame({"user": [], "item": [], "rating": [], "timestamp": []}, dtype=object)
+
+
 # ----------------------------------------------------------------------------------------------
 # Shared parsing helpers
 # ----------------------------------------------------------------------------------------------
@@ -77,14 +81,19 @@ def read_text(path: Path, encoding: str = "utf-8") -> str:
             raw = gzip.decompress(raw)
         except (OSError, EOFError) as err:
             raise DataError(f"not a valid gzip file: {err}", file=path) from err
+    return decode(raw, encoding, path)
+
+
+def decode(raw: bytes, encoding: str, path: Path, lines_before: int = 0) -> str:
+    """Bytes of ``path`` that follow its first ``lines_before`` lines, as text; undecodable bytes raise a
+    DataError naming the line (``position``: the byte's offset in ``raw``)."""
     try:
         return raw.decode(encoding)
     except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
         raise DataError(
             f"cannot decode byte {raw[err.start : err.start + 1]!r} as {encoding} (position {err.start})",
             file=path,
-            line=line,
+            line=lines_before + raw.count(b"\n", 0, err.start) + 1,
         ) from err
 
 
@@ -102,7 +111,27 @@ def read_delimited(
     Multi-character separators (MovieLens ``::``) are swapped for a tab first so that pandas' fast C
     parser can be used.
     """
-    text = read_text(path, encoding)
+    df, _ = parse_delimited(
+        read_text(path, encoding), path, sep=sep, header=header, names=names, quoting=quoting
+    )
+    if df.empty:
+        raise DataError("file has no data rows", file=path)
+    return df
+
+
+def parse_delimited(
+    text: str,
+    path: Path,
+    *,
+    sep: str = "\t",
+    header: bool = True,
+    names: list[str] | None = None,
+    quoting: int = csv.QUOTE_NONE,
+    offset: int = 0,
+) -> tuple[pd.DataFrame, int]:
+    """:func:`read_delimited` of ``text``, a piece of ``path`` (with the header line first when there is
+    one) that starts ``offset`` rows into the file; returns the rows, blank ones dropped (maybe none
+    left), and how many rows the piece held (the next piece's ``offset``)."""
     if len(sep) > 1:
         text = text.replace(sep, "\t")
         sep = "\t"
@@ -126,27 +155,26 @@ def read_delimited(
     except pd.errors.EmptyDataError as err:
         raise DataError("file is empty", file=path) from err
     except pd.errors.ParserWarning as err:
-        raise _long_row(text, sep, quoting, path) from err
+        raise _long_row(text, sep, quoting, path, offset) from err
     except pd.errors.ParserError as err:
         found = re.search(r"line (\d+)", str(err))
         raise DataError(
-            f"malformed row: {err}", file=path, line=int(found.group(1)) if found else None
+            f"malformed row: {err}", file=path, line=int(found.group(1)) + offset if found else None
         ) from err
     if header:
         first = next(
             csv.reader(io.StringIO(text[: text.find("\n") + 1 or None]), delimiter=sep, quoting=quoting), []
         )
         require_unique_columns([c.strip() for c in first], path)
-    df.index = np.arange(len(df)) + (2 if header else 1)
+    rows = len(df)
+    df.index = np.arange(rows) + (2 if header else 1) + offset
     blank = (df == "").all(axis=1)
     if blank.any():
         df = df[~blank]
-    if df.empty:
-        raise DataError("file has no data rows", file=path)
-    return df
+    return df, rows
 
 
-def _long_row(text: str, sep: str, quoting: int, path: Path) -> DataError:
+def _long_row(text: str, sep: str, quoting: int, path: Path, offset: int = 0) -> DataError:
     """Find the first row with more fields than the first row (only called once pandas complained)."""
     reader = csv.reader(io.StringIO(text), delimiter=sep, quoting=quoting)
     width = None
@@ -157,7 +185,9 @@ def _long_row(text: str, sep: str, quoting: int, path: Path) -> DataError:
             width = len(row)
         elif len(row) > width:
             return DataError(
-                f"malformed row: expected {width} fields, found {len(row)}", file=path, line=reader.line_num
+                f"malformed row: expected {width} fields, found {len(row)}",
+                file=path,
+                line=reader.line_num + offset,
             )
     return DataError("malformed row: more fields than the header", file=path)
 
@@ -341,10 +371,7 @@ def metadata_frame(
 # ----------------------------------------------------------------------------------------------
 def _recbole_table(path: Path) -> pd.DataFrame:
     """RecBole atomic file: tab-separated, header cells ``name:type``; the types are dropped."""
-    df = read_delimited(path)
-    df.columns = [str(c).split(":", 1)[0].strip() for c in df.columns]
-    require_unique_columns(list(df.columns), path)
-    return df
+    return recbole_columns(read_delimited(path), path)
 
 
 def _recbole_file(directory: Path, suffix: str, required: bool) -> Path | None:
@@ -361,19 +388,32 @@ def _recbole_file(directory: Path, suffix: str, required: bool) -> Path | None:
     return found[0] if found else None
 
 
-def read_recbole(path: str | Path) -> SourceTables:
-    """RecBole atomic files ``NAME.inter`` (+ optional ``NAME.item``, ``NAME.user``) in a directory.
-
-    ``.inter`` needs ``user_id`` and ``item_id``; ``rating`` and ``timestamp`` are used when present.
-    """
+def recbole_interactions_file(path: str | Path) -> Path:
+    """The ``.inter`` file: ``path`` itself, or the one in the directory ``path``."""
     path = Path(path)
     directory = path.parent if path.is_file() else path
     if not directory.is_dir():
         raise DataError("not a directory of RecBole atomic files", file=path)
-    inter_path = path if path.is_file() else _recbole_file(directory, "inter", required=True)
-    inter = _recbole_table(inter_path)
-    interactions = _id_columns_frame(inter, inter_path)
-    tables = SourceTables(interactions=interactions, interactions_file=inter_path, files=[inter_path])
+    return path if path.is_file() else _recbole_file(directory, "inter", required=True)
+
+
+def recbole_columns(df: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """RecBole header cells are ``name:type``; the types are dropped."""
+    df.columns = [str(c).split(":", 1)[0].strip() for c in df.columns]
+    require_unique_columns(list(df.columns), path)
+    return df
+
+
+def read_recbole(path: str | Path, interactions: bool = True) -> SourceTables:
+    """RecBole atomic files ``NAME.inter`` (+ optional ``NAME.item``, ``NAME.user``) in a directory.
+
+    ``.inter`` needs ``user_id`` and ``item_id``; ``rating`` and ``timestamp`` are used when present.
+    Without ``interactions`` the ``.inter`` file is left unread (the out-of-core build reads it in pieces).
+    """
+    inter_path = recbole_interactions_file(path)
+    directory = inter_path.parent
+    frame = _id_columns_frame(_recbole_table(inter_path), inter_path) if interactions else NOT_READ
+    tables = SourceTables(interactions=frame, interactions_file=inter_path, files=[inter_path])
     item_path = _recbole_file(directory, "item", required=False)
     if item_path is not None:
         tables.add_items(
@@ -455,27 +495,41 @@ def _join_genres(genres: pd.Series) -> pd.Series:
     return genres.map(lambda gs: ", ".join(g for g in gs if g and g not in NO_GENRE))
 
 
-def read_movielens(path: str | Path) -> SourceTables:
+def read_movielens(path: str | Path, interactions: bool = True) -> SourceTables:
     """A MovieLens directory: ml-100k (``u.data``, ``u.item``, ``u.user``) or ml-1m/ml-10m
-    (``ratings.dat``, ``movies.dat``, ``users.dat`` with ``::`` separators)."""
+    (``ratings.dat``, ``movies.dat``, ``users.dat`` with ``::`` separators). Without ``interactions``
+    the ratings are left unread (the out-of-core build reads them in pieces)."""
     directory = Path(path)
+    data, sep = movielens_ratings_file(directory)
+    tables = SourceTables(
+        interactions=ratings_frame(read_delimited(data, sep=sep, header=False, names=RATING_NAMES), data)
+        if interactions
+        else NOT_READ,
+        interactions_file=data,
+        files=[data],
+    )
+    return _read_ml100k(directory, tables) if sep == "\t" else _read_ml_dat(directory, tables)
+
+
+def movielens_ratings_file(directory: Path) -> tuple[Path, str]:
+    """The ratings file of a MovieLens directory and its separator."""
     if (directory / "u.data").is_file():
-        return _read_ml100k(directory)
+        return directory / "u.data", "\t"
     if (directory / "ratings.dat").is_file():
-        return _read_ml_dat(directory)
+        return directory / "ratings.dat", "::"
     raise DataError("no MovieLens ratings found (expected u.data or ratings.dat)", file=directory)
 
 
-def _ratings(path: Path, sep: str) -> pd.DataFrame:
-    names = ["user_id", "item_id", "rating", "timestamp"]
-    df = read_delimited(path, sep=sep, header=False, names=names)
-    _check_width(df, path, names)
+RATING_NAMES = ["user_id", "item_id", "rating", "timestamp"]
+
+
+def ratings_frame(df: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """MovieLens ratings rows (:data:`RATING_NAMES`, no header) -> interactions."""
+    _check_width(df, path, RATING_NAMES)
     return interaction_frame(df, path, user="user_id", item="item_id", rating="rating", timestamp="timestamp")
 
 
-def _read_ml100k(directory: Path) -> SourceTables:
-    data = directory / "u.data"
-    tables = SourceTables(interactions=_ratings(data, "\t"), interactions_file=data, files=[data])
+def _read_ml100k(directory: Path, tables: SourceTables) -> SourceTables:
     item_path = directory / "u.item"
     if item_path.is_file():
         genre_path = directory / "u.genre"
@@ -516,9 +570,7 @@ def _read_ml100k(directory: Path) -> SourceTables:
     return tables
 
 
-def _read_ml_dat(directory: Path) -> SourceTables:
-    data = directory / "ratings.dat"
-    tables = SourceTables(interactions=_ratings(data, "::"), interactions_file=data, files=[data])
+def _read_ml_dat(directory: Path, tables: SourceTables) -> SourceTables:
     item_path = directory / "movies.dat"
     if item_path.is_file():
         names = ["item_id", "title", "genres"]
@@ -568,11 +620,20 @@ def _depth(line: str) -> int:
 def _json_lines(path: Path) -> list[tuple[int, dict]]:
     """(line, record) pairs. The 2014 metadata files are Python literals rather than JSON, so a line
     that is not JSON is tried with ``ast.literal_eval`` (safe: literals only) before it is an error."""
+    records = json_records(read_text(path).splitlines(), path)
+    if not records:
+        raise DataError("file has no data rows", file=path)
+    return records
+
+
+def json_records(lines: list[str], path: Path, first: int = 1) -> list[tuple[int, dict]]:
+    """(line, record) pairs of ``lines`` of ``path``, the first of them being line ``first``; blank
+    lines skipped."""
     import ast
     import json
 
     records = []
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
+    for number, line in enumerate(lines, start=first):
         if not line.strip():
             continue
         try:
@@ -589,8 +650,6 @@ def _json_lines(path: Path) -> list[tuple[int, dict]]:
         if not isinstance(record, dict):
             raise DataError("expected a JSON object per line", file=path, line=number)
         records.append((number, record))
-    if not records:
-        raise DataError("file has no data rows", file=path)
     return records
 
 
@@ -627,21 +686,15 @@ def _amazon_files(path: Path, meta: str | Path | None) -> tuple[Path, Path | Non
     return reviews[0], Path(meta) if meta else (metas[0] if metas else None)
 
 
-def read_amazon(path: str | Path, meta: str | Path | None = None) -> SourceTables:
-    """Amazon review dumps (2014: ``reviews_*.json.gz``; 2018: ``*.json.gz``) and their metadata
-    (``meta_*.json.gz``), given as files or a directory holding one of each.
-
-    The published metadata covers a whole category while review files are often 5-core subsets,
-    so metadata for products without reviews is expected here and dropped (``extra_metadata_ok``).
-    """
-    review_path, meta_path = _amazon_files(Path(path), meta)
+def amazon_reviews(records: list[tuple[int, dict]], path: Path) -> pd.DataFrame:
+    """Review records -> interactions with their review ``text`` (the review, else its summary)."""
     required = ("reviewerID", "asin", "overall", "unixReviewTime")
     rows = {key: [] for key in (*required, "text")}
     lines = []
-    for number, record in _json_lines(review_path):
+    for number, record in records:
         for key in required:
             if key not in record:
-                raise DataError("missing field", file=review_path, line=number, field=key)
+                raise DataError("missing field", file=path, line=number, field=key)
             rows[key].append(record[key])
         text = str(record.get("reviewText") or "").strip() or str(record.get("summary") or "").strip()
         rows["text"].append(text)
@@ -649,11 +702,27 @@ def read_amazon(path: str | Path, meta: str | Path | None = None) -> SourceTable
     index = pd.Index(lines)
     frame = pd.DataFrame({k: pd.Series(v, index=index, dtype=object) for k, v in rows.items()})
     interactions = interaction_frame(
-        frame, review_path, user="reviewerID", item="asin", rating="overall", timestamp="unixReviewTime"
+        frame, path, user="reviewerID", item="asin", rating="overall", timestamp="unixReviewTime"
     )
-    reviews = interactions[["user", "item", "timestamp"]].assign(text=frame["text"].astype(str))
+    return interactions.assign(text=frame["text"].astype(str))
+
+
+def read_amazon(path: str | Path, meta: str | Path | None = None, interactions: bool = True) -> SourceTables:
+    """Amazon review dumps (2014: ``reviews_*.json.gz``; 2018: ``*.json.gz``) and their metadata
+    (``meta_*.json.gz``), given as files or a directory holding one of each.
+
+    The published metadata covers a whole category while review files are often 5-core subsets,
+    so metadata for products without reviews is expected here and dropped (``extra_metadata_ok``).
+    Without ``interactions`` the review file is left unread (the out-of-core build reads it in pieces).
+    """
+    review_path, meta_path = _amazon_files(Path(path), meta)
+    if interactions:
+        frame = amazon_reviews(_json_lines(review_path), review_path)
+        reviews = frame[["user", "item", "timestamp", "text"]]
+    else:
+        frame, reviews = NOT_READ, None
     tables = SourceTables(
-        interactions=interactions,
+        interactions=frame.drop(columns="text", errors="ignore"),
         interactions_file=review_path,
         reviews=reviews,
         files=[review_path],
@@ -700,13 +769,21 @@ class ColumnMap:
     text: str | None = None
 
 
+PARQUET = (".parquet", ".pq")
+
+
+def table_kind(path: Path) -> str:
+    """The suffix that says a table's type (``.gz`` skipped)."""
+    suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
+    return suffixes[-1] if suffixes else ""
+
+
 def read_frame(path: str | Path) -> pd.DataFrame:
     """CSV (``,``), TSV (``.tsv``/``.tab``/``.txt``) or Parquet by suffix (``.gz`` allowed for text),
     as strings indexed by line (row for Parquet)."""
     path = Path(path)
-    suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
-    kind = suffixes[-1] if suffixes else ""
-    if kind in (".parquet", ".pq"):
+    kind = table_kind(path)
+    if kind in PARQUET:
         if not path.is_file():
             raise DataError("file not found", file=path)
         try:
@@ -724,24 +801,36 @@ def read_frame(path: str | Path) -> pd.DataFrame:
     return read_delimited(path, sep="," if kind == ".csv" else "\t", quoting=csv.QUOTE_MINIMAL)
 
 
+def csv_interactions(df: pd.DataFrame, path: Path, columns: ColumnMap) -> pd.DataFrame:
+    """Rows of an interaction table -> interactions, plus ``text`` when ``columns.text`` names one."""
+    frame = interaction_frame(
+        df, path, user=columns.user, item=columns.item, rating=columns.rating, timestamp=columns.timestamp
+    )
+    if columns.text is not None:
+        require_columns(df, [columns.text], path)
+        frame["text"] = df[columns.text].astype(str)
+    return frame
+
+
 def read_csv_source(
     path: str | Path,
     columns: ColumnMap = ColumnMap(),
     *,
     item_meta: str | Path | None = None,
     user_meta: str | Path | None = None,
+    interactions: bool = True,
 ) -> SourceTables:
     """An interaction table plus optional item/user metadata tables, keyed by the same id column
-    names as the interactions; every other metadata column becomes an attribute in the text."""
+    names as the interactions; every other metadata column becomes an attribute in the text.
+    Without ``interactions`` the interaction table is left unread (the out-of-core build reads it in
+    pieces)."""
     path = Path(path)
-    df = read_frame(path)
-    interactions = interaction_frame(
-        df, path, user=columns.user, item=columns.item, rating=columns.rating, timestamp=columns.timestamp
-    )
-    tables = SourceTables(interactions=interactions, interactions_file=path, files=[path])
-    if columns.text is not None:
-        require_columns(df, [columns.text], path)
-        tables.reviews = interactions[["user", "item", "timestamp"]].assign(text=df[columns.text].astype(str))
+    tables = SourceTables(interactions=NOT_READ, interactions_file=path, files=[path])
+    if interactions:
+        frame = csv_interactions(read_frame(path), path, columns)
+        tables.interactions = frame.drop(columns="text", errors="ignore")
+        if columns.text is not None:
+            tables.reviews = frame[["user", "item", "timestamp", "text"]]
     if item_meta is not None:
         item_path = Path(item_meta)
         tables.add_items(

@@ -52,8 +52,11 @@ def time_rank(users: np.ndarray) -> np.ndarray:
     return np.arange(len(users)) - _starts(users)[users]
 
 
-def random_rank(users: np.ndarray, seed: int | list[int]) -> np.ndarray:
+def random_rank(users: np.ndarray, seed: int | list[int] | np.random.Generator) -> np.ndarray:
     """A seeded random permutation rank within each user of a user-sorted array.
+
+    A ``Generator`` continues its stream: ranking consecutive chunks of whole users with one generator
+    gives the ranks of the whole array in one call (how the out-of-core build stays identical).
 
     One int64 argsort on ``user << 31 | random`` instead of a two-key lexsort (several times faster
     at millions of rows); the stable sort keeps it deterministic even on equal random draws.
@@ -89,9 +92,12 @@ def _ratio_counts(counts: np.ndarray, ratios: tuple[float, float, float]) -> tup
 
 
 def random_split(
-    df: pd.DataFrame, n_users: int, ratios: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0
+    df: pd.DataFrame,
+    n_users: int,
+    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    seed: int | np.random.Generator = 0,
 ) -> dict[str, pd.DataFrame]:
-    """Per-user random split by ratios, seeded."""
+    """Per-user random split by ratios, seeded (a Generator: continued, see :func:`random_rank`)."""
     df = sort_rows(df)
     n_valid, n_test = _ratio_counts(np.bincount(df["user"], minlength=n_users), ratios)
     return _cut(df, random_rank(df["user"].to_numpy(), seed), n_valid, n_test)
@@ -114,3 +120,25 @@ def leave_one_out(df: pd.DataFrame, n_users: int) -> dict[str, pd.DataFrame]:
     n_test = (counts >= 2).astype(np.int64)
     n_valid = (counts >= 3).astype(np.int64)
     return _cut(df, time_rank(df["user"].to_numpy()), n_valid, n_test)
+
+
+class WarmSplitter:
+    """``random``, ``temporal`` or ``loo`` applied chunk by chunk: each call takes rows of whole users
+    in (user, time, item) order, and the random split's stream runs on across calls."""
+
+    def __init__(self, protocol: str, n_users: int, ratios: tuple[float, float, float], seed: int):
+        if protocol not in ("random", "temporal", "loo"):
+            raise DataError(f"unknown split {protocol!r}", field="split")
+        self.protocol, self.n_users, self.ratios = protocol, n_users, ratios
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+        if self.protocol == "random":
+            return random_split(df, self.n_users, self.ratios, self.rng)
+        if self.protocol == "temporal":
+            return temporal_split(df, self.n_users, self.ratios)
+        return leave_one_out(df, self.n_users)
+
+    def finish(self) -> dict[str, list[int]]:
+        """Nothing is held out cold (the cold splitters return their cold ids here)."""
+        return {}
