@@ -14,9 +14,10 @@ extended recommender bundle) goes through :func:`write_directory`, and a run dir
 4. **Write beside, rename in, delete last.** The content is written into ``.NAME.tmp-PID-*``; when
    complete it gets the umask's permissions and becomes ``.NAME.new-PID``; the old directory moves
    aside to ``.NAME.old-PID``; the new one is renamed to ``NAME``; only then is the old one deleted.
-   A failure during the renames puts the old one back. After a kill between any two steps, :func:`recover` (run by the next writer and by readers)
-   renames a complete ``new`` (else the ``old``) back to ``NAME`` and removes what is left, so the old
-   or the new content is always complete and loadable.
+   A failure during the renames puts the old one back. After a kill between any two steps,
+   :func:`recover` (run by the next writer and by readers) renames a complete ``new`` (else the
+   ``old``) back to ``NAME`` and removes what is left, so the old or the new content is always
+   complete and loadable.
 
 Written with the standard library (``os.rename``, ``fcntl.flock``): no ecosystem package offers a
 directory replace with this recovery, and accelerate's ``save_state``/transformers' ``save_pretrained``
