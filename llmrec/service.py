@@ -1,8 +1,8 @@
 """The scoring side of the HTTP service: one worker thread owns the `Recommender`, batches reads, applies
 and journals changes.
 
-Why one thread: a `Recommender` is not safe to call from several threads (its cache of known users fills
-lazily), and on a CPU one forward already uses the cores it is given. So every call goes through a queue
+Why one thread: a `Recommender` serialises its calls (one lock per instance), so several threads would
+only queue on it, and on a CPU one forward already uses the cores it is given. So every call goes through a queue
 that one worker drains in arrival order. Consecutive reads are grouped: cold histories waiting at most
 ``max_wait_ms`` for up to ``max_batch`` of them to run as one forward (a padded batch of prompts), known
 users taking whatever is queued (their cached states cost one head product). A change (`update`,
