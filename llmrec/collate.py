@@ -197,6 +197,9 @@ class SequenceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.users)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing to redraw: the same windows every epoch (the sampler shuffles their order)."""
+
     def task(self, index: int) -> int:
         return TASKS.index("sequential")
 

@@ -276,8 +276,11 @@ def test_a_model_without_index_says_what_is_missing():
         GenerativeScorer(model, prompts_of(model), [[1]] * N_USERS)
 
 
-@pytest.mark.parametrize("task", ["semantic", "semantic_sequence"])
-def test_finetune_and_evaluate_recipes_run_the_semantic_task(ml100k_bundle, tmp_path, task):
+@pytest.mark.parametrize(
+    "task, extra",
+    [("semantic", []), ("semantic_sequence", []), ("semantic_sequence", ["--text_id_weight", "0.5"])],
+)
+def test_finetune_and_evaluate_recipes_run_the_semantic_task(ml100k_bundle, tmp_path, task, extra):
     import json
     import sys
     from pathlib import Path
@@ -295,7 +298,7 @@ def test_finetune_and_evaluate_recipes_run_the_semantic_task(ml100k_bundle, tmp_
     tiny = ["--name_or_path", "tiny-llama", "--lora_r", "4", "--max_doc_tokens", "64"]
     finetune.main(
         ["--data", str(ml100k_bundle), "--output_dir", str(run), *tiny, "--index", str(tmp_path / "index")]
-        + ["--task", task, "--with_content", "false", "--max_steps", "3", "--batch_size", "16"]
+        + ["--task", task, "--with_content", "false", "--max_steps", "3", "--batch_size", "16", *extra]
     )
     assert any(f'"loss/{task}"' in line for line in (run / "metrics.jsonl").read_text().splitlines())
     metrics = evaluate.main(["--run", str(run), "--generate", "true", "--ks", "10,20", "--batch_size", "256"])
