@@ -26,7 +26,6 @@ from typing import ClassVar, Literal
 from common.artifacts import check_target
 from common.config import read_yaml
 from common.errors import run_cli
-from common.io import write_json
 from common.log import setup_logging
 from llmrec.config import ConfigError, parse_config, require
 from llmrec.options import INDEX_CONFIGS, IndexMethod, PiecesConfig
@@ -116,9 +115,10 @@ def main(argv: list[str] | None = None) -> dict:
     index = INDEXERS[method][0](config).build(data)
     if method in CONTENT_METHODS:
         index.config["encoder"] = args.encoder
-    index.save(out, overwrite=args.overwrite, inputs=inputs)
     summary = index_report(index)
-    write_json(out / REPORT_FILE, summary)
+    # one of the index's files, so it is written inside the guarded replace with the rest
+    index.artifacts[REPORT_FILE] = json.dumps(summary, indent=2).encode("utf-8")
+    index.save(out, overwrite=args.overwrite, inputs=inputs)
     print(format_report(summary))
     report = {"index": str(out), "stats": index.stats, "report": summary}
     if args.pieces_vocab_size:
