@@ -21,7 +21,7 @@ the GPU memory are null.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import platform
 import statistics
@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "recipes"))  # the recipes, imported by name (recipe())
 PEAK_BF16 = (("H200", 989.4e12), ("H100 NVL", 835.5e12), ("H100 PCIe", 756.5e12), ("H100", 989.4e12))
 PEAK_BF16_OTHER = (("A100", 312e12),)
 
@@ -45,14 +46,8 @@ def peak_flops(device_name: str) -> float | None:
 
 
 def recipe(name: str):
-    """``main`` of ``recipes/NAME.py`` (registered as a module so its dataclasses' hints resolve)."""
-    module_name = f"recipes_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, REPO / "recipes" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[module_name].main
+    """``main`` of ``recipes/NAME.py``, imported from the recipes folder as the other benchmarks do."""
+    return importlib.import_module(name).main
 
 
 def counting_parameters() -> dict[str, int]:
