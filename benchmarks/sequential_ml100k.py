@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -196,7 +197,7 @@ def run_semantic_sequence(args, data: Path) -> dict:
         _, index_wall = timed(index.main, [*build, "--codebook_size", str(args.rqvae_codebook)])
     rows = []
     for seed in args.llm_seeds:
-        extra = ["--epochs", str(args.sid_epochs)]
+        extra = ["--epochs", str(args.sid_epochs), *shlex.split(args.sid_args)]
         run, wall = llm_run(args, seed, "semantic_sequence", finetune, extra, config=args.sid_config)
         saved = run / "metrics.json"  # with --reuse, a test evaluation already run on it is taken
         if args.reuse and saved.exists() and "test/generate" in json.loads(saved.read_text())["metrics"]:
@@ -281,6 +282,9 @@ def main() -> None:
         help="the semantic-ID generator recipe (stage semantic_sequence)",
     )  # fmt: skip
     parser.add_argument("--sid_epochs", type=int, default=1, help="generator epochs (best on valid kept)")
+    parser.add_argument(
+        "--sid_args", default="", help="more finetune flags for the generator, e.g. '--code_init title_mean'"
+    )
     parser.add_argument(
         "--rqvae_epochs", type=int, default=0, help="quantized RQ-VAE epochs after the default schedule"
     )

@@ -89,6 +89,7 @@ class CLLM4Rec(nn.Module):
         base = causal_lm.get_input_embeddings()
         init = dict(
             init=config.embedding_init,
+            code_init=config.code_init,
             std=config.embedding_init_std,
             titles=item_titles,
             tokenizer=tokenizer,
@@ -563,7 +564,7 @@ class CLLM4Rec(nn.Module):
                 f"{weights}: backbone {backbone.name_or_path!r} has {rows} embedding rows, the saved "
                 f"vocabulary was built on {vocab.base_size}"
             )
-        build = dataclasses.replace(config, embedding_init="normal")
+        build = dataclasses.replace(config, embedding_init="normal", code_init="normal")
         model = cls(lm, tokenizer, vocab, build, backbone, item_index=item_index)
         model.config = config
         model.load_trainable(weights)

@@ -30,6 +30,7 @@ UserTable = Literal["full", "none", "hashed", "lowrank"]  # how user rows are st
 USER_TABLES = get_args(UserTable)
 Head = Literal["tied", "untied"]
 EmbeddingInit = Literal["normal", "title_mean", "semantic_sum"]
+CodeInit = Literal["normal", "title_mean"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
 Dtype = Literal["float32", "bfloat16", "float16", "auto"]
 WeightDtype = Literal["fp32", "fp16", "bf16"]  # of exported weights; llmrec.recommender.DTYPES maps them
@@ -104,6 +105,13 @@ class ModelConfig:
     )
     embedding_init: EmbeddingInit = field(
         default="normal", metadata={"help": "ID-token init (semantic_sum needs index)"}
+    )
+    code_init: CodeInit = field(
+        default="normal",
+        metadata={
+            "help": "semantic-ID token init: title_mean starts each code at the mean title embedding of "
+            "the items holding it at its level (needs index)"
+        },
     )
     embedding_init_std: float | None = field(
         default=None, metadata={"help": "std for normal init (default: the word embeddings' std)"}

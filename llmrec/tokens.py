@@ -323,6 +323,11 @@ class RecEmbedding(nn.Module):
         ``titles`` and ``tokenizer``), other tables normal.
       - ``"semantic_sum"``: item rows = sum of the item's semantic code embeddings (needs
         ``item_index``, anything with ``.codes`` of shape (n_items, levels), -1 = padding).
+
+    ``code_init="title_mean"`` starts each semantic-ID code at the mean title embedding of the items
+    that hold it at its level (needs ``titles``, ``tokenizer`` and ``item_index``), rescaled to a title's
+    RMS: the LM then reads a code as the kind of movie it stands for, the lever ``title_mean`` is for
+    item tokens, instead of learning every code from noise.
     """
 
     def __init__(
@@ -331,6 +336,7 @@ class RecEmbedding(nn.Module):
         vocab: RecVocab,
         init: str = "normal",
         *,
+        code_init: str = "normal",
         std: float | None = None,
         titles: Sequence[str] | None = None,
         tokenizer: Any = None,
@@ -360,7 +366,13 @@ class RecEmbedding(nn.Module):
             }
         )
         self.reset_parameters(
-            init, std=std, titles=titles, tokenizer=tokenizer, item_index=item_index, seed=seed
+            init,
+            code_init=code_init,
+            std=std,
+            titles=titles,
+            tokenizer=tokenizer,
+            item_index=item_index,
+            seed=seed,
         )
 
     @property
@@ -385,6 +397,7 @@ class RecEmbedding(nn.Module):
         self,
         init: str = "normal",
         *,
+        code_init: str = "normal",
         std: float | None = None,
         titles: Sequence[str] | None = None,
         tokenizer: Any = None,
@@ -394,12 +407,18 @@ class RecEmbedding(nn.Module):
         """(Re)initialise the family tables; see the class docstring for the options."""
         if init not in ("normal", "title_mean", "semantic_sum"):
             raise ValueError(f"unknown init {init!r}; expected normal, title_mean or semantic_sum")
+        if code_init not in ("normal", "title_mean"):
+            raise ValueError(f"unknown code_init {code_init!r}; expected normal or title_mean")
         base_w = self.base.weight
         if std is None:
             std = float(base_w.float().std())
         gen = torch.Generator(device="cpu").manual_seed(seed)
         for table in self.tables.values():
             reset_table(table, gen, std)
+        if code_init == "title_mean":  # before semantic_sum, which sums the codes
+            if titles is None or tokenizer is None or item_index is None:
+                raise ValueError("code_init='title_mean' needs titles, tokenizer and item_index")
+            self._init_codes_from_titles(titles, tokenizer, item_index)
         if init == "title_mean":
             if titles is None or tokenizer is None:
                 raise ValueError("init='title_mean' needs titles and tokenizer")
@@ -414,29 +433,51 @@ class RecEmbedding(nn.Module):
             raise ValueError("the vocabulary has no item tokens to initialise")
         return self.tables["item"].weight
 
-    def _init_items_from_titles(self, titles: Sequence[str], tokenizer: Any) -> None:
-        item_w = self._item_table()
-        if len(titles) != item_w.shape[0]:
-            raise ValueError(f"{len(titles)} titles for {item_w.shape[0]} items")
+    def _title_means(self, titles: Sequence[str], tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n_items, hidden) mean base embedding of each title's tokens, and which titles are non-empty."""
+        n_items = len(self.vocab.family_range("item"))
+        if len(titles) != n_items:
+            raise ValueError(f"{len(titles)} titles for {n_items} items")
+        device = self.base.weight.device
         ids = _tokenize(tokenizer, list(titles))
         lengths = torch.tensor([len(x) for x in ids])
-        flat = torch.tensor([t for x in ids for t in x], dtype=torch.long, device=item_w.device)
+        flat = torch.tensor([t for x in ids for t in x], dtype=torch.long, device=device)
         if len(flat) and int(flat.max()) >= self.vocab.base_size:
             raise ValueError("title tokens fall outside the base vocabulary")
-        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]]).to(item_w.device)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]]).to(device)
         means = F.embedding_bag(flat, self.base.weight.float(), offsets, mode="mean")
-        has_title = (lengths > 0).to(item_w.device)  # empty titles keep their normal init
+        return means, (lengths > 0).to(device)
+
+    def _init_items_from_titles(self, titles: Sequence[str], tokenizer: Any) -> None:
+        item_w = self._item_table()
+        means, has_title = self._title_means(titles, tokenizer)  # empty titles keep their normal init
         item_w.copy_(torch.where(has_title[:, None], means.to(item_w.dtype), item_w))
 
-    def _init_items_from_codes(self, item_index: Any) -> None:
-        item_w = self._item_table()
+    def _init_codes_from_titles(self, titles: Sequence[str], tokenizer: Any, item_index: Any) -> None:
+        codes = self._checked_codes(item_index)
+        means, has_title = self._title_means(titles, tokenizer)
+        scale = means[has_title].pow(2).mean().sqrt()
+        sem_w = self.tables["semantic"].weight
+        level_starts = torch.as_tensor(self.vocab._level_starts[: codes.shape[1]], dtype=torch.long)
+        rows = (codes + level_starts).to(sem_w.device)
+        held = (codes >= 0).to(sem_w.device) & has_title[:, None]
+        sums = torch.zeros(sem_w.shape, dtype=torch.float32, device=sem_w.device)
+        counts = torch.zeros(sem_w.shape[0], device=sem_w.device)
+        sums.index_add_(0, rows[held], means[:, None].expand(-1, codes.shape[1], -1)[held])
+        counts.index_add_(0, rows[held], torch.ones(int(held.sum()), device=sem_w.device))
+        used = counts > 0  # a code no titled item holds keeps its normal init
+        mean_rows = sums[used] / counts[used, None]
+        rescaled = mean_rows * (scale / mean_rows.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12))
+        sem_w[used] = rescaled.to(sem_w.dtype)
+
+    def _checked_codes(self, item_index: Any) -> torch.Tensor:
+        """The index's (n_items, levels) codes, checked against the vocabulary's semantic family."""
+        n_items = len(self.vocab.family_range("item"))
         if "semantic" not in self.tables:
-            raise ValueError("init='semantic_sum' needs semantic tokens in the vocabulary")
+            raise ValueError("a semantic-ID init needs semantic tokens in the vocabulary")
         codes = torch.as_tensor(np.asarray(item_index.codes), dtype=torch.long)
-        if codes.ndim != 2 or codes.shape[0] != item_w.shape[0]:
-            raise ValueError(
-                f"item_index.codes has shape {tuple(codes.shape)}, expected ({item_w.shape[0]}, levels)"
-            )
+        if codes.ndim != 2 or codes.shape[0] != n_items:
+            raise ValueError(f"item_index.codes has shape {tuple(codes.shape)}, expected ({n_items}, levels)")
         if codes.shape[1] > len(self.vocab.semantic_codebooks):
             raise ValueError(
                 f"{codes.shape[1]} code levels but {len(self.vocab.semantic_codebooks)} in the vocab"
@@ -444,6 +485,11 @@ class RecEmbedding(nn.Module):
         sizes = torch.tensor(self.vocab.semantic_codebooks[: codes.shape[1]])
         if bool((codes >= sizes).any()):
             raise ValueError("item_index.codes exceed the vocab's semantic codebook sizes")
+        return codes
+
+    def _init_items_from_codes(self, item_index: Any) -> None:
+        item_w = self._item_table()
+        codes = self._checked_codes(item_index)
         level_starts = torch.as_tensor(self.vocab._level_starts[: codes.shape[1]], dtype=torch.long)
         valid = codes >= 0
         rows = torch.where(valid, codes + level_starts, 0).to(item_w.device)
