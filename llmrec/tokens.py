@@ -325,9 +325,10 @@ class RecEmbedding(nn.Module):
         ``item_index``, anything with ``.codes`` of shape (n_items, levels), -1 = padding).
 
     ``code_init="title_mean"`` starts each semantic-ID code at the mean title embedding of the items
-    that hold it at its level (needs ``titles``, ``tokenizer`` and ``item_index``), rescaled to a title's
-    RMS: the LM then reads a code as the kind of movie it stands for, the lever ``title_mean`` is for
-    item tokens, instead of learning every code from noise.
+    that hold it at its level, minus that level's mean over all items (what sets the code apart; the
+    plain means of ~n/K titles are nearly equal), at the normal init's scale (needs ``titles``,
+    ``tokenizer`` and ``item_index``): the LM then reads a code as the kind of movie it stands for, as
+    ``title_mean`` does for item tokens, instead of learning every code from noise.
     """
 
     def __init__(
@@ -418,7 +419,7 @@ class RecEmbedding(nn.Module):
         if code_init == "title_mean":  # before semantic_sum, which sums the codes
             if titles is None or tokenizer is None or item_index is None:
                 raise ValueError("code_init='title_mean' needs titles, tokenizer and item_index")
-            self._init_codes_from_titles(titles, tokenizer, item_index)
+            self._init_codes_from_titles(titles, tokenizer, item_index, std)
         if init == "title_mean":
             if titles is None or tokenizer is None:
                 raise ValueError("init='title_mean' needs titles and tokenizer")
@@ -453,22 +454,28 @@ class RecEmbedding(nn.Module):
         means, has_title = self._title_means(titles, tokenizer)  # empty titles keep their normal init
         item_w.copy_(torch.where(has_title[:, None], means.to(item_w.dtype), item_w))
 
-    def _init_codes_from_titles(self, titles: Sequence[str], tokenizer: Any, item_index: Any) -> None:
+    def _init_codes_from_titles(
+        self, titles: Sequence[str], tokenizer: Any, item_index: Any, std: float
+    ) -> None:
         codes = self._checked_codes(item_index)
         means, has_title = self._title_means(titles, tokenizer)
-        scale = means[has_title].pow(2).mean().sqrt()
         sem_w = self.tables["semantic"].weight
-        level_starts = torch.as_tensor(self.vocab._level_starts[: codes.shape[1]], dtype=torch.long)
-        rows = (codes + level_starts).to(sem_w.device)
-        held = (codes >= 0).to(sem_w.device) & has_title[:, None]
-        sums = torch.zeros(sem_w.shape, dtype=torch.float32, device=sem_w.device)
-        counts = torch.zeros(sem_w.shape[0], device=sem_w.device)
-        sums.index_add_(0, rows[held], means[:, None].expand(-1, codes.shape[1], -1)[held])
-        counts.index_add_(0, rows[held], torch.ones(int(held.sum()), device=sem_w.device))
-        used = counts > 0  # a code no titled item holds keeps its normal init
-        mean_rows = sums[used] / counts[used, None]
-        rescaled = mean_rows * (scale / mean_rows.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12))
-        sem_w[used] = rescaled.to(sem_w.dtype)
+        for level in range(codes.shape[1]):
+            held = (codes[:, level] >= 0).to(sem_w.device) & has_title
+            if not bool(held.any()):
+                continue
+            vectors = means[held] - means[held].mean(0)  # what sets an item apart within its level
+            rows = codes[held.cpu(), level].to(sem_w.device)
+            size = self.vocab.semantic_codebooks[level]
+            sums = torch.zeros(size, sem_w.shape[1], device=sem_w.device).index_add_(0, rows, vectors)
+            counts = torch.zeros(size, device=sem_w.device).index_add_(0, rows, torch.ones(len(rows)))
+            mean_rows = sums / counts.clamp_min(1)[:, None]
+            rms = mean_rows.pow(2).mean(-1, keepdim=True).sqrt()
+            # a code no titled item holds, or that every item holds (nothing sets it apart), stays normal
+            used = (counts > 0) & (rms[:, 0] > 1e-6 * std)
+            start = int(self.vocab._level_starts[level])
+            block = sem_w[start : start + size]
+            block[used] = (mean_rows[used] * (std / rms[used])).to(sem_w.dtype)
 
     def _checked_codes(self, item_index: Any) -> torch.Tensor:
         """The index's (n_items, levels) codes, checked against the vocabulary's semantic family."""

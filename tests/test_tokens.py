@@ -259,25 +259,25 @@ def test_rec_embedding_semantic_sum_init(vocab):
 
 
 def test_rec_embedding_code_init_from_titles(vocab, tokenizer):
-    """Each code starts at the mean title embedding of the items holding it at its level, rescaled to a
-    title's RMS; a code no item holds keeps its normal init."""
+    """Each code starts at the mean title embedding of the items holding it at its level minus the
+    level's mean over all items, at the normal init's RMS; a code no item holds keeps its normal init."""
     base = nn.Embedding(vocab.base_size, 16)
     titles = [f"toy story {k}" for k in range(vocab.n_items)]
     codes = np.array([[k % 2, k % 3, 0] for k in range(vocab.n_items)])
-    kwargs = dict(titles=titles, tokenizer=tokenizer, item_index=SimpleNamespace(codes=codes))
+    kwargs = dict(titles=titles, tokenizer=tokenizer, item_index=SimpleNamespace(codes=codes), std=0.05)
     emb = RecEmbedding(base, vocab, code_init="title_mean", **kwargs)
     means = torch.stack([base.weight[tokenizer.encode(t, add_special_tokens=False)].mean(0) for t in titles])
-    rms = means.pow(2).mean().sqrt()
     sem = emb.family_weight("semantic")
-    for level, code in ((0, 1), (1, 2), (2, 0)):
+    for level, code in ((0, 1), (1, 2)):
         holders = torch.as_tensor(codes[:, level] == code)
-        expected = means[holders].mean(0)
-        expected = expected * rms / expected.pow(2).mean().sqrt()
+        expected = means[holders].mean(0) - means.mean(0)
+        expected = expected * 0.05 / expected.pow(2).mean().sqrt()
         row = int(vocab.semantic_token(level, code)) - vocab.family_range("semantic").start
         torch.testing.assert_close(sem[row], expected)
-    unused = int(vocab.semantic_token(2, 3)) - vocab.family_range("semantic").start
     normal = RecEmbedding(base, vocab, **kwargs).family_weight("semantic")
-    torch.testing.assert_close(sem[unused], normal[unused])
+    for unused in ((2, 3), (2, 0)):  # no item holds it; every item holds it
+        row = int(vocab.semantic_token(*unused)) - vocab.family_range("semantic").start
+        torch.testing.assert_close(sem[row], normal[row])
     with pytest.raises(ValueError, match="needs titles, tokenizer and item_index"):
         RecEmbedding(base, vocab, code_init="title_mean", titles=titles, tokenizer=tokenizer)
 
