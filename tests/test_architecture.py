@@ -37,6 +37,7 @@ LAYERS: list[tuple[str, ...]] = [
     (
         "llmrec.collate",
         "llmrec.generate",
+        "llmrec.fused",
         "llmrec.textid",
         "llmrec.zeroshot",
         "llmrec.baselines",
