@@ -1,6 +1,6 @@
 """Next-item leave-one-out on ML-100K: Pop, EASE, SASRec and the llmrec next-item modes, side by side.
 
-    python benchmarks/sequential_ml100k.py [--stages baselines,sequential,semantic,align,semantic_sequence]
+    python benchmarks/sequential_ml100k.py [--stages baselines,sequential,semantic,align,semantic_sequence,fused]
         [--seeds 0,1,2] [--llm_seeds 42] [--config recipes/configs/ml-100k-loo-cpu.yaml]
         [--sid_config recipes/configs/ml-100k-loo-sid-cpu.yaml]
 
@@ -19,7 +19,10 @@ of validation NDCG@10 by epoch are then made from every stage result present:
 - ``align``: DPO of each ``sequential`` run's item head against itself (``recipes/align.py``);
 - ``semantic_sequence``: the generator recipe ``--sid_config`` (the history written in semantic IDs,
   every next item's codes trained in one forward per window; ``--task semantic_sequence``) for up to
-  ``--sid_epochs``, ranked by constrained beam search, with validity diagnostics.
+  ``--sid_epochs``, ranked by constrained beam search, with validity diagnostics;
+- ``fused``: each seed's item head (stage ``sequential``) and generator (stage ``semantic_sequence``)
+  together, the head's scores plus a weight, chosen on valid, times the beam's log-probabilities
+  (`llmrec.fused`).
 
 Test metrics: HR@5/10/20 and NDCG@5/10/20 over the full catalogue, seen items excluded, the test prompt
 holding the validation item; the models are selected on valid only. Mean ± std over the seeds run.
@@ -52,7 +55,7 @@ from llmrec.metrics import format_table, write_metrics_json  # noqa: E402
 from llmrec.reporting import machine_info  # noqa: E402
 
 METRICS = ["hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20"]
-STAGES = ("baselines", "sequential", "semantic", "align", "semantic_sequence")
+STAGES = ("baselines", "sequential", "semantic", "align", "semantic_sequence", "fused")
 LM_ALONE = "llmrec item head (sequential), LM alone: prior weight 0, not the valid choice"
 
 
@@ -209,6 +212,41 @@ def run_semantic_sequence(args, data: Path) -> dict:
     return {"llmrec semantic-ID generator (every position, beam 20)": rows}
 
 
+def fused_scorers(bundle, head, generator, split: str) -> tuple:
+    """The item head and the generator (beam 20) on ``split``, each on the prompt it was trained on."""
+    from llmrec.data import generative_scorer, scorer_for
+
+    return (
+        scorer_for(bundle, head, 64, split, prompt="sequence"),
+        generative_scorer(bundle, generator, split, beam=20, prompt="semantic_sequence"),
+    )
+
+
+def run_fused(args, data: Path) -> dict:
+    """Per LLM seed, that seed's sequential item head fused with its generator (`llmrec.fused`; both
+    stages must have run under ``--runs``): the fusion weight chosen on valid NDCG@10, then test."""
+    from data_prep import load_bundle
+    from llmrec.fused import FusedScorer, choose_fusion_weight
+    from llmrec.metrics import evaluate_scorer
+    from llmrec.model import CLLM4Rec, run_model_dir
+
+    bundle = load_bundle(data)
+    rows = []
+    for seed in args.llm_seeds:
+        start = time.perf_counter()
+        head = CLLM4Rec.from_pretrained(run_model_dir(Path(args.runs) / f"sequential-seed{seed}"))
+        generator = CLLM4Rec.from_pretrained(run_model_dir(Path(args.runs) / f"semantic_sequence-seed{seed}"))
+        weight, grid = choose_fusion_weight(bundle, *fused_scorers(bundle, head, generator, "valid"))
+        fused = FusedScorer(*fused_scorers(bundle, head, generator, "test"), weight)
+        metrics = evaluate_scorer(fused, bundle, "test", progress=False)
+        wall = time.perf_counter() - start
+        rows.append(
+            {**metrics, "weight": weight, "valid_grid": grid, "wall_s": wall, "curve": [], "seed": seed}
+        )
+        print(f"seed {seed}: fusion weight {weight} on valid {grid}; test ndcg@10 {metrics['ndcg@10']:.4f}")
+    return {"llmrec item head + generator, fused (weight on valid)": rows}
+
+
 def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
     """Mean and std over seeds of every metric, as 'mean ± std' cells plus the raw numbers."""
     table = {}
@@ -310,6 +348,7 @@ def main() -> None:
         "semantic": run_semantic,
         "align": run_align,
         "semantic_sequence": run_semantic_sequence,
+        "fused": run_fused,
     }
     for stage in [s for s in args.stages.split(",") if s]:
         rows, wall = timed(stages[stage], args, data)
