@@ -319,7 +319,7 @@ def main() -> None:
         "--sid_config", default=str(REPO / "recipes" / "configs" / "ml-100k-loo-sid-cpu.yaml"),
         help="the semantic-ID generator recipe (stage semantic_sequence)",
     )  # fmt: skip
-    parser.add_argument("--sid_epochs", type=int, default=1, help="generator epochs (best on valid kept)")
+    parser.add_argument("--sid_epochs", type=int, default=3, help="generator epochs (best on valid kept)")
     parser.add_argument(
         "--sid_args", default="", help="more finetune flags for the generator, e.g. '--code_init title_mean'"
     )
