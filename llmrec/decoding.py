@@ -306,7 +306,8 @@ class GenerativeScorer:
     ``exclude`` (csr, users x items) removes items from each user's search space (seen items), so every
     returned list is full whenever enough items remain. ``batch_size`` users are searched together.
     :meth:`score` gives (users, n_items) scores (-inf outside the list; `llmrec.metrics.Scorer`),
-    :meth:`recommend` the lists.
+    :meth:`recommend` the lists. ``trie``: the index's `TrieTensors` on the model's device, when the
+    caller keeps one (`llmrec.recommender.Recommender`); default built from the model's item index.
     """
 
     def __init__(
@@ -317,27 +318,39 @@ class GenerativeScorer:
         exclude: sp.csr_matrix | None = None,
         beam: int = 20,
         batch_size: int = 32,
+        trie: TrieTensors | None = None,
     ):
         self.model, self.prompts, self.histories, self.beam = model, prompts, histories, beam
         self.exclude = None if exclude is None else sp.csr_matrix(exclude)
         self.batch_size = batch_size
         self.device = next(p for p in model.parameters() if p.requires_grad).device
-        self.trie = TrieTensors(require_index(model), self.device)
+        self.trie = trie if trie is not None else TrieTensors(require_index(model), self.device)
 
     @torch.no_grad()
     def recommend(
-        self, users: Sequence[int] | np.ndarray, top_k: int | None = None
+        self,
+        users: Sequence[int] | np.ndarray,
+        top_k: int | None = None,
+        excluded: Sequence[Sequence[int]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(items, scores), each (len(users), top_k) on the CPU, best first; item -1 pads a short list."""
+        """(items, scores), each (len(users), top_k) on the CPU, best first; item -1 pads a short list.
+
+        ``excluded``: one list of items per entry of ``users``, kept out of that row's search instead of
+        its row of ``exclude`` (a caller's per-request exclusions)."""
         top_k = top_k or self.beam
+        if excluded is not None and len(excluded) != len(users):
+            raise ValueError(f"{len(excluded)} lists of excluded items for {len(users)} users")
         self.model.eval()
         items, scores = [], []
         for start in range(0, len(users), self.batch_size):
             chunk = [int(u) for u in users[start : start + self.batch_size]]
             decoder = self._decoder(chunk)
-            remaining = None
-            if self.exclude is not None:
-                remaining = self.trie.remaining([self.exclude[u].indices for u in chunk])
+            rows = None
+            if excluded is not None:
+                rows = excluded[start : start + self.batch_size]
+            elif self.exclude is not None:
+                rows = [self.exclude[u].indices for u in chunk]
+            remaining = None if rows is None else self.trie.remaining(rows)
             found, score = constrained_beam_search(decoder, self.trie, self.beam, top_k, remaining)
             items.append(found.cpu())
             scores.append(score.cpu())
@@ -397,9 +410,10 @@ class GenerativeScorer:
         out.update(index_validity(index))
         return out
 
-    def score(self, users: np.ndarray) -> torch.Tensor:
-        """(len(users), n_items): each found item's beam score, -inf for the items not in the list."""
-        items, scores = self.recommend(users)
+    def score(self, users: np.ndarray, excluded: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+        """(len(users), n_items): each found item's beam score, -inf for the items not in the list
+        (``excluded`` as in :meth:`recommend`)."""
+        items, scores = self.recommend(users, excluded=excluded)
         dense = torch.full((len(users), self.trie.n_items), float("-inf"))
         found = items >= 0
         dense[torch.nonzero(found)[:, 0], items[found]] = scores[found]
