@@ -23,13 +23,12 @@ from llmrec.decoding import GenerativeScorer, SemanticPrompts, require_index
 from llmrec.generate import NextSemanticDataset, SemanticDataset, SemanticSequenceDataset
 from llmrec.metrics import DEFAULT_KS, LOO_KS, evaluate_scorer, history_splits, is_leave_one_out
 from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig, blend_scores
-from llmrec.options import PRETRAIN_CORPORA
+from llmrec.options import PRETRAIN_CORPORA, PROMPT_KINDS
 from llmrec.prompts import FinetunePrompts
 from llmrec.scoring import ItemHeadScorer, PrecomputedScorer
 from llmrec.textid import TextIDDataset
 
 logger = get_logger(__name__)
-PROMPT_KINDS = ("masked", "sequence", "semantic_sequence")
 # finetuning task -> the prompt it trains on (and is evaluated with)
 FINETUNE_TASKS = {
     "multinomial": "masked",
