@@ -278,7 +278,7 @@ def required_files(config: dict[str, Any]) -> list[str]:
 def read_index(directory: Path, config: dict[str, Any], vocab: RecVocab) -> ItemIndex:
     """A generator bundle's ``index/``, after :func:`verify_files`: every artifact ``index.json`` names must
     be one of the bundle's listed files (so nothing unverified, and nothing outside the bundle, is read),
-    and the codes must fit the vocabulary (one tuple per item, the model's codebooks, a prefix-free trie)."""
+    and the codes must fit the vocabulary (one distinct tuple per item, the model's codebooks)."""
     from llmrec.indexing.base import INDEX_FILE, ItemIndex
 
     meta_path = directory / INDEX_DIR / INDEX_FILE
@@ -607,7 +607,9 @@ class Recommender:
         if bundle_mode(config) == GENERATE:
             generate = check_generate(config.get("generate"), config_path)
             if beam is not None:
-                generate["beam"] = check_generate({**generate, "beam": beam}, config_path)["beam"]
+                if isinstance(beam, bool) or not isinstance(beam, int) or not 1 <= beam <= MAX_BEAM:
+                    raise UserError(f"beam must be a whole number in [1, {MAX_BEAM}], got {beam!r}")
+                generate["beam"] = beam
         elif beam is not None:
             raise UserError(
                 f"{directory}: beam= is for a generator bundle; this one ranks with the item head"

@@ -32,6 +32,8 @@ from llmrec.indexing import (
     RandomIndexer,
     RQKMeansConfig,
     RQKMeansIndexer,
+    RQVAEConfig,
+    RQVAEIndexer,
 )
 from llmrec.indexing.newitems import add_items, quantize, text_encoder
 from llmrec.metrics import RankingMetrics, evaluate_scorer
@@ -71,6 +73,20 @@ def test_new_items_keep_their_quantized_prefix_and_take_the_nearest_free_last_co
             free = [c for c in range(16) if c not in taken]
             assert code[-1] == min(free, key=lambda c: new_distances[row, c])
         codes.append(code)
+
+
+def test_an_rqvae_index_codes_new_items_with_its_own_encoder_and_codebooks():
+    embeddings = np.random.default_rng(1).standard_normal((40, 16)).astype(np.float32)
+    config = RQVAEConfig(
+        levels=2, codebook_size=16, hidden_dims=[16], latent_dim=4, ae_epochs=5, decoder_epochs=1
+    )
+    index = RQVAEIndexer(config).build(IndexData(n_items=40, embeddings=embeddings))
+    index.config["encoder"] = "minilm"
+    raw, _ = quantize(index, embeddings)
+    moved = index.stats["colliding_items_before"]  # only colliding items are re-assigned
+    assert (raw == index.codes).all(1).mean() >= 1 - moved - 1e-9
+    grown = add_items(index, embeddings[:3])
+    assert grown.is_unique() and (grown.codes[40:, 0] == raw[:3, 0]).all()
 
 
 def test_a_full_prefix_is_refused_in_one_line():
