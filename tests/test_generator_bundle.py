@@ -181,6 +181,18 @@ def test_the_bundle_holds_the_index_prompt_and_beam_of_the_run(run, bundle):
     assert "constrained beam search (beam 20)" in (bundle / "README.md").read_text()
 
 
+def test_the_export_recipe_takes_another_beam_and_refuses_it_for_an_item_head_run(run, tmp_path):
+    out = recipe_main("export")(["--run", str(run), "--out", str(tmp_path / "wide"), "--beam", "25"])
+    assert Recommender.from_pretrained(out, device="cpu").beam == 25
+    item_head = tmp_path / "item-head"
+    shutil.copytree(run, item_head)
+    config = json.loads((item_head / "run_config.json").read_text())
+    (item_head / "run_config.json").write_text(json.dumps({**config, "task": "multinomial"}))
+    with pytest.raises(UserError, match=r"--beam: .* is an item-head run \(task multinomial\)"):
+        export_run(item_head, tmp_path / "refused", beam=20)
+    assert not (tmp_path / "refused").exists()
+
+
 def test_known_users_get_evaluations_lists_and_scores(run, data, bundle, recommender):  # noqa: F811
     assert recommender.mode == "generate" and recommender.beam == BEAM
     items, scores = evaluation_lists(run, data, "valid", K)  # from the training items, which are excluded
