@@ -19,23 +19,16 @@ from data_prep import Bundle, DataError
 from data_prep.cold import cold_ids
 from llmrec.backbone import BackboneConfig
 from llmrec.collate import FinetuneDataset, PretrainDataset, SequenceDataset, TaskMixture
-from llmrec.generate import (
-    GenerativeScorer,
-    NextSemanticDataset,
-    SemanticDataset,
-    SemanticPrompts,
-    SemanticSequenceDataset,
-    require_index,
-)
+from llmrec.decoding import GenerativeScorer, SemanticPrompts, require_index
+from llmrec.generate import NextSemanticDataset, SemanticDataset, SemanticSequenceDataset
 from llmrec.metrics import DEFAULT_KS, LOO_KS, evaluate_scorer, history_splits, is_leave_one_out
 from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig, blend_scores
-from llmrec.options import PRETRAIN_CORPORA
+from llmrec.options import PRETRAIN_CORPORA, PROMPT_KINDS
 from llmrec.prompts import FinetunePrompts
 from llmrec.scoring import ItemHeadScorer, PrecomputedScorer
 from llmrec.textid import TextIDDataset
 
 logger = get_logger(__name__)
-PROMPT_KINDS = ("masked", "sequence", "semantic_sequence")
 # finetuning task -> the prompt it trains on (and is evaluated with)
 FINETUNE_TASKS = {
     "multinomial": "masked",

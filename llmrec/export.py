@@ -2,7 +2,9 @@
 
 ``export_run`` takes a finetuning run directory, ``export_model`` a model and its dataset bundle; both
 write the layout described in `llmrec.recommender` with its writer (`llmrec.recommender.write_bundle`,
-shared with ``Recommender.save_pretrained``), adding the ``--merge`` directory here.
+shared with ``Recommender.save_pretrained``), adding the ``--merge`` directory here. A semantic-ID
+generator run (task in `llmrec.data.GENERATIVE_TASKS`) becomes a generator bundle: its item index, the
+prompt it trained on and its evaluation beam, so that the bundle's lists are evaluation's.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from llmrec.coldstart import warm_items
 from llmrec.data import FINETUNE_TASKS, GENERATIVE_TASKS, prompt_template, require_same_catalogue
 from llmrec.indexing.encoders import MINILM, item_embeddings
 from llmrec.mapper import TextToID, item_texts
-from llmrec.model import VIEWS, CLLM4Rec, run_data, run_model_dir, run_task
+from llmrec.metrics import DEFAULT_KS, LOO_KS, is_leave_one_out
+from llmrec.model import VIEWS, CLLM4Rec, run_config, run_data, run_model_dir, run_task
 from llmrec.model_card import model_card
 from llmrec.recommender import (
     DTYPES,
@@ -54,23 +57,41 @@ def export_run(run: str | Path, out: str | Path, data: str | Path | None = None,
 
     ``data`` defaults to the bundle recorded in ``RUN/run_config.json``; the prompt is the one the run's
     task trained on (``FINETUNE_TASKS``: a ``sequential`` run is served the chronological sequence
-    prompt); ``options`` go to :func:`export_model`.
+    prompt); ``options`` go to :func:`export_model`. A generator run (``GENERATIVE_TASKS``) is exported
+    as a generator bundle whose ``beam`` (option ``beam``, default :func:`run_beam`) is the one its
+    evaluation uses; an item-head run given a ``beam`` is refused.
     """
     run = Path(run)
     model_path = run_model_dir(run)
-    if run_task(run) in GENERATIVE_TASKS:
+    task = run_task(run)
+    if options.get("beam") is not None and task not in GENERATIVE_TASKS:
         raise UserError(
-            f"{run}: a semantic-ID generator run (task {run_task(run)}); the recommender bundle serves the "
-            "item head only, which this run did not train: evaluate it with recipes/evaluate.py --generate true"
+            f"--beam: {run} is an item-head run (task {task}); only a semantic-ID generator run "
+            f"({', '.join(GENERATIVE_TASKS)}) ranks by beam search"
         )
     if data is None:
         data = run_data(run)
     inputs = {"--run": run, "--data": data}
     check_target(out, RECOMMENDER, options.get("overwrite", False), inputs)  # before the model loads
+    bundle = load_bundle(data)
+    if task in GENERATIVE_TASKS and options.get("beam") is None:
+        options["beam"] = run_beam(run, bundle)
     model = CLLM4Rec.from_pretrained(model_path)
     source = {"run": str(run), "model": str(model_path), "data": str(data)}
-    options.setdefault("prompt", FINETUNE_TASKS[run_task(run)])
-    return export_model(model, load_bundle(data), out, source=source, inputs=inputs, **options)
+    options.setdefault("prompt", FINETUNE_TASKS[task])
+    return export_model(model, bundle, out, source=source, inputs=inputs, **options)
+
+
+def run_beam(run: str | Path, data: Bundle) -> int:
+    """The beam width a generator run is evaluated with: its ``eval.beam``, else (0) the largest metric
+    cut-off of ``data``'s protocol (``recipes/finetune.py`` validation, ``recipes/evaluate.py``)."""
+    section = run_config(run).get("eval")
+    beam = section.get("beam", 0) if isinstance(section, dict) else 0
+    if isinstance(beam, bool) or not isinstance(beam, int) or beam < 0:
+        raise UserError(
+            f"{Path(run) / 'run_config.json'}: field eval.beam must be a whole number >= 0, got {beam!r}"
+        )
+    return beam or max(LOO_KS if is_leave_one_out(data) else DEFAULT_KS)
 
 
 def export_model(
@@ -86,6 +107,7 @@ def export_model(
     mapper: bool = True,
     prompt: str = "masked",
     inputs: Mapping[str, str | Path | None] | None = None,
+    beam: int | None = None,
 ) -> Path:
     """Write ``model`` (trained on the dataset bundle ``data``) as a recommender bundle at ``out``.
 
@@ -98,10 +120,24 @@ def export_model(
     with it. The bundle's ``README.md`` is its model card (`llmrec.model_card`: the run's metrics when
     ``source["run"]`` names it). Written to a temporary directory and renamed; ``out`` may not be,
     contain or lie inside ``data`` or the other ``inputs`` (`common.artifacts`).
+
+    With ``beam`` the bundle is a generator's (mode ``generate``, `llmrec.recommender`): ``model`` (trained
+    on a semantic-ID generator task with ``prompt``) ranks by constrained beam search of that width over
+    its item index, which the bundle carries as ``index/``; it has no item head to merge or mapper to fit
+    (new items get codes from the index, ``Recommender.add_items``).
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
     require_same_catalogue(data, model, "the model")
+    generate = None
+    if beam is not None:
+        if isinstance(beam, bool) or not isinstance(beam, int) or beam < 1:
+            raise UserError(f"--beam must be a positive whole number, got {beam!r}")
+        if model.item_index is None:
+            raise UserError("--beam: the model has no item index (semantic IDs), so it cannot generate")
+        if merge:
+            raise UserError("--merge writes the item head, which a semantic-ID generator does not rank with")
+        generate = {"beam": beam, "prompt": prompt}
     if merge and (model.backbone.load_in_4bit or model.backbone.load_in_8bit):
         raise ValueError("--merge needs a full-precision backbone (this model was loaded in 4 or 8 bit)")
     if merge and (model.config.history_pool != "none" or model.config.prior != "none"):
@@ -114,7 +150,7 @@ def export_model(
     for name, value in templates.items():
         check_template(value, name)
     source = {**(source or {}), "data": str(data.path), "dataset_counts": data.manifest.get("counts")}
-    text_mapper = fit_mapper(model, data) if mapper else None
+    text_mapper = fit_mapper(model, data) if mapper and generate is None else None
     merged = (lambda directory: _export_merged(model, directory, DTYPES[dtype], templates)) if merge else None
     card = model_card(
         data.manifest,
@@ -123,6 +159,7 @@ def export_model(
             "model": asdict(model.config),
             "templates": templates,
             "dtype": dtype,
+            "generate": generate,
         },
         source,
     )
@@ -139,15 +176,17 @@ def export_model(
         mapper=text_mapper,
         merged=merged,
         card=card,
+        generate=generate,
     )
 
 
 def fit_mapper(model: CLLM4Rec, data: Bundle) -> TextToID | None:
     """The text-to-ID mapper fit on the warm items' texts (title and description), so that adding items
     to the bundle only encodes the new ones; the texts' MiniLM embeddings are read from or written to
-    the dataset's cache (``DATA/embeddings``). None for a model with semantic IDs, which cannot add items."""
+    the dataset's cache (``DATA/embeddings``). None for a model with semantic IDs, whose new items need
+    codes (a generator bundle takes them from its item index; an item-head bundle cannot add items)."""
     if model.vocab.semantic_codebooks:
-        logger.info("no text-to-ID mapper: a model with semantic IDs cannot add items")
+        logger.info("no text-to-ID mapper: a model with semantic IDs adds items through its item index only")
         return None
     try:
         embeddings = item_embeddings(

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from torch import nn
 
 from llmrec.model import CLLM4Rec, ItemItemPrior
 from llmrec.tokens import RecVocab
+
+if TYPE_CHECKING:
+    from llmrec.indexing.base import ItemIndex
 
 logger = logging.getLogger(__name__)
 
@@ -201,22 +204,38 @@ def neighbour_rows(
 
 # ---------------------------------------------------------------------------------- catalogue growth
 @torch.no_grad()
-def extend_items(model: CLLM4Rec, n_new: int) -> range:
+def extend_items(model: CLLM4Rec, n_new: int, index: ItemIndex | None = None) -> range:
     """Grow the model's item family by ``n_new`` tokens (rows zero until set); returns the new indices.
 
     The rows of existing items are copied unchanged, so their scores do not move; the prior's item-item
     matrix (``ModelConfig.prior``) grows with zeros, and the history pool reads the grown collaborative
-    table, so both stay valid. The item family sits
-    below the semantic-ID family, so a model with semantic IDs (whose new items have no codes) is refused.
+    table, so both stay valid.
+
+    A model with semantic IDs needs the new items' codes: ``index``, its item index grown by them
+    (`llmrec.indexing.newitems.add_items`), becomes ``model.item_index``. The item family sits below the
+    semantic-ID family, so the semantic token ids move up by ``n_new``; the semantic tables (one per
+    family) do not change, so neither do the codes' scores, but token ids computed before (prompt
+    builders, `llmrec.decoding.SemanticPrompts`) must be rebuilt.
     """
     vocab = model.vocab
-    if vocab.semantic_codebooks:
-        raise ValueError(
-            "adding items to a model with semantic IDs is not supported (new items have no codes)"
-        )
     if n_new < 1:
         raise ValueError(f"n_new must be positive, got {n_new}")
-    grown = RecVocab(vocab.base_size, vocab.n_users, vocab.n_items + n_new, names=vocab.names)
+    if vocab.semantic_codebooks and (index is None or index.n_items != vocab.n_items + n_new):
+        raise ValueError(
+            f"adding {n_new} items to a model with semantic IDs needs their codes: its item index grown "
+            f"to {vocab.n_items + n_new} items (llmrec.indexing.newitems.add_items)"
+        )
+    if index is not None and index.codebook_sizes != vocab.semantic_codebooks:
+        raise ValueError(
+            f"the item index's codebooks {index.codebook_sizes} are not the model's {vocab.semantic_codebooks}"
+        )
+    grown = RecVocab(
+        vocab.base_size,
+        vocab.n_users,
+        vocab.n_items + n_new,
+        semantic_codebooks=vocab.semantic_codebooks,
+        names=vocab.names,
+    )
     for view in (model.collab, model.content):
         old = view.tables["item"].weight
         grown_weight = torch.cat([old, old.new_zeros(n_new, old.shape[1])])
@@ -232,6 +251,8 @@ def extend_items(model: CLLM4Rec, n_new: int) -> range:
         prior.matrix[: vocab.n_items, : vocab.n_items] = model.prior.matrix
         model.prior = prior
     model.vocab = grown
+    if index is not None:
+        model.item_index = index
     return range(vocab.n_items, grown.n_items)
 
 

@@ -7,7 +7,7 @@ regulariser pulls the two views of each ID token together (Zhu et al., "Collabor
 Model for Recommender Systems", WWW 2024). Finetuning puts a multinomial head on the last prompt
 position that scores the whole catalogue in one forward pass. With an item index (``ModelConfig.index``)
 the model also learns to write an item's semantic ID after the prompt (task ``semantic``), decoded by
-constrained beam search in `llmrec.generate`.
+constrained beam search in `llmrec.decoding`.
 
 Every loss method returns ``(sum, count)`` rather than a mean, so that the training loop can divide by the
 count summed over all processes: the gradient of a batch split over N processes then equals the
@@ -277,7 +277,7 @@ class CLLM4Rec(nn.Module):
 
         Labels are rows of the semantic table (token id - first semantic id); a code at level l competes
         with the other codes of level l, never with other levels or words, which is exactly what beam
-        search compares at step l (`llmrec.generate`).
+        search compares at step l (`llmrec.decoding`).
         """
         hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"], "collab")
         mask = batch["labels"] != IGNORE

@@ -61,7 +61,8 @@ def metrics_table(metrics: dict[str, dict[str, float]]) -> list[str]:
 
 def model_card(manifest: dict[str, Any], config: dict[str, Any], source: dict[str, Any]) -> str:
     """The card's Markdown from the dataset ``manifest``, the export's ``config`` (``backbone`` and ``model``:
-    the configs as dicts, ``templates``, ``dtype``) and its ``source`` (``run``: the run directory, if any)."""
+    the configs as dicts, ``templates``, ``dtype``, ``generate``: a generator bundle's beam and prompt) and its
+    ``source`` (``run``: the run directory, if any)."""
     run = Path(source["run"]) if source.get("run") else None
     run_config = _read_json(run / "run_config.json") if run else None
     counts = manifest.get("counts", {})
@@ -72,7 +73,12 @@ def model_card(manifest: dict[str, Any], config: dict[str, Any], source: dict[st
         "",
         f"A recommender bundle exported by llmrec {__version__}: a causal LM ({backbone['name_or_path']}"
         + (f", first {backbone['num_layers']} layers" if backbone.get("num_layers") else "")
-        + ") with ID tokens, a LoRA adapter and an item head that scores the whole catalogue in one forward.",
+        + (
+            f") with ID tokens and a LoRA adapter that writes an item's semantic ID, ranked by constrained beam "
+            f"search (beam {config['generate']['beam']}) over the item index in `index/`."
+            if config.get("generate")
+            else ") with ID tokens, a LoRA adapter and an item head that scores the whole catalogue in one forward."
+        ),
         "",
         "## Data and split",
         f"- source: {manifest.get('source', {}).get('format', '?')} files `{manifest.get('source', {}).get('input', '?')}`",

@@ -37,6 +37,9 @@ WeightDtype = Literal["fp32", "fp16", "bf16"]  # of exported weights; llmrec.rec
 WEIGHT_DTYPES = get_args(WeightDtype)
 # finetuning tasks; llmrec.data.FINETUNE_TASKS gives each its prompt kind
 FinetuneTask = Literal["multinomial", "semantic", "both", "sequential", "semantic_next", "semantic_sequence"]
+# the prompt a finetuning task trains on (llmrec.data.prompt_template), which a bundle serves its users
+PromptKind = Literal["masked", "sequence", "semantic_sequence"]
+PROMPT_KINDS = get_args(PromptKind)
 Split = Literal["test", "valid"]  # a split that recipes report (test) or select on (valid)
 BASELINE_NAMES = ("pop", "ease", "multvae", "sasrec", "random", "knn")  # llmrec.baselines.BASELINES
 EASE_LAMBDAS = (10.0, 50.0, 100.0, 200.0, 300.0, 500.0, 750.0, 1000.0, 2000.0, 5000.0)  # EASE's L2 grid

@@ -22,6 +22,9 @@ Bundle layout (`llmrec.export.export_model` / ``python recipes/export.py``)::
                            export (unless ``--mapper false``) or by the first ``add_items``
     merged/                (``--merge`` only) a plain transformers model: LoRA merged, ID tokens as
                            added tokens, resized embeddings, plus ``item_head.safetensors``
+    index/                 (generator bundles only) the item index: ``index.json``, ``codes.safetensors``
+                           and its artifacts (`llmrec.indexing.ItemIndex`; the RQ-VAE or RQ-KMeans
+                           weights that code ``add_items``' new items)
 
 The frozen backbone is not copied: the bundle names it (a :class:`BackboneConfig`) with a fingerprint of
 the checkpoint it was trained on, and loading refuses a backbone whose fingerprint differs. Loading
@@ -34,6 +37,15 @@ with``). A user unseen in training has no user token, so ``history=`` prompts us
 the finetune template with its user placeholders removed (``has interacted with <item_a> <item_b>,
 will interact with``). The model never saw that prompt shape during finetuning, so cold scores are out
 of distribution; they are a usable fallback, not what the model was selected for.
+
+Modes. ``config.json``'s ``mode`` says how the bundle ranks: ``item_head`` (format_version 1, and every
+bundle without ``mode``) scores the whole catalogue with the item head; ``generate`` (format_version 2,
+exported from a semantic-ID generator run, task in `llmrec.data.GENERATIVE_TASKS`) ranks by the
+constrained beam search of evaluation (`llmrec.decoding.GenerativeScorer`) over the bundle's ``index/``,
+with ``generate = {"beam": width, "prompt": kind}``: the run's evaluation beam and the prompt kind it
+trained on (``semantic_sequence`` writes each history item as its codes, `llmrec.decoding.SemanticPrompts`).
+Generator bundles carry their own format version so that an llmrec that reads only format 1 refuses them
+instead of serving the item head a generator run never trained.
 """
 
 from __future__ import annotations
@@ -68,6 +80,7 @@ from llmrec.tokens import RecVocab
 
 if TYPE_CHECKING:
     from llmrec.backbone import BackboneConfig
+    from llmrec.indexing.base import ItemIndex
     from llmrec.mapper import TextToID
     from llmrec.model import CLLM4Rec, ModelConfig
 
@@ -84,6 +97,11 @@ HEAD_FILE = "item_head.safetensors"
 MERGED_INFO_FILE = "recommender.json"
 MAPPER_FILE = "mapper.safetensors"
 CARD_FILE = "README.md"
+INDEX_DIR = "index"
+# how a bundle ranks (config.json "mode"; absent: item_head) and the format version each is written with
+ITEM_HEAD, GENERATE = "item_head", "generate"
+MODE_VERSIONS = {ITEM_HEAD: FORMAT_VERSION, GENERATE: 2}
+MAX_BEAM = 10_000  # a bound on a bundle's beam width (evaluation uses 20-100)
 # CPU threads of add_items: encoding ~100 short texts (a few tens of GFLOP) and growing a few tables gain
 # little from more threads, and on a busy CPU extra threads wait for each other (README, Cold start)
 ADD_ITEMS_THREADS = 1
@@ -127,11 +145,12 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     if not isinstance(config, dict) or config.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{path}: not a recommender bundle config (format is not {BUNDLE_FORMAT!r})")
     version = config.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in MODE_VERSIONS.values():
         raise BundleError(
             f"{path}: bundle format_version {version!r} (written by llmrec {config.get('llmrec_version')}) "
-            f"cannot be read by llmrec {__version__}, which reads format_version {FORMAT_VERSION}: "
-            f"re-export the run with llmrec {__version__} (format_version {FORMAT_VERSION}; "
+            f"cannot be read by llmrec {__version__}, which reads format_version {FORMAT_VERSION} (item head) "
+            f"and {MODE_VERSIONS[GENERATE]} (semantic-ID generator): re-export the run with llmrec "
+            f"{__version__} (format_version {FORMAT_VERSION}, or {MODE_VERSIONS[GENERATE]} for a generator run; "
             "python recipes/export.py --run RUN --out DIR) or load it with the llmrec that wrote it"
         )
     missing = [key for key in CONFIG_KEYS if key not in config]
@@ -143,7 +162,35 @@ def read_config(directory: str | Path) -> dict[str, Any]:
             "Backbone load options (device, dtype, cache_dir, 4/8 bit) are arguments of "
             "Recommender.from_pretrained, not edits of this file"
         )
+    mode = bundle_mode(config)
+    if mode not in MODE_VERSIONS:
+        raise BundleError(f"{path}: unknown 'mode' {mode!r}; expected one of {list(MODE_VERSIONS)}")
+    if version != MODE_VERSIONS[mode]:
+        raise BundleError(
+            f"{path}: a {mode} bundle is format_version {MODE_VERSIONS[mode]}, this one says {version}"
+        )
     return config
+
+
+def bundle_mode(config: dict[str, Any]) -> str:
+    """How a bundle ranks: ``config.json``'s ``mode`` (``item_head`` when absent, as in llmrec 0.1-0.2)."""
+    return config.get("mode", ITEM_HEAD)
+
+
+def check_generate(value: object, path: Path) -> dict[str, Any]:
+    """A generator bundle's ``generate`` entry: ``{"beam": 1..MAX_BEAM, "prompt": a prompt kind}``."""
+    from llmrec.options import PROMPT_KINDS
+
+    if not isinstance(value, dict) or set(value) != {"beam", "prompt"}:
+        raise BundleError("'generate' must map exactly ['beam', 'prompt']", file=path)
+    beam, prompt = value["beam"], value["prompt"]
+    if isinstance(beam, bool) or not isinstance(beam, int) or not 1 <= beam <= MAX_BEAM:
+        raise BundleError(
+            f"'generate.beam' must be a whole number in [1, {MAX_BEAM}], got {beam!r}", file=path
+        )
+    if prompt not in PROMPT_KINDS:
+        raise BundleError(f"'generate.prompt' must be one of {list(PROMPT_KINDS)}, got {prompt!r}", file=path)
+    return {"beam": beam, "prompt": prompt}
 
 
 # the fields each prompt template may use: known users' prompts name the user, cold ones only the history
@@ -209,16 +256,60 @@ def saved_backbone(config: dict[str, Any], path: Path) -> BackboneConfig:
 
 
 def required_files(config: dict[str, Any]) -> list[str]:
-    """The files the loader opens: each must be listed (sized and hashed) in config.json."""
+    """The files the loader opens: each must be listed (sized and hashed) in config.json. (A generator
+    bundle's index artifacts are named in ``index/index.json``; :func:`read_index` checks them.)"""
+    from llmrec.indexing.base import CODES_FILE, INDEX_FILE
+
     adapters = config["adapters"] if isinstance(config["adapters"], list) else []
     per_adapter = ("adapter_config.json", "adapter_model.safetensors")
+    index = (
+        [f"{INDEX_DIR}/{INDEX_FILE}", f"{INDEX_DIR}/{CODES_FILE}"] if bundle_mode(config) == GENERATE else []
+    )
     return [
         WEIGHTS_FILE,
         HISTORIES_FILE,
         "users.json",
         "items.json",
         *(f"{ADAPTER_DIR}/{name}/{file}" for name in adapters for file in per_adapter),
+        *index,
     ]
+
+
+def read_index(directory: Path, config: dict[str, Any], vocab: RecVocab) -> ItemIndex:
+    """A generator bundle's ``index/``, after :func:`verify_files`: every artifact ``index.json`` names must
+    be one of the bundle's listed files (so nothing unverified, and nothing outside the bundle, is read),
+    and the codes must fit the vocabulary (one distinct tuple per item, the model's codebooks)."""
+    from llmrec.indexing.base import INDEX_FILE, ItemIndex
+
+    meta_path = directory / INDEX_DIR / INDEX_FILE
+    try:
+        meta = read_json(meta_path, "item index")
+    except ArtifactError as err:
+        raise BundleError(str(err)) from err
+    artifacts = meta.get("artifacts") if isinstance(meta, dict) else None
+    if not isinstance(artifacts, list):
+        raise BundleError("'artifacts' must be a list of file names", file=meta_path)
+    unlisted = [name for name in artifacts if f"{INDEX_DIR}/{name}" not in config["files"]]
+    if unlisted:
+        raise BundleError(
+            f"names artifact(s) {unlisted[:3]} that {CONFIG_FILE} does not list among the bundle's files",
+            file=meta_path,
+        )
+    try:
+        index = ItemIndex.read(directory / INDEX_DIR)  # no recovery: the verified files as they are
+    except (OSError, ValueError, safetensors.SafetensorError) as err:
+        raise BundleError(f"{directory / INDEX_DIR}: cannot read the item index ({err})") from err
+    if index.n_items != vocab.n_items or index.codebook_sizes != vocab.semantic_codebooks:
+        raise BundleError(
+            f"holds {index.n_items} items with codebooks {list(index.codebook_sizes)}; the model has "
+            f"{vocab.n_items} items and semantic codebooks {list(vocab.semantic_codebooks)}",
+            file=meta_path,
+        )
+    if not index.is_unique():
+        raise BundleError(
+            "two items share a code tuple: the generator could not tell them apart", file=meta_path
+        )
+    return index
 
 
 def verify_files(directory: str | Path, files: dict[str, dict[str, Any]], hashes: bool = True) -> None:
@@ -257,10 +348,13 @@ def write_bundle(
     mapper: TextToID | None = None,
     merged: Callable[[Path], None] | None = None,
     card: str | None = None,
+    generate: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the bundle files (see the module docstring) into a temporary directory and rename it.
 
     ``card`` is the Markdown of the bundle's ``README.md`` (`llmrec.model_card`, written by an export).
+    ``generate`` (``{"beam", "prompt"}``, see the module docstring) writes a generator bundle: mode
+    ``generate``, format_version 2, ``model.item_index`` as ``index/``.
 
     ``mapper`` (the cold-item text-to-ID mapper) is an optional extra that :meth:`Recommender.add_items`
     reads back; ``merged(directory)`` writes the ``merged/`` directory (`llmrec.export`, ``--merge``),
@@ -275,6 +369,15 @@ def write_bundle(
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
     torch_dtype, vocab = DTYPES[dtype], model.vocab
+    mode = GENERATE if generate is not None else ITEM_HEAD
+    if generate is not None:
+        generate = check_generate(dict(generate), Path(out) / CONFIG_FILE)
+        if model.item_index is None or model.item_index.n_items != vocab.n_items:
+            raise ValueError("a generator bundle needs the model's item index, with one code tuple per item")
+        if merged is not None:
+            raise ValueError(
+                "a generator bundle has no merged/ (it holds the item head, which generation does not use)"
+            )
     if (catalogue.n_users, catalogue.n_items) != (vocab.n_users, vocab.n_items):
         raise ValueError(
             f"the catalogue has {catalogue.n_users} users and {catalogue.n_items} items, the model "
@@ -304,14 +407,17 @@ def write_bundle(
         )
         if merged is not None:
             merged(tmp / MERGED_DIR)
+        if generate is not None:
+            model.item_index.write_files(tmp / INDEX_DIR)
         if card is not None:
             (tmp / CARD_FILE).write_text(card, encoding="utf-8")
         files = file_records(tmp)
         backbone = dataclasses.replace(model.backbone, cache_dir=None, allow_download=False)
         config = {
             "format": BUNDLE_FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": MODE_VERSIONS[mode],
             "llmrec_version": __version__,
+            "mode": mode,
             "library_versions": {
                 "torch": torch.__version__,
                 "transformers": transformers.__version__,
@@ -331,6 +437,7 @@ def write_bundle(
             "templates": templates,
             "source": source,
             "merged": MERGED_DIR if merged is not None else None,
+            **({"generate": generate} if generate is not None else {}),
             "files": files,
         }
         config["checksum"] = config_checksum(config)
@@ -364,7 +471,8 @@ def _locked(method: Callable) -> Callable:
 
 @dataclass(frozen=True)
 class Recommendation:
-    """One recommended item: raw id, catalogue index, title and score (the item head's logit)."""
+    """One recommended item: raw id, catalogue index, title and score (the item head's logit; for a
+    generator bundle the beam's log-probability of the item's code tuple)."""
 
     item: str
     index: int
@@ -388,6 +496,15 @@ class Recommender:
     Thread-safe: every public method runs under one lock per instance (a re-entrant lock), so threads
     may share a recommender; their calls run one at a time (each forward pass uses torch's own threads).
     The cache, the histories, the catalogue and the model change only under that lock.
+
+    A generator bundle (``mode`` ``generate``, see the module docstring) ranks as evaluation does
+    (``recipes/evaluate.py --generate true``): the same prompts, and the constrained beam search of
+    `llmrec.decoding.GenerativeScorer` with the bundle's ``beam``, seen (and ``exclude``) items kept out
+    of the search itself. ``recommend`` returns the beam's best ``k`` items, scored by their code tuples'
+    log-probabilities; a beam holds ``beam`` items, so ``k`` above it returns those ``beam`` (load with
+    ``beam=`` for longer lists). ``score`` is the matrix evaluation ranks: each of the beam's items its
+    log-probability, every other item (seen ones included) -inf. There is no state to cache (the search
+    runs the prompt each call): ``warm_cache`` does nothing and ``update`` grows the history.
     """
 
     def __init__(
@@ -400,6 +517,7 @@ class Recommender:
         mapper: TextToID | None = None,
         dtype: str = "fp32",
         kv_users: int = 32,
+        generate: Mapping[str, Any] | None = None,
     ):
         from llmrec.scoring import UserStates
 
@@ -407,12 +525,40 @@ class Recommender:
         self.model, self.catalogue, self.batch_size = model, catalogue, batch_size
         self.histories = list(histories)  # update() grows them in place
         self.templates, self.mapper, self.dtype = templates, mapper, dtype
+        # {"beam", "prompt"} of a generator bundle (module docstring), None for the item head
+        self.generate = dict(generate) if generate is not None else None
         self._build_prompts()
-        self._states = UserStates(model, self.prompts, self.histories, batch_size, kv_users=kv_users)
+        if self.generate is None:
+            self._states = UserStates(model, self.prompts, self.histories, batch_size, kv_users=kv_users)
+
+    @property
+    def mode(self) -> str:
+        """``item_head`` or ``generate`` (the bundle's ``mode``): how this recommender ranks."""
+        return ITEM_HEAD if self.generate is None else GENERATE
+
+    @property
+    def beam(self) -> int | None:
+        """A generator's beam width (the longest list it returns); None for the item head."""
+        return None if self.generate is None else int(self.generate["beam"])
 
     def _build_prompts(self) -> None:
-        """Prompt encoders over the model's current vocabulary (rebuilt when items are added)."""
+        """Prompt encoders over the model's current vocabulary (rebuilt when items are added), and a
+        generator's trie (`llmrec.decoding.TrieTensors`) over the model's current item index."""
         model, max_tokens = self.model, self.model.config.max_doc_tokens
+        if self.generate is not None:
+            from llmrec.decoding import SemanticPrompts, TrieTensors
+
+            device = next(p for p in model.parameters() if p.requires_grad).device
+            self._trie = TrieTensors(model.item_index, device)
+        if self.generate is not None and self.generate["prompt"] == "semantic_sequence":
+            semantic = {"index": model.item_index, "history": model.config.semantic_history}
+            self.prompts = SemanticPrompts(
+                model.vocab, model.tokenizer, self.templates["user"], max_tokens, **semantic
+            )
+            self.cold_prompts = SemanticPrompts(
+                model.vocab, model.tokenizer, self.templates["cold"], max_tokens, **semantic
+            )
+            return
         self.prompts = FinetunePrompts(
             model.vocab, model.tokenizer, self.templates["user"], max_tokens=max_tokens
         )
@@ -429,16 +575,20 @@ class Recommender:
         trust_remote_code: bool = False,
         verify: bool = True,
         kv_users: int = 32,
+        beam: int | None = None,
         **backbone_overrides: Any,
     ) -> Recommender:
-        """Rebuild backbone + LoRA adapter(s) + ID-token tables + head from a bundle.
+        """Rebuild backbone + LoRA adapter(s) + ID-token tables + head from a bundle (and, for a generator
+        bundle, its item index).
 
         ``device`` defaults to CUDA when available. ``backbone_overrides`` are :class:`BackboneConfig`
         fields that change how the backbone loads (``cache_dir``, ``dtype``, ``load_in_4bit``, ...). The
         backbone must have the fingerprint recorded at export. ``trust_remote_code`` is never taken from
         the bundle. ``verify=False`` skips the sha256 of every file (sizes are still checked), for
         bundles too large to hash at every load. ``kv_users``: how many known users' prompt keys and
-        values the cache keeps for :meth:`update` (see :class:`Recommender`).
+        values the cache keeps for :meth:`update` (see :class:`Recommender`). ``beam``: a generator
+        bundle's beam width instead of the one it was exported with (the run's evaluation beam, with which
+        its lists equal evaluation's); refused for an item-head bundle.
         """
         from llmrec.backbone import backbone_fingerprint
         from llmrec.model import ModelConfig
@@ -453,6 +603,17 @@ class Recommender:
                 f"does not list {unlisted} among its files: incomplete bundle", file=config_path
             )
         templates = check_templates(config["templates"], config_path)
+        generate = None
+        if bundle_mode(config) == GENERATE:
+            generate = check_generate(config.get("generate"), config_path)
+            if beam is not None:
+                if isinstance(beam, bool) or not isinstance(beam, int) or not 1 <= beam <= MAX_BEAM:
+                    raise UserError(f"beam must be a whole number in [1, {MAX_BEAM}], got {beam!r}")
+                generate["beam"] = beam
+        elif beam is not None:
+            raise UserError(
+                f"{directory}: beam= is for a generator bundle; this one ranks with the item head"
+            )
         try:
             vocab = RecVocab.from_dict(config["vocab"])
             model_config = ModelConfig(**config["model"])
@@ -486,7 +647,9 @@ class Recommender:
             from llmrec.mapper import TextToID
 
             mapper = TextToID.load(directory / MAPPER_FILE)
+        index = read_index(directory, config, vocab) if generate is not None else None
         model = _load_model(directory, config, vocab, model_config, backbone)
+        model.item_index = index
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         model.to(device).eval()
@@ -506,6 +669,7 @@ class Recommender:
             mapper=mapper,
             dtype=config["dtype"],
             kv_users=kv_users,
+            generate=generate,
         )
 
     # ------------------------------------------------------------------ ids
@@ -572,32 +736,59 @@ class Recommender:
         do not change; a prior (``ModelConfig.prior``) gives new items zero, and the history pool reads
         their mapped rows. Only the new texts are encoded (the encoder is loaded once per process); a
         bundle written without a mapper has it fit here on the first call, from the warm items' titles.
+
+        A generator bundle gives each new item a semantic ID instead: its text (``text``, else ``title``;
+        the dataset's item text starts with the title) is embedded by the encoder the item index was built
+        on and coded by the index's own quantizer, a taken tuple moving to the nearest free last-level
+        code under its prefix (`llmrec.indexing.newitems.add_items`); the tuple joins the trie, so the
+        beam search can write it without retraining, and the item may appear in ``history=[...]``. An
+        index whose embeddings cannot be recomputed here (no recorded encoder, an encoder other than the
+        packaged MiniLM, a non-content index) is a one-line :class:`UserError`. Nothing changes when a
+        batch is refused.
         """
         from llmrec.indexing.encoders import torch_threads
         from llmrec.mapper import TextToID, extend_items, item_texts, parse_new_items
 
         new = parse_new_items(items, self.catalogue.item_index)
+        texts = item_texts([n["title"] for n in new], [n["text"] for n in new])
         with torch_threads(ADD_ITEMS_THREADS):
-            if self.mapper is None:  # exported with --mapper false or by an older llmrec: fit once
-                logger.warning("the bundle has no text-to-ID mapper: fitting one on the warm items (once)")
-                warm = np.unique(np.concatenate([np.asarray(h, dtype=np.int64) for h in self.histories]))
-                texts = item_texts(self.catalogue.item_titles, self.catalogue.item_texts)
-                self.mapper = TextToID.fit_on_texts(self.model, texts, warm)
-            embeddings = self.mapper.embed(item_texts([n["title"] for n in new], [n["text"] for n in new]))
-            indices = list(extend_items(self.model, len(new)))
-            self.mapper.apply(self.model, indices, embeddings)
+            if self.generate is not None:
+                indices = self._add_coded_items(texts)
+            else:
+                if self.mapper is None:  # exported with --mapper false or by an older llmrec: fit once
+                    logger.warning(
+                        "the bundle has no text-to-ID mapper: fitting one on the warm items (once)"
+                    )
+                    warm = np.unique(np.concatenate([np.asarray(h, dtype=np.int64) for h in self.histories]))
+                    known = item_texts(self.catalogue.item_titles, self.catalogue.item_texts)
+                    self.mapper = TextToID.fit_on_texts(self.model, known, warm)
+                embeddings = self.mapper.embed(texts)
+                indices = list(extend_items(self.model, len(new)))
+                self.mapper.apply(self.model, indices, embeddings)
         self.catalogue = self.catalogue.with_items(
             [n["id"] for n in new], [n["title"] for n in new], [n["text"] for n in new]
         )
         self._build_prompts()
-        self._states.grow(self.prompts)
+        if self.generate is None:
+            self._states.grow(self.prompts)
         logger.info("added %d items (%d in the catalogue)", len(new), self.n_items)
         return indices
 
+    def _add_coded_items(self, texts: Sequence[str]) -> list[int]:
+        """A generator's new items: semantic IDs from their texts, then the grown index and item family."""
+        from llmrec.indexing.newitems import add_items, text_encoder
+        from llmrec.mapper import embed_texts, extend_items
+
+        if not texts:
+            raise UserError("add_items: give at least one item")
+        index = self.model.item_index
+        grown = add_items(index, embed_texts(texts, text_encoder(index)))  # nothing has changed up to here
+        return list(extend_items(self.model, len(texts), index=grown))
+
     @_locked
     def save_pretrained(self, directory: str | Path, overwrite: bool = False) -> Path:
-        """Write this recommender, added items and mapper included, as a bundle that
-        :meth:`from_pretrained` loads."""
+        """Write this recommender, added items and mapper included (a generator: its grown item index and
+        beam), as a bundle that :meth:`from_pretrained` loads."""
         return write_bundle(
             self.model,
             directory,
@@ -608,6 +799,7 @@ class Recommender:
             dtype=self.dtype,
             overwrite=overwrite,
             mapper=self.mapper,
+            generate=self.generate,
         )
 
     # ------------------------------------------------------------------ cache of known users
@@ -616,7 +808,8 @@ class Recommender:
         """Run the prompts of ``users`` (default: every known user) through the LM now, ``batch_size``
         (default: the recommender's) at a time, so that their later calls cost one head product."""
         indices = None if users is None else [self.user(u) for u in id_sequence(users, "users")]
-        self._states.warm(indices, batch_size=batch_size)
+        if self.generate is None:  # a generator keeps no state: its search runs the prompt every call
+            self._states.warm(indices, batch_size=batch_size)
 
     @_locked
     def update(self, user: str | int, items: Sequence[str | int]) -> bool:
@@ -631,28 +824,37 @@ class Recommender:
         """
         if len(id_sequence(items, f"update of user {user!r}")) == 0:
             raise UserError(f"update of user {user!r}: give a non-empty list of item ids")
-        return self._states.update(self.user(user), self.items(items))
+        index, added = self.user(user), self.items(items)
+        if self.generate is not None:  # no cached state: the next search reads the grown history
+            self.histories[index] = np.concatenate(
+                [np.asarray(self.histories[index], dtype=np.int64), np.asarray(added, dtype=np.int64)]
+            )
+            return False
+        return self._states.update(index, added)
 
     @_locked
     def clear_cache(self) -> None:
         """Forget the cached states (needed only after changing the model's weights in place)."""
-        self._states.clear()
+        if self.generate is None:
+            self._states.clear()
 
     def cached(self, users: Sequence[str | int]) -> list[bool]:
         """Whether each known user's item-head input is cached (their next score skips the LM)."""
-        return [bool(self._states.known[self.user(u)]) for u in users]
+        indices = [self.user(u) for u in users]
+        return [self.generate is None and bool(self._states.known[u]) for u in indices]
 
     @property
     def cache_bytes(self) -> int:
         """Memory held by the cache of known users (states plus kept keys and values)."""
         with self._lock:
-            return self._states.nbytes
+            return self._states.nbytes if self.generate is None else 0
 
     # ------------------------------------------------------------------ scores
     def score(
         self, user: str | int | None = None, *, history: Sequence[str | int] | None = None
     ) -> torch.Tensor:
-        """Scores of the whole catalogue (n_items,) for one known user or one history; column i = item_ids[i]."""
+        """Scores of the whole catalogue (n_items,) for one known user or one history; column i = item_ids[i]
+        (a generator bundle: see :meth:`score_batch`)."""
         users, histories = _one(user, history)
         return self.score_batch(users, histories=histories)[0]
 
@@ -663,14 +865,18 @@ class Recommender:
         *,
         histories: Sequence[Sequence[str | int]] | None = None,
     ) -> torch.Tensor:
-        """Scores (batch, n_items) for many known users, or for many histories of unseen users."""
-        _exactly_one(users, histories, "users (known user ids)", "histories (lists of item ids)")
-        if users is not None:
-            users = id_sequence(users, "users")
-        else:
-            histories = id_sequence(histories, "histories")
+        """Scores (batch, n_items) for many known users, or for many histories of unseen users.
+
+        A generator bundle has no score for every item: its scores are the matrix evaluation ranks, the
+        beam's log-probability for each of the ``beam`` items it finds outside the row's history (the
+        known user's training items, or the given history) and -inf for every other item, seen items
+        included. Their top ``k`` is ``recommend``'s list with ``exclude_seen`` on."""
+        users, histories = self._rows(users, histories)
         if len(users if users is not None else histories) == 0:
             return torch.empty(0, self.n_items)
+        if self.generate is not None:
+            seen = [list(self.histories[self.user(u)]) for u in users] if users is not None else None
+            return self._beam_scores(users, histories, seen)
         if users is not None:
             return self._states.score(np.asarray([self.user(u) for u in users], dtype=np.int64))
         from llmrec.scoring import ItemHeadScorer
@@ -678,6 +884,38 @@ class Recommender:
         indexed = [self._cold_history(h, row) for row, h in enumerate(histories)]
         scorer = ItemHeadScorer(self.model, self.cold_prompts, indexed, batch_size=self.batch_size)
         return scorer.score(np.arange(len(indexed)))
+
+    @staticmethod
+    def _rows(users: Any, histories: Any) -> tuple[list | None, list | None]:
+        """The call's known users or cold histories, exactly one of them, as sequences (checked)."""
+        _exactly_one(users, histories, "users (known user ids)", "histories (lists of item ids)")
+        if users is not None:
+            return id_sequence(users, "users"), None
+        return None, id_sequence(histories, "histories")
+
+    def _beam_scores(
+        self,
+        users: Sequence[str | int] | None,
+        histories: Sequence[Sequence[str | int]] | None,
+        excluded: Sequence[Sequence[int]] | None,
+    ) -> torch.Tensor:
+        """(rows, n_items) beam scores of a generator (-inf outside each row's beam), ``excluded[row]``
+        (default: the row's history) kept out of the search: `llmrec.decoding.GenerativeScorer`, as in
+        evaluation (`llmrec.data.generative_scorer`)."""
+        from llmrec.decoding import GenerativeScorer
+
+        if users is not None:
+            rows = np.asarray([self.user(u) for u in users], dtype=np.int64)
+            prompts, inputs = self.prompts, self.histories
+        else:
+            inputs = [self._cold_history(h, row) for row, h in enumerate(histories)]
+            rows, prompts = np.arange(len(inputs)), self.cold_prompts
+        if excluded is None:
+            excluded = [list(inputs[row]) for row in rows]
+        scorer = GenerativeScorer(
+            self.model, prompts, inputs, beam=self.beam, batch_size=self.batch_size, trie=self._trie
+        )
+        return scorer.score(rows, excluded=excluded)
 
     def _cold_history(self, history: Sequence[str | int], row: int) -> list[int]:
         if len(id_sequence(history, f"history {row}")) == 0:
@@ -714,23 +952,33 @@ class Recommender:
         exclude_seen: bool = True,
         exclude: Sequence[Sequence[str | int]] | None = None,
     ) -> list[list[Recommendation]]:
-        """Top ``k`` lists for many known users or many histories (one forward pass per prompt)."""
+        """Top ``k`` lists for many known users or many histories (one forward pass per prompt; a
+        generator bundle: one constrained beam search per prompt, the dropped items kept out of it)."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
             raise TypeError(f"k must be a whole number of items, got {k!r} ({type(k).__name__})")
         if k < 1:
             raise UserError(f"k must be a positive number of items, got {k}")
-        scores = self.score_batch(users, histories=histories)
+        users, histories = self._rows(users, histories)
+        n_rows = len(users if users is not None else histories)
         if exclude is not None:
             exclude = id_sequence(exclude, "exclude (one list of item ids per row)")
-        if exclude is not None and len(exclude) != len(scores):
-            raise ValueError(f"exclude has {len(exclude)} lists for {len(scores)} users")
-        masked = scores.clone()
-        for row in range(len(scores)):
+        if exclude is not None and len(exclude) != n_rows:
+            raise ValueError(f"exclude has {len(exclude)} lists for {n_rows} users")
+        drops = []
+        for row in range(n_rows):
             drop = self.items(exclude[row]) if exclude is not None else []
             if exclude_seen and users is not None:
                 drop += list(self.histories[self.user(users[row])])
             elif exclude_seen:
                 drop += self.items(histories[row])
+            drops.append(drop)
+        if n_rows == 0:
+            return []
+        if self.generate is not None:
+            masked = self._beam_scores(users, histories, drops)
+        else:
+            masked = self.score_batch(users, histories=histories).clone()
+        for row, drop in enumerate(drops):
             masked[row, drop] = float("-inf")
         k = min(k, self.n_items)
         top = RankingMetrics(self.n_items, ks=(k,)).topk(masked, k)
@@ -742,7 +990,7 @@ class Recommender:
                 for i in top[row].tolist()
                 if masked[row, i] > float("-inf")
             ]
-            for row in range(len(scores))
+            for row in range(n_rows)
         ]
 
 

@@ -1,6 +1,6 @@
 """The item head as a scorer: prompts with all of a user's training items -> scores of the whole catalogue.
 
-Every scorer in the project (this one, `llmrec.generate.GenerativeScorer`, `llmrec.zeroshot.ZeroShotScorer`,
+Every scorer in the project (this one, `llmrec.decoding.GenerativeScorer`, `llmrec.zeroshot.ZeroShotScorer`,
 the `llmrec.baselines`) has one method, ``score(users) -> (batch, n_items)`` (`llmrec.metrics.Scorer`),
 so evaluation and serving treat them alike.
 """

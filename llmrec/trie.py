@@ -1,6 +1,6 @@
 """One prefix trie of integer sequences (semantic-ID code tuples, title token ids), as flat numpy arrays.
 
-Constrained beam search (`llmrec.generate`) walks it edge by edge towards items; zero-shot scoring
+Constrained beam search (`llmrec.decoding`) walks it edge by edge towards items; zero-shot scoring
 (`llmrec.zeroshot`) runs its nodes through an LM with tree attention. Both need the same structure, so
 it is built once here, vectorised: a million-item index costs a few arrays, never a Python object per
 node. Nodes are numbered in depth-first preorder with children in increasing token order, which is the

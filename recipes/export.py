@@ -7,6 +7,9 @@ the id maps, titles, training histories and templates of the run's dataset bundl
 ``OUT/merged``: a plain transformers model (LoRA merged, ID tokens as added tokens) plus the item head.
 The bundle carries the text-to-ID mapper of ``Recommender.add_items``, fit here on the items' MiniLM
 embeddings (``--mapper false``: without it; ``add_items`` then fits it on its first call).
+A semantic-ID generator run (``--task semantic|semantic_next|semantic_sequence``) gives a generator
+bundle instead: its item index, prompt and beam (``--beam``, default the run's evaluation beam), ranked by
+the constrained beam search of ``recipes/evaluate.py --generate true``; new items get codes from the index.
 Load the bundle with ``llmrec.Recommender.from_pretrained(OUT)`` or ``python recipes/recommend.py``.
 """
 
@@ -18,7 +21,7 @@ from typing import ClassVar
 
 from common.errors import run_cli
 from common.log import setup_logging
-from llmrec.config import parse_config
+from llmrec.config import parse_config, require
 from llmrec.options import WeightDtype
 
 
@@ -48,6 +51,15 @@ class ExportArgs:
             "help": "fit the text-to-ID mapper of Recommender.add_items now (MiniLM over every item's text)"
         },
     )
+    beam: int = field(
+        default=0,
+        metadata={
+            "help": "a semantic-ID generator run: its bundle's beam width (0: the run's evaluation beam)"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        require(self.beam >= 0, "beam", self.beam, "must be >= 0")
 
 
 # what this recipe parses; the first is its own YAML section
@@ -68,6 +80,7 @@ def main(argv: list[str] | None = None) -> str:
         cold=args.cold_template,
         overwrite=args.overwrite,
         mapper=args.mapper,
+        beam=args.beam or None,
     )
     return str(out)
 

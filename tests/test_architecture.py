@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ),
     ("llmrec.prompts",),
     ("llmrec.model",),
-    ("llmrec.scoring", "llmrec.mapper"),
+    ("llmrec.scoring", "llmrec.mapper", "llmrec.decoding"),
     ("llmrec.recommender", "llmrec.service", "llmrec.server"),
     (
         "llmrec.collate",

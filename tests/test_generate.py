@@ -305,8 +305,9 @@ def test_finetune_and_evaluate_recipes_run_the_semantic_task(ml100k_bundle, tmp_
     assert metrics["users"] == 943 and 0 <= metrics["recall@20"] <= 1
     saved = json.loads((run / "metrics.json").read_text())["metrics"]
     assert saved["test/generate"]["recall@20"] == metrics["recall@20"]
-    from common.errors import UserError
     from llmrec.export import export_run
+    from llmrec.recommender import Recommender
 
-    with pytest.raises(UserError, match="generator run"):  # the bundle would serve an untrained item head
-        export_run(run, tmp_path / "bundle")
+    # a generator bundle (tests/test_generator_bundle.py): the run's beam search, not its untrained item head
+    rec = Recommender.from_pretrained(export_run(run, tmp_path / "bundle"), device="cpu")
+    assert rec.mode == "generate" and rec.beam == 100  # eval.beam 0: the largest cut-off of the split

@@ -254,8 +254,9 @@ def edit_config(path: Path, change, keep_checksum: bool = False) -> None:
     ("damage", "message"),
     [
         (
-            lambda b: edit_config(b, lambda c: c.update(format_version=2)),
-            r"format_version 2 .* reads format_version 1: re-export the run with llmrec 0\.\d+\.\d+",
+            lambda b: edit_config(b, lambda c: c.update(format_version=3)),
+            r"format_version 3 .* reads format_version 1 \(item head\) and 2 \(semantic-ID generator\): "
+            r"re-export the run with llmrec 0\.\d+\.\d+",
         ),
         (
             lambda b: edit_config(b, lambda c: c["model"].update(max_doc_tokens=8)),

@@ -109,6 +109,14 @@ class ItemIndex:
         directory is replaced only with ``overwrite`` and only when it is an item index (has index.json);
         ``inputs`` (``{"--data": bundle}``) may hold it but never be it or lie inside it."""
         directory = Path(directory)
+        with write_directory(directory, INDEX, overwrite=overwrite, inputs=inputs, nested={"--data"}) as tmp:
+            self.write_files(tmp)
+        return directory
+
+    def write_files(self, directory: Path) -> None:
+        """The index's files (``index.json``, ``codes.safetensors``, the artifacts) into ``directory``, which
+        the caller's guarded writer owns (:meth:`save`; `llmrec.recommender.write_bundle`'s ``index/``)."""
+        directory.mkdir(exist_ok=True)
         meta = {
             "format_version": FORMAT_VERSION,
             "method": self.method,
@@ -120,17 +128,26 @@ class ItemIndex:
             "stats": self.stats,
             "config": self.config,
         }
-        with write_directory(directory, INDEX, overwrite=overwrite, inputs=inputs, nested={"--data"}) as tmp:
-            (tmp / INDEX_FILE).write_text(json.dumps(meta, indent=2, default=_json_default), encoding="utf-8")
-            save_file({"codes": torch.from_numpy(self.codes)}, tmp / CODES_FILE)
-            for name, blob in self.artifacts.items():
-                (tmp / name).write_bytes(blob)
-        return directory
+        (directory / INDEX_FILE).write_text(
+            json.dumps(meta, indent=2, default=_json_default), encoding="utf-8"
+        )
+        save_file({"codes": torch.from_numpy(self.codes)}, directory / CODES_FILE)
+        for name, blob in self.artifacts.items():
+            (directory / _artifact_name(name, directory / INDEX_FILE)).write_bytes(blob)
 
     @classmethod
     def load(cls, directory: str | Path) -> ItemIndex:
+        """The index saved in ``directory`` (after :func:`~common.artifacts.recover`: a save killed while
+        renaming leaves the old or new index beside it)."""
+        recover(directory)
+        return cls.read(directory)
+
+    @classmethod
+    def read(cls, directory: str | Path) -> ItemIndex:
+        """The index's files as they are (no recovery, nothing renamed: a verified bundle's ``index/``).
+        Only ``index.json``, ``codes.safetensors`` and the artifacts it names, each a plain file name in
+        ``directory``, are opened."""
         directory = Path(directory)
-        recover(directory)  # a save killed while renaming leaves the old or new index beside it
         meta_path = directory / INDEX_FILE
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -153,10 +170,22 @@ class ItemIndex:
                 stats=meta["stats"],
                 config=meta["config"],
                 shared_codebook=meta["shared_codebook"],
-                artifacts={name: (directory / name).read_bytes() for name in meta["artifacts"]},
+                artifacts={
+                    name: (directory / _artifact_name(name, meta_path)).read_bytes()
+                    for name in meta["artifacts"]
+                },
             )
-        except (KeyError, ValueError) as err:
+        except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{meta_path}: invalid item index: {err}") from err
+
+
+def _artifact_name(name: object, meta_path: Path) -> str:
+    """An artifact's name: a plain file name beside ``index.json`` (never a path out of the directory)."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ValueError(f"{meta_path}: artifact name {name!r} is not a plain file name")
+    if name in (INDEX_FILE, CODES_FILE):
+        raise ValueError(f"{meta_path}: artifact name {name!r} is one of the index's own files")
+    return name
 
 
 def _json_default(value: Any) -> Any:
