@@ -27,8 +27,9 @@ from llmrec.generate import (
     SemanticSequenceDataset,
     require_index,
 )
+from llmrec.losses import ItemSoftmax
 from llmrec.metrics import DEFAULT_KS, LOO_KS, evaluate_scorer, history_splits, is_leave_one_out
-from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig, blend_scores
+from llmrec.model import CLLM4Rec, ModelConfig, blend_scores
 from llmrec.options import PRETRAIN_CORPORA
 from llmrec.prompts import FinetunePrompts
 from llmrec.scoring import ItemHeadScorer, PrecomputedScorer

@@ -9,7 +9,8 @@ import torch
 
 from llmrec.backbone import BackboneConfig
 from llmrec.collate import PretrainDataset, collate
-from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig
+from llmrec.losses import ItemSoftmax
+from llmrec.model import CLLM4Rec, ModelConfig
 from llmrec.prompts import TASKS
 
 N_USERS, N_ITEMS = 6, 25

@@ -25,8 +25,9 @@ from llmrec.export import export_run
 from llmrec.generate import GenerativeScorer, NextSemanticDataset
 from llmrec.indexing import NumberIndexConfig, RandomIndexer
 from llmrec.indexing.base import IndexData
+from llmrec.losses import ItemSoftmax
 from llmrec.metrics import evaluate_scorer
-from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig, run_model_dir
+from llmrec.model import CLLM4Rec, ModelConfig, run_model_dir
 from llmrec.prompts import IGNORE, TASKS, FinetunePrompts
 from llmrec.recommender import Recommender
 from llmrec.scoring import PrecomputedScorer
