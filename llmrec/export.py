@@ -25,7 +25,7 @@ from llmrec.coldstart import warm_items
 from llmrec.data import FINETUNE_TASKS, GENERATIVE_TASKS, prompt_template, require_same_catalogue
 from llmrec.indexing.encoders import MINILM, item_embeddings
 from llmrec.mapper import TextToID, item_texts
-from llmrec.model import VIEWS, CLLM4Rec, run_data, run_model_dir, run_task
+from llmrec.model import VIEWS, CLLM4Rec, run_data, run_model, run_model_dir, run_task
 from llmrec.model_card import model_card
 from llmrec.recommender import (
     DTYPES,
@@ -67,7 +67,7 @@ def export_run(run: str | Path, out: str | Path, data: str | Path | None = None,
         data = run_data(run)
     inputs = {"--run": run, "--data": data}
     check_target(out, RECOMMENDER, options.get("overwrite", False), inputs)  # before the model loads
-    model = CLLM4Rec.from_pretrained(model_path)
+    model = run_model(run)  # with the prior weight the run chose
     source = {"run": str(run), "model": str(model_path), "data": str(data)}
     options.setdefault("prompt", FINETUNE_TASKS[run_task(run)])
     return export_model(model, load_bundle(data), out, source=source, inputs=inputs, **options)
@@ -104,7 +104,7 @@ def export_model(
     require_same_catalogue(data, model, "the model")
     if merge and (model.backbone.load_in_4bit or model.backbone.load_in_8bit):
         raise ValueError("--merge needs a full-precision backbone (this model was loaded in 4 or 8 bit)")
-    if merge and (model.config.history_pool != "none" or model.config.prior != "none"):
+    if merge and not model.head.linear:
         raise ValueError(
             "--merge writes a plain transformers model, which has no place for the history pool or the prior "
             "this model scores with: export without --merge"
@@ -164,9 +164,7 @@ def _export_merged(model: CLLM4Rec, directory: Path, dtype: torch.dtype, templat
     """LoRA merged into the backbone, ID tokens as added tokens (:func:`export_plain_model`), plus the head."""
     head = {
         "weight": model.item_weight().detach().to("cpu", dtype).contiguous(),
-        "bias": (
-            model.head_bias.detach() if model.config.head == "untied" else torch.zeros(model.vocab.n_items)
-        )
+        "bias": (model.head.bias.detach() if model.head.untied else torch.zeros(model.vocab.n_items))
         .to("cpu", dtype)
         .contiguous(),
     }
