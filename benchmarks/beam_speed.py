@@ -32,7 +32,7 @@ from llmrec.data import FINETUNE_TASKS, generative_scorer, input_histories  # no
 from llmrec.generate import generate_reference  # noqa: E402
 from llmrec.indexing import ItemIndex  # noqa: E402
 from llmrec.metrics import format_table, write_metrics_json  # noqa: E402
-from llmrec.model import CLLM4Rec, ModelConfig, run_model_dir, run_task  # noqa: E402
+from llmrec.model import CLLM4Rec, ModelConfig, run_model, run_task  # noqa: E402
 from llmrec.reporting import machine_info, timed  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def main() -> None:
     torch.manual_seed(0)
     bundle = load_bundle(args.data)
     if args.run:
-        model, prompt = CLLM4Rec.from_pretrained(run_model_dir(args.run)), FINETUNE_TASKS[run_task(args.run)]
+        model, prompt = run_model(args.run), FINETUNE_TASKS[run_task(args.run)]
     else:
         config = ModelConfig(lora_r=8, max_doc_tokens=args.max_doc_tokens)
         backbone = BackboneConfig(args.backbone, num_layers=args.num_layers)

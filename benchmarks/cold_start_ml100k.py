@@ -60,7 +60,7 @@ from llmrec.mapper import (  # noqa: E402
     set_item_rows,
 )
 from llmrec.metrics import evaluate_cold_items, format_table, write_metrics_json  # noqa: E402
-from llmrec.model import CLLM4Rec, run_model_dir  # noqa: E402
+from llmrec.model import CLLM4Rec, run_model  # noqa: E402
 from llmrec.recommender import Recommender  # noqa: E402
 from llmrec.reporting import machine_info  # noqa: E402
 from llmrec.zeroshot import PromptConfig, ZeroShotScorer  # noqa: E402
@@ -119,7 +119,7 @@ def add_items_cost(run: Path, bundle, cold: np.ndarray, repeats: int) -> dict[st
         fn(*args, **kwargs)
         return time.perf_counter() - start
 
-    model = CLLM4Rec.from_pretrained(run_model_dir(run)).eval()
+    model = run_model(run).eval()
     costs: dict[str, float] = {"load_average_before": os.getloadavg()[0]}
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
@@ -226,7 +226,7 @@ def main() -> None:
             start = time.perf_counter()
             stage.main(["--config", args.config, "--overwrite_output_dir"])
             timings[stage.__name__] = time.perf_counter() - start
-    model = CLLM4Rec.from_pretrained(run_model_dir(run)).eval()
+    model = run_model(run).eval()
     histories = bundle.histories("train")
     assert not set(cold_all.tolist()) & {i for h in histories for i in h}, (
         "a training history holds a cold item"

@@ -74,7 +74,8 @@ def child_finetune(n_items: int, mode: str, users: int, seed: int) -> dict:
 
     from data_prep import Templates
     from llmrec.collate import FinetuneDataset, collate
-    from llmrec.model import CLLM4Rec, ItemSoftmax
+    from llmrec.losses import ItemSoftmax
+    from llmrec.model import CLLM4Rec
     from llmrec.options import BackboneConfig, ModelConfig
     from llmrec.prompts import FinetunePrompts
 

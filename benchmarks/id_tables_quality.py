@@ -34,7 +34,7 @@ from data_prep import load_bundle  # noqa: E402
 from data_prep.build import build_ml100k_reference  # noqa: E402
 from llmrec.data import FINETUNE_TASKS, scorer_for  # noqa: E402
 from llmrec.metrics import evaluate_scorer  # noqa: E402
-from llmrec.model import CLLM4Rec, blend_scores, run_data, run_model_dir, run_task  # noqa: E402
+from llmrec.model import run_data, run_model, run_task  # noqa: E402
 from llmrec.reporting import machine_info  # noqa: E402
 from llmrec.scoring import PrecomputedScorer  # noqa: E402
 
@@ -69,15 +69,15 @@ def train_run(recipe: str, table: str, seed: int, runs: Path, epochs: list[str],
 def evaluation(run: Path, split: str) -> dict[str, dict]:
     """Metrics of ``run``'s kept model on ``split``, both heads from one LM pass: ``hybrid`` (the prior at
     the weight chosen on valid, what `recipes/evaluate.py` reports) and ``lm`` (prior weight 0)."""
-    model = CLLM4Rec.from_pretrained(run_model_dir(run))
+    model = run_model(run)
     bundle = load_bundle(run_data(run))
     users = np.arange(bundle.n_users)
     scorer = scorer_for(bundle, model, batch_size=16, split=split, prompt=FINETUNE_TASKS[run_task(run)])
-    if model.config.prior == "none":
+    if not model.head.has_prior:
         scores = {"lm": scorer.score(users)}
     else:
         logits, prior = scorer.parts(users)
-        scores = {"lm": logits, "hybrid": blend_scores(logits, prior, model.config.prior_weight)}
+        scores = {"lm": logits, "hybrid": model.head.blend(logits, prior)}
     return {
         view: evaluate_scorer(PrecomputedScorer(matrix, users), bundle, split, progress=False)
         for view, matrix in scores.items()

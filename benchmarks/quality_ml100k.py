@@ -37,7 +37,7 @@ from data_prep import load_bundle  # noqa: E402
 from data_prep.build import build_ml100k_reference  # noqa: E402
 from llmrec.data import scorer_for  # noqa: E402
 from llmrec.metrics import evaluate_scorer, format_table, write_metrics_json  # noqa: E402
-from llmrec.model import CLLM4Rec, blend_scores, run_model_dir  # noqa: E402
+from llmrec.model import run_model  # noqa: E402
 from llmrec.reporting import machine_info  # noqa: E402
 from llmrec.scoring import PrecomputedScorer  # noqa: E402
 
@@ -79,10 +79,10 @@ def run_seed(config: str, seed: int, variant: str, runs: Path, reuse: bool) -> d
             ]
         )
         timings["finetune_s"] = time.perf_counter() - start
-    model = CLLM4Rec.from_pretrained(run_model_dir(fine))
-    if model.config.prior != "none" and not (fine / finetune.PRIOR_FILE).exists():  # stopped before the blend
+    model = run_model(fine)
+    if model.head.has_prior and not (fine / finetune.PRIOR_FILE).exists():  # stopped before the blend
         finetune.blend_prior(bundle, fine, batch_size=16)
-        model = CLLM4Rec.from_pretrained(run_model_dir(fine))
+        model = run_model(fine)
     start = time.perf_counter()
     result = {"seed": seed, "variant": variant, "run": str(fine), **timings}
     result["valid_recall@20_by_epoch"] = [
@@ -91,12 +91,12 @@ def run_seed(config: str, seed: int, variant: str, runs: Path, reuse: bool) -> d
         if "eval/recall@20" in row
     ]
     scorer, users = scorer_for(bundle, model, batch_size=16, split="test"), np.arange(bundle.n_users)
-    if model.config.prior == "none":
+    if not model.head.has_prior:
         scores = {"llm": scorer.score(users)}
     else:
         logits, prior = scorer.parts(users)
-        scores = {"llm": logits, "hybrid": blend_scores(logits, prior, model.config.prior_weight)}
-        result["prior_weight"] = model.config.prior_weight
+        scores = {"llm": logits, "hybrid": model.head.blend(logits, prior)}
+        result["prior_weight"] = model.head.blend_weight
     for name, matrix in scores.items():
         result[name] = evaluate_scorer(PrecomputedScorer(matrix, users), bundle, "test", progress=False)
     result["evaluate_s"] = time.perf_counter() - start

@@ -125,7 +125,6 @@ def run_sequential(args, data: Path) -> dict:
     """The sequential item head per seed; with a prior in the config, also the LM alone (prior weight 0)
     as a diagnostic row: valid chose the blend, this shows what the blend does on test."""
     rows: dict[str, list[dict]] = {"llmrec item head (sequential)": []}
-    has_prior = read_yaml(args.config).get("model", {}).get("prior", "none") != "none"
     for seed in args.llm_seeds:
         extra = ["--task", "sequential", "--epochs", str(args.sequential_epochs)]
         run, wall = llm_run(args, seed, "sequential", finetune, extra)
@@ -134,7 +133,7 @@ def run_sequential(args, data: Path) -> dict:
         rows["llmrec item head (sequential)"].append(
             {**metrics, "wall_s": wall, "curve": valid_curve(run), "seed": seed}
         )
-        if has_prior:
+        if (run / finetune.PRIOR_FILE).exists():  # the run blends a prior: its weight was chosen
             alone = evaluate.main([*test, "--prior_weight", "0"])
             rows.setdefault(LM_ALONE, []).append({**alone, "wall_s": wall, "curve": [], "seed": seed})
     return rows
@@ -228,14 +227,14 @@ def run_fused(args, data: Path) -> dict:
     from data_prep import load_bundle
     from llmrec.fused import FusedScorer, choose_fusion_weight
     from llmrec.metrics import evaluate_scorer
-    from llmrec.model import CLLM4Rec, run_model_dir
+    from llmrec.model import run_model
 
     bundle = load_bundle(data)
     rows = []
     for seed in args.llm_seeds:
         start = time.perf_counter()
-        head = CLLM4Rec.from_pretrained(run_model_dir(Path(args.runs) / f"sequential-seed{seed}"))
-        generator = CLLM4Rec.from_pretrained(run_model_dir(Path(args.runs) / f"semantic_sequence-seed{seed}"))
+        head = run_model(Path(args.runs) / f"sequential-seed{seed}")  # with the prior weight it chose
+        generator = run_model(Path(args.runs) / f"semantic_sequence-seed{seed}")
         weight, grid = choose_fusion_weight(bundle, *fused_scorers(bundle, head, generator, "valid"))
         fused = FusedScorer(*fused_scorers(bundle, head, generator, "test"), weight)
         metrics = evaluate_scorer(fused, bundle, "test", progress=False)

@@ -71,7 +71,7 @@ def build_bundle(data: str, out: Path, seed: int) -> Path:
     ease = EASE(lambdas=(500.0,))
     ease.fit(bundle.matrix("train"), None)
     with torch.no_grad():
-        model.prior.fit(ease.weights)
+        model.head.fit_prior(ease.weights)
     return export_model(model, bundle, out, overwrite=True)
 
 

@@ -126,9 +126,8 @@ def relate(
     if relation == "linear":
         rows = Ridge.fit(known[:, hidden : 2 * hidden], known)(content)
     else:
-        rows = content.repeat(1, known.shape[1] // hidden)
-        if model.config.head == "untied":
-            rows = torch.cat([rows, known[:, -1:].mean(0).expand(len(rows), 1)], dim=1)
+        own = model.head.rows_like(content, known[:, 2 * hidden :])
+        rows = torch.cat([content, content, own], dim=1)
     rows[:, hidden : 2 * hidden] = content
     set_item_rows(model, items, rows)
 

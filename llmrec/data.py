@@ -7,7 +7,6 @@ is scored at test time is exactly the one the model was finetuned on (with every
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -21,8 +20,10 @@ from llmrec.backbone import BackboneConfig
 from llmrec.collate import FinetuneDataset, PretrainDataset, SequenceDataset, TaskMixture
 from llmrec.decoding import GenerativeScorer, SemanticPrompts, require_index
 from llmrec.generate import NextSemanticDataset, SemanticDataset, SemanticSequenceDataset
+from llmrec.head import PRIOR_WEIGHTS
+from llmrec.losses import ItemSoftmax
 from llmrec.metrics import DEFAULT_KS, LOO_KS, evaluate_scorer, history_splits, is_leave_one_out
-from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig, blend_scores
+from llmrec.model import CLLM4Rec, ModelConfig
 from llmrec.options import PRETRAIN_CORPORA, PROMPT_KINDS
 from llmrec.prompts import FinetunePrompts
 from llmrec.scoring import ItemHeadScorer, PrecomputedScorer
@@ -204,17 +205,15 @@ def generative_scorer(
     )
 
 
-PRIOR_WEIGHTS = (0.0, 0.05, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 100.0)
-
-
 def fit_prior(bundle: Bundle, model: CLLM4Rec) -> dict[str, float]:
-    """Fit the model's collaborative prior on the training matrix (EASE, lambda chosen on valid by NDCG@100)."""
+    """Fit the model's collaborative prior (its item head's, ``prior: ease``) on the training matrix (EASE,
+    lambda chosen on valid by NDCG@100)."""
     from llmrec.baselines import EASE  # the classical models load only when a prior is asked for
 
-    if model.config.prior != "ease":
-        raise ValueError(f"unknown prior {model.config.prior!r}")
+    if not model.head.has_prior:
+        raise ValueError("fit_prior: the model's item head has no prior (prior: none)")
     ease = EASE().fit(bundle.matrix("train"), bundle.matrix("valid"))
-    model.prior.fit(ease.weights)
+    model.head.fit_prior(ease.weights)
     return {"lambda": ease.lam}
 
 
@@ -226,7 +225,8 @@ def choose_prior_weight(
     weights: Sequence[float] = PRIOR_WEIGHTS,
     prompt: str = "masked",
 ) -> tuple[float, dict[float, float]]:
-    """The blend weight of the prior with the best ``metric`` on valid; sets it on ``model.config``.
+    """The blend weight of the prior with the best ``metric`` on valid, set on the model's item head
+    (`llmrec.head.ItemHead.choose_prior_weight`), and the metric of every weight tried.
 
     The LM and the prior are scored once, on the ``prompt`` kind the model trained on; each weight only
     re-blends the two (standardised) matrices.
@@ -234,14 +234,13 @@ def choose_prior_weight(
     scorer = scorer_for(bundle, model, batch_size, prompt=prompt)
     users = np.flatnonzero(np.diff(bundle.matrix("valid").indptr) > 0)
     logits, prior = scorer.parts(users)
-    grid = {}
-    for weight in weights:
-        blend = PrecomputedScorer(blend_scores(logits, prior, weight), users)
+
+    def valid(scores: torch.Tensor) -> float:
+        blend = PrecomputedScorer(scores, users)
         result = evaluate_scorer(blend, bundle, "valid", users=users, batch_size=batch_size, progress=False)
-        grid[weight] = with_selection_metric(result)[metric]
-    best = max(grid, key=grid.get)
-    model.config = dataclasses.replace(model.config, prior_weight=best)
-    return best, grid
+        return with_selection_metric(result)[metric]
+
+    return model.head.choose_prior_weight(logits, prior, valid, weights)
 
 
 def item_softmax(

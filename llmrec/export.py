@@ -28,7 +28,7 @@ from llmrec.data import FINETUNE_TASKS, GENERATIVE_TASKS, prompt_template, requi
 from llmrec.indexing.encoders import MINILM, item_embeddings
 from llmrec.mapper import TextToID, item_texts
 from llmrec.metrics import DEFAULT_KS, LOO_KS, is_leave_one_out
-from llmrec.model import VIEWS, CLLM4Rec, run_config, run_data, run_model_dir, run_task
+from llmrec.model import VIEWS, CLLM4Rec, run_config, run_data, run_model, run_model_dir, run_task
 from llmrec.model_card import model_card
 from llmrec.recommender import (
     DTYPES,
@@ -76,7 +76,7 @@ def export_run(run: str | Path, out: str | Path, data: str | Path | None = None,
     bundle = load_bundle(data)
     if task in GENERATIVE_TASKS and options.get("beam") is None:
         options["beam"] = run_beam(run, bundle)
-    model = CLLM4Rec.from_pretrained(model_path)
+    model = run_model(run)  # with the prior weight the run chose
     source = {"run": str(run), "model": str(model_path), "data": str(data)}
     options.setdefault("prompt", FINETUNE_TASKS[task])
     return export_model(model, bundle, out, source=source, inputs=inputs, **options)
@@ -140,7 +140,7 @@ def export_model(
         generate = {"beam": beam, "prompt": prompt}
     if merge and (model.backbone.load_in_4bit or model.backbone.load_in_8bit):
         raise ValueError("--merge needs a full-precision backbone (this model was loaded in 4 or 8 bit)")
-    if merge and (model.config.history_pool != "none" or model.config.prior != "none"):
+    if merge and not model.head.linear:
         raise ValueError(
             "--merge writes a plain transformers model, which has no place for the history pool or the prior "
             "this model scores with: export without --merge"
@@ -203,9 +203,7 @@ def _export_merged(model: CLLM4Rec, directory: Path, dtype: torch.dtype, templat
     """LoRA merged into the backbone, ID tokens as added tokens (:func:`export_plain_model`), plus the head."""
     head = {
         "weight": model.item_weight().detach().to("cpu", dtype).contiguous(),
-        "bias": (
-            model.head_bias.detach() if model.config.head == "untied" else torch.zeros(model.vocab.n_items)
-        )
+        "bias": (model.head.bias.detach() if model.head.untied else torch.zeros(model.vocab.n_items))
         .to("cpu", dtype)
         .contiguous(),
     }

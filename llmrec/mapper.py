@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from llmrec.model import CLLM4Rec, ItemItemPrior
+from llmrec.model import CLLM4Rec
 from llmrec.tokens import RecVocab
 
 if TYPE_CHECKING:
@@ -41,11 +41,10 @@ L2_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
 # ---------------------------------------------------------------------------------- item rows
 def item_rows(model: CLLM4Rec) -> torch.Tensor:
     """Every trained row an item owns, side by side: (n_items, width) =
-    [collaborative embedding | content embedding | (untied) head row | (untied) head bias]."""
+    [collaborative embedding | content embedding | the head's own rows (`ItemHead.rows`: an untied head's
+    row and bias)]."""
     parts = [model.collab.family_weight("item"), model.content.family_weight("item")]
-    if model.config.head == "untied":
-        parts += [model.head_weight, model.head_bias[:, None]]
-    return torch.cat([p.detach().float() for p in parts], dim=1)
+    return torch.cat([p.detach().float() for p in parts] + [model.head.rows(model.item_table())], dim=1)
 
 
 @torch.no_grad()
@@ -54,12 +53,9 @@ def set_item_rows(model: CLLM4Rec, items: Sequence[int] | np.ndarray, rows: torc
     index = torch.as_tensor(np.asarray(items, dtype=np.int64))
     hidden = model.collab.family_weight("item").shape[1]
     tables = [model.collab.family_weight("item"), model.content.family_weight("item")]
-    if model.config.head == "untied":
-        tables.append(model.head_weight)
     for n, table in enumerate(tables):
         table[index.to(table.device)] = rows[:, n * hidden : (n + 1) * hidden].to(table)
-    if model.config.head == "untied":
-        model.head_bias[index.to(model.head_bias.device)] = rows[:, -1].to(model.head_bias)
+    model.head.set_rows(index, rows[:, len(tables) * hidden :])
 
 
 # ---------------------------------------------------------------------------------- ridge mapper
@@ -207,9 +203,9 @@ def neighbour_rows(
 def extend_items(model: CLLM4Rec, n_new: int, index: ItemIndex | None = None) -> range:
     """Grow the model's item family by ``n_new`` tokens (rows zero until set); returns the new indices.
 
-    The rows of existing items are copied unchanged, so their scores do not move; the prior's item-item
-    matrix (``ModelConfig.prior``) grows with zeros, and the history pool reads the grown collaborative
-    table, so both stay valid.
+    The rows of existing items are copied unchanged, so their scores do not move; the head grows
+    (`ItemHead.grow`: zero untied rows, a prior's item-item matrix with zeros), and the history pool reads
+    the grown collaborative table, so both stay valid.
 
     A model with semantic IDs needs the new items' codes: ``index``, its item index grown by them
     (`llmrec.indexing.newitems.add_items`), becomes ``model.item_index``. The item family sits below the
@@ -241,15 +237,7 @@ def extend_items(model: CLLM4Rec, n_new: int, index: ItemIndex | None = None) ->
         grown_weight = torch.cat([old, old.new_zeros(n_new, old.shape[1])])
         view.tables["item"] = nn.Embedding.from_pretrained(grown_weight, freeze=not old.requires_grad)
         view.vocab = grown
-    if model.config.head == "untied":
-        model.head_weight = nn.Parameter(
-            torch.cat([model.head_weight, model.head_weight.new_zeros(n_new, model.head_weight.shape[1])])
-        )
-        model.head_bias = nn.Parameter(torch.cat([model.head_bias, model.head_bias.new_zeros(n_new)]))
-    if model.config.prior != "none":  # new items neither add to nor receive prior scores (zero rows/columns)
-        prior = ItemItemPrior(grown.n_items).to(model.prior.matrix)
-        prior.matrix[: vocab.n_items, : vocab.n_items] = model.prior.matrix
-        model.prior = prior
+    model.head.grow(n_new)
     model.vocab = grown
     if index is not None:
         model.item_index = index

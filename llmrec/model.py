@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import safetensors
 import torch
 import torch.nn.functional as F
@@ -34,9 +33,11 @@ from torch import nn
 
 from common.artifacts import Kind, recover, write_directory
 from common.errors import UserError
-from common.io import read_json, write_json
+from common.io import read_json, sha256_file, write_json
 from llmrec.backbone import load_backbone
+from llmrec.head import ItemHead
 from llmrec.id_tables import UserTableSpec
+from llmrec.losses import ItemSoftmax
 from llmrec.options import BackboneConfig, ModelConfig
 from llmrec.prompts import IGNORE, TASKS
 from llmrec.tokens import VOCAB_FILE, RecEmbedding, RecVocab
@@ -49,10 +50,12 @@ if TYPE_CHECKING:
 VIEWS = ("collab", "content")
 INDEX_DIR = "index"  # the item index saved beside the weights, so a trained model decodes on its own
 MODEL_DIR = Kind("model directory", VOCAB_FILE)  # model/ and best/ of a run
+PRIOR_FILE = "prior_weight.json"  # a run's prior blend weight, chosen on valid after training
+logger = logging.getLogger(__name__)
 
 
 class CLLM4Rec(nn.Module):
-    """Backbone + LoRA + collaborative/content ID embeddings + item head.
+    """Backbone + LoRA + collaborative/content ID embeddings + item head (`llmrec.head.ItemHead`).
 
     Only LoRA weights, the ID-token tables and (untied) head are trainable; the backbone is frozen.
     """
@@ -73,19 +76,15 @@ class CLLM4Rec(nn.Module):
         self.vocab = vocab
         self.item_index = item_index  # the items' semantic IDs (None without the semantic task)
         self.tokenizer = tokenizer
-        if isinstance(lm, PeftModel):
-            self.lm = lm
-        else:
+        if not isinstance(lm, PeftModel):
             lora = config.lora_config()
             # LoRA's random init depends on ``seed`` only, not on whatever ran before in this process
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                self.lm = get_peft_model(lm, lora, adapter_name=VIEWS[0])
+                lm = get_peft_model(lm, lora, adapter_name=VIEWS[0])
                 if config.lora_per_view:
-                    self.lm.add_adapter(VIEWS[1], lora)
-        causal_lm = self.lm.get_base_model()
-        self.decoder = causal_lm.base_model  # the transformer without the LM head
-        self.lm_head = causal_lm.get_output_embeddings()
+                    lm.add_adapter(VIEWS[1], lora)
+        causal_lm = lm.get_base_model()
         base = causal_lm.get_input_embeddings()
         init = dict(
             init=config.embedding_init,
@@ -102,49 +101,33 @@ class CLLM4Rec(nn.Module):
                 config.sparse_updates,
             ),
         )
-        self.collab = RecEmbedding(base, vocab, seed=seed, **init)
-        self.content = RecEmbedding(base, vocab, seed=seed + 1, **init)
-        if config.head == "untied":
-            self._add_untied_head()
-        elif config.head != "tied":
-            raise ValueError(f"unknown head {config.head!r}: expected 'tied' or 'untied'")
-        self._add_history_paths()
+        collab = RecEmbedding(base, vocab, seed=seed, **init)
+        content = RecEmbedding(base, vocab, seed=seed + 1, **init)
+        # the head is registered first: its parameters then lead ``parameters()`` as they did when they were
+        # this module's own, so optimizer groups, their saved state and gradient clipping keep their order
+        self.head = ItemHead(config, collab.family_weight("item"))
+        self.lm = lm
+        self.decoder = causal_lm.base_model  # the transformer without the LM head
+        self.lm_head = causal_lm.get_output_embeddings()
+        self.collab, self.content = collab, content
         self.item_softmax = ItemSoftmax()  # recipes swap in chunked or sampled softmax for huge catalogues
         self.preference: nn.Module | None = (
             None  # the alignment loss (`llmrec.align.DPOLoss`), set by recipes/align.py
         )
 
-    def _add_untied_head(self) -> None:
-        """An item head of its own, started from the collaborative item embeddings, with a bias (popularity)."""
-        self.head_weight = nn.Parameter(self.collab.family_weight("item").detach().clone())
-        self.head_bias = nn.Parameter(torch.zeros(self.vocab.n_items, device=self.head_weight.device))
-
-    def _add_history_paths(self) -> None:
-        """The bag-of-items scale and the prior's item-item matrix, as the config asks (idempotent)."""
-        device = self.collab.family_weight("item").device
-        if self.config.history_pool == "mean" and not hasattr(self, "pool_scale"):
-            self.pool_scale = nn.Parameter(torch.ones((), device=device))
-        if self.config.prior != "none" and not hasattr(self, "prior"):
-            self.prior = ItemItemPrior(self.vocab.n_items).to(device)
-
     def reconfigure(self, **changes) -> None:
         """Change knobs that leave the saved weights valid: ``mutual_reg``, ``max_doc_tokens``, tied -> untied
-        head, and adding the history paths (``history_pool``, ``prior``).
+        head, adding the history paths (``history_pool``, ``prior``) and the prior's blend weight
+        (``prior_weight``, when given); see `llmrec.head.ItemHead.reconfigure`.
 
         Finetuning from a pretraining run keeps that run's backbone, LoRA and tables but takes these from
         its own configuration.
         """
         config = dataclasses.replace(self.config, **changes)
-        if config.head != self.config.head:
-            if (self.config.head, config.head) != ("tied", "untied"):
-                raise ValueError(f"cannot change the item head from {self.config.head!r} to {config.head!r}")
-            self._add_untied_head()
-        for name in ("history_pool", "prior"):
-            old, new = getattr(self.config, name), getattr(config, name)
-            if old != new and old != "none":
-                raise ValueError(f"cannot change {name} from {old!r} to {new!r}")
+        self.head.reconfigure(config, self.item_table())
+        if "prior_weight" in changes and self.head.has_prior:
+            self.head.set_prior_weight(config.prior_weight)
         self.config = config
-        self._add_history_paths()
 
     # ------------------------------------------------------------------ building blocks
     @classmethod
@@ -224,16 +207,17 @@ class CLLM4Rec(nn.Module):
             )
         return out.last_hidden_state, out.cache
 
+    def item_table(self) -> torch.Tensor:
+        """The collaborative item embeddings (n_items, hidden): the tied head's rows, the pool's embeddings."""
+        return self.collab.family_weight("item")
+
     def item_weight(self) -> torch.Tensor:
-        return self.head_weight if self.config.head == "untied" else self.collab.family_weight("item")
+        """The item head's rows (n_items, hidden): its own when untied, else :meth:`item_table`."""
+        return self.head.product(self.item_table())[0]
 
     def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Scores of every catalogue item from hidden states (..., hidden) -> (..., n_items)."""
-        weight = self.item_weight()
-        logits = hidden.to(weight.dtype) @ weight.T
-        if self.config.head == "untied":
-            logits = logits + self.head_bias
-        return logits
+        """Scores of every catalogue item from head inputs (..., hidden) -> (..., n_items), before any prior."""
+        return self.head.logits(hidden, self.item_table())
 
     # ------------------------------------------------------------------ losses
     def mutual_regularization(self, input_ids: torch.Tensor, view: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,8 +288,8 @@ class CLLM4Rec(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, history: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The item head's input: the hidden state at each row's last real token (right padding), plus,
-        with ``history_pool="mean"``, the mean collaborative embedding of the user's history items,
-        RMS-normalised and times a learned scale.
+        with the history pool (``history_pool="mean"``), the pooled collaborative embeddings of the user's
+        history items (`llmrec.head.ItemHead.pool`).
 
         The pooled path hands the head the whole bag of history items directly (as Mult-VAE's encoder
         sees it) instead of only through what the last position attends to. ``history`` (batch, length)
@@ -313,24 +297,14 @@ class CLLM4Rec(nn.Module):
         prompt cut to ``max_doc_tokens`` then loses the oldest ones).
         """
         state = last_position(self.hidden_states(input_ids, attention_mask, "collab"), attention_mask)
-        if self.config.history_pool != "mean":
+        if not self.head.pooled:
             return state
         return self.head_input(state, self.history_bag(input_ids, attention_mask, history))
 
     def head_input(self, state: torch.Tensor, bag: torch.Tensor | None) -> torch.Tensor:
-        """The prompt's last hidden ``state`` (batch, hidden) plus, with ``history_pool="mean"``, the pooled
-        ``bag`` of history items (:meth:`history_bag`); `llmrec.scoring.UserStates` caches the result."""
-        if self.config.history_pool != "mean":
-            return state
-        table = self.collab.family_weight("item")
-        return self._add_pooled(state, bag.to(table.dtype) @ table)
-
-    def _add_pooled(self, state: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        """``state`` plus the learned scale times the RMS-normalised sum of history item embeddings
-        (normalised like the decoder's output, so both paths start at the same scale)."""
-        pooled = pooled.to(state.dtype)
-        pooled = pooled * torch.rsqrt(pooled.pow(2).mean(dim=-1, keepdim=True) + 1e-6)
-        return state + self.pool_scale * pooled
+        """The prompt's last hidden ``state`` (batch, hidden) with the pooled ``bag`` of history items
+        (:meth:`history_bag`; None when the head has no pool); `llmrec.scoring.UserStates` caches it."""
+        return self.head.pool(state, bag, self.item_table())
 
     def prefix_head_inputs(
         self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, older: torch.Tensor
@@ -342,9 +316,9 @@ class CLLM4Rec(nn.Module):
         up to t, each item once, so it is :meth:`history_bag` of the one-prefix prompt that ends at t with
         its whole history: a causal (prefix) mean that never lets a position see a later item.
         """
-        if self.config.history_pool != "mean":
+        if not self.head.pooled:
             return hidden
-        table = self.collab.family_weight("item")
+        table = self.item_table()
         n_items = self.vocab.n_items
         slot = self.item_slots(input_ids, attention_mask)
         inside = slot < n_items
@@ -357,16 +331,13 @@ class CLLM4Rec(nn.Module):
         counted &= old_bag.gather(1, slot.clamp(max=n_items - 1)) == 0
         steps = table[slot.clamp(max=n_items - 1)] * counted.unsqueeze(-1).to(table.dtype)
         pooled = steps.cumsum(dim=1) + (old_bag.to(table.dtype) @ table).unsqueeze(1)
-        return self._add_pooled(hidden, pooled)
+        return self.head.add_pooled(hidden, pooled)
 
     def head_scores(self, state: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
         """(batch, n_items) scores from head inputs (:meth:`last_hidden`) and, with a prior, the prior's
         scores of the histories: the part of :meth:`score_items` after the LM, so a cached head input
-        scores alone."""
-        logits = self.item_logits(state).float()
-        if self.config.prior == "none":
-            return logits
-        return blend_scores(logits, prior, self.config.prior_weight)
+        scores alone (`llmrec.head.ItemHead.scores`)."""
+        return self.head.scores(state, self.item_table(), prior)
 
     def history_bag(
         self,
@@ -395,28 +366,31 @@ class CLLM4Rec(nn.Module):
     ) -> torch.Tensor:
         """One forward pass per prompt scores the whole catalogue: (batch, n_items) scores.
 
-        With a prior, scores are z(LM logits) + prior_weight * z(prior scores of the history), each
-        standardised per user so that one weight means the same for every user and catalogue.
+        With a prior, scores are z(LM logits) + w * z(prior scores of the history), each standardised per
+        user so that one weight means the same for every user and catalogue (w: the head's blend weight).
         """
         state = self.last_hidden(input_ids, attention_mask, history)
-        if self.config.prior == "none":
+        if not self.head.has_prior:
             return self.head_scores(state, None)
-        return self.head_scores(state, self.prior(self.history_bag(input_ids, attention_mask, history)))
+        return self.head_scores(
+            state, self.head.prior_scores(self.history_bag(input_ids, attention_mask, history))
+        )
 
     def score_parts(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, history: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(LM logits, prior scores) before blending, so the prior's weight can be chosen on validation."""
+        if not self.head.has_prior:
+            raise ValueError("score_parts: this model's item head has no prior (prior: none)")
         logits = self.item_logits(self.last_hidden(input_ids, attention_mask, history)).float()
-        return logits, self.prior(self.history_bag(input_ids, attention_mask, history))
+        return logits, self.head.prior_scores(self.history_bag(input_ids, attention_mask, history))
 
     def finetune_loss(
         self, batch: dict[str, torch.Tensor], softmax: ItemSoftmax
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Multinomial NLL -sum_j y_j log softmax(logits)_j of each user's target items, summed over users."""
         hidden = self.last_hidden(batch["input_ids"], batch["attention_mask"], batch.get("history"))
-        bias = self.head_bias if self.config.head == "untied" else None
-        nll = softmax(hidden, self.item_weight(), bias, batch["targets"])
+        nll = softmax(hidden, *self.head.product(self.item_table()), batch["targets"])
         return nll, torch.tensor(hidden.shape[0], device=hidden.device)
 
     def sequential_loss(
@@ -432,8 +406,7 @@ class CLLM4Rec(nn.Module):
         older = batch.get("older", ids.new_full((ids.shape[0], 0), -1))
         hidden = self.prefix_head_inputs(self.hidden_states(ids, attention, "collab"), ids, attention, older)
         mask = batch["labels"] != IGNORE
-        bias = self.head_bias if self.config.head == "untied" else None
-        nll = softmax(hidden[mask], self.item_weight(), bias, batch["labels"][mask][:, None])
+        nll = softmax(hidden[mask], *self.head.product(self.item_table()), batch["labels"][mask][:, None])
         return nll, mask.sum()
 
     def item_log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -489,14 +462,14 @@ class CLLM4Rec(nn.Module):
     def trainable_state_dict(
         self, state_dict: dict[str, torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor]:
-        """Only what training produces: LoRA weights, ID-token tables, head, and a fitted prior (a buffer).
+        """Only what training produces: LoRA weights, ID-token tables, head, and the head's buffers (a fitted
+        prior and its blend weight).
 
         The frozen backbone is rebuilt from its spec. ``state_dict``: a full state dict to pick from (e.g.
         one gathered from FSDP shards) instead of this module's.
         """
         names = {name for name, param in self.named_parameters() if param.requires_grad}
-        if self.config.prior != "none":
-            names |= {f"prior.{name}" for name in self.prior.state_dict()}
+        names |= {f"head.{name}" for name, _ in self.head.named_buffers()}
         state_dict = self.state_dict() if state_dict is None else state_dict
         return {name: tensor for name, tensor in state_dict.items() if name in names}
 
@@ -571,11 +544,13 @@ class CLLM4Rec(nn.Module):
         return model
 
     def load_trainable(self, path: str | Path) -> None:
-        """Load trained weights saved by `save_pretrained`, refusing any that do not fit this model."""
+        """Load trained weights saved by `save_pretrained`, refusing any that do not fit this model. Files
+        written before the item head was a module load too (`llmrec.head.ItemHead.upgrade_state_dict`)."""
         try:
             state = load_file(str(path))
         except (OSError, safetensors.SafetensorError) as err:
             raise ValueError(f"{path}: cannot read trained weights ({err})") from err
+        state = self.head.upgrade_state_dict(state, "head.")
         expected = set(self.trainable_state_dict())
         missing, unexpected = expected - set(state), set(state) - expected
         if missing or unexpected:
@@ -617,6 +592,62 @@ def run_model_dir(run: str | Path) -> Path:
     raise RunError(f"{run}: no trained model (expected {run}/best or {run}/model with config.json)")
 
 
+def run_model(run: str | Path, **backbone_overrides) -> CLLM4Rec:
+    """The model a run is evaluated, aligned and exported with (:func:`run_model_dir`), its item head
+    blending the prior at the weight finetuning chose for it on valid (:func:`run_prior_weight`).
+
+    ``backbone_overrides`` go to `CLLM4Rec.from_pretrained`.
+    """
+    directory = run_model_dir(run)
+    model = CLLM4Rec.from_pretrained(directory, **backbone_overrides)
+    weight = run_prior_weight(run, directory)
+    if weight is not None:
+        model.head.set_prior_weight(weight)
+    return model
+
+
+def write_prior_weight(run: str | Path, directory: Path, weight: float, valid: dict) -> Path:
+    """Record the prior blend weight chosen on valid for the run's model ``directory`` (``RUN/best`` or
+    ``RUN/model``) as ``RUN/prior_weight.json``: the weight, the directory's name and the sha256 of its
+    weights (so a model trained on afterwards is never blended at a weight chosen for another), and
+    ``valid``, the score of every weight tried. The model directory itself is not rewritten."""
+    record = {
+        "prior_weight": weight,
+        "model_dir": directory.name,
+        "model_sha256": sha256_file(directory / "model.safetensors"),
+        "valid": valid,
+    }
+    return write_json(Path(run) / PRIOR_FILE, record)
+
+
+def run_prior_weight(run: str | Path, directory: Path | None = None) -> float | None:
+    """The prior blend weight ``RUN/prior_weight.json`` records for the run's model ``directory`` (default
+    :func:`run_model_dir`); None when the run chose none (no prior, or stopped before choosing), when the
+    file predates this record (such runs rewrote the weight into the model's config, which it is read
+    from), or when the model changed since it was chosen (a warning says so)."""
+    path = Path(run) / PRIOR_FILE
+    if not path.is_file():
+        return None
+    directory = run_model_dir(run) if directory is None else Path(directory)
+    record = read_json(path, "prior weight record")
+    if not isinstance(record, dict) or not isinstance(record.get("prior_weight"), (int, float)):
+        raise RunError(f"{path}: not a prior weight record (a JSON object with a numeric prior_weight)")
+    if "model_sha256" not in record:
+        return None
+    if (record.get("model_dir"), record["model_sha256"]) != (
+        directory.name,
+        sha256_file(directory / "model.safetensors"),
+    ):
+        logger.warning(
+            "%s: the prior weight was chosen for an earlier %s (trained on since); the model blends at the "
+            "weight saved with it. Choose again with recipes/finetune.py's blend_prior.",
+            path,
+            directory,
+        )
+        return None
+    return float(record["prior_weight"])
+
+
 def run_config(run: str | Path) -> dict:
     """A run's ``run_config.json`` (every knob it was started with)."""
     path = Path(run) / "run_config.json"
@@ -642,109 +673,3 @@ def run_task(run: str | Path) -> str:
 def last_position(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """(batch, hidden) states at each right-padded row's last real token."""
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), attention_mask.sum(dim=1) - 1]
-
-
-def standardize(scores: torch.Tensor) -> torch.Tensor:
-    """Per-row z-scores over the catalogue (rows with no spread become 0)."""
-    centred = scores - scores.mean(dim=-1, keepdim=True)
-    return centred / centred.std(dim=-1, keepdim=True).clamp(min=1e-8)
-
-
-def blend_scores(logits: torch.Tensor, prior: torch.Tensor, weight: float) -> torch.Tensor:
-    """The item head's scores with a prior: z(LM logits) + weight * z(prior scores), per user."""
-    return standardize(logits) + weight * standardize(prior)
-
-
-class ItemItemPrior(nn.Module):
-    """A frozen linear item-item scorer ``prior(x) = x @ W`` over a user's 0/1 history row (EASE's B).
-
-    Finetuning fits ``W`` on the training matrix (`llmrec.baselines.EASE`, lambda chosen on valid) and
-    chooses the blend weight (``ModelConfig.prior_weight``) on validation. ``W`` is a buffer saved with
-    the model, so a run's evaluation, an export bundle and `Recommender` compute the same scores. The
-    dense (n_items, n_items) matrix suits catalogues up to some tens of thousands of items.
-    """
-
-    def __init__(self, n_items: int):
-        super().__init__()
-        self.register_buffer("matrix", torch.zeros(n_items, n_items))
-
-    def fit(self, matrix: torch.Tensor | np.ndarray) -> None:
-        matrix = torch.as_tensor(np.asarray(matrix), dtype=self.matrix.dtype)
-        if matrix.shape != self.matrix.shape:
-            raise ValueError(
-                f"prior matrix has shape {tuple(matrix.shape)}, expected {tuple(self.matrix.shape)}"
-            )
-        self.matrix.copy_(matrix)
-
-    def forward(self, bag: torch.Tensor) -> torch.Tensor:
-        return bag.to(self.matrix.dtype) @ self.matrix
-
-    def of_items(self, items: Sequence[Sequence[int]]) -> torch.Tensor:
-        """``forward`` of the 0/1 bags of ``items`` (one list per row), summing the rows of ``W`` the bags
-        select: history length x n_items work per row instead of a dense n_items x n_items product."""
-        unique = [torch.as_tensor(np.unique(np.asarray(row, dtype=np.int64))) for row in items]
-        rows = torch.repeat_interleave(torch.arange(len(unique)), torch.tensor([len(u) for u in unique]))
-        device = self.matrix.device
-        out = self.matrix.new_zeros(len(unique), self.matrix.shape[1])
-        selected = self.matrix.index_select(0, torch.cat(unique).to(device))
-        return out.index_add_(0, rows.to(device), selected)
-
-
-class ItemSoftmax(nn.Module):
-    """Multinomial NLL over the catalogue: exact (optionally chunked) or sampled with logQ correction.
-
-    ``full`` materialises (batch, n_items) logits; ``chunked`` computes the same value with a running
-    log-sum-exp over item chunks so peak memory is (batch, chunk); ``sampled`` draws ``num_samples``
-    negatives from ``log_q`` (e.g. item popularity) shared by the batch and subtracts log q from their
-    logits (Bengio & Senecal; Yi et al. 2019) so the estimate of the softmax stays unbiased in the limit.
-    """
-
-    def __init__(
-        self,
-        mode: str = "full",
-        chunk_size: int = 65536,
-        num_samples: int = 8192,
-        log_q: torch.Tensor | None = None,
-    ):
-        super().__init__()
-        if mode not in ("full", "chunked", "sampled"):
-            raise ValueError(f"unknown softmax mode {mode!r}: expected full, chunked or sampled")
-        if mode == "sampled" and log_q is None:
-            raise ValueError("sampled softmax needs log_q, the log sampling probability of every item")
-        self.mode, self.chunk_size, self.num_samples = mode, chunk_size, num_samples
-        self.register_buffer("log_q", log_q, persistent=False)
-
-    def forward(
-        self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
-    ) -> torch.Tensor:
-        """``targets``: (batch, max_targets) item indices padded with -1. Returns the summed NLL."""
-        hidden = hidden.to(weight.dtype)
-        valid = targets >= 0
-        safe = targets.clamp(min=0)
-        target_logits = torch.einsum("bh,bth->bt", hidden, weight[safe])
-        if bias is not None:
-            target_logits = target_logits + bias[safe]
-        if self.mode == "full":
-            logits = hidden @ weight.T + (bias if bias is not None else 0)
-            log_z = torch.logsumexp(logits.float(), dim=-1)
-        elif self.mode == "chunked":
-            parts = []
-            for start in range(0, weight.shape[0], self.chunk_size):
-                chunk = hidden @ weight[start : start + self.chunk_size].T
-                if bias is not None:
-                    chunk = chunk + bias[start : start + self.chunk_size]
-                parts.append(torch.logsumexp(chunk.float(), dim=-1))
-            log_z = torch.logsumexp(torch.stack(parts, dim=-1), dim=-1)
-        else:
-            negatives = torch.multinomial(self.log_q.exp(), self.num_samples, replacement=True)
-            neg_logits = hidden @ weight[negatives].T - self.log_q[negatives]
-            if bias is not None:
-                neg_logits = neg_logits + bias[negatives]
-            # each user's own targets join the normaliser (corrected by their own log q)
-            pos_logits = target_logits - self.log_q[safe]
-            pos_logits = pos_logits.masked_fill(~valid, float("-inf"))
-            # (1/S) sum exp(logit)/q estimates the partition function; the -log S only shifts the value
-            log_z = torch.logsumexp(torch.cat([neg_logits.float(), pos_logits.float()], dim=-1), dim=-1)
-            log_z = log_z - math.log(self.num_samples)
-        nll = (log_z.unsqueeze(1) - target_logits.float()) * valid
-        return nll.sum()

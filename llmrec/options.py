@@ -28,7 +28,8 @@ Prior = Literal["none", "ease"]
 PRIORS = get_args(Prior)
 UserTable = Literal["full", "none", "hashed", "lowrank"]  # how user rows are stored (llmrec.id_tables)
 USER_TABLES = get_args(UserTable)
-Head = Literal["tied", "untied"]
+Head = Literal["tied", "untied"]  # the item head's rows (llmrec.head.ItemHead)
+HEADS = get_args(Head)
 EmbeddingInit = Literal["normal", "title_mean", "semantic_sum"]
 CodeInit = Literal["normal", "title_mean"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
@@ -168,7 +169,8 @@ class ModelConfig:
     prior_weight: float = field(
         default=0.0,
         metadata={
-            "help": "weight of the z-scored prior against the z-scored LM scores (finetuning chooses it on valid)"
+            "help": "initial weight of the z-scored prior against the z-scored LM scores (finetuning "
+            "chooses it on valid after training; the item head keeps it with its weights)"
         },
     )
 

@@ -12,7 +12,7 @@ Bundle layout (`llmrec.export.export_model` / ``python recipes/export.py``)::
                            prompt templates, weight dtype, sha256 + size of every other file, and a
                            checksum of config.json's own content
     weights.safetensors    ID-token tables of both views (``collab.tables.*``, ``content.tables.*``)
-                           and, for an untied head, ``head_weight``/``head_bias``
+                           and the item head's (``head.*``, `llmrec.head.ItemHead`)
     adapter/<name>/        peft LoRA adapter(s) (adapter_config.json + adapter_model.safetensors)
     users.json             raw user ids by index
     items.json             raw item ids and titles by index (and texts, after ``add_items``)

@@ -136,9 +136,7 @@ class UserStates(ItemHeadScorer):
         out = []
         for start in range(0, len(users), self.batch_size):
             chunk = users[start : start + self.batch_size]
-            prior = None
-            if self.model.config.prior != "none":
-                prior = self.model.prior.of_items([self.histories[u] for u in chunk])
+            prior = self.model.head.prior_of_items([self.histories[u] for u in chunk])  # None: no prior
             index = torch.as_tensor(chunk, device=self.states.device)
             out.append(self.model.head_scores(self.states[index], prior).cpu())
         return torch.cat(out)
@@ -215,9 +213,7 @@ class UserStates(ItemHeadScorer):
             self.model.eval()
 
     def _head_input(self, state: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-        bag = (
-            self.model.history_bag(None, None, history) if self.model.config.history_pool == "mean" else None
-        )
+        bag = self.model.history_bag(None, None, history) if self.model.head.pooled else None
         return self.model.head_input(state, bag)
 
     def _store(self, users: list[int], states: torch.Tensor) -> None:

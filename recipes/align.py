@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     from llmrec.data import FINETUNE_TASKS, GENERATIVE_TASKS, prompts_for, validation_fn
     from llmrec.grpo import GRPOLoss, build_grpo_rows
     from llmrec.metrics import is_leave_one_out
-    from llmrec.model import CLLM4Rec, run_model_dir, run_task
+    from llmrec.model import run_model, run_model_dir, run_task
     from llmrec.train import make_accelerator, save_run_config, train
 
     init = Path(args.init)
@@ -100,10 +100,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise ConfigError(
             f"{init}: task {args.task!r} has no item head to align; DPO here aligns the item head"
         )
-    model_dir = run_model_dir(init)  # checked before --overwrite_output_dir deletes anything
+    run_model_dir(init)  # checked before --overwrite_output_dir deletes anything
     bundle = load_bundle(args.data)  # checked before --overwrite_output_dir deletes anything
     accelerator = make_accelerator(train_config, inputs={"--init": args.init, "--data": args.data})
-    model = CLLM4Rec.from_pretrained(model_dir)
+    model = run_model(init)  # with the prior weight the run chose, which the aligned model keeps
     prompt = FINETUNE_TASKS[args.task]
     prompts, histories = prompts_for(bundle, model, prompt), bundle.histories("train")
     if args.loss == "grpo":

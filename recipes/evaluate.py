@@ -16,7 +16,6 @@ ranks the whole catalogue, ``SPLIT/cold`` ranks the split's cold items only.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
@@ -107,17 +106,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         is_leave_one_out,
         write_metrics_json,
     )
-    from llmrec.model import CLLM4Rec, run_data, run_model_dir, run_task
+    from llmrec.model import run_data, run_model, run_task
 
     run = Path(args.run)
     data = args.data or run_data(run)
-    model = CLLM4Rec.from_pretrained(run_model_dir(run))
+    model = run_model(run)
     bundle = load_bundle(data)
     require_same_catalogue(bundle, model, f"the model of {run}")
     if args.prior_weight is not None:
-        if model.config.prior == "none":
+        if not model.head.has_prior:
             raise ConfigError(f"--prior_weight: the model of {run} has no prior (prior: none)")
-        model.config = dataclasses.replace(model.config, prior_weight=args.prior_weight)
+        model.head.set_prior_weight(args.prior_weight)
     loo = is_leave_one_out(bundle)
     ks = tuple(int(k) for k in args.ks.split(",")) if args.ks else (LOO_KS if loo else DEFAULT_KS)
     prompt = FINETUNE_TASKS[run_task(run)]

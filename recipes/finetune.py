@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from common.errors import run_cli
-from common.io import write_json
 from common.log import get_logger, setup_logging
 from llmrec.config import ConfigError, parse_config, require
 from llmrec.options import BackboneConfig, EvalConfig, FinetuneTask, ModelConfig, TrainConfig
 
 logger = get_logger("finetune")
-PRIOR_FILE = "prior_weight.json"  # the blend weight chosen on valid, with the score of every weight tried
+# the blend weight chosen on valid, with the score of every weight tried (llmrec.model.write_prior_weight)
+PRIOR_FILE = "prior_weight.json"
 # model knobs a finetuning run may change
 FINETUNE_FIELDS = (
     "head",
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
         sequence_windows=args.sequence_windows,
         text_id_weight=args.text_id_weight,
     )
-    if model_config.prior != "none":
+    if model.head.has_prior:
         logger.info(
             "prior %s fitted on the training matrix: %s", model_config.prior, fit_prior(bundle, model)
         )
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     metric = eval_config.metric(loo)
     state = train(model, dataset, train_config, accelerator, evaluate=evaluate, metric_for_best=metric)
-    if model_config.prior != "none" and accelerator.is_main_process:
+    if model.head.has_prior and accelerator.is_main_process:
         state["prior_weight"] = blend_prior(
             bundle, Path(train_config.output_dir), metric, eval_config.batch_size, FINETUNE_TASKS[args.task]
         )
@@ -221,17 +221,16 @@ def blend_prior(
     bundle, run: Path, metric: str = "cllm4rec", batch_size: int = 64, prompt: str = "masked"
 ) -> float:
     """Choose the prior's blend weight on valid for the run's best model, scored on its task's ``prompt``
-    kind, and save it into that model."""
+    kind, and record it in ``RUN/prior_weight.json`` (`llmrec.model.write_prior_weight`), where evaluation,
+    alignment and export read it (`llmrec.model.run_model`); the model directory is not rewritten."""
     from llmrec.data import choose_prior_weight
-    from llmrec.model import CLLM4Rec, run_model_dir
+    from llmrec.model import CLLM4Rec, run_model_dir, write_prior_weight
 
     directory = run_model_dir(run)
     model = CLLM4Rec.from_pretrained(directory)
     weight, grid = choose_prior_weight(bundle, model, metric, batch_size=batch_size, prompt=prompt)
     logger.info("prior weight %g chosen on valid (%s by weight: %s)", weight, metric, grid)
-    model.save_pretrained(directory)
-    record = {"prior_weight": weight, "model_dir": directory.name, "valid": {metric: grid}}
-    write_json(run / PRIOR_FILE, record)
+    write_prior_weight(run, directory, weight, {metric: grid})
     return weight
 
 

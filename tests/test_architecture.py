@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
         "llmrec.indexing",
         "llmrec.trie",
     ),
-    ("llmrec.prompts",),
+    ("llmrec.prompts", "llmrec.head", "llmrec.losses"),
     ("llmrec.model",),
     ("llmrec.scoring", "llmrec.mapper", "llmrec.decoding"),
     ("llmrec.recommender", "llmrec.service", "llmrec.server"),

@@ -126,16 +126,15 @@ def test_extend_items_keeps_old_scores():
 def test_extend_items_keeps_a_prior_and_history_pool_model_valid(tmp_path):
     model = tiny_model(history_pool="mean", prior="ease", prior_weight=0.5).eval()
     matrix = torch.randn(N_ITEMS, N_ITEMS)
-    model.prior.fit(matrix)
+    model.head.fit_prior(matrix)
     prompts = FinetunePrompts(model.vocab, model.tokenizer, "<user_{user}> saw {history}, next", 64)
     encoded = prompt_batch([prompts.encode(0, [1, 2, 3])], pad_token_id=model.tokenizer.pad_token_id or 0)
     batch = (encoded["input_ids"], encoded["attention_mask"])
     old = model.score_parts(*batch)
     extend_items(model, 2)
-    assert model.prior.matrix.shape == (N_ITEMS + 2, N_ITEMS + 2)
-    assert (
-        torch.equal(model.prior.matrix[:N_ITEMS, :N_ITEMS], matrix) and not model.prior.matrix[N_ITEMS:].any()
-    )
+    grown = model.head.prior.matrix
+    assert grown.shape == (N_ITEMS + 2, N_ITEMS + 2)
+    assert torch.equal(grown[:N_ITEMS, :N_ITEMS], matrix) and not grown[N_ITEMS:].any()
     history = torch.tensor([[1, 2, 3, N_ITEMS + 1]])  # a new item in the history: the pool and prior read it
     lm, prior = model.score_parts(*batch, history)
     assert (
@@ -147,7 +146,7 @@ def test_extend_items_keeps_a_prior_and_history_pool_model_valid(tmp_path):
         same_prior[:, :N_ITEMS], old[1]
     )
     model.save_pretrained(tmp_path / "m")
-    assert torch.equal(CLLM4Rec.from_pretrained(tmp_path / "m").prior.matrix, model.prior.matrix)
+    assert torch.equal(CLLM4Rec.from_pretrained(tmp_path / "m").head.prior.matrix, grown)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -11,12 +12,14 @@ import torch
 from safetensors.torch import load_file
 from test_recommender import FRESH_PROCESS, REPO, data, recipe  # noqa: F401  (data is a fixture)
 
+from common.io import sha256_file
 from data_prep import load_bundle
 from llmrec.backbone import BackboneConfig
 from llmrec.collate import FinetuneDataset, collate
 from llmrec.data import PRIOR_WEIGHTS, scorer_for
 from llmrec.export import export_run
-from llmrec.model import CLLM4Rec, ModelConfig, run_model_dir, standardize
+from llmrec.head import standardize
+from llmrec.model import CLLM4Rec, ModelConfig, run_model, run_model_dir
 from llmrec.prompts import FinetunePrompts
 from llmrec.recommender import Recommender
 
@@ -77,13 +80,17 @@ def test_pooled_history_changes_scores_and_trains_its_scale():
     pooled.train()
     loss, count = pooled.finetune_loss(batch, pooled.item_softmax)
     loss.backward()
-    assert count == len(HISTORIES) and pooled.pool_scale.grad is not None and pooled.pool_scale.grad != 0
+    assert (
+        count == len(HISTORIES)
+        and pooled.head.pool_scale.grad is not None
+        and pooled.head.pool_scale.grad != 0
+    )
 
 
 def test_prior_blend_is_its_definition_and_survives_save_and_load(tmp_path):
     model = tiny(prior="ease", prior_weight=0.7)
     matrix = torch.randn(N_ITEMS, N_ITEMS, generator=torch.Generator().manual_seed(0))
-    model.prior.fit(matrix)
+    model.head.fit_prior(matrix)
     batch = prompts_batch(model, HISTORIES)
     args = (batch["input_ids"], batch["attention_mask"], batch["history"])
     with torch.no_grad():
@@ -96,7 +103,14 @@ def test_prior_blend_is_its_definition_and_survives_save_and_load(tmp_path):
     assert torch.allclose(standardize(logits), z, atol=1e-6)
     model.save_pretrained(tmp_path / "m")
     again = CLLM4Rec.from_pretrained(tmp_path / "m")
-    assert again.config.prior_weight == 0.7 and torch.equal(again.prior.matrix, matrix)
+    assert again.head.blend_weight == 0.7 and torch.equal(again.head.prior.matrix, matrix)
+    # the blend weight is state saved with the weights: a changed one survives too, the config stays
+    model.head.set_prior_weight(0.15)
+    model.save_pretrained(tmp_path / "m2")
+    changed = CLLM4Rec.from_pretrained(tmp_path / "m2")
+    assert changed.head.blend_weight == 0.15 and changed.config.prior_weight == 0.7
+    with torch.no_grad():
+        assert not torch.allclose(changed.score_items(*args), scores, atol=1e-3)
     with torch.no_grad():
         assert torch.allclose(again.score_items(*args), scores, atol=1e-6)
 
@@ -126,8 +140,14 @@ def test_prior_weight_is_chosen_on_valid_and_exported_scores_match_training_time
     state = recipe("finetune")(
         [*argv, *flags, "--prompt_order", "chronological", "--max_steps", "3", "--batch_size", "8"]
     )
-    model = CLLM4Rec.from_pretrained(run_model_dir(run))
-    assert model.config.prior_weight == state["prior_weight"] and state["prior_weight"] in PRIOR_WEIGHTS
+    # the weight is chosen once and recorded beside the model, whose directory is not rewritten
+    record = json.loads((run / "prior_weight.json").read_text())
+    assert record["prior_weight"] == state["prior_weight"] and state["prior_weight"] in PRIOR_WEIGHTS
+    assert record["model_sha256"] == sha256_file(run_model_dir(run) / "model.safetensors")
+    saved = CLLM4Rec.from_pretrained(run_model_dir(run))
+    assert saved.config.prior_weight == 0.0 and saved.head.blend_weight == 0.0
+    model = run_model(run)
+    assert model.head.blend_weight == state["prior_weight"]
     b = load_bundle(data)
     expected = scorer_for(b, model).score(np.arange(b.n_users))
 

@@ -9,7 +9,8 @@ import torch
 
 from llmrec.backbone import BackboneConfig
 from llmrec.collate import PretrainDataset, collate
-from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig
+from llmrec.losses import ItemSoftmax
+from llmrec.model import CLLM4Rec, ModelConfig
 from llmrec.prompts import TASKS
 
 N_USERS, N_ITEMS = 6, 25
@@ -49,12 +50,11 @@ def test_param_groups_split_lora_from_tables_and_head():
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     assert sorted(names[id(p)] for p in lora["params"] + tables["params"]) == sorted(names.values())
     assert lora["params"] and all("lora_" in names[id(p)] for p in lora["params"])
-    assert {names[id(p)].split(".")[0] for p in tables["params"]} == {
-        "collab",
-        "content",
-        "head_weight",
-        "head_bias",
+    assert {names[id(p)] for p in tables["params"] if names[id(p)].startswith("head.")} == {
+        "head.weight",
+        "head.bias",
     }
+    assert {names[id(p)].split(".")[0] for p in tables["params"]} == {"collab", "content", "head"}
     assert (lora["lr"], lora["weight_decay"], tables["lr"], tables["weight_decay"]) == (1e-3, 0.1, 1e-2, 0.0)
 
 
@@ -110,7 +110,7 @@ def test_item_softmax_variants_agree_with_the_full_softmax(mode):
 
 def test_untied_head_has_own_weights_and_bias():
     model = tiny_model(head="untied")
-    assert model.item_weight() is model.head_weight
+    assert model.item_weight() is model.head.weight and model.head.untied
     scores = model.score_items(
         torch.tensor([[model.vocab.user_token(0), 7, 8]]), torch.ones(1, 3, dtype=torch.long)
     )
@@ -140,8 +140,8 @@ def test_finetuning_can_untie_the_head_of_a_tied_model_but_not_back():
     model = tiny_model()
     model.reconfigure(head="untied", mutual_reg=0.5)
     assert model.config.head == "untied" and model.config.mutual_reg == 0.5
-    assert torch.equal(model.head_weight.detach(), model.collab.family_weight("item").detach())
-    assert "head_bias" in model.trainable_state_dict()
+    assert torch.equal(model.head.weight.detach(), model.collab.family_weight("item").detach())
+    assert "head.bias" in model.trainable_state_dict()
     with pytest.raises(ValueError, match="cannot change the item head"):
         model.reconfigure(head="tied")
 

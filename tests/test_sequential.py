@@ -25,8 +25,9 @@ from llmrec.export import export_run
 from llmrec.generate import GenerativeScorer, NextSemanticDataset
 from llmrec.indexing import NumberIndexConfig, RandomIndexer
 from llmrec.indexing.base import IndexData
+from llmrec.losses import ItemSoftmax
 from llmrec.metrics import evaluate_scorer
-from llmrec.model import CLLM4Rec, ItemSoftmax, ModelConfig, run_model_dir
+from llmrec.model import CLLM4Rec, ModelConfig, run_model, run_model_dir
 from llmrec.prompts import IGNORE, TASKS, FinetunePrompts
 from llmrec.recommender import Recommender
 from llmrec.scoring import PrecomputedScorer
@@ -43,7 +44,7 @@ def model() -> CLLM4Rec:
         ModelConfig(lora_r=4, head="untied"), BackboneConfig("tiny-llama"), N_USERS, N_ITEMS, seed=0
     )
     with torch.no_grad():  # a non-zero bias, so that the test covers the untied head's whole score
-        built.head_bias.copy_(torch.linspace(-1, 1, N_ITEMS))
+        built.head.bias.copy_(torch.linspace(-1, 1, N_ITEMS))
     return built.eval()
 
 
@@ -97,7 +98,7 @@ def test_pooled_history_at_every_position_equals_the_one_prefix_prompt_with_its_
         ModelConfig(lora_r=4, history_pool="mean"), BackboneConfig("tiny-llama"), N_USERS, N_ITEMS, seed=0
     ).eval()
     with torch.no_grad():
-        pooled.pool_scale.fill_(2.5)  # the pooled path weighs as much as the decoder's state
+        pooled.head.pool_scale.fill_(2.5)  # the pooled path weighs as much as the decoder's state
     # item 3 left out and in the prompt, item 20 twice in the prompt: each counted once
     histories = [[3, 9, 4, 7, 1, 5, 20, 11, 3, 2, 20, 14], [12, 5]]
     prompts = prompts_of(pooled, max_tokens=27)  # keeps the newest 6 of user 0's items
@@ -256,7 +257,7 @@ def test_sequential_run_with_a_prior_chooses_its_weight_on_the_sequence_prompt(l
         + ["--history_pool", "mean", "--prior", "ease"]
     )
     grid = json.loads((run / "prior_weight.json").read_text())["valid"]["ndcg@10"]
-    model = CLLM4Rec.from_pretrained(run_model_dir(run))
+    model = run_model(run)
     bundle = load_bundle(loo_bundle)
     logits, _ = scorer_for(bundle, model, 256, prompt="sequence").parts(np.arange(bundle.n_users))
     lm_only = evaluate_scorer(

@@ -14,7 +14,8 @@ from test_recommender import N_ITEMS, N_USERS, data  # noqa: F401  (data is a fi
 from data_prep import load_bundle
 from llmrec.backbone import BackboneConfig
 from llmrec.export import export_model
-from llmrec.model import CLLM4Rec, ItemItemPrior, ModelConfig
+from llmrec.head import ItemItemPrior
+from llmrec.model import CLLM4Rec, ModelConfig
 from llmrec.recommender import Recommender
 from llmrec.scoring import ItemHeadScorer
 
@@ -29,7 +30,9 @@ def bundle(data, tmp_path_factory) -> Path:  # noqa: F811
     model = CLLM4Rec.from_config(CONFIG, BackboneConfig("tiny-llama"), b.n_users, b.n_items, seed=3)
     perturb_trainable(model)
     with torch.no_grad():
-        model.prior.fit(torch.randn(b.n_items, b.n_items, generator=torch.Generator().manual_seed(1)).numpy())
+        model.head.fit_prior(
+            torch.randn(b.n_items, b.n_items, generator=torch.Generator().manual_seed(1)).numpy()
+        )
     return export_model(model, b, tmp_path_factory.mktemp("cache") / "bundle")
 
 
