@@ -52,7 +52,11 @@ class AlignArgs:
         default="runs/finetune", metadata={"help": "the SFT run (recipes/finetune.py): start and reference"}
     )
     task: FinetuneTask | None = field(
-        default=None, metadata={"help": "the SFT run's finetuning task (default: read from --init)"}
+        default=None,
+        metadata={
+            "help": "the SFT run's finetuning task (default: read from --init); a semantic-ID task aligns "
+            "the generator (llmrec.generator_align), the others the item head"
+        },
     )
     loss: AlignLoss = field(
         default="dpo", metadata={"help": "dpo: pairwise; sdpo: softmax DPO over all rejected; grpo"}
@@ -65,7 +69,8 @@ class AlignArgs:
         default=4, metadata={"help": "preference rows per user: the last N positions of the history"}
     )
     n_rejected: int = field(
-        default=8, metadata={"help": "rejected items per row (the SFT model's top unseen)"}
+        default=8,
+        metadata={"help": "rejected items per row (the SFT model's top unseen; a generator's: its beam's)"},
     )
     n_random: int = field(
         default=0,
@@ -73,7 +78,8 @@ class AlignArgs:
     )
     grpo_group: int = field(default=8, metadata={"help": "GRPO: sampled lists per prompt"})
     grpo_length: int = field(
-        default=10, metadata={"help": "GRPO: items per sampled list (the reward's cutoff)"}
+        default=10,
+        metadata={"help": "GRPO: items per sampled list (the reward's cutoff; 1: one item, reward = hit)"},
     )
     kl_weight: float = field(default=0.05, metadata={"help": "GRPO: weight of KL(policy || SFT model)"})
 
