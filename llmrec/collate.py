@@ -24,7 +24,8 @@ PREFERENCE_KEYS = (
     "ref_chosen",
     "ref_rejected",
     "ref_log_probs",
-)  # rows of `llmrec.align.PreferenceDataset` (DPO, S-DPO and GRPO rows)
+    "rollout_key",
+)  # rows of `llmrec.align.PreferenceDataset` (DPO, S-DPO and GRPO rows), `llmrec.generator_align.GeneratorRows`
 
 
 def epoch_rng(seed: int, epoch: int, row: int | None = None) -> np.random.Generator:
@@ -282,7 +283,7 @@ def collate(examples: Sequence[dict], pad_token_id: int = 0) -> dict[str, torch.
     if "targets" in examples[0]:
         batch["targets"] = pad([example["targets"] for example in examples], -1)
         batch["user"] = torch.tensor([example["user"] for example in examples])
-    for key in ("history", "older"):
+    for key in ("history", "older", "excluded"):
         if key in examples[0]:
             batch[key] = pad([example[key] for example in examples], -1)
     for key in PREFERENCE_KEYS:

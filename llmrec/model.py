@@ -417,9 +417,13 @@ class CLLM4Rec(nn.Module):
 
     def preference_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The alignment loss (``model.preference``: `llmrec.align.DPOLoss`, `llmrec.grpo.GRPOLoss`) of the
-        item head's catalogue log-softmax (:meth:`item_log_probs`)."""
+        item head's catalogue log-softmax (:meth:`item_log_probs`); a ``semantic_preference`` batch (the
+        semantic-ID generator's, `llmrec.generator_align`) hands the loss the model itself, since its
+        rollouts and their code log-probabilities take forwards of their own."""
         if self.preference is None:
             raise ValueError("a preference batch needs model.preference (e.g. llmrec.align.DPOLoss) set")
+        if TASKS[int(batch["task"][0])] == "semantic_preference":
+            return self.preference(self, batch)
         return self.preference(self.item_log_probs(batch["input_ids"], batch["attention_mask"]), batch)
 
     def forward(
@@ -442,8 +446,10 @@ class CLLM4Rec(nn.Module):
             ids = ids.masked_fill(ids >= self.vocab.family_range("semantic").start, 0)
         elif task == "sequential":
             lm, view = self.sequential_loss(batch, self.item_softmax), "collab"
-        elif task == "preference":
+        elif task in ("preference", "semantic_preference"):
             lm, view = self.preference_loss(batch), "collab"
+            if task == "semantic_preference":  # as the semantic tasks: codes have no content view
+                ids = ids.masked_fill(ids >= self.vocab.family_range("semantic").start, 0)
         else:
             lm, view = self.finetune_loss(batch, self.item_softmax), "collab"
         return (*lm, *self.mutual_regularization(ids, view))

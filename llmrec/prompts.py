@@ -26,6 +26,7 @@ TASKS = (
     "preference",
     "semantic_sequence",
     "semantic_title",
+    "semantic_preference",  # alignment of the semantic-ID generator (llmrec.generator_align)
 )
 
 

@@ -4,11 +4,14 @@ probabilities and loss, and the rows both build from a reference model."""
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import recipe_main
 
+from common.config import ConfigError
 from llmrec.align import DPOLoss, build_preferences, dpo_loss, sdpo_loss
 from llmrec.backbone import BackboneConfig
 from llmrec.collate import collate
@@ -130,6 +133,9 @@ def test_rows_from_the_reference_model(model):
     assert [row["rejected"] for row in rows] == [row["rejected"] for row in again]
     for row, history in zip(rows, [HISTORIES[0], HISTORIES[1], HISTORIES[3]], strict=True):
         assert len(set(row["rejected"])) == 7 and not set(row["rejected"]) & set(history)
+    random_only = build_preferences(model, prompts, HISTORIES, per_user=1, n_rejected=0, n_random=4, seed=0)
+    for row, history in zip(random_only.rows, [HISTORIES[0], HISTORIES[1], HISTORIES[3]], strict=True):
+        assert len(set(row["rejected"])) == 4 and not set(row["rejected"]) & set(history)
     grpo = build_grpo_rows(model, prompts, HISTORIES, per_user=1).rows
     for row, history in zip(grpo, [HISTORIES[0], HISTORIES[1], HISTORIES[3]], strict=True):
         ref = torch.tensor(row["ref_log_probs"])
@@ -141,3 +147,11 @@ def test_rows_from_the_reference_model(model):
         total, count = model.preference_loss(collate(grpo))
     model.preference = None
     assert int(count) == 3 and torch.isfinite(total)
+
+
+def test_align_args_take_random_rejected_items_only_but_not_none():
+    align = sys.modules[recipe_main("align").__module__]
+
+    assert align.AlignArgs(n_rejected=0, n_random=16).n_random == 16  # the S-DPO paper's sampling
+    with pytest.raises(ConfigError, match="n_rejected.*when n_random is 0"):
+        align.AlignArgs(n_rejected=0, n_random=0)

@@ -43,6 +43,7 @@ LAYERS: list[tuple[str, ...]] = [
         "llmrec.baselines",
         "llmrec.align",
         "llmrec.grpo",
+        "llmrec.generator_align",
     ),
     ("llmrec.data", "llmrec.coldstart"),
     ("llmrec.train", "llmrec.export", "llmrec.model_card"),
