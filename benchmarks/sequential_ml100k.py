@@ -232,6 +232,10 @@ def run_fused(args, data: Path) -> dict:
     bundle = load_bundle(data)
     rows = []
     for seed in args.llm_seeds:
+        saved = Path(args.runs) / f"fused-seed{seed}.json"  # with --reuse, a seed fused before is taken
+        if args.reuse and saved.exists():
+            rows.append(json.loads(saved.read_text()))
+            continue
         start = time.perf_counter()
         head = run_model(Path(args.runs) / f"sequential-seed{seed}")  # with the prior weight it chose
         generator = run_model(Path(args.runs) / f"semantic_sequence-seed{seed}")
@@ -242,6 +246,7 @@ def run_fused(args, data: Path) -> dict:
         rows.append(
             {**metrics, "weight": weight, "valid_grid": grid, "wall_s": wall, "curve": [], "seed": seed}
         )
+        saved.write_text(json.dumps(rows[-1]))
         print(f"seed {seed}: fusion weight {weight} on valid {grid}; test ndcg@10 {metrics['ndcg@10']:.4f}")
     return {"llmrec item head + generator, fused (weight on valid)": rows}
 
