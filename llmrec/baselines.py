@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from common.early_stopping import EarlyStopping
 from llmrec.metrics import evaluate_matrices
 from llmrec.options import EASE_LAMBDAS
 
@@ -224,7 +225,7 @@ class MultVAE(Baseline):
     def _train(self, train: sp.csr_matrix, valid: sp.spmatrix | None) -> None:
         optimizer = torch.optim.Adam(self.net.parameters(), lr=self.lr)
         n_users = train.shape[0]
-        step, best_score, best_epoch, best_state = 0, -math.inf, 0, None
+        step, best_state, stopping = 0, None, EarlyStopping(self.patience)
         anneal_steps = self.anneal_steps
         if anneal_steps is None:  # β reaches anneal_cap after half of the epochs
             anneal_steps = max(1, math.ceil(n_users / self.batch_size) * self.epochs // 2) / self.anneal_cap
@@ -256,20 +257,19 @@ class MultVAE(Baseline):
                 SELECT_METRIC,
                 score,
             )
-            if score > best_score:
-                best_score, best_epoch = score, epoch
+            if stopping.update(score, epoch):
                 best_state = copy.deepcopy(self.net.state_dict())
-            elif epoch - best_epoch >= self.patience:
+            elif stopping.stop:
                 break
         if best_state is not None:
             self.net.load_state_dict(best_state)
         self.fit_info = {
-            "best_epoch": best_epoch if valid is not None else self.epochs,
+            "best_epoch": stopping.best_at if valid is not None else self.epochs,
             "epochs_run": epoch,
             "updates": step,
             "anneal_steps": anneal_steps,
             "final_beta": beta,
-            f"valid_{SELECT_METRIC}": best_score if valid is not None else math.nan,
+            f"valid_{SELECT_METRIC}": stopping.best if valid is not None else math.nan,
         }
         logger.info("Mult-VAE: %s", self.fit_info)
 
@@ -441,7 +441,7 @@ class SASRec:
         targets = self._tokens([window[1:] for window in windows]) - 1  # -1 = padding
         optimizer = torch.optim.Adam(self.net.parameters(), lr=self.lr, betas=(0.9, 0.98))
         rng = np.random.default_rng(self.seed)
-        best_score, best_epoch, best_state, curve = -math.inf, 0, None, []
+        best_state, curve, stopping = None, [], EarlyStopping(self.patience)
         epochs = tqdm(range(1, self.epochs + 1), desc="SASRec", unit="epoch", disable=not self.progress)
         for epoch in epochs:
             self.net.train()
@@ -461,17 +461,16 @@ class SASRec:
                 continue
             score = self._valid(valid, seen)
             curve.append(score)
-            if score > best_score:
-                best_score, best_epoch = score, epoch
+            if stopping.update(score, epoch):
                 best_state = copy.deepcopy(self.net.state_dict())
-            elif epoch - best_epoch >= self.patience:
+            elif stopping.stop:
                 break
         if best_state is not None:
             self.net.load_state_dict(best_state)
         return {
-            "best_epoch": best_epoch if valid is not None else self.epochs,
+            "best_epoch": stopping.best_at if valid is not None else self.epochs,
             "epochs_run": epoch,
-            f"valid_{self.SELECT}": best_score if valid is not None else math.nan,
+            f"valid_{self.SELECT}": stopping.best if valid is not None else math.nan,
             f"valid_{self.SELECT}_by_epoch": curve,
         }
 

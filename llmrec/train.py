@@ -47,6 +47,7 @@ from common.artifacts import (
     release_lock,
 )
 from common.config import ConfigError
+from common.early_stopping import EarlyStopping
 from common.io import ArtifactError, file_records, verify_files, write_json, write_text
 from common.log import get_logger
 from llmrec.collate import TaskBucketSampler, collate
@@ -444,13 +445,16 @@ def evaluate_and_select(model, evaluate, metric_for_best, config, accelerator, s
     )
     if metric_for_best is None:
         return False
-    value = metrics[metric_for_best]
-    if state["best"] is None or value > state["best"]:
-        state.update(best=value, best_step=state["step"], evals_without_improvement=0)
+    stopping = EarlyStopping(
+        config.patience, state["best"], state["best_step"], state["evals_without_improvement"]
+    )
+    improved = stopping.update(metrics[metric_for_best], state["step"])
+    state.update(
+        best=stopping.best, best_step=stopping.best_at, evals_without_improvement=stopping.without_gain
+    )
+    if improved:
         save_model(accelerator, model, Path(config.output_dir) / "best")
-        return False
-    state["evals_without_improvement"] += 1
-    return config.patience > 0 and state["evals_without_improvement"] >= config.patience
+    return stopping.stop
 
 
 def save_model(accelerator: Accelerator, model: CLLM4Rec, directory: Path) -> None:

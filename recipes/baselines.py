@@ -96,7 +96,10 @@ class EASEArgs:
 class MultVAEArgs:
     section: ClassVar[str] = "multvae"  # its YAML section (llmrec.config)
     epochs: int = field(default=200, metadata={"help": "maximum Mult-VAE epochs"})
-    patience: int = field(default=50, metadata={"help": "epochs without valid NDCG@100 gain before stopping"})
+    patience: int = field(
+        default=50,
+        metadata={"help": "epochs without valid NDCG@100 gain before stopping (0: never stop early)"},
+    )
     batch_size: int = field(default=500, metadata={"help": "users per Mult-VAE update"})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
     anneal_cap: float = field(default=0.2, metadata={"help": "largest KL weight beta"})
@@ -112,6 +115,7 @@ class MultVAEArgs:
     def __post_init__(self) -> None:
         require_seed(self.seed)
         require(self.lr > 0, "lr", self.lr, "must be > 0")
+        require(self.patience >= 0, "patience", self.patience, "must be >= 0")
         for name in ("epochs", "batch_size"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be at least 1")
 
@@ -138,7 +142,10 @@ class SASRecArgs:
         default_factory=lambda: [0.2, 0.5], metadata={"help": "dropout grid, chosen on valid"}
     )
     epochs: int = field(default=200, metadata={"help": "maximum epochs"})
-    patience: int = field(default=10, metadata={"help": "epochs without valid NDCG@10 gain before stopping"})
+    patience: int = field(
+        default=10,
+        metadata={"help": "epochs without valid NDCG@10 gain before stopping (0: never stop early)"},
+    )
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
     batch_size: int = field(default=128, metadata={"help": "users per update"})
     seed: int = field(default=0, metadata={"help": "seed"})
@@ -149,6 +156,7 @@ class SASRecArgs:
     def __post_init__(self) -> None:
         require_seed(self.seed)
         require(self.lr > 0, "lr", self.lr, "must be > 0")
+        require(self.patience >= 0, "patience", self.patience, "must be >= 0")
         require(all(0 <= d < 1 for d in self.dropouts), "dropouts", self.dropouts, "must be in [0, 1)")
         for name in ("max_len", "hidden", "blocks", "epochs", "batch_size"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be at least 1")
