@@ -28,7 +28,7 @@ from llmrec.data import FINETUNE_TASKS, GENERATIVE_TASKS, prompt_template, requi
 from llmrec.indexing.encoders import MINILM, item_embeddings
 from llmrec.mapper import TextToID, item_texts
 from llmrec.metrics import DEFAULT_KS, LOO_KS, is_leave_one_out
-from llmrec.model import VIEWS, CLLM4Rec, run_config, run_data, run_model, run_model_dir, run_task
+from llmrec.model import VIEWS, CLLM4Rec
 from llmrec.model_card import model_card
 from llmrec.recommender import (
     DTYPES,
@@ -39,6 +39,7 @@ from llmrec.recommender import (
     require_finite,
     write_bundle,
 )
+from llmrec.run import Run
 from llmrec.tokens import export_plain_model
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def cold_template(finetune_template: str) -> str:
 
 
 def export_run(run: str | Path, out: str | Path, data: str | Path | None = None, **options: Any) -> Path:
-    """Export the model of a finetuning run (see :func:`run_model_dir`) with its dataset bundle.
+    """Export the model of a finetuning run (see `llmrec.run.run_model_dir`) with its dataset bundle.
 
     ``data`` defaults to the bundle recorded in ``RUN/run_config.json``; the prompt is the one the run's
     task trained on (``FINETUNE_TASKS``: a ``sequential`` run is served the chronological sequence
@@ -61,37 +62,30 @@ def export_run(run: str | Path, out: str | Path, data: str | Path | None = None,
     as a generator bundle whose ``beam`` (option ``beam``, default :func:`run_beam`) is the one its
     evaluation uses; an item-head run given a ``beam`` is refused.
     """
-    run = Path(run)
-    model_path = run_model_dir(run)
-    task = run_task(run)
+    record = Run.read(run)  # the run's records, read once: config, model directory, prior weight, metrics
+    task = record.task
     if options.get("beam") is not None and task not in GENERATIVE_TASKS:
         raise UserError(
-            f"--beam: {run} is an item-head run (task {task}); only a semantic-ID generator run "
+            f"--beam: {record.path} is an item-head run (task {task}); only a semantic-ID generator run "
             f"({', '.join(GENERATIVE_TASKS)}) ranks by beam search"
         )
     if data is None:
-        data = run_data(run)
-    inputs = {"--run": run, "--data": data}
+        data = record.data
+    inputs = {"--run": record.path, "--data": data}
     check_target(out, RECOMMENDER, options.get("overwrite", False), inputs)  # before the model loads
     bundle = load_bundle(data)
     if task in GENERATIVE_TASKS and options.get("beam") is None:
-        options["beam"] = run_beam(run, bundle)
-    model = run_model(run)  # with the prior weight the run chose
-    source = {"run": str(run), "model": str(model_path), "data": str(data)}
+        options["beam"] = run_beam(record, bundle)
+    model = record.model()  # with the prior weight the run chose
+    source = {"run": str(record.path), "model": str(record.model_dir), "data": str(data)}
     options.setdefault("prompt", FINETUNE_TASKS[task])
-    return export_model(model, bundle, out, source=source, inputs=inputs, **options)
+    return export_model(model, bundle, out, source=source, inputs=inputs, run=record, **options)
 
 
-def run_beam(run: str | Path, data: Bundle) -> int:
+def run_beam(run: Run, data: Bundle) -> int:
     """The beam width a generator run is evaluated with: its ``eval.beam``, else (0) the largest metric
     cut-off of ``data``'s protocol (``recipes/finetune.py`` validation, ``recipes/evaluate.py``)."""
-    section = run_config(run).get("eval")
-    beam = section.get("beam", 0) if isinstance(section, dict) else 0
-    if isinstance(beam, bool) or not isinstance(beam, int) or beam < 0:
-        raise UserError(
-            f"{Path(run) / 'run_config.json'}: field eval.beam must be a whole number >= 0, got {beam!r}"
-        )
-    return beam or max(LOO_KS if is_leave_one_out(data) else DEFAULT_KS)
+    return run.beam or max(LOO_KS if is_leave_one_out(data) else DEFAULT_KS)
 
 
 def export_model(
@@ -108,6 +102,7 @@ def export_model(
     prompt: str = "masked",
     inputs: Mapping[str, str | Path | None] | None = None,
     beam: int | None = None,
+    run: Run | None = None,
 ) -> Path:
     """Write ``model`` (trained on the dataset bundle ``data``) as a recommender bundle at ``out``.
 
@@ -117,8 +112,8 @@ def export_model(
     ``model`` must not be used afterwards. With ``mapper`` the bundle carries the text-to-ID mapper of
     ``Recommender.add_items`` (:func:`fit_mapper`). ``prompt`` is the kind of prompt the model was
     finetuned on (`llmrec.data.prompt_template`: ``masked`` or ``sequence``); known users are served
-    with it. The bundle's ``README.md`` is its model card (`llmrec.model_card`: the run's metrics when
-    ``source["run"]`` names it). Written to a temporary directory and renamed; ``out`` may not be,
+    with it. The bundle's ``README.md`` is its model card (`llmrec.model_card`: with the ``run``'s
+    options and metrics when it comes from one, `llmrec.run.Run`). Written to a temporary directory and renamed; ``out`` may not be,
     contain or lie inside ``data`` or the other ``inputs`` (`common.artifacts`).
 
     With ``beam`` the bundle is a generator's (mode ``generate``, `llmrec.recommender`): ``model`` (trained
@@ -162,6 +157,7 @@ def export_model(
             "generate": generate,
         },
         source,
+        run,
     )
     return write_bundle(
         model,

@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, ...]] = [
         "llmrec.trie",
     ),
     ("llmrec.prompts", "llmrec.head", "llmrec.losses"),
-    ("llmrec.model",),
+    ("llmrec.model", "llmrec.run"),
     ("llmrec.scoring", "llmrec.mapper", "llmrec.decoding"),
     ("llmrec.recommender", "llmrec.service", "llmrec.server"),
     (
@@ -45,7 +45,7 @@ LAYERS: list[tuple[str, ...]] = [
         "llmrec.grpo",
     ),
     ("llmrec.data", "llmrec.coldstart"),
-    ("llmrec.train", "llmrec.export", "llmrec.model_card"),
+    ("llmrec.train", "llmrec.checkpoint", "llmrec.export", "llmrec.model_card"),
     ("llmrec",),  # the package's __init__: the public facade (``llmrec.Recommender``)
 ]
 

@@ -37,8 +37,9 @@ from llmrec.indexing import (
 )
 from llmrec.indexing.newitems import add_items, quantize, text_encoder
 from llmrec.metrics import RankingMetrics, evaluate_scorer
-from llmrec.model import CLLM4Rec, run_model_dir
+from llmrec.model import CLLM4Rec
 from llmrec.recommender import BundleError, Recommender, config_checksum
+from llmrec.run import run_model_dir
 
 BEAM, K = 20, 8
 CODEBOOK = 8  # 2 levels of 8 codes: 64 tuples for 40 items, 5 items per first code (balanced)
