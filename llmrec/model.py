@@ -523,7 +523,7 @@ class CLLM4Rec(nn.Module):
     ) -> CLLM4Rec:
         """A trained model from its frozen backbone, saved vocabulary and config, and trainable ``weights``:
         the one rebuild behind a run's model directory (`from_pretrained`) and an export bundle
-        (`llmrec.recommender`). ``lm`` either gets fresh LoRA that ``weights`` fill (a run's) or already
+        (`llmrec.bundle`). ``lm`` either gets fresh LoRA that ``weights`` fill (a run's) or already
         carries its trained adapters (a bundle's). Built with a normal init, since the saved tables replace
         any (a ``title_mean`` one would need titles); ``model.config`` is then the one it was trained with.
         """

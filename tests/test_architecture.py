@@ -33,6 +33,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("llmrec.prompts", "llmrec.head", "llmrec.losses"),
     ("llmrec.model", "llmrec.run"),
     ("llmrec.scoring", "llmrec.mapper", "llmrec.decoding"),
+    ("llmrec.bundle", "llmrec.plain_model"),
     ("llmrec.recommender", "llmrec.service", "llmrec.server"),
     (
         "llmrec.collate",

@@ -18,12 +18,13 @@ from common.artifacts import Lock
 from common.errors import UserError
 from data_prep import DataError, load_bundle
 from data_prep.build import BuildConfig, build
+from llmrec.bundle import read_config, verify_files
 from llmrec.checkpoint import complete_checkpoints, save_checkpoint, settle_checkpoints
 from llmrec.data import model_for
 from llmrec.indexing.base import ItemIndex
 from llmrec.model import CLLM4Rec
 from llmrec.options import BackboneConfig, ModelConfig
-from llmrec.recommender import Recommender, read_config, verify_files
+from llmrec.recommender import Recommender
 from llmrec.run import RunError
 
 FIXTURE = REPO / "tests" / "fixtures" / "bundle-0.1.0" / "bundle"

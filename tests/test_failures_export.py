@@ -12,8 +12,9 @@ from safetensors.torch import load_file, save_file
 from test_failures_cli import LOG, TINY, one_line_error, recipe
 
 from data_prep.build import BuildConfig, build
+from llmrec.bundle import BundleError
 from llmrec.export import export_run
-from llmrec.recommender import BundleError, Recommender
+from llmrec.recommender import Recommender
 from llmrec.run import run_model_dir
 
 
