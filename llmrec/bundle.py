@@ -100,15 +100,8 @@ class BundleError(ArtifactError):
     """A recommender bundle that cannot be used; the message names the file and what is wrong."""
 
 
-def _is_bundle_config(path: Path) -> bool:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")).get("format") == BUNDLE_FORMAT
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        return False
-
-
 # a directory --overwrite may replace: one whose config.json is a recommender bundle's, not any model's
-RECOMMENDER = Kind("recommender bundle", CONFIG_FILE, check=_is_bundle_config)
+RECOMMENDER = Kind("recommender bundle", CONFIG_FILE, marker_format=BUNDLE_FORMAT)
 
 
 def config_checksum(config: dict[str, Any]) -> str:
