@@ -32,8 +32,9 @@ from llmrec.data import FINETUNE_TASKS, generative_scorer, input_histories  # no
 from llmrec.generate import generate_reference  # noqa: E402
 from llmrec.indexing import ItemIndex  # noqa: E402
 from llmrec.metrics import format_table, write_metrics_json  # noqa: E402
-from llmrec.model import CLLM4Rec, ModelConfig, run_model, run_task  # noqa: E402
+from llmrec.model import CLLM4Rec, ModelConfig  # noqa: E402
 from llmrec.reporting import machine_info, timed  # noqa: E402
+from llmrec.run import run_model, run_task  # noqa: E402
 
 
 def main() -> None:

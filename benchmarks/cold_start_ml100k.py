@@ -60,9 +60,10 @@ from llmrec.mapper import (  # noqa: E402
     set_item_rows,
 )
 from llmrec.metrics import evaluate_cold_items, format_table, write_metrics_json  # noqa: E402
-from llmrec.model import CLLM4Rec, run_model  # noqa: E402
+from llmrec.model import CLLM4Rec  # noqa: E402
 from llmrec.recommender import Recommender  # noqa: E402
 from llmrec.reporting import machine_info  # noqa: E402
+from llmrec.run import run_model  # noqa: E402
 from llmrec.zeroshot import PromptConfig, ZeroShotScorer  # noqa: E402
 
 COLUMNS = ["cold r@20", "cold n@20", "all r@20", "all n@20", "seconds"]

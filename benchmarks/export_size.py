@@ -20,9 +20,9 @@ from common.log import setup_logging
 from data_prep import load_bundle
 from data_prep.build import BuildConfig, build
 from llmrec.backbone import BackboneConfig
+from llmrec.bundle import ADAPTER_DIR, MERGED_DIR, WEIGHTS_FILE
 from llmrec.export import export_model
 from llmrec.model import CLLM4Rec, ModelConfig
-from llmrec.recommender import ADAPTER_DIR, MERGED_DIR, WEIGHTS_FILE
 from llmrec.reporting import machine_info, write_report
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -53,6 +53,7 @@ from common.log import setup_logging  # noqa: E402
 from data_prep.build import build_ml100k_reference  # noqa: E402
 from llmrec.metrics import format_table, write_metrics_json  # noqa: E402
 from llmrec.reporting import machine_info  # noqa: E402
+from llmrec.run import PRIOR_FILE  # noqa: E402
 
 METRICS = ["hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20"]
 STAGES = ("baselines", "sequential", "semantic", "align", "semantic_sequence", "fused")
@@ -133,7 +134,7 @@ def run_sequential(args, data: Path) -> dict:
         rows["llmrec item head (sequential)"].append(
             {**metrics, "wall_s": wall, "curve": valid_curve(run), "seed": seed}
         )
-        if (run / finetune.PRIOR_FILE).exists():  # the run blends a prior: its weight was chosen
+        if (run / PRIOR_FILE).exists():  # the run blends a prior: its weight was chosen
             alone = evaluate.main([*test, "--prior_weight", "0"])
             rows.setdefault(LM_ALONE, []).append({**alone, "wall_s": wall, "curve": [], "seed": seed})
     return rows
@@ -227,7 +228,7 @@ def run_fused(args, data: Path) -> dict:
     from data_prep import load_bundle
     from llmrec.fused import FusedScorer, choose_fusion_weight
     from llmrec.metrics import evaluate_scorer
-    from llmrec.model import run_model
+    from llmrec.run import run_model
 
     bundle = load_bundle(data)
     rows = []

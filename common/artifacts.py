@@ -29,12 +29,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import logging
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,16 +50,25 @@ DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 @dataclass(frozen=True)
 class Kind:
     """An artefact kind: its name in messages, the marker file that makes a directory one of ours,
-    an optional test of that file's content, and the flag that allows replacing one."""
+    optionally the ``"format"`` that marker (a JSON object) must name when a marker file's name alone does
+    not tell (an export bundle's ``config.json``, not any model's), and the flag that allows replacing one."""
 
     name: str
     marker: str
     flag: str = "--overwrite"
-    check: Callable[[Path], bool] | None = None
+    marker_format: str | None = None
 
     def owns(self, directory: Path) -> bool:
         marker = directory / self.marker
-        return marker.is_file() and (self.check is None or self.check(marker))
+        return marker.is_file() and (self.marker_format is None or _json_format(marker) == self.marker_format)
+
+
+def _json_format(path: Path) -> object:
+    """The ``"format"`` of a JSON object file; None when it is unreadable or not one."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("format")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
 
 
 def _siblings(out: Path, states: str = "tmp|new|old") -> list[tuple[Path, str, int]]:

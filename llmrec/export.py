@@ -1,10 +1,11 @@
-"""Write a finetuned model as a recommender bundle (the format `llmrec.recommender` reads).
+"""Export a finetuned model as a recommender bundle (the format of `llmrec.bundle`).
 
-``export_run`` takes a finetuning run directory, ``export_model`` a model and its dataset bundle; both
-write the layout described in `llmrec.recommender` with its writer (`llmrec.recommender.write_bundle`,
-shared with ``Recommender.save_pretrained``), adding the ``--merge`` directory here. A semantic-ID
-generator run (task in `llmrec.data.GENERATIVE_TASKS`) becomes a generator bundle: its item index, the
-prompt it trained on and its evaluation beam, so that the bundle's lists are evaluation's.
+``export_run`` takes a finetuning run directory, which it reads once (`llmrec.run.Run`), ``export_model``
+a model and its dataset bundle; both choose what goes in the bundle (templates, mapper, model card,
+generator settings) and hand it to the format's one writer, `llmrec.bundle.write_bundle` (shared with
+``Recommender.save_pretrained``; it also writes ``--merge``'s ``merged/``). A semantic-ID generator run
+(task in `llmrec.data.GENERATIVE_TASKS`) becomes a generator bundle: its item index, the prompt it trained
+on and its evaluation beam, so that the bundle's lists are evaluation's.
 """
 
 from __future__ import annotations
@@ -16,30 +17,18 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import save_file
-
 from common.artifacts import check_target
 from common.errors import UserError
-from common.io import write_json
 from data_prep import Bundle, load_bundle
+from llmrec.bundle import DTYPES, RECOMMENDER, check_template, write_bundle
 from llmrec.coldstart import warm_items
 from llmrec.data import FINETUNE_TASKS, GENERATIVE_TASKS, prompt_template, require_same_catalogue
 from llmrec.indexing.encoders import MINILM, item_embeddings
 from llmrec.mapper import TextToID, item_texts
 from llmrec.metrics import DEFAULT_KS, LOO_KS, is_leave_one_out
-from llmrec.model import VIEWS, CLLM4Rec, run_config, run_data, run_model, run_model_dir, run_task
+from llmrec.model import CLLM4Rec
 from llmrec.model_card import model_card
-from llmrec.recommender import (
-    DTYPES,
-    HEAD_FILE,
-    MERGED_INFO_FILE,
-    RECOMMENDER,
-    check_template,
-    require_finite,
-    write_bundle,
-)
-from llmrec.tokens import export_plain_model
+from llmrec.run import Run
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +42,7 @@ def cold_template(finetune_template: str) -> str:
 
 
 def export_run(run: str | Path, out: str | Path, data: str | Path | None = None, **options: Any) -> Path:
-    """Export the model of a finetuning run (see :func:`run_model_dir`) with its dataset bundle.
+    """Export the model of a finetuning run (see `llmrec.run.run_model_dir`) with its dataset bundle.
 
     ``data`` defaults to the bundle recorded in ``RUN/run_config.json``; the prompt is the one the run's
     task trained on (``FINETUNE_TASKS``: a ``sequential`` run is served the chronological sequence
@@ -61,37 +50,30 @@ def export_run(run: str | Path, out: str | Path, data: str | Path | None = None,
     as a generator bundle whose ``beam`` (option ``beam``, default :func:`run_beam`) is the one its
     evaluation uses; an item-head run given a ``beam`` is refused.
     """
-    run = Path(run)
-    model_path = run_model_dir(run)
-    task = run_task(run)
+    record = Run.read(run)  # the run's records, read once: config, model directory, prior weight, metrics
+    task = record.task
     if options.get("beam") is not None and task not in GENERATIVE_TASKS:
         raise UserError(
-            f"--beam: {run} is an item-head run (task {task}); only a semantic-ID generator run "
+            f"--beam: {record.path} is an item-head run (task {task}); only a semantic-ID generator run "
             f"({', '.join(GENERATIVE_TASKS)}) ranks by beam search"
         )
     if data is None:
-        data = run_data(run)
-    inputs = {"--run": run, "--data": data}
+        data = record.data
+    inputs = {"--run": record.path, "--data": data}
     check_target(out, RECOMMENDER, options.get("overwrite", False), inputs)  # before the model loads
     bundle = load_bundle(data)
     if task in GENERATIVE_TASKS and options.get("beam") is None:
-        options["beam"] = run_beam(run, bundle)
-    model = run_model(run)  # with the prior weight the run chose
-    source = {"run": str(run), "model": str(model_path), "data": str(data)}
+        options["beam"] = run_beam(record, bundle)
+    model = record.model()  # with the prior weight the run chose
+    source = {"run": str(record.path), "model": str(record.model_dir), "data": str(data)}
     options.setdefault("prompt", FINETUNE_TASKS[task])
-    return export_model(model, bundle, out, source=source, inputs=inputs, **options)
+    return export_model(model, bundle, out, source=source, inputs=inputs, run=record, **options)
 
 
-def run_beam(run: str | Path, data: Bundle) -> int:
+def run_beam(run: Run, data: Bundle) -> int:
     """The beam width a generator run is evaluated with: its ``eval.beam``, else (0) the largest metric
     cut-off of ``data``'s protocol (``recipes/finetune.py`` validation, ``recipes/evaluate.py``)."""
-    section = run_config(run).get("eval")
-    beam = section.get("beam", 0) if isinstance(section, dict) else 0
-    if isinstance(beam, bool) or not isinstance(beam, int) or beam < 0:
-        raise UserError(
-            f"{Path(run) / 'run_config.json'}: field eval.beam must be a whole number >= 0, got {beam!r}"
-        )
-    return beam or max(LOO_KS if is_leave_one_out(data) else DEFAULT_KS)
+    return run.beam or max(LOO_KS if is_leave_one_out(data) else DEFAULT_KS)
 
 
 def export_model(
@@ -108,20 +90,21 @@ def export_model(
     prompt: str = "masked",
     inputs: Mapping[str, str | Path | None] | None = None,
     beam: int | None = None,
+    run: Run | None = None,
 ) -> Path:
     """Write ``model`` (trained on the dataset bundle ``data``) as a recommender bundle at ``out``.
 
     ``dtype`` (fp32/fp16/bf16) is the dtype of every saved weight; ``cold`` overrides the cold-user
     template (default :func:`cold_template` of the finetune template). With ``merge`` the bundle also
-    gets ``merged/`` (see the module docstring); merging folds LoRA into ``model``'s backbone, so
+    gets ``merged/`` (`llmrec.bundle.write_merged`); merging folds LoRA into ``model``'s backbone, so
     ``model`` must not be used afterwards. With ``mapper`` the bundle carries the text-to-ID mapper of
     ``Recommender.add_items`` (:func:`fit_mapper`). ``prompt`` is the kind of prompt the model was
     finetuned on (`llmrec.data.prompt_template`: ``masked`` or ``sequence``); known users are served
-    with it. The bundle's ``README.md`` is its model card (`llmrec.model_card`: the run's metrics when
-    ``source["run"]`` names it). Written to a temporary directory and renamed; ``out`` may not be,
+    with it. The bundle's ``README.md`` is its model card (`llmrec.model_card`: with the ``run``'s
+    options and metrics when it comes from one, `llmrec.run.Run`). Written to a temporary directory and renamed; ``out`` may not be,
     contain or lie inside ``data`` or the other ``inputs`` (`common.artifacts`).
 
-    With ``beam`` the bundle is a generator's (mode ``generate``, `llmrec.recommender`): ``model`` (trained
+    With ``beam`` the bundle is a generator's (mode ``generate``, `llmrec.bundle`): ``model`` (trained
     on a semantic-ID generator task with ``prompt``) ranks by constrained beam search of that width over
     its item index, which the bundle carries as ``index/``; it has no item head to merge or mapper to fit
     (new items get codes from the index, ``Recommender.add_items``).
@@ -151,7 +134,6 @@ def export_model(
         check_template(value, name)
     source = {**(source or {}), "data": str(data.path), "dataset_counts": data.manifest.get("counts")}
     text_mapper = fit_mapper(model, data) if mapper and generate is None else None
-    merged = (lambda directory: _export_merged(model, directory, DTYPES[dtype], templates)) if merge else None
     card = model_card(
         data.manifest,
         {
@@ -162,6 +144,7 @@ def export_model(
             "generate": generate,
         },
         source,
+        run,
     )
     return write_bundle(
         model,
@@ -174,7 +157,7 @@ def export_model(
         overwrite=overwrite,
         inputs={"--data": data.path, **(inputs or {})},
         mapper=text_mapper,
-        merged=merged,
+        merge=merge,
         card=card,
         generate=generate,
     )
@@ -197,29 +180,3 @@ def fit_mapper(model: CLLM4Rec, data: Bundle) -> TextToID | None:
             f"{err}; or export with --mapper false (add_items then fits it on first use)"
         ) from err
     return TextToID.fit(model, embeddings, warm_items(data.matrix("train"), data.n_items), MINILM)
-
-
-def _export_merged(model: CLLM4Rec, directory: Path, dtype: torch.dtype, templates: dict[str, str]) -> None:
-    """LoRA merged into the backbone, ID tokens as added tokens (:func:`export_plain_model`), plus the head."""
-    head = {
-        "weight": model.item_weight().detach().to("cpu", dtype).contiguous(),
-        "bias": (model.head.bias.detach() if model.head.untied else torch.zeros(model.vocab.n_items))
-        .to("cpu", dtype)
-        .contiguous(),
-    }
-    merged = model.lm.merge_and_unload(adapter_names=[VIEWS[0]]).to(dtype)
-    require_finite(
-        {**merged.state_dict(), **{f"item_head.{k}": v for k, v in head.items()}}, "the merged model"
-    )
-    export_plain_model(merged, model.tokenizer, model.vocab, model.collab, directory)
-    save_file(head, str(directory / HEAD_FILE), metadata={"format": "pt"})
-    write_json(
-        directory / MERGED_INFO_FILE,
-        {
-            "templates": templates,
-            "head": HEAD_FILE,
-            "scoring": "scores = hidden_states[-1][:, last prompt position] @ weight.T + bias; "
-            "column i is the item with index i (../items.json)",
-        },
-        ensure_ascii=False,
-    )

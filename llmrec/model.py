@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -32,8 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from common.artifacts import Kind, recover, write_directory
-from common.errors import UserError
-from common.io import read_json, sha256_file, write_json
+from common.io import read_json, write_json
 from llmrec.backbone import load_backbone
 from llmrec.head import ItemHead
 from llmrec.id_tables import UserTableSpec
@@ -50,8 +48,6 @@ if TYPE_CHECKING:
 VIEWS = ("collab", "content")
 INDEX_DIR = "index"  # the item index saved beside the weights, so a trained model decodes on its own
 MODEL_DIR = Kind("model directory", VOCAB_FILE)  # model/ and best/ of a run
-PRIOR_FILE = "prior_weight.json"  # a run's prior blend weight, chosen on valid after training
-logger = logging.getLogger(__name__)
 
 
 class CLLM4Rec(nn.Module):
@@ -533,7 +529,7 @@ class CLLM4Rec(nn.Module):
     ) -> CLLM4Rec:
         """A trained model from its frozen backbone, saved vocabulary and config, and trainable ``weights``:
         the one rebuild behind a run's model directory (`from_pretrained`) and an export bundle
-        (`llmrec.recommender`). ``lm`` either gets fresh LoRA that ``weights`` fill (a run's) or already
+        (`llmrec.bundle`). ``lm`` either gets fresh LoRA that ``weights`` fill (a run's) or already
         carries its trained adapters (a bundle's). Built with a normal init, since the saved tables replace
         any (a ``title_mean`` one would need titles); ``model.config`` is then the one it was trained with.
         """
@@ -581,99 +577,6 @@ def frozen_backbone(backbone: BackboneConfig) -> tuple[PreTrainedModel, PreTrain
 
         lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
     return lm.requires_grad_(False), tokenizer
-
-
-class RunError(UserError):
-    """A run directory or checkpoint that cannot be used as asked (missing, damaged, or a previous run in
-    the way)."""
-
-
-def run_model_dir(run: str | Path) -> Path:
-    """The model a run is evaluated and exported with: ``RUN/best`` when the run kept one, else ``RUN/model``."""
-    run = Path(run)
-    for name in ("best", "model"):
-        recover(run / name)  # a save killed while renaming leaves the old or new model beside it
-        if (run / name / "config.json").is_file():
-            return run / name
-    raise RunError(f"{run}: no trained model (expected {run}/best or {run}/model with config.json)")
-
-
-def run_model(run: str | Path, **backbone_overrides) -> CLLM4Rec:
-    """The model a run is evaluated, aligned and exported with (:func:`run_model_dir`), its item head
-    blending the prior at the weight finetuning chose for it on valid (:func:`run_prior_weight`).
-
-    ``backbone_overrides`` go to `CLLM4Rec.from_pretrained`.
-    """
-    directory = run_model_dir(run)
-    model = CLLM4Rec.from_pretrained(directory, **backbone_overrides)
-    weight = run_prior_weight(run, directory)
-    if weight is not None:
-        model.head.set_prior_weight(weight)
-    return model
-
-
-def write_prior_weight(run: str | Path, directory: Path, weight: float, valid: dict) -> Path:
-    """Record the prior blend weight chosen on valid for the run's model ``directory`` (``RUN/best`` or
-    ``RUN/model``) as ``RUN/prior_weight.json``: the weight, the directory's name and the sha256 of its
-    weights (so a model trained on afterwards is never blended at a weight chosen for another), and
-    ``valid``, the score of every weight tried. The model directory itself is not rewritten."""
-    record = {
-        "prior_weight": weight,
-        "model_dir": directory.name,
-        "model_sha256": sha256_file(directory / "model.safetensors"),
-        "valid": valid,
-    }
-    return write_json(Path(run) / PRIOR_FILE, record)
-
-
-def run_prior_weight(run: str | Path, directory: Path | None = None) -> float | None:
-    """The prior blend weight ``RUN/prior_weight.json`` records for the run's model ``directory`` (default
-    :func:`run_model_dir`); None when the run chose none (no prior, or stopped before choosing), when the
-    file predates this record (such runs rewrote the weight into the model's config, which it is read
-    from), or when the model changed since it was chosen (a warning says so)."""
-    path = Path(run) / PRIOR_FILE
-    if not path.is_file():
-        return None
-    directory = run_model_dir(run) if directory is None else Path(directory)
-    record = read_json(path, "prior weight record")
-    if not isinstance(record, dict) or not isinstance(record.get("prior_weight"), (int, float)):
-        raise RunError(f"{path}: not a prior weight record (a JSON object with a numeric prior_weight)")
-    if "model_sha256" not in record:
-        return None
-    if (record.get("model_dir"), record["model_sha256"]) != (
-        directory.name,
-        sha256_file(directory / "model.safetensors"),
-    ):
-        logger.warning(
-            "%s: the prior weight was chosen for an earlier %s (trained on since); the model blends at the "
-            "weight saved with it. Choose again with recipes/finetune.py's blend_prior.",
-            path,
-            directory,
-        )
-        return None
-    return float(record["prior_weight"])
-
-
-def run_config(run: str | Path) -> dict:
-    """A run's ``run_config.json`` (every knob it was started with)."""
-    path = Path(run) / "run_config.json"
-    config = read_json(path, "run configuration")
-    if not isinstance(config, dict):
-        raise RunError(f"{path}: not a run configuration (a JSON object)")
-    return config
-
-
-def run_data(run: str | Path) -> str:
-    """The dataset bundle a run trained on, from its ``run_config.json``."""
-    config = run_config(run)
-    if not isinstance(config.get("data"), str):
-        raise RunError(f"{Path(run) / 'run_config.json'}: names no dataset bundle; pass it with --data")
-    return config["data"]
-
-
-def run_task(run: str | Path) -> str:
-    """The finetuning task of a run (``multinomial`` for pretraining runs and runs that predate tasks)."""
-    return run_config(run).get("task", "multinomial")
 
 
 def last_position(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

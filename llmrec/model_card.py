@@ -1,8 +1,9 @@
 """The model card an export writes as the bundle's ``README.md``: what the model was trained on, how, how
 well it ranks and how to use it, as model repositories on the Hugging Face hub carry.
 
-Everything in it is read from the artefacts (the dataset bundle's manifest, the run's ``run_config.json``,
-``metrics.jsonl`` and ``metrics.json``), never typed: a run never evaluated says so. Plain Markdown from
+Everything in it comes from the artefacts (the dataset bundle's manifest; the run's ``run_config.json``,
+``metrics.jsonl`` and ``metrics.json``, as `llmrec.run.Run` read them), never typed: a run never evaluated
+says so. Plain Markdown from
 the standard library: the hub's card templates (``huggingface_hub.ModelCard``) bring a Jinja dependency and
 hub metadata for a file read by people.
 """
@@ -11,9 +12,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common import __version__
+
+if TYPE_CHECKING:
+    from llmrec.run import Run
 
 CARD_FILE = "README.md"
 PROTOCOL = (
@@ -24,28 +28,6 @@ PROTOCOL = (
     "validation item, for test). Code: `llmrec.metrics.evaluate_scorer`."
 )
 SHOWN = ("recall@20", "recall@40", "ndcg@20", "ndcg@100", "hr@10", "ndcg@10", "recall_recbole@20")
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def run_metrics(run: Path) -> dict[str, dict[str, float]]:
-    """Evaluations recorded in a run: the best validation evaluation of training (``metrics.jsonl``) as
-    ``valid (during training, step N)``, and every entry of ``metrics.json`` (``recipes/evaluate.py``)."""
-    found: dict[str, dict[str, float]] = {}
-    path = run / "metrics.jsonl"
-    if path.is_file():
-        evals = [json.loads(line) for line in path.read_text().splitlines() if '"eval/' in line]
-        if evals:
-            key = next((k for k in ("eval/recall@20", "eval/ndcg@10") if k in evals[0]), None)
-            best = max(evals, key=lambda e: e[key]) if key else evals[-1]
-            metrics = {k.split("/", 1)[1]: v for k, v in best.items() if k.startswith("eval/")}
-            found[f"valid (during training, step {best['step']})"] = metrics
-    for name, metrics in ((_read_json(run / "metrics.json") or {}).get("metrics") or {}).items():
-        if isinstance(metrics, dict):
-            found[name] = metrics
-    return found
 
 
 def metrics_table(metrics: dict[str, dict[str, float]]) -> list[str]:
@@ -59,12 +41,13 @@ def metrics_table(metrics: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
-def model_card(manifest: dict[str, Any], config: dict[str, Any], source: dict[str, Any]) -> str:
+def model_card(
+    manifest: dict[str, Any], config: dict[str, Any], source: dict[str, Any], run: Run | None = None
+) -> str:
     """The card's Markdown from the dataset ``manifest``, the export's ``config`` (``backbone`` and ``model``:
-    the configs as dicts, ``templates``, ``dtype``, ``generate``: a generator bundle's beam and prompt) and its
-    ``source`` (``run``: the run directory, if any)."""
-    run = Path(source["run"]) if source.get("run") else None
-    run_config = _read_json(run / "run_config.json") if run else None
+    the configs as dicts, ``templates``, ``dtype``, ``generate``: a generator bundle's beam and prompt), its
+    ``source`` and the ``run`` it was exported from, if any (`llmrec.run.Run`: its config and metrics)."""
+    run_config = run.config if run is not None else None
     counts = manifest.get("counts", {})
     split = manifest.get("split", {})
     backbone, model = config["backbone"], config["model"]
@@ -93,8 +76,8 @@ def model_card(manifest: dict[str, Any], config: dict[str, Any], source: dict[st
     if run_config is not None:  # the run's flat record of every option (llmrec.train)
         keys = ("task", "target", "mask_ratio", "init", "lr", "epochs", "max_steps", "batch_size", "seed")
         shown = ", ".join(f"{k}={run_config[k]}" for k in keys if k in run_config)
-        lines.append(f"- run `{run}` (all options in its `run_config.json`): {shown}")
-    lines += ["", "## Metrics", "", *metrics_table(run_metrics(run) if run else {}), "", PROTOCOL, ""]
+        lines.append(f"- run `{run.path}` (all options in its `run_config.json`): {shown}")
+    lines += ["", "## Metrics", "", *metrics_table(run.metrics if run else {}), "", PROTOCOL, ""]
     lines += [
         "## Use",
         "",

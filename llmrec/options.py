@@ -34,7 +34,7 @@ EmbeddingInit = Literal["normal", "title_mean", "semantic_sum"]
 CodeInit = Literal["normal", "title_mean"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
 Dtype = Literal["float32", "bfloat16", "float16", "auto"]
-WeightDtype = Literal["fp32", "fp16", "bf16"]  # of exported weights; llmrec.recommender.DTYPES maps them
+WeightDtype = Literal["fp32", "fp16", "bf16"]  # of exported weights; llmrec.bundle.DTYPES maps them
 WEIGHT_DTYPES = get_args(WeightDtype)
 # finetuning tasks; llmrec.data.FINETUNE_TASKS gives each its prompt kind
 FinetuneTask = Literal["multinomial", "semantic", "both", "sequential", "semantic_next", "semantic_sequence"]

@@ -32,7 +32,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from common.errors import UserError
 from common.io import ArtifactError
 from common.journal import Journal
-from llmrec.recommender import Recommendation, Recommender, read_config
+from llmrec.bundle import read_config
+from llmrec.recommender import Recommendation, Recommender
 
 logger = logging.getLogger(__name__)
 

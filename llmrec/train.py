@@ -7,15 +7,13 @@ checkpoint -> (evaluate, keep the best, stop early).
 Batches are *global*: the accelerator splits every batch over the processes (``split_batches=True``) and
 each loss is divided by its count summed over all processes, so N processes follow the same loss curve
 as one process with the same batch. Checkpoints hold only the trainable weights (LoRA, ID tables, head)
-plus accelerate's optimizer/scheduler/RNG state, and resuming continues the exact same run.
+plus accelerate's optimizer/scheduler/RNG state, and resuming continues the exact same run. What the run
+writes where is the run directory's format (`llmrec.run`) and the checkpoint's (`llmrec.checkpoint`).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import re
-import shutil
 import time
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -36,29 +34,33 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from common.artifacts import (
-    Kind,
-    check_inputs,
-    commit,
-    disk_error,
-    disk_full,
-    hold_lock,
-    recover_all,
-    release_lock,
-)
+from common.artifacts import release_lock
 from common.config import ConfigError
 from common.early_stopping import EarlyStopping
-from common.io import ArtifactError, file_records, verify_files, write_json, write_text
 from common.log import get_logger
+from llmrec.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    register_trainable_checkpointing,
+    save_checkpoint,
+    settle_checkpoints,
+)
 from llmrec.collate import TaskBucketSampler, collate
-from llmrec.config import to_dict
-from llmrec.model import CLLM4Rec, RunError
+from llmrec.model import CLLM4Rec
 from llmrec.optim import RowSparseAdamW, clip_sparse_grad_norm_, has_sparse_grads
 from llmrec.options import TrainConfig
 from llmrec.prompts import TASKS
+from llmrec.run import (
+    BEST_DIR,
+    FINAL_DIR,
+    append_metrics,
+    checkpoints_dir,
+    claim_output_dir,
+    truncate_metrics,
+    write_run_config,
+)
 
 logger = get_logger(__name__)
-STATE_FILE = "trainer_state.json"
 
 
 def make_accelerator(
@@ -80,71 +82,20 @@ def make_accelerator(
     return accelerator
 
 
-# a run directory: --overwrite_output_dir deletes RUN_OUTPUTS only where run_config.json says it is one
-RUN = Kind("run directory", "run_config.json", flag="--overwrite_output_dir")
-CHECKPOINT_KIND = Kind("checkpoint", STATE_FILE)
-RUN_OUTPUTS = (
-    "checkpoints",
-    "model",
-    "best",
-    "metrics.jsonl",
-    "metrics.json",
-    "run_config.json",
-    "tensorboard",
-    "prior_weight.json",  # recipes/finetune.py, after training
-)
-
-
 def prepare_output_dir(
     config: TrainConfig, accelerator: Accelerator, inputs: Mapping[str, str | Path | None] | None = None
 ) -> None:
-    """Check ``output_dir`` before any work, then take its lock for the run (`common.artifacts`).
-
-    Refused: an ``output_dir`` that is, contains or lies inside an input of the run (``--init``,
-    ``--data``), even with ``--resume``; a fresh run into a directory holding a previous run's results
-    (they would be mixed or overwritten; ``--resume`` continues it); ``--overwrite_output_dir`` on a
-    directory without ``run_config.json`` (not a run: nothing is deleted); a directory another process is
-    training into. Only then does ``--overwrite_output_dir`` delete the previous run's outputs
-    (``RUN_OUTPUTS``, nothing else).
-    """
-    out = Path(config.output_dir)
-    try:
-        check_inputs(out, inputs or {}, RUN)
-        if accelerator.is_main_process:
-            hold_lock(out)
-    except ArtifactError as err:
-        raise RunError(str(err)) from err
-    used = [name for name in RUN_OUTPUTS if (out / name).exists() and name != RUN.marker]
-    if not used or config.resume:
-        return
-    if not config.overwrite_output_dir:
-        raise RunError(
-            f"{out}: holds a previous run ({', '.join(used)}); pass --resume to continue it, "
-            "--overwrite_output_dir to start afresh there, or choose another --output_dir"
-        )
-    if not RUN.owns(out):
-        raise RunError(
-            f"{out}: holds {', '.join(used)} but no {RUN.marker}: not a run directory of llmrec, so "
-            "--overwrite_output_dir deletes nothing there; choose another --output_dir"
-        )
-    if accelerator.is_main_process:
-        logger.warning("--overwrite_output_dir: deleting the previous run's %s in %s", ", ".join(used), out)
-        for name in RUN_OUTPUTS:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
-
-
-CHECKPOINT = re.compile(r"^checkpoint_(\d+)$")
-
-
-def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """``checkpoint_STEP`` directories of a run, oldest first. A checkpoint is written under a temporary
-    name and renamed when complete, so these are complete; a directory without its trainer state (left
-    by versions that saved in place) is not counted."""
-    folder = Path(output_dir) / "checkpoints"
-    found = [p for p in folder.iterdir() if CHECKPOINT.match(p.name)] if folder.is_dir() else []
-    return sorted((p for p in found if (p / STATE_FILE).is_file()), key=lambda p: int(p.name.split("_")[1]))
+    """Check ``output_dir`` before any work and take its lock (`llmrec.run.claim_output_dir`, which may
+    delete a previous run's outputs under ``--overwrite_output_dir``); the other processes wait for it."""
+    cleared = claim_output_dir(
+        config.output_dir,
+        inputs,
+        resume=config.resume,
+        overwrite=config.overwrite_output_dir,
+        main=accelerator.is_main_process,
+    )
+    if cleared:
+        accelerator.wait_for_everyone()
 
 
 def _fsdp_on_cpu(accelerator: Accelerator) -> None:
@@ -159,128 +110,6 @@ def _fsdp_on_cpu(accelerator: Accelerator) -> None:
         for shared in (PartialState(), state):  # every AcceleratorState() re-reads PartialState's copy
             shared.distributed_type = DistributedType.FSDP
         state.fsdp_plugin = FullyShardedDataParallelPlugin()
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
-    found = complete_checkpoints(output_dir)
-    return found[-1] if found else None
-
-
-def settle_checkpoints(accelerator: Accelerator, output_dir: str | Path) -> None:
-    """Finish the renames of a save a kill interrupted (`common.artifacts.recover`: the old or the new
-    checkpoint comes back complete), then remove what no complete checkpoint needs: temporary directories
-    and ``checkpoint_STEP`` directories without a trainer state (saved in place by older versions).
-    The main process does it, the others wait, so that every process then lists the same checkpoints."""
-    folder = Path(output_dir) / "checkpoints"
-    if accelerator.is_main_process and folder.is_dir():
-        recover_all(folder)
-        for stale in folder.iterdir():
-            if (
-                stale.name.startswith(".checkpoint_")
-                and stale.name.endswith(".tmp")
-                or (CHECKPOINT.match(stale.name) and not (stale / STATE_FILE).is_file())
-            ):
-                logger.warning("removing %s, left incomplete by an interrupted save", stale)
-                shutil.rmtree(stale, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, state: dict, keep: int) -> Path:
-    """Save accelerate's state plus ``state`` as ``checkpoints/checkpoint_STEP``, atomically.
-
-    Everything is written to ``.checkpoint_STEP.tmp`` (the trainer state, with the size and sha256 of
-    every file, last) and renamed in by `common.artifacts.commit`: a checkpoint of the same step (a run
-    resumed from its last one, or the end-of-run save) moves aside and is deleted only once the new one
-    is in place, so a kill at any moment leaves a complete checkpoint of that step. Then only the
-    ``keep`` newest complete checkpoints are kept. A full disk is a one-line :class:`RunError`.
-    """
-    folder = Path(output_dir) / "checkpoints"
-    final = folder / f"checkpoint_{state['step']}"
-    tmp = folder / f".{final.name}.tmp"
-    if accelerator.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
-    settle_checkpoints(accelerator, output_dir)
-    try:
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            write_json(tmp / STATE_FILE, {**state, "files": file_records(tmp, exclude=STATE_FILE)})
-            commit(tmp, final)
-            for old in complete_checkpoints(output_dir)[:-keep]:
-                shutil.rmtree(old)
-    except Exception as err:
-        reason = disk_full(err)
-        if reason is None:
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise RunError(str(disk_error(reason, final, CHECKPOINT_KIND))) from err
-    accelerator.wait_for_everyone()
-    return final
-
-
-def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> dict:
-    """Restore accelerate's state from ``checkpoint`` after checking every file against the sizes and
-    sha256s recorded at save time; returns the trainer state."""
-    state_path = checkpoint / STATE_FILE
-    advice = "delete this checkpoint to resume from the one before, or start afresh"
-    try:
-        state = json.loads(state_path.read_text(encoding="utf-8"))
-        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-            raise ValueError("no integer 'step'")
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise RunError(f"{state_path}: not a trainer state ({err}); {advice}") from err
-    try:
-        verify_files(checkpoint, state.get("files", {}), state_path)
-    except ArtifactError as err:
-        raise RunError(f"{err}; {advice}") from err
-    try:
-        accelerator.load_state(str(checkpoint))
-    except Exception as err:  # torch, safetensors and accelerate raise many types for a damaged file
-        raise RunError(f"{checkpoint}: cannot restore ({type(err).__name__}: {err}); {advice}") from err
-    return {key: value for key, value in state.items() if key != "files"}
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop the records a resumed run will write again (those after the checkpoint's step), and a last
-    line cut by the kill that interrupted the run; a damaged line before it is a :class:`RunError`."""
-    if not path.is_file():
-        return
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
-    kept = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as err:
-            if number == len(lines):
-                logger.warning("%s: dropping its last line, cut by an interrupted write", path)
-                break
-            raise RunError(
-                f"{path}: line {number} is not a metrics record ({err}); repair or delete the file to resume"
-            ) from err
-        if record.get("step", 0) <= step:
-            kept.append(line)
-    write_text(path, "".join(kept))
-
-
-def register_trainable_checkpointing(accelerator: Accelerator) -> None:
-    """Checkpoint only the trainable weights; the frozen backbone is rebuilt from its spec on resume."""
-
-    def save_hook(models, weights, output_dir):
-        for i, model in enumerate(models):
-            weights[i] = accelerator.unwrap_model(model).trainable_state_dict()
-
-    def load_hook(models, input_dir):
-        for model in models:
-            accelerator.unwrap_model(model).load_trainable(Path(input_dir) / "model.safetensors")
-        models.clear()
-
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        return  # sharded engines save and load their own (sharded) model state
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
 
 
 def clip_gradients(accelerator: Accelerator, model: nn.Module, max_norm: float) -> None:
@@ -336,16 +165,15 @@ def train(
     register_trainable_checkpointing(accelerator)
 
     state = {"step": 0, "epoch": 0, "best": None, "best_step": None, "evals_without_improvement": 0}
-    metrics_file = out / "metrics.jsonl"
     if config.resume:
         settle_checkpoints(accelerator, out)
     if config.resume and (checkpoint := latest_checkpoint(out)) is not None:
         state = load_checkpoint(accelerator, checkpoint)
         if accelerator.is_main_process:
-            _truncate_metrics(metrics_file, state["step"])
+            truncate_metrics(out, state["step"])
         logger.warning("resuming from %s (step %d of %d)", checkpoint, state["step"], total_steps)
     elif config.resume:
-        logger.warning("--resume: no complete checkpoint in %s; starting from step 0", out / "checkpoints")
+        logger.warning("--resume: no complete checkpoint in %s; starting from step 0", checkpoints_dir(out))
     if config.tensorboard:
         accelerator.init_trackers("tensorboard")
 
@@ -402,7 +230,7 @@ def train(
                 }
                 losses = {name: s / n for name, (s, n) in zip(names, totals, strict=True) if n > 0}
                 record.update({f"loss/{name}": value for name, value in losses.items()})  # tokens: n == 0
-                log_record(accelerator, metrics_file, record, state["step"])
+                log_record(accelerator, out, record, state["step"])
                 progress.set_postfix(
                     {k.split("/")[-1]: round(v, 4) for k, v in record.items() if k.startswith("loss/")}
                 )
@@ -418,20 +246,17 @@ def train(
             stop = stop or state["epoch"] >= config.epochs and config.max_steps <= 0
         if evaluate is not None:
             stop = (
-                evaluate_and_select(
-                    model, evaluate, metric_for_best, config, accelerator, state, metrics_file
-                )
-                or stop
+                evaluate_and_select(model, evaluate, metric_for_best, config, accelerator, state, out) or stop
             )
     progress.close()
     checkpoint()
-    save_model(accelerator, model, out / "model")
+    save_model(accelerator, model, out / FINAL_DIR)
     accelerator.end_training()
     release_lock(out)
     return state
 
 
-def evaluate_and_select(model, evaluate, metric_for_best, config, accelerator, state, metrics_file) -> bool:
+def evaluate_and_select(model, evaluate, metric_for_best, config, accelerator, state, run) -> bool:
     """Evaluate, keep the best model in ``output_dir/best``; True when patience has run out."""
     model.eval()
     with torch.no_grad():
@@ -439,7 +264,7 @@ def evaluate_and_select(model, evaluate, metric_for_best, config, accelerator, s
     model.train()
     log_record(
         accelerator,
-        metrics_file,
+        run,
         {"step": state["step"], "epoch": state["epoch"], **{f"eval/{k}": v for k, v in metrics.items()}},
         state["step"],
     )
@@ -453,7 +278,7 @@ def evaluate_and_select(model, evaluate, metric_for_best, config, accelerator, s
         best=stopping.best, best_step=stopping.best_at, evals_without_improvement=stopping.without_gain
     )
     if improved:
-        save_model(accelerator, model, Path(config.output_dir) / "best")
+        save_model(accelerator, model, Path(config.output_dir) / BEST_DIR)
     return stopping.stop
 
 
@@ -465,11 +290,10 @@ def save_model(accelerator: Accelerator, model: CLLM4Rec, directory: Path) -> No
     accelerator.wait_for_everyone()
 
 
-def log_record(accelerator: Accelerator, path: Path, record: dict, step: int) -> None:
+def log_record(accelerator: Accelerator, run: Path, record: dict, step: int) -> None:
+    """One record of the run's log (``metrics.jsonl``, `llmrec.run.append_metrics`), the console and the tracker."""
     if accelerator.is_main_process:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_metrics(run, record)
         logger.info(
             " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
         )
@@ -477,7 +301,7 @@ def log_record(accelerator: Accelerator, path: Path, record: dict, step: int) ->
 
 
 def save_run_config(accelerator: Accelerator, output_dir: str | Path, *configs) -> None:
-    """Record every knob of a run (``run_config.json``) so that it can be repeated and evaluated later."""
+    """Record every knob of a run (``run_config.json``, `llmrec.run.write_run_config`) so that it can be
+    repeated and evaluated later."""
     if accelerator.is_main_process:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(output_dir) / "run_config.json").write_text(json.dumps(to_dict(*configs), indent=2))
+        write_run_config(output_dir, *configs)

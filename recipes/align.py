@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     from llmrec.data import FINETUNE_TASKS, GENERATIVE_TASKS, prompts_for, validation_fn
     from llmrec.grpo import GRPOLoss, build_grpo_rows
     from llmrec.metrics import DEFAULT_KS, LOO_KS, is_leave_one_out
-    from llmrec.model import run_model, run_model_dir, run_task
+    from llmrec.run import run_model, run_model_dir, run_task
     from llmrec.train import make_accelerator, save_run_config, train
 
     init = Path(args.init)
@@ -164,7 +164,7 @@ def generator_alignment(args, model, prompts, histories, init, train_config, eva
         build_generator_preferences,
         frozen_reference,
     )
-    from llmrec.model import run_config
+    from llmrec.run import run_config
 
     if args.loss == "grpo":
         dataset = build_generator_grpo_rows(prompts, histories, args.pairs_per_user)

@@ -16,7 +16,6 @@ ranks the whole catalogue, ``SPLIT/cold`` ranks the split's cold items only.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,9 +103,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         evaluate_cold_items,
         format_table,
         is_leave_one_out,
-        write_metrics_json,
     )
-    from llmrec.model import run_data, run_model, run_task
+    from llmrec.run import record_evaluation, run_data, run_model, run_task
 
     run = Path(args.run)
     data = args.data or run_data(run)
@@ -136,9 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"cold items: {args.cold_method}; 'cold' ranks the {len(cold)} cold {args.split} items only")
         columns = [f"{name}@{k}" for name in ("recall", "ndcg") for k in ks]
         print(format_table({f"{run.name} ({key})": m for key, m in results.items()}, columns))
-        path = run / "metrics.json"
-        previous = json.loads(path.read_text())["metrics"] if path.exists() else {}
-        write_metrics_json(path, {**previous, **results}, run=str(run), data=str(data))
+        record_evaluation(run, results, run=str(run), data=str(data))
         return results
     beam = (eval_config.beam or max(ks)) if args.generate else 0
     metrics = evaluate_model(
@@ -160,9 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     validity = {name.split("/", 1)[1]: v for name, v in metrics.items() if name.startswith("validity/")}
     if validity:
         print(format_table({"validity": validity}, list(validity)))
-    path = run / "metrics.json"
-    previous = json.loads(path.read_text())["metrics"] if path.exists() else {}
-    write_metrics_json(path, {**previous, key: metrics}, run=str(run), data=str(data))
+    record_evaluation(run, {key: metrics}, run=str(run), data=str(data))
     return metrics
 
 

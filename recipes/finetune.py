@@ -26,8 +26,6 @@ from llmrec.config import ConfigError, parse_config, require
 from llmrec.options import BackboneConfig, EvalConfig, FinetuneTask, ModelConfig, TrainConfig
 
 logger = get_logger("finetune")
-# the blend weight chosen on valid, with the score of every weight tried (llmrec.model.write_prior_weight)
-PRIOR_FILE = "prior_weight.json"
 # model knobs a finetuning run may change
 FINETUNE_FIELDS = (
     "head",
@@ -113,16 +111,9 @@ CONFIGS = (FinetuneArgs, BackboneConfig, ModelConfig, TrainConfig, EvalConfig)
 
 def init_model(init: str) -> Path:
     """The pretrained model that ``--init`` names: ``INIT/model``, written when pretraining ends."""
-    from llmrec.model import RunError
+    from llmrec.run import final_model_dir
 
-    model = Path(init) / "model"
-    if not (model / "config.json").is_file():
-        state = "is not a directory" if not Path(init).is_dir() else "has no model/ yet"
-        raise RunError(
-            f"--init {init}: {state} (a pretraining run writes model/ when it finishes); finish or "
-            "--resume that run first, or pass the directory of a finished one"
-        )
-    return model
+    return final_model_dir(init, "--init")
 
 
 def check_init(init: str, *pairs: tuple) -> None:
@@ -221,10 +212,11 @@ def blend_prior(
     bundle, run: Path, metric: str = "cllm4rec", batch_size: int = 64, prompt: str = "masked"
 ) -> float:
     """Choose the prior's blend weight on valid for the run's best model, scored on its task's ``prompt``
-    kind, and record it in ``RUN/prior_weight.json`` (`llmrec.model.write_prior_weight`), where evaluation,
-    alignment and export read it (`llmrec.model.run_model`); the model directory is not rewritten."""
+    kind, and record it in ``RUN/prior_weight.json`` (`llmrec.run.write_prior_weight`), where evaluation,
+    alignment and export read it (`llmrec.run.run_model`); the model directory is not rewritten."""
     from llmrec.data import choose_prior_weight
-    from llmrec.model import CLLM4Rec, run_model_dir, write_prior_weight
+    from llmrec.model import CLLM4Rec
+    from llmrec.run import run_model_dir, write_prior_weight
 
     directory = run_model_dir(run)
     model = CLLM4Rec.from_pretrained(directory)

@@ -31,8 +31,9 @@ LAYERS: list[tuple[str, ...]] = [
         "llmrec.trie",
     ),
     ("llmrec.prompts", "llmrec.head", "llmrec.losses"),
-    ("llmrec.model",),
+    ("llmrec.model", "llmrec.run"),
     ("llmrec.scoring", "llmrec.mapper", "llmrec.decoding"),
+    ("llmrec.bundle", "llmrec.plain_model"),
     ("llmrec.recommender", "llmrec.service", "llmrec.server"),
     (
         "llmrec.collate",
@@ -46,7 +47,7 @@ LAYERS: list[tuple[str, ...]] = [
         "llmrec.generator_align",
     ),
     ("llmrec.data", "llmrec.coldstart"),
-    ("llmrec.train", "llmrec.export", "llmrec.model_card"),
+    ("llmrec.train", "llmrec.checkpoint", "llmrec.export", "llmrec.model_card"),
     ("llmrec",),  # the package's __init__: the public facade (``llmrec.Recommender``)
 ]
 

@@ -18,12 +18,14 @@ from common.artifacts import Lock
 from common.errors import UserError
 from data_prep import DataError, load_bundle
 from data_prep.build import BuildConfig, build
+from llmrec.bundle import read_config, verify_files
+from llmrec.checkpoint import complete_checkpoints, save_checkpoint, settle_checkpoints
 from llmrec.data import model_for
 from llmrec.indexing.base import ItemIndex
-from llmrec.model import CLLM4Rec, RunError
+from llmrec.model import CLLM4Rec
 from llmrec.options import BackboneConfig, ModelConfig
-from llmrec.recommender import Recommender, read_config, verify_files
-from llmrec.train import complete_checkpoints, save_checkpoint, settle_checkpoints
+from llmrec.recommender import Recommender
+from llmrec.run import RunError
 
 FIXTURE = REPO / "tests" / "fixtures" / "bundle-0.1.0" / "bundle"
 STEP_CASES = range(1, STEPS + 2)  # killed before step 1..4 of the replace, or not killed
@@ -303,20 +305,20 @@ def test_a_full_disk_during_build_is_one_line_and_keeps_the_old_bundle(tmp_path)
 
 
 def test_a_cut_last_line_of_metrics_is_dropped_on_resume_and_a_damaged_one_is_named(tmp_path):
-    from llmrec.train import _truncate_metrics
+    from llmrec.run import truncate_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "loss/fin')
-    _truncate_metrics(path, 2)
+    truncate_metrics(tmp_path, 2)
     assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
     path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
     with pytest.raises(RunError, match=r"metrics.jsonl: line 2 is not a metrics record"):
-        _truncate_metrics(path, 2)
+        truncate_metrics(tmp_path, 2)
 
 
 def test_a_run_whose_best_model_save_was_killed_is_evaluated_with_best(data, tmp_path):
     """run_model_dir (evaluate, export, align) finishes the interrupted replace before choosing."""
-    from llmrec.model import run_model_dir
+    from llmrec.run import run_model_dir
 
     model = model_for(load_bundle(data), ModelConfig(lora_r=4), BackboneConfig("tiny-llama"))
     run = tmp_path / "run"

@@ -19,7 +19,8 @@ from conftest import REPO
 
 from common.errors import UserError
 from common.io import sha256_file
-from llmrec.recommender import BundleError, Recommender, config_checksum
+from llmrec.bundle import BundleError, config_checksum
+from llmrec.recommender import Recommender
 
 FIXTURE = REPO / "tests" / "fixtures" / "bundle-0.1.0" / "bundle"
 
@@ -239,7 +240,7 @@ def test_a_full_disk_during_save_pretrained_keeps_the_old_bundle(recommender, tm
             "Error while serializing: I/O error: No space left on device (os error 28)"
         )
 
-    monkeypatch.setattr("llmrec.recommender.save_file", full)
+    monkeypatch.setattr("llmrec.bundle.save_file", full)
     with pytest.raises(UserError, match="cannot write the recommender bundle: No space left on device"):
         recommender.save_pretrained(bundle, overwrite=True)
     assert (bundle / "config.json").read_text() == before

@@ -12,9 +12,10 @@ from safetensors.torch import load_file, save_file
 from test_failures_cli import LOG, TINY, one_line_error, recipe
 
 from data_prep.build import BuildConfig, build
+from llmrec.bundle import BundleError
 from llmrec.export import export_run
-from llmrec.model import run_model_dir
-from llmrec.recommender import BundleError, Recommender
+from llmrec.recommender import Recommender
+from llmrec.run import run_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from data_prep import DataError
 from data_prep.build import BuildConfig, build
 from llmrec.config import ConfigError
-from llmrec.model import RunError
+from llmrec.run import RunError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--name_or_path", "tiny-llama", "--lora_r", "4", "--max_doc_tokens", "48", "--batch_size", "8"]

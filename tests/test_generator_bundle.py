@@ -22,6 +22,7 @@ from test_recommender import N_ITEMS, N_USERS, data  # noqa: F401  (data is a fi
 from common.errors import UserError
 from common.io import file_records
 from data_prep import load_bundle
+from llmrec.bundle import BundleError, config_checksum
 from llmrec.data import generative_scorer
 from llmrec.decoding import GenerativeScorer, SemanticPrompts
 from llmrec.export import export_run
@@ -37,8 +38,9 @@ from llmrec.indexing import (
 )
 from llmrec.indexing.newitems import add_items, quantize, text_encoder
 from llmrec.metrics import RankingMetrics, evaluate_scorer
-from llmrec.model import CLLM4Rec, run_model_dir
-from llmrec.recommender import BundleError, Recommender, config_checksum
+from llmrec.model import CLLM4Rec
+from llmrec.recommender import Recommender
+from llmrec.run import run_model_dir
 
 BEAM, K = 20, 8
 CODEBOOK = 8  # 2 levels of 8 codes: 64 tuples for 40 items, 5 items per first code (balanced)

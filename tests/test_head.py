@@ -17,10 +17,12 @@ from test_recommender import FIXTURE, data  # noqa: F401  (data is a fixture)
 
 from common.io import file_records
 from llmrec.backbone import BackboneConfig
+from llmrec.bundle import CONFIG_FILE, WEIGHTS_FILE, config_checksum
 from llmrec.head import LEGACY_NAMES, PRIOR_WEIGHTS, ItemHead, blend_scores
-from llmrec.model import PRIOR_FILE, CLLM4Rec, ModelConfig, run_model, run_prior_weight, write_prior_weight
+from llmrec.model import CLLM4Rec, ModelConfig
 from llmrec.prompts import FinetunePrompts, prompt_batch
-from llmrec.recommender import CONFIG_FILE, WEIGHTS_FILE, Recommender, config_checksum
+from llmrec.recommender import Recommender
+from llmrec.run import PRIOR_FILE, run_model, run_prior_weight, write_prior_weight
 
 REPO = Path(__file__).resolve().parents[1]
 N_USERS, N_ITEMS = 5, 20

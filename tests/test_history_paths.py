@@ -19,9 +19,10 @@ from llmrec.collate import FinetuneDataset, collate
 from llmrec.data import PRIOR_WEIGHTS, scorer_for
 from llmrec.export import export_run
 from llmrec.head import standardize
-from llmrec.model import CLLM4Rec, ModelConfig, run_model, run_model_dir
+from llmrec.model import CLLM4Rec, ModelConfig
 from llmrec.prompts import FinetunePrompts
 from llmrec.recommender import Recommender
+from llmrec.run import run_model, run_model_dir
 
 N_USERS, N_ITEMS = 5, 20
 

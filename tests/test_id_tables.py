@@ -11,7 +11,8 @@ from llmrec.backbone import BackboneConfig
 from llmrec.id_tables import HashedTable, UserTableSpec, hash_coefficients
 from llmrec.model import CLLM4Rec, ModelConfig
 from llmrec.optim import RowSparseAdamW, clip_sparse_grad_norm_
-from llmrec.tokens import RecEmbedding, RecVocab, export_plain_model
+from llmrec.plain_model import export_plain_model
+from llmrec.tokens import RecEmbedding, RecVocab
 
 HIDDEN = 8
 

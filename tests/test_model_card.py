@@ -7,9 +7,9 @@ import shutil
 
 from test_recommender import data, run  # noqa: F401  (fixtures)
 
+from llmrec.bundle import read_config
 from llmrec.export import export_run
 from llmrec.metrics import write_metrics_json
-from llmrec.recommender import read_config
 
 
 def test_export_writes_a_model_card_with_the_runs_metrics(run, tmp_path):  # noqa: F811

@@ -17,11 +17,13 @@ from safetensors.torch import load_file
 from data_prep import load_bundle
 from data_prep.build import BuildConfig, build
 from llmrec.backbone import BackboneConfig, load_backbone
+from llmrec.bundle import BundleError, config_checksum
 from llmrec.data import scorer_for
 from llmrec.export import cold_template, export_model, export_run
 from llmrec.metrics import RankingMetrics, evaluate_scorer
-from llmrec.model import CLLM4Rec, ModelConfig, run_model_dir
-from llmrec.recommender import BundleError, Recommender, config_checksum
+from llmrec.model import CLLM4Rec, ModelConfig
+from llmrec.recommender import Recommender
+from llmrec.run import run_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 

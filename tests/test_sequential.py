@@ -27,9 +27,10 @@ from llmrec.indexing import NumberIndexConfig, RandomIndexer
 from llmrec.indexing.base import IndexData
 from llmrec.losses import ItemSoftmax
 from llmrec.metrics import evaluate_scorer
-from llmrec.model import CLLM4Rec, ModelConfig, run_model, run_model_dir
+from llmrec.model import CLLM4Rec, ModelConfig
 from llmrec.prompts import IGNORE, TASKS, FinetunePrompts
 from llmrec.recommender import Recommender
+from llmrec.run import run_model, run_model_dir
 from llmrec.scoring import PrecomputedScorer
 
 REPO = Path(__file__).resolve().parents[1]

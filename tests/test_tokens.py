@@ -20,7 +20,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from llmrec.tokens import RecEmbedding, RecVocab, TokenNames, export_plain_model
+from llmrec.plain_model import export_plain_model
+from llmrec.tokens import RecEmbedding, RecVocab, TokenNames
 
 WORDS = [
     "the",

@@ -115,7 +115,7 @@ class ItemIndex:
 
     def write_files(self, directory: Path) -> None:
         """The index's files (``index.json``, ``codes.safetensors``, the artifacts) into ``directory``, which
-        the caller's guarded writer owns (:meth:`save`; `llmrec.recommender.write_bundle`'s ``index/``)."""
+        the caller's guarded writer owns (:meth:`save`; `llmrec.bundle.write_bundle`'s ``index/``)."""
         directory.mkdir(exist_ok=True)
         meta = {
             "format_version": FORMAT_VERSION,
