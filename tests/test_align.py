@@ -155,3 +155,34 @@ def test_align_args_take_random_rejected_items_only_but_not_none():
     assert align.AlignArgs(n_rejected=0, n_random=16).n_random == 16  # the S-DPO paper's sampling
     with pytest.raises(ConfigError, match="n_rejected.*when n_random is 0"):
         align.AlignArgs(n_rejected=0, n_random=0)
+
+
+def test_dpo_loss_matches_a_hand_computed_value():
+    loss = dpo_loss(
+        torch.tensor([-1.0]), torch.tensor([[-2.0, -0.5]]), torch.tensor([-1.5]), torch.tensor([[-1.0, -1.0]]),
+        beta=0.5, sft_weight=0.3,
+    )  # fmt: skip
+    # ratios: chosen 0.5, rejected -1.0 and 0.5 -> margins 0.5 * 1.5 = 0.75 and 0
+    expected = (math.log(1 + math.exp(-0.75)) + math.log(2)) / 2 + 0.3 * 1.0
+    assert float(loss[0]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_preference_task_on_a_toy_model_gives_the_hand_computed_loss(model):
+    prompts = prompts_of(model)
+    histories = [[3, 9, 4, 7], [12, 5, 6], [], [2, 8]]
+    data = build_preferences(model, prompts, histories, per_user=2, n_rejected=3)
+    # the last two positions of every history with >= 2 items; rejected never in the history
+    assert [(row["chosen"]) for row in data.rows] == [4, 7, 5, 6, 8]
+    assert all(
+        not set(row["rejected"]) & set(h)
+        for row, h in zip(data.rows, [histories[0]] * 2 + [histories[1]] * 2 + [histories[3]], strict=True)
+    )
+    batch = collate(data.rows)
+    model.preference = DPOLoss(beta=0.5)
+    with torch.no_grad():
+        total, count = model.preference_loss(batch)  # the policy is the reference: every margin is 0
+        assert int(count) == 5 and float(total) == pytest.approx(5 * math.log(2), rel=1e-5)
+        shifted = dict(batch, ref_chosen=batch["ref_chosen"] + 1.0)  # chosen ratio -1: margins -0.5
+        total, _ = model.preference_loss(shifted)
+        assert float(total) == pytest.approx(5 * math.log(1 + math.exp(0.5)), rel=1e-5)
+    model.preference = None

@@ -4,7 +4,6 @@ task, and DPO alignment of the item head (loss values, recipes end to end, kill 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,6 @@ from safetensors.torch import load_file
 
 from common.config import ConfigError
 from data_prep import load_bundle
-from llmrec.align import DPOLoss, build_preferences, dpo_loss
 from llmrec.backbone import BackboneConfig
 from llmrec.collate import SequenceDataset, collate
 from llmrec.data import prompt_template, scorer_for
@@ -155,37 +153,6 @@ def test_next_semantic_examples_target_the_item_after_a_chronological_prefix():
             int(t) for t in index.token_ids(built.vocab)[target[0]] if t >= 0
         ]
     assert len(cuts) > 3  # the cut moves between epochs
-
-
-def test_dpo_loss_matches_a_hand_computed_value():
-    loss = dpo_loss(
-        torch.tensor([-1.0]), torch.tensor([[-2.0, -0.5]]), torch.tensor([-1.5]), torch.tensor([[-1.0, -1.0]]),
-        beta=0.5, sft_weight=0.3,
-    )  # fmt: skip
-    # ratios: chosen 0.5, rejected -1.0 and 0.5 -> margins 0.5 * 1.5 = 0.75 and 0
-    expected = (math.log(1 + math.exp(-0.75)) + math.log(2)) / 2 + 0.3 * 1.0
-    assert float(loss[0]) == pytest.approx(expected, rel=1e-6)
-
-
-def test_the_preference_task_on_a_toy_model_gives_the_hand_computed_loss(model):
-    prompts = prompts_of(model)
-    histories = [[3, 9, 4, 7], [12, 5, 6], [], [2, 8]]
-    data = build_preferences(model, prompts, histories, per_user=2, n_rejected=3)
-    # the last two positions of every history with >= 2 items; rejected never in the history
-    assert [(row["chosen"]) for row in data.rows] == [4, 7, 5, 6, 8]
-    assert all(
-        not set(row["rejected"]) & set(h)
-        for row, h in zip(data.rows, [histories[0]] * 2 + [histories[1]] * 2 + [histories[3]], strict=True)
-    )
-    batch = collate(data.rows)
-    model.preference = DPOLoss(beta=0.5)
-    with torch.no_grad():
-        total, count = model.preference_loss(batch)  # the policy is the reference: every margin is 0
-        assert int(count) == 5 and float(total) == pytest.approx(5 * math.log(2), rel=1e-5)
-        shifted = dict(batch, ref_chosen=batch["ref_chosen"] + 1.0)  # chosen ratio -1: margins -0.5
-        total, _ = model.preference_loss(shifted)
-        assert float(total) == pytest.approx(5 * math.log(1 + math.exp(0.5)), rel=1e-5)
-    model.preference = None
 
 
 def align_args(bundle: Path, init: Path, out: Path, *extra: str) -> list[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_failures_cli import LOG, TINY, one_line_error, recipe
+from test_config_errors import LOG, TINY, one_line_error, recipe
 
 from data_prep.build import BuildConfig, build
 from llmrec.bundle import BundleError
@@ -35,7 +35,7 @@ def run(tmp_path_factory) -> Path:
         "--with_content",
         "false",
     ]
-    from test_failures_train import recipe as in_process
+    from test_train import recipe as in_process
 
     in_process("finetune")(argv)
     return out
