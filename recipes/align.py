@@ -134,15 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
         dataset = build_grpo_rows(model, prompts, histories, args.pairs_per_user, eval_config.batch_size)
         model.preference = GRPOLoss(args.grpo_group, args.grpo_length, args.kl_weight, seed=train_config.seed)
     else:
-        dataset = build_preferences(
-            model,
-            prompts,
-            histories,
-            per_user=args.pairs_per_user,
-            n_rejected=args.n_rejected,
-            batch_size=eval_config.batch_size,
-            n_random=args.n_random,
-            seed=train_config.seed,
+        dataset = preference_rows(
+            build_preferences, args, model, prompts, histories, train_config, eval_config
         )
         model.preference = DPOLoss(args.beta, args.sft_weight, args.loss)
     logger.info("%d %s rows from %s", len(dataset), args.loss, init)
@@ -172,18 +165,26 @@ def generator_alignment(args, model, prompts, histories, init, train_config, eva
             frozen_reference(model), args.grpo_group, args.grpo_length, args.kl_weight, seed=train_config.seed
         )
     else:
-        dataset = build_generator_preferences(
-            model,
-            prompts,
-            histories,
-            per_user=args.pairs_per_user,
-            n_rejected=args.n_rejected,
-            batch_size=eval_config.batch_size,
-            n_random=args.n_random,
-            seed=train_config.seed,
+        dataset = preference_rows(
+            build_generator_preferences, args, model, prompts, histories, train_config, eval_config
         )
         model.preference = GeneratorDPOLoss(args.beta, args.sft_weight, args.loss)
     return dataset, eval_config.beam or int(run_config(init).get("eval", {}).get("beam") or 0)
+
+
+def preference_rows(build, args, model, prompts, histories, train_config, eval_config):
+    """DPO/S-DPO rows by ``build`` (`llmrec.align.build_preferences` for the item head,
+    `llmrec.generator_align.build_generator_preferences` for the generator) from the recipe's arguments."""
+    return build(
+        model,
+        prompts,
+        histories,
+        per_user=args.pairs_per_user,
+        n_rejected=args.n_rejected,
+        batch_size=eval_config.batch_size,
+        n_random=args.n_random,
+        seed=train_config.seed,
+    )
 
 
 def sft_best(run: Path, metric: str) -> float | None:
