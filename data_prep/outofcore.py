@@ -63,6 +63,8 @@ class OutOfCore:
         run(self.con, f"SET memory_limit = '{self.config.memory_limit}'")
         run(self.con, f"SET temp_directory = '{self.directory / 'spill'}'")
         run(self.con, "SET preserve_insertion_order = false")
+        if self.config.threads:
+            run(self.con, f"SET threads = {int(self.config.threads)}")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -169,6 +171,12 @@ class OutOfCore:
         item_remap[used_items] = np.arange(len(used_items))
         user_ids = [user_ids[j] for j in used_users]
         item_ids = [item_ids[j] for j in used_items]
+        logger.info(
+            "filtered and indexed in DuckDB: %d interactions of %d users and %d items",
+            int(counts["n"].sum()),
+            len(user_ids),
+            len(item_ids),
+        )
         log = IndexedLog(
             user_ids,
             item_ids,

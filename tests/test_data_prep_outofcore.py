@@ -162,6 +162,16 @@ def test_same_error_on_malformed_rows(recbole, tmp_path, line, bad, message):
     assert errors[0] == errors[1]
 
 
+def test_duckdb_threads(recbole, tmp_path):
+    """One DuckDB thread or DuckDB's default: the same bundle; a negative count is refused."""
+    kw = {"input": str(recbole), "format": "recbole", "engine": "duckdb", "chunk_rows": 31}
+    one = build(BuildConfig(out=str(tmp_path / "one"), threads=1, **kw))
+    default = build(BuildConfig(out=str(tmp_path / "default"), **kw))
+    assert files(one) == files(default)
+    with pytest.raises(DataError, match=r"^field 'threads': must be 0 \(DuckDB's default\) or more, got -1$"):
+        build(BuildConfig(out=str(tmp_path / "bad"), threads=-1, **kw))
+
+
 def test_auto_engine_by_size(recbole, tmp_path):
     config = BuildConfig(input=str(recbole), out=str(tmp_path / "b"))
     assert choose_engine(config) == "memory"
