@@ -114,9 +114,10 @@ class OutOfCore:
     def index(self) -> IndexedLog:
         """Read, filter, index; the returned log streams its chunks out of DuckDB."""
         config, con = self.config, self.con
-        rows = self._load(
-            chunked.interaction_chunks(config.format, config.input, self.columns, config.item_meta)
+        pieces = chunked.interaction_chunks(
+            config.format, config.input, self.columns, config.item_meta, use_threads=config.threads != 1
         )
+        rows = self._load(pieces)
         logger.info("read %d interactions from %s into DuckDB", rows, config.input)
         self.known_users = set(self._column('SELECT DISTINCT "user" FROM raw').tolist())
         self.known_items = set(self._column('SELECT DISTINCT "item" FROM raw').tolist())
