@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -165,22 +166,31 @@ def _arrow_rows(data: bytes, sep: str, columns: list[str], use_threads: bool) ->
     """Data lines (no header) split by Arrow's CSV reader: every field a string as written, one row per
     line. None for a block where pandas' parser might read something else: a carriage return, a NUL,
     an empty line, a row with another number of fields than ``columns``, a line longer than Arrow's
-    block, invalid UTF-8 (without quoting, the two parsers agree on everything else)."""
-    if len(sep) > 1:  # as parse_delimited does, on bytes: "::" is ASCII, so no character spans it
+    block, invalid UTF-8 (without quoting, the two parsers agree on everything else).
+
+    ``parse_delimited`` swaps a separator of several characters for a tab first. For one character
+    repeated (MovieLens' ``::``) this splits at the character instead, without copying the block: the
+    separators then leave empty fields between the values, which must be all there is between them (a
+    line holding a tab, or the character alone, goes to the replacing path)."""
+    width = 1
+    if len(sep) > 1 and len(set(sep)) == 1 and b"\t" not in data:
+        sep, width = sep[0], len(sep)
+    elif len(sep) > 1:  # as parse_delimited does, on bytes: sep is ASCII, so no character spans it
         data, sep = data.replace(sep.encode(), b"\t"), "\t"
     if len(sep.encode()) != 1 or data[:1] == b"\n" or data[:3] == b"\xef\xbb\xbf":  # a byte order mark
         return None
     if any(mark in data for mark in (b"\r", b"\0", b"\n\n")):
         return None
+    names = [str(i) for i in range(width * (len(columns) - 1) + 1)]
     try:
         table = pacsv.read_csv(
             pa.BufferReader(data),
-            read_options=pacsv.ReadOptions(column_names=columns, use_threads=use_threads),
+            read_options=pacsv.ReadOptions(column_names=names, use_threads=use_threads),
             parse_options=pacsv.ParseOptions(
                 delimiter=sep, quote_char=False, escape_char=False, ignore_empty_lines=False
             ),
             convert_options=pacsv.ConvertOptions(
-                column_types=dict.fromkeys(columns, pa.string()),
+                column_types=dict.fromkeys(names, pa.string()),
                 strings_can_be_null=False,
                 quoted_strings_can_be_null=False,
                 check_utf8=True,
@@ -188,6 +198,10 @@ def _arrow_rows(data: bytes, sep: str, columns: list[str], use_threads: bool) ->
         )
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return None
+    between = [i for i in range(len(names)) if i % width]
+    if any(pc.any(pc.not_equal(table.column(i), "")).as_py() for i in between):
+        return None
+    table = table.select(list(range(0, len(names), width))).rename_columns(columns)
     return table.to_pandas(use_threads=use_threads).astype(STRINGS)
 
 

@@ -214,17 +214,31 @@ BLOCKS = {
     "unicode": "ü\t😀\t5\t100\n١٢\tx y\t4\t101\n",
     "nul": "1\t1\x000\t5\t100\n",
     "bom": "\ufeff1\t10\t5\t100\n",
+    "colons in values": "1:5\t10\t5\t100\n2\t:11\t4\t101:\n",
+    "empty values": "1\t\t5\t100\n\t11\t4\t101\n",
+}
+COLON_LINES = {  # MovieLens "::" lines Arrow splits at ":" (the empty fields between must be all there is)
+    "tab in a value": "1::2::3::4\n5\t6::7::8::9\n",
+    "trailing separator": "1::2::3::4::\n",
+    "leading separator": "::1::2::3\n",
+    "odd run": "1:::2::3::4\n",
+    "even run": "1::::3::4\n1::2::3::4\n",
 }
 
 
-@pytest.mark.parametrize("name", sorted(BLOCKS))
-@pytest.mark.parametrize("kind", ["names", "header", "colons"])
+@pytest.mark.parametrize(
+    "name, kind",
+    [(name, kind) for name in sorted(BLOCKS) for kind in ("names", "header", "colons")]
+    + [(name, "raw colons") for name in sorted(COLON_LINES)],
+)
 def test_arrow_blocks_read_as_pandas_does(tmp_path, monkeypatch, name, kind):
     """Arrow's CSV reader (the out-of-core fast path) and the readers' pandas parser give the same rows,
     line numbers and errors, block by block, whatever the lines hold."""
-    text = BLOCKS[name]
+    text = BLOCKS.get(name) or COLON_LINES[name]
     options = {"sep": "\t", "header": False, "names": chunked.readers.RATING_NAMES}
-    if kind == "header":
+    if kind == "raw colons":
+        options["sep"] = "::"
+    elif kind == "header":
         text = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + text
         options = {"sep": "\t", "header": True, "names": None}
     elif kind == "colons":
