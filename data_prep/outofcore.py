@@ -136,20 +136,16 @@ class OutOfCore:
         user_ids = sorted_ids(self._column(f'SELECT DISTINCT "user" FROM raw WHERE {threshold}'))
         item_ids = sorted_ids(self._column(f'SELECT DISTINCT "item" FROM raw WHERE {threshold}'))
         self._register_ids(con, user_ids, item_ids)
+        # ids coded and, in the same statement (no coded copy of the log is stored), the latest row of a
+        # repeated (user, item) pair kept: by timestamp, then by place in the file
         run(
             con,
-            'CREATE TABLE coded AS SELECT r.line, u.code AS "user", i.code AS "item", r.rating, r."timestamp" '
+            'CREATE TABLE log AS SELECT u.code AS "user", i.code AS "item", r.rating, r."timestamp" '
             'FROM raw r JOIN user_map u ON r."user" = u.raw JOIN item_map i ON r."item" = i.raw '
-            f"WHERE {threshold}",
+            f"WHERE {threshold} QUALIFY row_number() "
+            'OVER (PARTITION BY u.code, i.code ORDER BY r."timestamp" DESC, r.line DESC) = 1',
         )
-        # the latest row of a repeated (user, item) pair wins: by timestamp, then by place in the file
-        run(
-            con,
-            'CREATE TABLE log AS SELECT "user", "item", rating, "timestamp" FROM coded QUALIFY row_number() '
-            'OVER (PARTITION BY "user", "item" ORDER BY "timestamp" DESC, line DESC) = 1',
-        )
-        coded = self._count("SELECT count(*) FROM coded")
-        run(con, "DROP TABLE coded")
+        coded = self._count(f"SELECT count(*) FROM raw WHERE {threshold}")  # every such row has its ids coded
         filters = {
             "rating_threshold": config.rating_threshold,
             "k_core": config.k_core,
