@@ -190,7 +190,7 @@ def _arrow_rows(data: bytes, sep: str, columns: list[str], use_threads: bool) ->
                 delimiter=sep, quote_char=False, escape_char=False, ignore_empty_lines=False
             ),
             convert_options=pacsv.ConvertOptions(
-                column_types=dict.fromkeys(names, pa.string()),
+                column_types=dict.fromkeys(names, pa.large_string()),  # pandas holds these as they are
                 strings_can_be_null=False,
                 quoted_strings_can_be_null=False,
                 check_utf8=True,
