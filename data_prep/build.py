@@ -115,7 +115,10 @@ class BuildConfig:
     )
     threads: int = field(
         default=0,
-        metadata={"help": "--engine duckdb: DuckDB's worker threads (0: DuckDB's default, one per CPU core)"},
+        metadata={
+            "help": "--engine duckdb: DuckDB's worker threads (0: DuckDB's default, one per CPU core; 1 also "
+            "keeps Arrow's CSV parsing on one thread)"
+        },
     )
 
 

@@ -1,7 +1,7 @@
 """Out-of-core filtering and indexing on DuckDB, for logs larger than memory (``--engine duckdb``).
 
-The log is parsed a piece at a time by the readers' own parsers (:mod:`data_prep.chunks`, so malformed
-data gets the same one-line errors as in memory) into a DuckDB table on disk; the rating threshold,
+The log is parsed a piece at a time by the readers' own parsers and checks (:mod:`data_prep.chunks`, so
+malformed data gets the same one-line errors as in memory) into a DuckDB table on disk; the rating threshold,
 duplicate collapse, k-core filter and the (user, time, item) sort run there as SQL, and the sorted
 rows come back in chunks of whole users for the shared second half (:mod:`data_prep.assemble`).
 Python holds only the id maps, per-user counts and one chunk at a time.

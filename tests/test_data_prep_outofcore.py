@@ -162,6 +162,30 @@ def test_same_error_on_malformed_rows(recbole, tmp_path, line, bad, message):
     assert errors[0] == errors[1]
 
 
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("7::12::five::3", "field 'rating': not a number: 'five'"),
+        ("7::::4::3", "field 'item_id': empty id"),
+        ("7::12::4", "field 'timestamp': expected 4 fields"),
+        ("7::12::4::0x10", "field 'timestamp': not a number: '0x10'"),
+    ],
+)
+def test_same_error_on_malformed_movielens_rows(tmp_path, bad, message):
+    """MovieLens '::' lines, which the out-of-core build splits with Arrow: the same one-line errors."""
+    d = tmp_path / "ml"
+    d.mkdir()
+    lines = [f"{u}::{i}::4::{100 + u}" for u in range(40) for i in range(5)]
+    lines[150] = bad
+    (d / "ratings.dat").write_text("\n".join(lines) + "\n")
+    errors = []
+    for engine in ("memory", "duckdb"):
+        with pytest.raises(DataError) as err:
+            build(BuildConfig(input=str(d), format="movielens", out=str(tmp_path / engine), engine=engine))
+        errors.append(str(err.value))
+    assert errors[0] == errors[1] == f"{d / 'ratings.dat'}, line 151, {message}"
+
+
 def test_duckdb_threads(recbole, tmp_path):
     """One DuckDB thread or DuckDB's default: the same bundle; a negative count is refused."""
     kw = {"input": str(recbole), "format": "recbole", "engine": "duckdb", "chunk_rows": 31}
