@@ -13,13 +13,15 @@ interactions: 1M users, 100k items, every item with a title and genres), items d
 replacement from the same Zipf-like popularity (repeated pairs are collapsed by the build), written
 a block of users at a time so that generating 100M rows needs little memory. Each size is built
 with every engine of ``--engines`` (``memory`` only up to ``--memory_max`` interactions: beyond, it
-would not fit the shared machine). Prints a table, writes JSON (default
-``benchmarks/results/data_prep_scale.json``) and with ``--plot`` a PNG of time and memory against
-size.
+would not fit the shared machine), the out-of-core engine once per ``--threads`` value (DuckDB's worker
+threads; 0, the default, is DuckDB's own default of one per core). Prints a table, writes JSON (default
+``benchmarks/results/data_prep_scale.json``; each row also lists the build's stages: every ``data_prep``
+log line with the wall and CPU seconds since the build started) and with ``--plot`` a PNG of time and
+memory against size.
 
     python benchmarks/data_prep_scale.py [--sizes 100000 1000000 5000000] [--seed 0] [--out FILE]
     python benchmarks/data_prep_scale.py --shape wide --sizes 10000000 30000000 100000000 \\
-        --engines duckdb memory --plot docs/data_prep_scale.png
+        --engines duckdb memory --threads 1 0 --plot docs/data_prep_scale.png
 """
 
 from __future__ import annotations
@@ -135,12 +137,28 @@ def generate_wide(directory: Path, n: int, seed: int, block_users: int = 50_000)
     return {"interactions": int(per_user.sum()), "users": n_users, "items": n_items}
 
 
-def run_one(source: str, out: str, engine: str) -> None:
-    """Child mode: build once and print time and this process's peak RSS as JSON."""
-    from data_prep.build import BuildConfig, build
+def run_one(source: str, out: str, engine: str, threads: int = 0) -> None:
+    """Child mode: build once and print time, this process's peak RSS and the build's stages as JSON
+    (each ``data_prep`` log line with the wall and CPU seconds since the build started)."""
+    import logging
 
-    start = time.perf_counter()
-    build(BuildConfig(format="movielens", input=source, out=out, split="random", seed=0, engine=engine))
+    from data_prep.build import BuildConfig, build, choose_engine
+
+    start, cpu_start = time.perf_counter(), time.process_time()
+    stages = []
+
+    class Stages(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+            stages.append([round(wall, 2), round(cpu, 2), record.getMessage()[:100]])
+
+    logging.getLogger("data_prep").addHandler(Stages(logging.INFO))
+    logging.getLogger("data_prep").setLevel(logging.INFO)
+    config = BuildConfig(
+        format="movielens", input=source, out=out, split="random", seed=0, engine=engine, threads=threads
+    )
+    used = choose_engine(config)
+    build(config)
     seconds = time.perf_counter() - start
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu_s = usage.ru_utime + usage.ru_stime  # includes imports; unlike wall time, immune to other load
@@ -150,9 +168,18 @@ def run_one(source: str, out: str, engine: str) -> None:
                 "build_s": round(seconds, 2),
                 "cpu_s": round(cpu_s, 2),
                 "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+                "duckdb_threads": duckdb_threads(threads) if used == "duckdb" else None,
+                "stages": stages,
             }
         )
     )
+
+
+def duckdb_threads(threads: int) -> int:
+    """The thread count a build with ``--threads threads`` gives DuckDB (0: DuckDB's own default)."""
+    import duckdb
+
+    return threads or int(duckdb.connect().execute("SELECT current_setting('threads')").fetchone()[0])
 
 
 def load() -> str:
@@ -167,11 +194,15 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for engine in sorted({r["engine"] for r in rows}):
-        mine = sorted((r for r in rows if r["engine"] == engine), key=lambda r: r["interactions"])
+
+    def label(r: dict) -> str:
+        return r["engine"] if r["engine"] == "memory" else f"{r['engine']}, {r.get('duckdb_threads')} threads"
+
+    for name in sorted({label(r) for r in rows}):
+        mine = sorted((r for r in rows if label(r) == name), key=lambda r: r["interactions"])
         x = [r["interactions"] / 1e6 for r in mine]
-        left.plot(x, [r["build_s"] / 60 for r in mine], "o-", label=engine)
-        right.plot(x, [r["peak_rss_mb"] / 1024 for r in mine], "o-", label=engine)
+        left.plot(x, [r["build_s"] / 60 for r in mine], "o-", label=name)
+        right.plot(x, [r["peak_rss_mb"] / 1024 for r in mine], "o-", label=name)
     left.set(xlabel="interactions (millions)", ylabel="build wall time (min)", xscale="log")
     right.set(xlabel="interactions (millions)", ylabel="peak RSS (GB)", xscale="log")
     for axis in (left, right):
@@ -191,12 +222,21 @@ def main() -> None:
     parser.add_argument("--shape", choices=["ml1m", "wide"], default="ml1m")
     parser.add_argument("--engines", nargs="+", choices=["auto", "memory", "duckdb"], default=["auto"])
     parser.add_argument("--memory_max", type=int, default=10_000_000, help="largest size built in memory")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="DuckDB threads of the out-of-core builds, one build per value (0: DuckDB's default, one per core)",
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_prep_scale.json"))
     parser.add_argument("--plot", help="PNG of time and memory against size")
-    parser.add_argument("--child", nargs=3, metavar=("SOURCE", "OUT", "ENGINE"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", nargs=4, metavar=("SOURCE", "OUT", "ENGINE", "THREADS"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.child:
-        run_one(*args.child)
+        run_one(*args.child[:3], threads=int(args.child[3]))
         return
     rows = []
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
@@ -213,13 +253,22 @@ def main() -> None:
                 else generate(source, n, args.seed)
             )
             print(f"generated {n:,} in {time.perf_counter() - started:.0f}s", file=sys.stderr)
-            for engine in args.engines:
+            runs = [(e, t) for e in args.engines for t in (args.threads if e != "memory" else [0])]
+            for engine, threads in runs:
                 if engine == "memory" and n > args.memory_max:
                     continue
                 load_before = load()
                 started = time.perf_counter()
                 child = subprocess.run(
-                    [sys.executable, __file__, "--child", str(source), str(Path(tmp) / engine), engine],
+                    [
+                        sys.executable,
+                        __file__,
+                        "--child",
+                        str(source),
+                        str(Path(tmp) / engine),
+                        engine,
+                        str(threads),
+                    ],
                     env=env,
                     capture_output=True,
                     text=True,
@@ -229,11 +278,17 @@ def main() -> None:
                 result = json.loads(child.stdout.strip().splitlines()[-1])
                 manifest = json.loads((Path(tmp) / engine / "manifest.json").read_text())
                 shutil.rmtree(Path(tmp) / engine)
-                row = {**shape, "engine": engine, **result, "process_s": round(process_s, 2)}
+                row = {
+                    **shape,
+                    "engine": engine,
+                    "threads": threads,
+                    **result,
+                    "process_s": round(process_s, 2),
+                }
                 rows.append(
                     {**row, "load_before": load_before, "load_after": load(), "counts": manifest["counts"]}
                 )
-                print(f"done {n:,} {engine}: {result}", file=sys.stderr)
+                print(f"done {n:,} {engine} threads {threads}: {result}", file=sys.stderr)
                 write_json(out, args, rows)  # after every build: a long run keeps what it measured
     machine = (
         f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}, "
@@ -243,12 +298,13 @@ def main() -> None:
         f"data_prep build (movielens .dat, {args.shape} shape, random 80/10/10 split, seed {args.seed}) on {machine}"
     )
     print(
-        f"{'interactions':>13} {'users':>9} {'items':>7} {'engine':>7} {'build s':>8} {'process s':>10} "
+        f"{'interactions':>13} {'users':>9} {'items':>7} {'engine':>7} {'threads':>7} {'build s':>8} {'process s':>10} "
         f"{'CPU s':>7} {'peak RSS MB':>12} {'load before/after':>22}"
     )
     for r in rows:
         print(
-            f"{r['interactions']:>13,} {r['users']:>9,} {r['items']:>7,} {r['engine']:>7} {r['build_s']:>8.1f} "
+            f"{r['interactions']:>13,} {r['users']:>9,} {r['items']:>7,} {r['engine']:>7} "
+            f"{r['duckdb_threads'] or '-':>7} {r['build_s']:>8.1f} "
             f"{r['process_s']:>10.1f} {r['cpu_s']:>7.1f} {r['peak_rss_mb']:>12.0f} "
             f"{r['load_before'] + ' / ' + r['load_after']:>22}"
         )

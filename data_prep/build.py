@@ -113,6 +113,13 @@ class BuildConfig:
         default=2_000_000,
         metadata={"help": "--engine duckdb: rows read, split and written per chunk (whole users per chunk)"},
     )
+    threads: int = field(
+        default=0,
+        metadata={
+            "help": "--engine duckdb: DuckDB's worker threads (0: DuckDB's default, one per CPU core; 1 also "
+            "keeps Arrow's CSV parsing on one thread)"
+        },
+    )
 
 
 # the options that name a source file or directory: the bundle may not be written over or around them
@@ -354,6 +361,8 @@ def _build_into(config: BuildConfig, tmp: Path) -> dict[str, int]:
     templates = load_templates(config.templates)
     if not 0 < config.finetune_keep <= 1:
         raise DataError(f"must be in (0, 1], got {config.finetune_keep}", field="finetune_keep")
+    if config.threads < 0:
+        raise DataError(f"must be 0 (DuckDB's default) or more, got {config.threads}", field="threads")
     if choose_engine(config) == "duckdb":
         tables = read_source(config, interactions=False)
         with OutOfCore(config, column_map(config)) as source:
@@ -431,6 +440,7 @@ def _assemble(
             reviews=reviews,
         )
         cold = split.finish()
+        logger.info("split and wrote %d rows with their corpora", sum(writer.split_rows.values()))
         seeded = config.split in ("random", "cold-items", "cold-users")
         protocol = {"protocol": config.split, "seed": config.seed if seeded else None}
         if config.split != "loo":

@@ -1,7 +1,7 @@
 """Out-of-core filtering and indexing on DuckDB, for logs larger than memory (``--engine duckdb``).
 
-The log is parsed a piece at a time by the readers' own parsers (:mod:`data_prep.chunks`, so malformed
-data gets the same one-line errors as in memory) into a DuckDB table on disk; the rating threshold,
+The log is parsed a piece at a time by the readers' own parsers and checks (:mod:`data_prep.chunks`, so
+malformed data gets the same one-line errors as in memory) into a DuckDB table on disk; the rating threshold,
 duplicate collapse, k-core filter and the (user, time, item) sort run there as SQL, and the sorted
 rows come back in chunks of whole users for the shared second half (:mod:`data_prep.assemble`).
 Python holds only the id maps, per-user counts and one chunk at a time.
@@ -63,6 +63,8 @@ class OutOfCore:
         run(self.con, f"SET memory_limit = '{self.config.memory_limit}'")
         run(self.con, f"SET temp_directory = '{self.directory / 'spill'}'")
         run(self.con, "SET preserve_insertion_order = false")
+        if self.config.threads:
+            run(self.con, f"SET threads = {int(self.config.threads)}")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -112,9 +114,10 @@ class OutOfCore:
     def index(self) -> IndexedLog:
         """Read, filter, index; the returned log streams its chunks out of DuckDB."""
         config, con = self.config, self.con
-        rows = self._load(
-            chunked.interaction_chunks(config.format, config.input, self.columns, config.item_meta)
+        pieces = chunked.interaction_chunks(
+            config.format, config.input, self.columns, config.item_meta, use_threads=config.threads != 1
         )
+        rows = self._load(pieces)
         logger.info("read %d interactions from %s into DuckDB", rows, config.input)
         self.known_users = set(self._column('SELECT DISTINCT "user" FROM raw').tolist())
         self.known_items = set(self._column('SELECT DISTINCT "item" FROM raw').tolist())
@@ -133,20 +136,16 @@ class OutOfCore:
         user_ids = sorted_ids(self._column(f'SELECT DISTINCT "user" FROM raw WHERE {threshold}'))
         item_ids = sorted_ids(self._column(f'SELECT DISTINCT "item" FROM raw WHERE {threshold}'))
         self._register_ids(con, user_ids, item_ids)
+        # ids coded and, in the same statement (no coded copy of the log is stored), the latest row of a
+        # repeated (user, item) pair kept: by timestamp, then by place in the file
         run(
             con,
-            'CREATE TABLE coded AS SELECT r.line, u.code AS "user", i.code AS "item", r.rating, r."timestamp" '
+            'CREATE TABLE log AS SELECT u.code AS "user", i.code AS "item", r.rating, r."timestamp" '
             'FROM raw r JOIN user_map u ON r."user" = u.raw JOIN item_map i ON r."item" = i.raw '
-            f"WHERE {threshold}",
+            f"WHERE {threshold} QUALIFY row_number() "
+            'OVER (PARTITION BY u.code, i.code ORDER BY r."timestamp" DESC, r.line DESC) = 1',
         )
-        # the latest row of a repeated (user, item) pair wins: by timestamp, then by place in the file
-        run(
-            con,
-            'CREATE TABLE log AS SELECT "user", "item", rating, "timestamp" FROM coded QUALIFY row_number() '
-            'OVER (PARTITION BY "user", "item" ORDER BY "timestamp" DESC, line DESC) = 1',
-        )
-        coded = self._count("SELECT count(*) FROM coded")
-        run(con, "DROP TABLE coded")
+        coded = self._count(f"SELECT count(*) FROM raw WHERE {threshold}")  # every such row has its ids coded
         filters = {
             "rating_threshold": config.rating_threshold,
             "k_core": config.k_core,
@@ -169,6 +168,12 @@ class OutOfCore:
         item_remap[used_items] = np.arange(len(used_items))
         user_ids = [user_ids[j] for j in used_users]
         item_ids = [item_ids[j] for j in used_items]
+        logger.info(
+            "filtered and indexed in DuckDB: %d interactions of %d users and %d items",
+            int(counts["n"].sum()),
+            len(user_ids),
+            len(item_ids),
+        )
         log = IndexedLog(
             user_ids,
             item_ids,

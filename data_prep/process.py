@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from data_prep.errors import DataError
 
@@ -57,11 +59,25 @@ def compact(df: pd.DataFrame, column: str, ids: list[str]) -> tuple[pd.DataFrame
 
 
 def sorted_ids(values: pd.Series | np.ndarray) -> list[str]:
-    """Unique raw ids in a stable order: numeric order when every id is a number, else lexical."""
+    """Unique raw ids in a stable order: numeric order when every id is a number, else lexical.
+
+    Sorted in Arrow (its string order, by UTF-8 bytes, is Python's, by code points); ids of ASCII
+    digits by their value as a 64-bit integer, ties (``7``, ``007``) by the string. Python sorts only
+    what Arrow cannot: numbers beyond 64 bits or written with other digits (``str.isdigit``)."""
     unique = pd.unique(pd.Series(values, dtype=str))
-    if all(v.isdigit() for v in unique):
+    strings = pa.array(unique, pa.string())
+    ascii_digits = pc.match_substring_regex(strings, r"^[0-9]+$")
+    if pc.all(ascii_digits).as_py() is not False:  # True, or None: no ids at all
+        try:
+            numbers = pc.cast(strings, pa.uint64()).to_numpy(zero_copy_only=False)
+        except pa.ArrowInvalid:  # past 2**64
+            return sorted(unique, key=lambda v: (int(v), v))
+        text_rank = np.empty(len(strings), dtype=np.int64)
+        text_rank[pc.sort_indices(strings).to_numpy()] = np.arange(len(strings))
+        return strings.take(np.lexsort((text_rank, numbers))).to_pylist()
+    if all(v.isdigit() for v in strings.filter(pc.invert(ascii_digits)).to_pylist()):
         return sorted(unique, key=lambda v: (int(v), v))
-    return sorted(unique)
+    return strings.take(pc.sort_indices(strings)).to_pylist()
 
 
 def encode(values: pd.Series, ids: list[str]) -> np.ndarray:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from data_prep.errors import DataError
 from data_prep.splits import SPLITS
@@ -166,6 +168,12 @@ def parse_delimited(
             csv.reader(io.StringIO(text[: text.find("\n") + 1 or None]), delimiter=sep, quoting=quoting), []
         )
         require_unique_columns([c.strip() for c in first], path)
+    return index_rows(df, header, offset)
+
+
+def index_rows(df: pd.DataFrame, header: bool, offset: int) -> tuple[pd.DataFrame, int]:
+    """Rows of a parsed piece (one per line, blank ones included) indexed by their line in the file, then
+    the blank ones (every field empty) dropped; and how many rows the piece held."""
     rows = len(df)
     df.index = np.arange(rows) + (2 if header else 1) + offset
     blank = (df == "").all(axis=1)
@@ -277,12 +285,19 @@ def parse_numbers(series: pd.Series, path: Path, name: str) -> pd.Series:
     if pd.api.types.is_bool_dtype(series):
         series = series.astype(object)
     if not pd.api.types.is_numeric_dtype(series):
+        whole = _arrow_cast(series, pa.int64())
+        if whole is not None:
+            return whole
         with contextlib.suppress(ValueError, TypeError, OverflowError):
             return series.astype("int64")
-        try:
-            series = series.astype("float64")
-        except (ValueError, TypeError):
-            series = pd.to_numeric(series.astype(str).str.strip(), errors="coerce")
+        decimal = _arrow_cast(series, pa.float64())
+        if decimal is not None:
+            series = decimal
+        else:
+            try:
+                series = series.astype("float64")
+            except (ValueError, TypeError):
+                series = pd.to_numeric(series.astype(str).str.strip(), errors="coerce")
     values = series.astype("float64")
     bad = ~np.isfinite(values.to_numpy(dtype="float64", na_value=np.nan))
     if bad.any():
@@ -293,6 +308,31 @@ def parse_numbers(series: pd.Series, path: Path, name: str) -> pd.Series:
     if (values == np.floor(values)).all() and values.abs().max() < 2**62:
         return values.astype("int64")
     return values
+
+
+# Numbers as both Arrow and Python read them alike (Arrow also takes hexadecimal "0x10", Python also
+# spaces, "+", "_" and non-ASCII digits): only columns of these go through Arrow's cast.
+PLAIN = {
+    pa.int64(): r"^-?[0-9]+$",
+    pa.float64(): r"^-?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$",
+}
+
+
+def _arrow_cast(series: pd.Series, kind: pa.DataType) -> pd.Series | None:
+    """An Arrow-backed string column of plain numbers (:data:`PLAIN`) cast by Arrow to ``kind`` (int64
+    or float64): the value Python's casts give, without a Python object per value. None when a value
+    is not plain, Arrow refuses it (out of range) or the column is not Arrow strings: then pandas'
+    casts decide."""
+    if not (isinstance(series.dtype, pd.StringDtype) and series.dtype.storage == "pyarrow"):
+        return None
+    values = pa.chunked_array(pa.array(series.array))
+    if values.null_count or not pc.all(pc.match_substring_regex(values, PLAIN[kind])).as_py():
+        return None
+    try:
+        cast = pc.cast(values, kind)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    return pd.Series(cast.to_numpy(), index=series.index)
 
 
 def interaction_frame(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pandas as pd
 
 GENDERS = {"m": "male", "f": "female", "male": "male", "female": "female"}
@@ -55,8 +56,9 @@ def demographic_phrase(age: str, gender: str, occupation: str) -> str:
 def user_text(users: pd.DataFrame) -> pd.Series:
     """Demographic phrase (age/gender/occupation when present) followed by the other attributes."""
     columns = [users[c].astype(str) if c in users else [""] * len(users) for c in DEMOGRAPHIC]
-    phrase = pd.Series(
-        [demographic_phrase(*row) for row in zip(*columns, strict=True)], index=users.index, dtype=object
-    )
+    # one phrase per distinct (age, gender, occupation): a few hundred, however many users
+    codes, distinct = pd.factorize(pd.MultiIndex.from_arrays(columns))
+    phrases = np.array([demographic_phrase(*row) for row in distinct], dtype=object)
+    phrase = pd.Series(phrases[codes], index=users.index, dtype=object)
     attrs = _attributes(users, [c for c in users.columns if c != "user" and c not in DEMOGRAPHIC])
     return phrase.str.cat(attrs, sep="; ").str.strip("; ")

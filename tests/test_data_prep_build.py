@@ -7,11 +7,15 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
+from common.placeholders import placeholder
 from data_prep import DataError, Templates, load_bundle
 from data_prep.__main__ import main
 from data_prep.build import BuildConfig, build
+from data_prep.corpora import collaborative_corpus, content_corpus, finetune_corpus, finetune_rng
+from data_prep.splits import random_rank
 
 INTER = (
     "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
@@ -278,3 +282,82 @@ def test_overwrite_replaces_atomically(source, tmp_path):
 def test_load_bundle_rejects_non_bundle(tmp_path):
     with pytest.raises(DataError, match="manifest.json missing"):
         load_bundle(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "templates",
+    [
+        Templates(),
+        Templates(
+            collaborative="U{user:>7} {{likes}}",  # a format spec: formatted row by row
+            finetune="[{user!r}] {history} / {user} {{x}} ",
+            review="{item:x}|{user}",
+            item="ITEM",  # no field at all
+            user="{user}{user}",
+        ),
+        Templates(
+            collaborative="{{}}{user}}}", finetune="{history}{history}<user_{user}>", review="{item}{user}"
+        ),
+    ],
+)
+def test_corpora_are_the_python_formatted_documents(templates):
+    """The column-wise corpora hold what formatting each row in Python gives, for any template; a chunk
+    of high user indices and items past the first cached names included."""
+    rng = np.random.default_rng(7)
+    n = 3000
+    train = pd.DataFrame(
+        {
+            "user": 10**6 + rng.integers(0, 300, n),
+            "item": rng.choice([0, 1, 5, 1023, 1024, 5000, 70000], n),
+            "rating": 1.0,
+            "timestamp": rng.integers(0, 40, n),
+        }
+    ).drop_duplicates(["user", "item"])
+    ordered = train.sort_values(["user", "timestamp", "item"], kind="stable")
+    users, items = ordered["user"].to_numpy(), ordered["item"].to_numpy()
+    names = [placeholder("item", i) for i in items]
+
+    def docs(mask):
+        out: dict[int, list[str]] = {}
+        for user, name, m in zip(users.tolist(), names, mask, strict=True):
+            if m:
+                out.setdefault(user, []).append(name)
+        return {user: " ".join(v) for user, v in out.items()}
+
+    full = docs(np.ones(len(users), dtype=bool))
+    collaborative = collaborative_corpus(train, templates).to_pylist()
+    assert collaborative == [
+        {
+            "kind": "collaborative",
+            "user": u,
+            "item": -1,
+            "prompt": templates.collaborative.format(user=u),
+            "main": d,
+        }
+        for u, d in full.items()
+    ]
+    n_keep = np.maximum(1, np.floor(np.bincount(users) * 0.6 + 0.5).astype(np.int64))
+    shown = docs(random_rank(users, finetune_rng(3)) < n_keep[users])
+    assert finetune_corpus(train, templates, finetune_rng(3), keep=0.6).to_pylist() == [
+        {
+            "kind": "finetune",
+            "user": u,
+            "item": -1,
+            "prompt": templates.finetune.format(user=u, history=shown[u]),
+            "main": d,
+        }
+        for u, d in full.items()
+    ]
+    reviews = ordered.assign(text=[f"text {{{i}}} ü" for i in range(len(ordered))])
+    assert content_corpus(templates, [], [], reviews).to_pylist() == [
+        {"kind": "review", "user": u, "item": i, "prompt": templates.review.format(user=u, item=i), "main": t}
+        for u, i, t in zip(reviews["user"].tolist(), reviews["item"].tolist(), reviews["text"], strict=True)
+    ]
+    item_text, user_text = ["", "a film", "", "b {x}"], ["", "", "someone"]
+    assert content_corpus(templates, item_text, user_text).to_pylist() == [
+        {"kind": "item", "user": -1, "item": 1, "prompt": templates.item.format(item=1), "main": "a film"},
+        {"kind": "item", "user": -1, "item": 3, "prompt": templates.item.format(item=3), "main": "b {x}"},
+        {"kind": "user", "user": 2, "item": -1, "prompt": templates.user.format(user=2), "main": "someone"},
+    ]
+    empty = collaborative_corpus(train.iloc[:0], templates)
+    assert len(empty) == 0 and len(content_corpus(templates, [], [])) == 0

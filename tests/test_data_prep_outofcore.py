@@ -162,6 +162,40 @@ def test_same_error_on_malformed_rows(recbole, tmp_path, line, bad, message):
     assert errors[0] == errors[1]
 
 
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("7::12::five::3", "field 'rating': not a number: 'five'"),
+        ("7::::4::3", "field 'item_id': empty id"),
+        ("7::12::4", "field 'timestamp': expected 4 fields"),
+        ("7::12::4::0x10", "field 'timestamp': not a number: '0x10'"),
+    ],
+)
+def test_same_error_on_malformed_movielens_rows(tmp_path, bad, message):
+    """MovieLens '::' lines, which the out-of-core build splits with Arrow: the same one-line errors."""
+    d = tmp_path / "ml"
+    d.mkdir()
+    lines = [f"{u}::{i}::4::{100 + u}" for u in range(40) for i in range(5)]
+    lines[150] = bad
+    (d / "ratings.dat").write_text("\n".join(lines) + "\n")
+    errors = []
+    for engine in ("memory", "duckdb"):
+        with pytest.raises(DataError) as err:
+            build(BuildConfig(input=str(d), format="movielens", out=str(tmp_path / engine), engine=engine))
+        errors.append(str(err.value))
+    assert errors[0] == errors[1] == f"{d / 'ratings.dat'}, line 151, {message}"
+
+
+def test_duckdb_threads(recbole, tmp_path):
+    """One DuckDB thread or DuckDB's default: the same bundle; a negative count is refused."""
+    kw = {"input": str(recbole), "format": "recbole", "engine": "duckdb", "chunk_rows": 31}
+    one = build(BuildConfig(out=str(tmp_path / "one"), threads=1, **kw))
+    default = build(BuildConfig(out=str(tmp_path / "default"), **kw))
+    assert files(one) == files(default)
+    with pytest.raises(DataError, match=r"^field 'threads': must be 0 \(DuckDB's default\) or more, got -1$"):
+        build(BuildConfig(out=str(tmp_path / "bad"), threads=-1, **kw))
+
+
 def test_auto_engine_by_size(recbole, tmp_path):
     config = BuildConfig(input=str(recbole), out=str(tmp_path / "b"))
     assert choose_engine(config) == "memory"
@@ -189,3 +223,101 @@ def test_corpus_writer_independent_of_pieces(tmp_path, monkeypatch):
     empty.close()
     assert len(load_from_disk(str(tmp_path / "empty"))) == 0
     assert load_from_disk(str(tmp_path / "empty")).features == FEATURES
+
+
+BLOCKS = {
+    "plain": "1\t10\t5\t100\n2\t11\t4\t101\n3\t12\t3\t102\n",
+    "no final newline": "1\t10\t5\t100\n2\t11\t4\t101",
+    "crlf": "1\t10\t5\t100\r\n2\t11\t4\t101\r\n",
+    "blank lines": "1\t10\t5\t100\n\n2\t11\t4\t101\n\n\n3\t12\t3\t102\n",
+    "empty fields": "1\t10\t5\t100\n\t\t\t\n2\t11\t4\t101\n",
+    "spaces": " 1\t10 \t 5\t100\n  \n",
+    "quotes": '"1"\t"1\t0"\t5\t100\n"2\t11\t4\t101\n',
+    "short row": "1\t10\t5\t100\n2\t11\t4\n",
+    "long row": "1\t10\t5\t100\n2\t11\t4\t101\t9\n",
+    "unicode": "ü\t😀\t5\t100\n١٢\tx y\t4\t101\n",
+    "nul": "1\t1\x000\t5\t100\n",
+    "bom": "\ufeff1\t10\t5\t100\n",
+    "colons in values": "1:5\t10\t5\t100\n2\t:11\t4\t101:\n",
+    "empty values": "1\t\t5\t100\n\t11\t4\t101\n",
+}
+COLON_LINES = {  # MovieLens "::" lines Arrow splits at ":" (the empty fields between must be all there is)
+    "tab in a value": "1::2::3::4\n5\t6::7::8::9\n",
+    "trailing separator": "1::2::3::4::\n",
+    "leading separator": "::1::2::3\n",
+    "odd run": "1:::2::3::4\n",
+    "even run": "1::::3::4\n1::2::3::4\n",
+}
+
+
+@pytest.mark.parametrize(
+    "name, kind",
+    [(name, kind) for name in sorted(BLOCKS) for kind in ("names", "header", "colons")]
+    + [(name, "raw colons") for name in sorted(COLON_LINES)],
+)
+def test_arrow_blocks_read_as_pandas_does(tmp_path, monkeypatch, name, kind):
+    """Arrow's CSV reader (the out-of-core fast path) and the readers' pandas parser give the same rows,
+    line numbers and errors, block by block, whatever the lines hold."""
+    text = BLOCKS.get(name) or COLON_LINES[name]
+    options = {"sep": "\t", "header": False, "names": chunked.readers.RATING_NAMES}
+    if kind == "raw colons":
+        options["sep"] = "::"
+    elif kind == "header":
+        text = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + text
+        options = {"sep": "\t", "header": True, "names": None}
+    elif kind == "colons":
+        text = text.replace("\t", "::")
+        options["sep"] = "::"
+    path = tmp_path / "log.txt"
+    path.write_bytes(text.encode())
+
+    def read(fast: bool):
+        if not fast:
+            monkeypatch.setattr(chunked, "_arrow_rows", lambda *args: None)
+        try:
+            return [
+                df
+                for block in (8, 40, 1000)
+                for df in chunked.delimited_chunks(path, block_bytes=block, **options)
+            ]
+        except DataError as err:
+            return str(err)
+        finally:
+            monkeypatch.undo()
+
+    fast, reference = read(True), read(False)
+    if isinstance(reference, str):
+        assert fast == reference
+    else:
+        assert len(fast) == len(reference)
+        for a, b in zip(fast, reference, strict=True):
+            pd.testing.assert_frame_equal(a, b)
+
+
+def test_arrow_number_casts_are_pythons(monkeypatch):
+    """Numbers cast by Arrow where they are plain, by pandas on Python objects otherwise: the same values,
+    dtypes and errors."""
+    from data_prep import readers
+
+    columns = [
+        ["1", "+5", "007"], ["-0", "5"], [" 5", "6"], ["5.0", "4.5"], ["1e3", "2"], ["1_0"], ["٥"],
+        ["99999999999999999999", "1"], ["+5", "9007199254740993"], ["nan"], ["inf", "1"], [".5", "5."],
+        ["1e400"], ["1e-400"], ["0x10"], ["0X1F", "2"], ["Infinity"], ["  4.5"], ["-1.25e-3", "3"],
+        ["1.", "-.5", "1e5", "1E+5", "00.1"], ["-"], [""], ["1e"], ["."], ["1.2.3"],
+        ["9223372036854775807"], ["9223372036854775808"], ["-9223372036854775808"],
+        ["0.1", "0.30000000000000004", "2.2250738585072014e-308", "4.9e-324", "1.7976931348623157e308"],
+        ["4611686018427387904"], ["4611686018427387903.0"],
+    ]  # fmt: skip
+
+    def parse(values):
+        try:
+            out = readers.parse_numbers(
+                pd.Series(values, dtype=str, index=range(2, 2 + len(values))), Path("f"), "x"
+            )
+            return str(out.dtype), out.tolist()
+        except DataError as err:
+            return str(err)
+
+    fast = [parse(values) for values in columns]
+    monkeypatch.setattr(readers, "_arrow_cast", lambda *args: None)
+    assert fast == [parse(values) for values in columns]

@@ -52,6 +52,26 @@ def test_id_maps_round_trip():
     assert [ids[c] for c in codes[:2]] == ["u5", "u9"]
 
 
+@pytest.mark.parametrize(
+    "ids",
+    [
+        ["3", "10", "2", "007", "7", "07", "0", "00"],
+        ["b", "a", "B", "ä", "😀", "z", "10", "9", "", "a b", "a\t", "e\u0301", "é", "\x7f", "\uffff", "𐀀"],
+        ["١٢", "3", "12"],  # non-ASCII digits: still numbers, sorted by Python
+        ["18446744073709551616", "5", "18446744073709551615"],  # past 64 bits
+        [],
+        [str(i) for i in np.random.default_rng(0).integers(0, 10**12, 3000)],
+        [f"u{i}" for i in np.random.default_rng(1).integers(0, 10**6, 3000)],
+    ],
+)
+def test_sorted_ids_is_python_sorting(ids):
+    """Arrow's sort gives the order the definition gives in Python: by number when every id is one (ties
+    by the string), else by code point."""
+    unique = list(dict.fromkeys(ids))
+    key = (lambda v: (int(v), v)) if all(v.isdigit() for v in unique) else None
+    assert sorted_ids(np.array(ids + ids[:5], dtype=object)) == sorted(unique, key=key)
+
+
 def test_align_metadata(caplog):
     meta = pd.DataFrame({"item": ["a", "b", "c"], "title": ["A", "", "C"]}, index=[2, 3, 4])
     text = pd.Series(["A text", "B text", "C text"], index=meta.index)
