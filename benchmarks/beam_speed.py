@@ -28,11 +28,11 @@ sys.path.insert(0, str(ROOT))
 
 from data_prep import load_bundle  # noqa: E402
 from llmrec.backbone import BackboneConfig  # noqa: E402
-from llmrec.data import FINETUNE_TASKS, generative_scorer, input_histories  # noqa: E402
 from llmrec.generate import generate_reference  # noqa: E402
 from llmrec.indexing import ItemIndex  # noqa: E402
 from llmrec.metrics import format_table, write_metrics_json  # noqa: E402
 from llmrec.model import CLLM4Rec, ModelConfig  # noqa: E402
+from llmrec.pipeline import FINETUNE_TASKS, generative_scorer, input_histories  # noqa: E402
 from llmrec.reporting import machine_info, timed  # noqa: E402
 from llmrec.run import run_model, run_task  # noqa: E402
 

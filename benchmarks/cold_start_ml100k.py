@@ -48,7 +48,6 @@ from data_prep.cold import cold_ids  # noqa: E402
 from llmrec.backbone import load_backbone  # noqa: E402
 from llmrec.baselines import EASE, ContentKNN, Pop, Random  # noqa: E402
 from llmrec.coldstart import fold_in, fold_in_items, relate, warm_items  # noqa: E402
-from llmrec.data import scorer_for  # noqa: E402
 from llmrec.export import export_model  # noqa: E402
 from llmrec.indexing.encoders import item_embeddings, torch_threads  # noqa: E402
 from llmrec.mapper import (  # noqa: E402
@@ -61,6 +60,7 @@ from llmrec.mapper import (  # noqa: E402
 )
 from llmrec.metrics import evaluate_cold_items, format_table, write_metrics_json  # noqa: E402
 from llmrec.model import CLLM4Rec  # noqa: E402
+from llmrec.pipeline import scorer_for  # noqa: E402
 from llmrec.recommender import Recommender  # noqa: E402
 from llmrec.reporting import machine_info  # noqa: E402
 from llmrec.run import run_model  # noqa: E402

@@ -33,11 +33,11 @@ sys.path.insert(0, str(ROOT))
 
 from data_prep import load_bundle  # noqa: E402
 from llmrec.backbone import BackboneConfig  # noqa: E402
-from llmrec.data import prompts_for  # noqa: E402
 from llmrec.generate import GenerativeScorer  # noqa: E402
 from llmrec.indexing import IndexData, ItemIndex, make_indexer  # noqa: E402
 from llmrec.metrics import format_table, write_metrics_json  # noqa: E402
 from llmrec.model import CLLM4Rec, ModelConfig  # noqa: E402
+from llmrec.pipeline import prompts_for  # noqa: E402
 from llmrec.reporting import machine_info, timed  # noqa: E402
 from llmrec.scoring import ItemHeadScorer  # noqa: E402
 

@@ -35,8 +35,8 @@ from common.config import read_yaml  # noqa: E402
 from common.log import setup_logging  # noqa: E402
 from data_prep import load_bundle  # noqa: E402
 from data_prep.build import build_ml100k_reference  # noqa: E402
-from llmrec.data import scorer_for  # noqa: E402
 from llmrec.metrics import evaluate_scorer, format_table, write_metrics_json  # noqa: E402
+from llmrec.pipeline import scorer_for  # noqa: E402
 from llmrec.reporting import machine_info  # noqa: E402
 from llmrec.run import PRIOR_FILE, run_model  # noqa: E402
 from llmrec.scoring import PrecomputedScorer  # noqa: E402

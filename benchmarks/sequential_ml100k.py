@@ -214,7 +214,7 @@ def run_semantic_sequence(args, data: Path) -> dict:
 
 def fused_scorers(bundle, head, generator, split: str) -> tuple:
     """The item head and the generator (beam 20) on ``split``, each on the prompt it was trained on."""
-    from llmrec.data import generative_scorer, scorer_for
+    from llmrec.pipeline import generative_scorer, scorer_for
 
     return (
         scorer_for(bundle, head, 64, split, prompt="sequence"),

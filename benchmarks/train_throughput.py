@@ -27,9 +27,9 @@ from data_prep import load_bundle
 from data_prep.build import build_ml100k_reference
 from llmrec.backbone import BackboneConfig
 from llmrec.collate import PretrainDataset
-from llmrec.data import model_for
 from llmrec.metrics import format_table
 from llmrec.model import ModelConfig
+from llmrec.pipeline import model_for
 from llmrec.reporting import machine_info, write_report
 from llmrec.train import TrainConfig, make_accelerator, train
 

@@ -35,7 +35,7 @@ reads JSON and safetensors only (no pickle) and never runs code from the bundle:
 
 Modes. ``config.json``'s ``mode`` says how the bundle ranks: ``item_head`` (format_version 1, and every
 bundle without ``mode``) scores the whole catalogue with the item head; ``generate`` (format_version 2,
-exported from a semantic-ID generator run, task in `llmrec.data.GENERATIVE_TASKS`) ranks by the
+exported from a semantic-ID generator run, task in `llmrec.pipeline.GENERATIVE_TASKS`) ranks by the
 constrained beam search of evaluation (`llmrec.decoding.GenerativeScorer`) over the bundle's ``index/``,
 with ``generate = {"beam": width, "prompt": kind}``: the run's evaluation beam and the prompt kind it
 trained on (``semantic_sequence`` writes each history item as its codes, `llmrec.decoding.SemanticPrompts`).

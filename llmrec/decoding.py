@@ -1,7 +1,7 @@
 """Decoding semantic IDs: the LM writes an item's code tuple, a prefix trie keeps it real.
 
 The inference half of the semantic-ID generator (the training datasets are in `llmrec.generate`), in the
-serving layer so that evaluation (`llmrec.data.generative_scorer`) and an exported generator bundle
+serving layer so that evaluation (`llmrec.pipeline.generative_scorer`) and an exported generator bundle
 (`llmrec.recommender.Recommender`) rank with the same code: one prompt builder (:class:`SemanticPrompts`),
 one trie (:class:`TrieTensors`), one beam search (:func:`constrained_beam_search`), one scorer
 (:class:`GenerativeScorer`).

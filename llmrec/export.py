@@ -4,7 +4,7 @@
 a model and its dataset bundle; both choose what goes in the bundle (templates, mapper, model card,
 generator settings) and hand it to the format's one writer, `llmrec.bundle.write_bundle` (shared with
 ``Recommender.save_pretrained``; it also writes ``--merge``'s ``merged/``). A semantic-ID generator run
-(task in `llmrec.data.GENERATIVE_TASKS`) becomes a generator bundle: its item index, the prompt it trained
+(task in `llmrec.pipeline.GENERATIVE_TASKS`) becomes a generator bundle: its item index, the prompt it trained
 on and its evaluation beam, so that the bundle's lists are evaluation's.
 """
 
@@ -22,12 +22,12 @@ from common.errors import UserError
 from data_prep import Bundle, load_bundle
 from llmrec.bundle import DTYPES, RECOMMENDER, check_template, write_bundle
 from llmrec.coldstart import warm_items
-from llmrec.data import FINETUNE_TASKS, GENERATIVE_TASKS, prompt_template, require_same_catalogue
 from llmrec.indexing.encoders import MINILM, item_embeddings
 from llmrec.mapper import TextToID, item_texts
 from llmrec.metrics import DEFAULT_KS, LOO_KS, is_leave_one_out
 from llmrec.model import CLLM4Rec
 from llmrec.model_card import model_card
+from llmrec.pipeline import FINETUNE_TASKS, GENERATIVE_TASKS, prompt_template, require_same_catalogue
 from llmrec.run import Run
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def export_model(
     gets ``merged/`` (`llmrec.bundle.write_merged`); merging folds LoRA into ``model``'s backbone, so
     ``model`` must not be used afterwards. With ``mapper`` the bundle carries the text-to-ID mapper of
     ``Recommender.add_items`` (:func:`fit_mapper`). ``prompt`` is the kind of prompt the model was
-    finetuned on (`llmrec.data.prompt_template`: ``masked`` or ``sequence``); known users are served
+    finetuned on (`llmrec.pipeline.prompt_template`: ``masked`` or ``sequence``); known users are served
     with it. The bundle's ``README.md`` is its model card (`llmrec.model_card`: with the ``run``'s
     options and metrics when it comes from one, `llmrec.run.Run`). Written to a temporary directory and renamed; ``out`` may not be,
     contain or lie inside ``data`` or the other ``inputs`` (`common.artifacts`).

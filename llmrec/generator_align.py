@@ -2,7 +2,7 @@
 and DPO / S-DPO over the sequence log-probabilities of items' code tuples.
 
 The item head's alignment (`llmrec.align`, `llmrec.grpo`) scores the whole catalogue in one softmax. A
-generator run (``task`` in `llmrec.data.GENERATIVE_TASKS`) has no such head: it writes an item's semantic
+generator run (``task`` in `llmrec.pipeline.GENERATIVE_TASKS`) has no such head: it writes an item's semantic
 ID code by code, each code scored by its own level's softmax (`CLLM4Rec.semantic_logits`), and
 evaluation ranks items by constrained beam search over the index's trie (`llmrec.decoding`). Here the
 policy is that generator, and the prompt is the one its run trained and is evaluated on (for

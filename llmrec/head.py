@@ -10,7 +10,7 @@ make (`ModelConfig.head`, ``history_pool``, ``prior``, ``prior_weight``) and the
   ``pool_scale`` times the RMS-normalised sum of the history items' collaborative rows; the identity
   when off.
 - the prior (``prior="ease"``): an :class:`ItemItemPrior` (EASE's item-item matrix, fitted on the
-  training matrix by `llmrec.data.fit_prior`) blended into the scores as z(LM logits) + w * z(prior
+  training matrix by `llmrec.pipeline.fit_prior`) blended into the scores as z(LM logits) + w * z(prior
   scores); its blend weight w is the buffer ``prior_weight``, saved with the weights (started from the
   config's ``prior_weight``, chosen on valid by :meth:`ItemHead.choose_prior_weight`).
 
@@ -34,7 +34,7 @@ from torch import nn
 
 from llmrec.options import HEADS, HISTORY_POOLS, PRIORS, ModelConfig
 
-# the blend weights finetuning tries on valid (llmrec.data.choose_prior_weight)
+# the blend weights finetuning tries on valid (llmrec.pipeline.choose_prior_weight)
 PRIOR_WEIGHTS = (0.0, 0.05, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 100.0)
 # the head's tensors as CLLM4Rec named them before the head was a module -> their names in the head
 LEGACY_NAMES = {
@@ -252,7 +252,7 @@ class ItemHead(nn.Module):
         return self.prior
 
     def fit_prior(self, matrix: torch.Tensor | np.ndarray) -> None:
-        """Set the prior's item-item matrix (n_items, n_items): EASE's weights (`llmrec.data.fit_prior`)."""
+        """Set the prior's item-item matrix (n_items, n_items): EASE's weights (`llmrec.pipeline.fit_prior`)."""
         self._require_prior().fit(matrix)
 
     def set_prior_weight(self, weight: float) -> None:

@@ -2,7 +2,7 @@
 
 `llmrec.model.CLLM4Rec` calls its ``item_softmax`` (an :class:`ItemSoftmax`) with the head's linear part
 (`llmrec.head.ItemHead.product`); recipes swap in the chunked or sampled variants for huge catalogues
-(`llmrec.data.item_softmax`).
+(`llmrec.pipeline.item_softmax`).
 """
 
 from __future__ import annotations

@@ -36,9 +36,9 @@ MixedPrecision = Literal["no", "bf16", "fp16"]
 Dtype = Literal["float32", "bfloat16", "float16", "auto"]
 WeightDtype = Literal["fp32", "fp16", "bf16"]  # of exported weights; llmrec.bundle.DTYPES maps them
 WEIGHT_DTYPES = get_args(WeightDtype)
-# finetuning tasks; llmrec.data.FINETUNE_TASKS gives each its prompt kind
+# finetuning tasks; llmrec.pipeline.FINETUNE_TASKS gives each its prompt kind
 FinetuneTask = Literal["multinomial", "semantic", "both", "sequential", "semantic_next", "semantic_sequence"]
-# the prompt a finetuning task trains on (llmrec.data.prompt_template), which a bundle serves its users
+# the prompt a finetuning task trains on (llmrec.pipeline.prompt_template), which a bundle serves its users
 PromptKind = Literal["masked", "sequence", "semantic_sequence"]
 PROMPT_KINDS = get_args(PromptKind)
 Split = Literal["test", "valid"]  # a split that recipes report (test) or select on (valid)

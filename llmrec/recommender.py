@@ -435,7 +435,7 @@ class Recommender:
     ) -> torch.Tensor:
         """(rows, n_items) beam scores of a generator (-inf outside each row's beam), ``excluded[row]``
         (default: the row's history) kept out of the search: `llmrec.decoding.GenerativeScorer`, as in
-        evaluation (`llmrec.data.generative_scorer`)."""
+        evaluation (`llmrec.pipeline.generative_scorer`)."""
         from llmrec.decoding import GenerativeScorer
 
         if users is not None:

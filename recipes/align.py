@@ -110,9 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
     # the model stack loads after parsing, so --help and argument errors answer at once
     from data_prep import load_bundle
     from llmrec.align import DPOLoss, build_preferences
-    from llmrec.data import FINETUNE_TASKS, GENERATIVE_TASKS, prompts_for, validation_fn
     from llmrec.grpo import GRPOLoss, build_grpo_rows
     from llmrec.metrics import DEFAULT_KS, LOO_KS, is_leave_one_out
+    from llmrec.pipeline import FINETUNE_TASKS, GENERATIVE_TASKS, prompts_for, validation_fn
     from llmrec.run import run_model, run_model_dir, run_task
     from llmrec.train import make_accelerator, save_run_config, train
 

@@ -194,8 +194,8 @@ def fit_scorer(
     when they hold more than the training items (`llmrec.metrics.history_splits`) or when SASRec was
     fit without the cold users' sequences."""
     from llmrec.baselines import SASRec
-    from llmrec.data import input_histories
     from llmrec.metrics import history_splits
+    from llmrec.pipeline import input_histories
 
     if isinstance(model, SASRec):
         sequences = bundle.histories("train")

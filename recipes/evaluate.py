@@ -90,19 +90,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from data_prep import load_bundle
     from data_prep.cold import cold_ids
     from llmrec.coldstart import cold_start
-    from llmrec.data import (
-        FINETUNE_TASKS,
-        evaluate_model,
-        require_same_catalogue,
-        scorer_for,
-        with_selection_metric,
-    )
     from llmrec.metrics import (
         DEFAULT_KS,
         LOO_KS,
         evaluate_cold_items,
         format_table,
         is_leave_one_out,
+    )
+    from llmrec.pipeline import (
+        FINETUNE_TASKS,
+        evaluate_model,
+        require_same_catalogue,
+        scorer_for,
+        with_selection_metric,
     )
     from llmrec.run import record_evaluation, run_data, run_model, run_task
 

@@ -139,7 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
     args, backbone, model_config, train_config, eval_config = parse_config(*CONFIGS, args=argv)
     # the model stack loads after parsing, so --help and argument errors answer at once
     from data_prep import load_bundle
-    from llmrec.data import (
+    from llmrec.metrics import DEFAULT_KS, LOO_KS, is_leave_one_out
+    from llmrec.model import CLLM4Rec
+    from llmrec.pipeline import (
         FINETUNE_TASKS,
         GENERATIVE_TASKS,
         finetune_dataset,
@@ -149,8 +151,6 @@ def main(argv: list[str] | None = None) -> dict:
         require_same_catalogue,
         validation_fn,
     )
-    from llmrec.metrics import DEFAULT_KS, LOO_KS, is_leave_one_out
-    from llmrec.model import CLLM4Rec
     from llmrec.train import make_accelerator, save_run_config, train
 
     init = init_model(args.init) if args.init else None  # checked before --overwrite_output_dir deletes
@@ -214,8 +214,8 @@ def blend_prior(
     """Choose the prior's blend weight on valid for the run's best model, scored on its task's ``prompt``
     kind, and record it in ``RUN/prior_weight.json`` (`llmrec.run.write_prior_weight`), where evaluation,
     alignment and export read it (`llmrec.run.run_model`); the model directory is not rewritten."""
-    from llmrec.data import choose_prior_weight
     from llmrec.model import CLLM4Rec
+    from llmrec.pipeline import choose_prior_weight
     from llmrec.run import run_model_dir, write_prior_weight
 
     directory = run_model_dir(run)

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, backbone, model_config, train_config = parse_config(*CONFIGS, args=argv)
     # the model stack loads after parsing, so --help and argument errors answer at once
     from data_prep import load_bundle
-    from llmrec.data import model_for, pretrain_dataset
+    from llmrec.pipeline import model_for, pretrain_dataset
     from llmrec.train import make_accelerator, save_run_config, train
 
     bundle = load_bundle(args.data)  # checked before --overwrite_output_dir deletes anything

@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     from data_prep import load_bundle
     from llmrec.backbone import load_backbone
     from llmrec.baselines import Pop
-    from llmrec.data import input_histories
     from llmrec.metrics import DEFAULT_KS, evaluate_scorer, format_table, history_splits, write_metrics_json
+    from llmrec.pipeline import input_histories
     from llmrec.reporting import machine_info
     from llmrec.zeroshot import NORMALIZATIONS, ZeroShotScorer
 

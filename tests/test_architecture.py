@@ -46,7 +46,7 @@ LAYERS: list[tuple[str, ...]] = [
         "llmrec.grpo",
         "llmrec.generator_align",
     ),
-    ("llmrec.data", "llmrec.coldstart"),
+    ("llmrec.pipeline", "llmrec.coldstart"),
     ("llmrec.train", "llmrec.checkpoint", "llmrec.export", "llmrec.model_card"),
     ("llmrec",),  # the package's __init__: the public facade (``llmrec.Recommender``)
 ]
@@ -137,7 +137,7 @@ TRAINING_STACK = (
     "llmrec.train",
     "llmrec.collate",
     "llmrec.generate",
-    "llmrec.data",
+    "llmrec.pipeline",
     "data_prep",
 )
 

@@ -24,10 +24,10 @@ from data_prep import DataError, load_bundle
 from data_prep.build import BuildConfig, build
 from llmrec.bundle import read_config, verify_files
 from llmrec.checkpoint import complete_checkpoints, save_checkpoint, settle_checkpoints
-from llmrec.data import model_for
 from llmrec.indexing.base import ItemIndex
 from llmrec.model import CLLM4Rec
 from llmrec.options import BackboneConfig, ModelConfig
+from llmrec.pipeline import model_for
 from llmrec.recommender import Recommender
 from llmrec.run import RunError
 

@@ -12,11 +12,11 @@ from data_prep.cold import cold_ids
 from llmrec.backbone import BackboneConfig
 from llmrec.coldstart import cold_start, fold_in, fold_in_items
 from llmrec.collate import PretrainDataset, collate
-from llmrec.data import scorer_for
 from llmrec.indexing.encoders import item_embeddings
 from llmrec.mapper import Ridge, TextToID, extend_items, item_rows, item_texts, neighbour_rows
 from llmrec.metrics import evaluate_cold_items, evaluate_matrices, evaluate_scorer
 from llmrec.model import CLLM4Rec, ModelConfig
+from llmrec.pipeline import scorer_for
 from llmrec.prompts import FinetunePrompts, prompt_batch
 
 N_USERS, N_ITEMS = 5, 30

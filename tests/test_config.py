@@ -219,8 +219,8 @@ def test_every_choice_literal_names_what_the_code_implements():
     from typing import get_args
 
     from llmrec.baselines import BASELINES
-    from llmrec.data import FINETUNE_TASKS
     from llmrec.options import BASELINE_NAMES, INDEX_CONFIGS, FinetuneTask, IndexMethod
+    from llmrec.pipeline import FINETUNE_TASKS
 
     assert set(get_args(FinetuneTask)) == set(FINETUNE_TASKS)
     assert set(BASELINE_NAMES) == set(BASELINES)

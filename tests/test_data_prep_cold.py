@@ -119,8 +119,8 @@ def test_cold_users_bundle_keeps_them_out_of_corpora(tmp_path):
 
 def test_finetuning_leaves_cold_users_out(tmp_path):
     from llmrec.backbone import BackboneConfig
-    from llmrec.data import finetune_dataset, model_for
     from llmrec.model import ModelConfig
+    from llmrec.pipeline import finetune_dataset, model_for
 
     source = write_source(tmp_path / "toy")
     config = BuildConfig(input=str(source), out=str(tmp_path / "b"), split="cold-users", cold_ratio=0.2)

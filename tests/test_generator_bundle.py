@@ -23,7 +23,6 @@ from common.errors import UserError
 from common.io import file_records
 from data_prep import load_bundle
 from llmrec.bundle import BundleError, config_checksum
-from llmrec.data import generative_scorer
 from llmrec.decoding import GenerativeScorer, SemanticPrompts
 from llmrec.export import export_run
 from llmrec.indexing import (
@@ -39,6 +38,7 @@ from llmrec.indexing import (
 from llmrec.indexing.newitems import add_items, quantize, text_encoder
 from llmrec.metrics import RankingMetrics, evaluate_scorer
 from llmrec.model import CLLM4Rec
+from llmrec.pipeline import generative_scorer
 from llmrec.recommender import Recommender
 from llmrec.run import run_model_dir
 
@@ -156,7 +156,7 @@ def recommender(bundle) -> Recommender:
 
 
 def evaluation_lists(run: Path, data: Path, split: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: F811
-    """The top-k of evaluation's generator scores (`llmrec.data.generative_scorer`, the matrix
+    """The top-k of evaluation's generator scores (`llmrec.pipeline.generative_scorer`, the matrix
     `evaluate_scorer` ranks), seen items masked as evaluation masks them: (items, scores)."""
     b = load_bundle(data)
     model = CLLM4Rec.from_pretrained(run_model_dir(run))

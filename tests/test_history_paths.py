@@ -16,10 +16,10 @@ from common.io import sha256_file
 from data_prep import load_bundle
 from llmrec.backbone import BackboneConfig
 from llmrec.collate import FinetuneDataset, collate
-from llmrec.data import PRIOR_WEIGHTS, scorer_for
 from llmrec.export import export_run
 from llmrec.head import standardize
 from llmrec.model import CLLM4Rec, ModelConfig
+from llmrec.pipeline import PRIOR_WEIGHTS, scorer_for
 from llmrec.prompts import FinetunePrompts
 from llmrec.recommender import Recommender
 from llmrec.run import run_model, run_model_dir

@@ -18,10 +18,10 @@ from data_prep import load_bundle
 from data_prep.build import BuildConfig, build
 from llmrec.backbone import BackboneConfig, load_backbone
 from llmrec.bundle import BundleError, config_checksum
-from llmrec.data import scorer_for
 from llmrec.export import cold_template, export_model, export_run
 from llmrec.metrics import RankingMetrics, evaluate_scorer
 from llmrec.model import CLLM4Rec, ModelConfig
+from llmrec.pipeline import scorer_for
 from llmrec.recommender import Recommender
 from llmrec.run import run_model_dir
 

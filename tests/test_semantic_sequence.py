@@ -172,7 +172,7 @@ def test_text_id_rows_pair_titles_and_codes_the_same_way_every_epoch(model):
 def test_the_text_id_weight_mixes_that_many_rows_into_the_semantic_sequence_task(ml100k_bundle):
     from data_prep import load_bundle
     from llmrec.collate import TaskMixture
-    from llmrec.data import finetune_dataset
+    from llmrec.pipeline import finetune_dataset
 
     bundle = load_bundle(ml100k_bundle)
     index = RandomIndexer(NumberIndexConfig(codebook_size=12)).build(IndexData(n_items=bundle.n_items))

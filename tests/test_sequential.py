@@ -18,7 +18,6 @@ from common.config import ConfigError
 from data_prep import load_bundle
 from llmrec.backbone import BackboneConfig
 from llmrec.collate import SequenceDataset, collate
-from llmrec.data import prompt_template, scorer_for
 from llmrec.export import export_run
 from llmrec.generate import GenerativeScorer, NextSemanticDataset
 from llmrec.indexing import NumberIndexConfig, RandomIndexer
@@ -26,6 +25,7 @@ from llmrec.indexing.base import IndexData
 from llmrec.losses import ItemSoftmax
 from llmrec.metrics import evaluate_scorer
 from llmrec.model import CLLM4Rec, ModelConfig
+from llmrec.pipeline import prompt_template, scorer_for
 from llmrec.prompts import IGNORE, TASKS, FinetunePrompts
 from llmrec.recommender import Recommender
 from llmrec.run import run_model, run_model_dir

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from data_prep import load_bundle
 from llmrec.backbone import load_backbone
-from llmrec.data import input_histories
 from llmrec.metrics import DEFAULT_KS, evaluate_scorer, is_leave_one_out
+from llmrec.pipeline import input_histories
 from llmrec.trie import Trie
 from llmrec.zeroshot import (
     EOS,
