@@ -123,3 +123,22 @@ def kill_during(out: Path, step: int, action: Callable[[], object]) -> int:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
+
+
+def tiny_generator(n_users: int, n_items: int):
+    """(index, model): a random 3-level semantic-ID index (4 codes a level) and a tiny-llama generator over
+    it, its code embeddings spread so that items' probabilities differ; for the generator's tests."""
+    import torch
+
+    from llmrec.backbone import BackboneConfig
+    from llmrec.indexing import NumberIndexConfig, RandomIndexer
+    from llmrec.indexing.base import IndexData
+    from llmrec.model import CLLM4Rec, ModelConfig
+
+    index = RandomIndexer(NumberIndexConfig(codebook_size=4, seed=1)).build(IndexData(n_items=n_items))
+    model = CLLM4Rec.from_config(
+        ModelConfig(lora_r=4), BackboneConfig("tiny-llama"), n_users, n_items, item_index=index, seed=0
+    )
+    with torch.no_grad():
+        model.collab.family_weight("semantic").mul_(20)
+    return index, model.eval()

@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import perturb_trainable, recipe_main
+from conftest import perturb_trainable, recipe_main, tiny_generator
 from safetensors.torch import load_file
 
-from llmrec.backbone import BackboneConfig
 from llmrec.collate import collate, lm_example
 from llmrec.decoding import GenerativeScorer, ModelDecoder, SemanticPrompts, TrieTensors
 from llmrec.generator_align import (
@@ -32,7 +31,7 @@ from llmrec.generator_align import (
 )
 from llmrec.indexing import ItemIndex, NumberIndexConfig, RandomIndexer
 from llmrec.indexing.base import IndexData
-from llmrec.model import CLLM4Rec, ModelConfig
+from llmrec.model import CLLM4Rec
 from llmrec.prompts import TASKS, prompt_batch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,18 +41,18 @@ HISTORIES = [[1, 2, 3], [5, 6], [7], [8, 9, 10, 12]]
 
 
 @pytest.fixture(scope="module")
-def index() -> ItemIndex:
-    return RandomIndexer(NumberIndexConfig(codebook_size=4, seed=1)).build(IndexData(n_items=N_ITEMS))
+def generator() -> tuple[ItemIndex, CLLM4Rec]:
+    return tiny_generator(N_USERS, N_ITEMS)
 
 
 @pytest.fixture(scope="module")
-def model(index: ItemIndex) -> CLLM4Rec:
-    built = CLLM4Rec.from_config(
-        ModelConfig(lora_r=4), BackboneConfig("tiny-llama"), N_USERS, N_ITEMS, item_index=index, seed=0
-    )
-    with torch.no_grad():  # spread the fresh code embeddings so that items' probabilities differ
-        built.collab.family_weight("semantic").mul_(20)
-    return built.eval()
+def index(generator) -> ItemIndex:
+    return generator[0]
+
+
+@pytest.fixture(scope="module")
+def model(generator) -> CLLM4Rec:
+    return generator[1]
 
 
 def prompts_of(model: CLLM4Rec) -> SemanticPrompts:

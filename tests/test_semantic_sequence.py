@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from conftest import tiny_generator
 
 from llmrec.backbone import BackboneConfig
 from llmrec.collate import collate, lm_example
@@ -22,18 +23,18 @@ N_USERS, N_ITEMS = 4, 25
 
 
 @pytest.fixture(scope="module")
-def index() -> ItemIndex:
-    return RandomIndexer(NumberIndexConfig(codebook_size=4, seed=1)).build(IndexData(n_items=N_ITEMS))
+def generator() -> tuple[ItemIndex, CLLM4Rec]:
+    return tiny_generator(N_USERS, N_ITEMS)
 
 
 @pytest.fixture(scope="module")
-def model(index: ItemIndex) -> CLLM4Rec:
-    built = CLLM4Rec.from_config(
-        ModelConfig(lora_r=4), BackboneConfig("tiny-llama"), N_USERS, N_ITEMS, item_index=index, seed=0
-    )
-    with torch.no_grad():  # spread the fresh code embeddings so that losses differ between items
-        built.collab.family_weight("semantic").mul_(20)
-    return built.eval()
+def index(generator) -> ItemIndex:
+    return generator[0]
+
+
+@pytest.fixture(scope="module")
+def model(generator) -> CLLM4Rec:
+    return generator[1]
 
 
 def prompts(model: CLLM4Rec, history: str, max_tokens: int = 512) -> SemanticPrompts:
