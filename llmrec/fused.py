@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from llmrec.metrics import Scorer, evaluate_scorer
-from llmrec.scoring import PrecomputedScorer
+from llmrec.metrics import Scorer
+from llmrec.scoring import valid_metric
 
 FUSION_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 1000.0)
 
@@ -58,11 +58,7 @@ def choose_fusion_weight(
 ) -> tuple[float, dict[float, float]]:
     """The weight with the best ``metric`` on valid, and the whole grid; ``head`` and ``generator`` must
     score the valid split's input histories. Both are scored once; each weight only re-blends."""
-    users = np.flatnonzero(np.diff(bundle.matrix("valid").indptr) > 0)
+    users, valid = valid_metric(bundle, metric, batch_size)
     head_scores, beam = FusedScorer(head, generator, 0.0).parts(users)
-    grid = {}
-    for weight in weights:
-        fused = PrecomputedScorer(head_scores + weight * beam, users)
-        result = evaluate_scorer(fused, bundle, "valid", users=users, batch_size=batch_size, progress=False)
-        grid[float(weight)] = result[metric]
+    grid = {float(weight): valid(head_scores + weight * beam) for weight in weights}
     return max(grid, key=grid.get), grid

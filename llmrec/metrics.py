@@ -240,6 +240,13 @@ def history_splits(bundle: SplitSource, split: str) -> tuple[str, ...]:
     return ("train",)
 
 
+def with_selection_metric(metrics: dict[str, float]) -> dict[str, float]:
+    """Add CLLM4Rec's model-selection score, recall@20 + recall@40 + ndcg@100, where those are present."""
+    if all(key in metrics for key in ("recall@20", "recall@40", "ndcg@100")):
+        metrics["cllm4rec"] = metrics["recall@20"] + metrics["recall@40"] + metrics["ndcg@100"]
+    return metrics
+
+
 def evaluate_scorer(
     scorer: Scorer,
     bundle: SplitSource,

@@ -22,11 +22,18 @@ from llmrec.decoding import GenerativeScorer, SemanticPrompts, require_index
 from llmrec.generate import NextSemanticDataset, SemanticDataset, SemanticSequenceDataset
 from llmrec.head import PRIOR_WEIGHTS
 from llmrec.losses import ItemSoftmax
-from llmrec.metrics import DEFAULT_KS, LOO_KS, evaluate_scorer, history_splits, is_leave_one_out
+from llmrec.metrics import (
+    DEFAULT_KS,
+    LOO_KS,
+    evaluate_scorer,
+    history_splits,
+    is_leave_one_out,
+    with_selection_metric,
+)
 from llmrec.model import CLLM4Rec, ModelConfig
 from llmrec.options import PRETRAIN_CORPORA, PROMPT_KINDS
 from llmrec.prompts import FinetunePrompts
-from llmrec.scoring import ItemHeadScorer, PrecomputedScorer
+from llmrec.scoring import ItemHeadScorer, valid_metric
 from llmrec.textid import TextIDDataset
 
 logger = get_logger(__name__)
@@ -231,15 +238,8 @@ def choose_prior_weight(
     The LM and the prior are scored once, on the ``prompt`` kind the model trained on; each weight only
     re-blends the two (standardised) matrices.
     """
-    scorer = scorer_for(bundle, model, batch_size, prompt=prompt)
-    users = np.flatnonzero(np.diff(bundle.matrix("valid").indptr) > 0)
-    logits, prior = scorer.parts(users)
-
-    def valid(scores: torch.Tensor) -> float:
-        blend = PrecomputedScorer(scores, users)
-        result = evaluate_scorer(blend, bundle, "valid", users=users, batch_size=batch_size, progress=False)
-        return with_selection_metric(result)[metric]
-
+    users, valid = valid_metric(bundle, metric, batch_size)
+    logits, prior = scorer_for(bundle, model, batch_size, prompt=prompt).parts(users)
     return model.head.choose_prior_weight(logits, prior, valid, weights)
 
 
@@ -252,13 +252,6 @@ def item_softmax(
         counts = np.asarray(bundle.matrix("train").sum(axis=0)).ravel() + 1.0
         log_q = torch.log(torch.as_tensor(counts / counts.sum(), dtype=torch.float32))
     return ItemSoftmax(mode, chunk_size=chunk_size, num_samples=num_samples, log_q=log_q)
-
-
-def with_selection_metric(metrics: dict[str, float]) -> dict[str, float]:
-    """Add CLLM4Rec's model-selection score, recall@20 + recall@40 + ndcg@100, where those are present."""
-    if all(key in metrics for key in ("recall@20", "recall@40", "ndcg@100")):
-        metrics["cllm4rec"] = metrics["recall@20"] + metrics["recall@40"] + metrics["ndcg@100"]
-    return metrics
 
 
 def evaluate_model(

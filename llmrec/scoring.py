@@ -8,13 +8,14 @@ so evaluation and serving treat them alike.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from llmrec.backbone import KV, cache_kv, kv_cache
+from llmrec.metrics import SplitSource, evaluate_scorer, with_selection_metric
 from llmrec.model import CLLM4Rec, last_position
 from llmrec.prompts import FinetunePrompts, pad, prompt_batch
 
@@ -237,3 +238,18 @@ class PrecomputedScorer:
 
     def score(self, users: Sequence[int] | np.ndarray) -> torch.Tensor:
         return self.scores[[self.row[int(u)] for u in users]]
+
+
+def valid_metric(
+    bundle: SplitSource, metric: str, batch_size: int = 64
+) -> tuple[np.ndarray, Callable[[torch.Tensor], float]]:
+    """The users with a valid item, and ``metric`` on valid of a (those users, n_items) score matrix: how a
+    blend weight is chosen (the prior's, the fusion's), every candidate blend scored without a forward."""
+    users = np.flatnonzero(np.diff(bundle.matrix("valid").indptr) > 0)
+
+    def score(scores: torch.Tensor) -> float:
+        blend = PrecomputedScorer(scores, users)
+        result = evaluate_scorer(blend, bundle, "valid", users=users, batch_size=batch_size, progress=False)
+        return with_selection_metric(result)[metric]
+
+    return users, score

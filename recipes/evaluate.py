@@ -96,13 +96,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         evaluate_cold_items,
         format_table,
         is_leave_one_out,
+        with_selection_metric,
     )
     from llmrec.pipeline import (
         FINETUNE_TASKS,
         evaluate_model,
         require_same_catalogue,
         scorer_for,
-        with_selection_metric,
     )
     from llmrec.run import record_evaluation, run_data, run_model, run_task
 
