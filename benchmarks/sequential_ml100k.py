@@ -49,6 +49,7 @@ import finetune  # noqa: E402
 import index  # noqa: E402
 
 from common.config import read_yaml  # noqa: E402
+from common.io import write_json  # noqa: E402
 from common.log import setup_logging  # noqa: E402
 from data_prep.build import build_ml100k_reference  # noqa: E402
 from llmrec.metrics import format_table, write_metrics_json  # noqa: E402
@@ -247,7 +248,7 @@ def run_fused(args, data: Path) -> dict:
         rows.append(
             {**metrics, "weight": weight, "valid_grid": grid, "wall_s": wall, "curve": [], "seed": seed}
         )
-        saved.write_text(json.dumps(rows[-1]))
+        write_json(saved, rows[-1])  # atomic: a kill leaves no half-written result for --reuse
         print(f"seed {seed}: fusion weight {weight} on valid {grid}; test ndcg@10 {metrics['ndcg@10']:.4f}")
     return {"llmrec item head + generator, fused (weight on valid)": rows}
 
