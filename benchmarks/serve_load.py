@@ -1,11 +1,13 @@
 """Load test of the HTTP service (``recipes/serve.py``) over loopback, beside in-process `Recommender` calls.
 
 Starts the service as a subprocess on 127.0.0.1 (a free port) and drives it with 1, 8 and 32 concurrent
-closed-loop clients (``httpx.AsyncClient``, keep-alive; each sends its next request when the last is
-answered), every loop bounded by ``--requests`` per client and ``--seconds``:
+closed-loop clients (each its own keep-alive connection, sending its next request when the last is
+answered; `Connection`), every loop bounded by ``--requests`` per client and ``--seconds``:
 
 - known users: ``GET /users/{user}/recommendations?k=10`` over sampled users (their states cached by
-  one untimed request each: the server starts with ``--warm false``, warming all users takes minutes);
+  one untimed request each: the server starts with ``--warm false``, warming all users takes minutes),
+  with the service keeping answers until the next change (the default) and without
+  (``--answer_cache 0``: every read scores the cached state);
 - cold histories: ``POST /recommendations`` with a sampled user's training items as an unseen user's
   history, with request batching (``--max_batch``, ``--max_wait_ms``) and without (``--max_batch 1``);
 - in process: ``Recommender.recommend`` on the same bundle and requests, one call at a time, and
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import signal
@@ -37,6 +40,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -114,6 +118,52 @@ def server(bundle: Path, journal: Path, *options: str):
         process.wait(60)
 
 
+class Connection:
+    """One keep-alive HTTP/1.1 connection that sends a request and reads its answer (Content-Length
+    bodies, as every route of the service answers).
+
+    Why not ``httpx.AsyncClient``: measured once on this benchmark's known-user loop at 32 clients (the
+    2-core box, 2026-12-06, two training jobs on the cores), it spent 2.6 ms of CPU per request and answered 30 requests/s where this
+    client spent 0.045 ms and the same server answered 580/s; on two cores shared with the server, httpx
+    would be what the table measures. The table's ``client_cpu_ms`` column is this client's cost."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str):
+        self.reader, self.writer, self.host = reader, writer, host
+
+    @classmethod
+    async def open(cls, url: str) -> Connection:
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        return cls(reader, writer, f"{host}:{port}")
+
+    async def request(self, method: str, path: str, body: Any = None) -> tuple[int, bytes]:
+        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n"
+        data = b"" if body is None else json.dumps(body).encode()
+        if body is not None:
+            head += f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+        self.writer.write(head.encode() + b"\r\n" + data)
+        status = int((await self.reader.readline()).split()[1])
+        length = None
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        assert length is not None, f"{method} {path}: an answer without Content-Length"
+        return status, await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def run_async(coroutine: Any) -> Any:
+    """The client's loops on uvloop (the server's event loop too) when it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of process ``pid`` and its threads so far (Linux ``/proc``)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -121,7 +171,11 @@ def cpu_seconds(pid: int) -> float:
 
 
 def summary(
-    latencies: list[float], seconds: float, errors: int = 0, cpu: float | None = None
+    latencies: list[float],
+    seconds: float,
+    errors: int = 0,
+    cpu: float | None = None,
+    client_cpu: float | None = None,
 ) -> dict[str, float]:
     ms = np.asarray(latencies) * 1000
     row = {
@@ -133,6 +187,8 @@ def summary(
     }
     if cpu is not None:  # the server's CPU time per answered request
         row["server_cpu_ms"] = 1000 * cpu / len(ms)
+    if client_cpu is not None:  # this process's (the load generator's)
+        row["client_cpu_ms"] = 1000 * client_cpu / len(ms)
     return row
 
 
@@ -143,33 +199,36 @@ async def drive(
     ``per_client`` or ``seconds`` have passed; with ``pid`` (the server's), its CPU time per request."""
     latencies: list[float] = []
     errors = 0
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
-        await asyncio.gather(*(requests[0](client) for _ in range(clients)))  # open the connections
-        end = time.perf_counter() + seconds
+    connections = await asyncio.gather(*(Connection.open(url) for _ in range(clients)))
+    end = time.perf_counter() + seconds
 
-        async def loop(c: int) -> None:
-            nonlocal errors
-            for i in range(per_client):
-                if time.perf_counter() >= end:
-                    return
-                start = time.perf_counter()
-                response = await requests[(c + i * clients) % len(requests)](client)
-                latencies.append(time.perf_counter() - start)
-                errors += response.status_code != 200
+    async def loop(c: int) -> None:
+        nonlocal errors
+        for i in range(per_client):
+            if time.perf_counter() >= end:
+                return
+            start = time.perf_counter()
+            status, _ = await requests[(c + i * clients) % len(requests)](connections[c])
+            latencies.append(time.perf_counter() - start)
+            errors += status != 200
 
-        start, cpu = time.perf_counter(), cpu_seconds(pid) if pid else None
-        await asyncio.gather(*(loop(c) for c in range(clients)))
-        cpu = cpu_seconds(pid) - cpu if pid else None
-        return summary(latencies, time.perf_counter() - start, errors, cpu)
+    start, cpu, client_cpu = time.perf_counter(), cpu_seconds(pid) if pid else None, time.process_time()
+    await asyncio.gather(*(loop(c) for c in range(clients)))
+    cpu = cpu_seconds(pid) - cpu if pid else None
+    client_cpu = time.process_time() - client_cpu
+    for connection in connections:
+        connection.close()
+    return summary(latencies, time.perf_counter() - start, errors, cpu, client_cpu)
 
 
 def known(user: str) -> Callable:
-    return lambda client: client.get(f"/users/{user}/recommendations", params={"k": K})
+    path = f"/users/{quote(user, safe='')}/recommendations?k={K}"
+    return lambda connection: connection.request("GET", path)
 
 
 def cold(history: list[str]) -> Callable:
-    return lambda client: client.post("/recommendations", json={"history": history, "k": K})
+    body = {"history": history, "k": K}
+    return lambda connection: connection.request("POST", "/recommendations", body)
 
 
 def in_process(calls: list[Callable[[], Any]], per_call: int, seconds: float) -> dict:
@@ -188,31 +247,31 @@ async def mixed(url: str, rec: Recommender, clients: int, per_client: int, rng: 
     users, items = rec.catalogue.user_ids, rec.catalogue.item_ids
     calls: list[tuple] = []
 
-    async def loop(client: httpx.AsyncClient, c: int) -> None:
+    async def loop(c: int) -> None:
+        connection = await Connection.open(url)
         for i in range(per_client):
             roll, n = rng.random(), c * per_client + i
             if roll < 0.1:
                 args = {"user": rng.choice(users), "items": [rng.choice(items)]}
-                response = await client.post(
-                    f"/users/{args['user']}/interactions", json={"items": args["items"]}
-                )
+                path = f"/users/{quote(args['user'], safe='')}/interactions"
+                status, body = await connection.request("POST", path, {"items": args["items"]})
                 kind = "update"
             elif roll < 0.15:
                 args = {
                     "items": [{"id": f"load-{n}", "title": f"{rng.choice(rec.catalogue.item_titles)} II"}]
                 }
-                response, kind = await client.post("/items", json=args), "add_items"
+                (status, body), kind = await connection.request("POST", "/items", args), "add_items"
             elif roll < 0.6:
                 args = {"user": rng.choice(users), "k": K}
-                response, kind = await known(args["user"])(client), "user"
+                (status, body), kind = await known(args["user"])(connection), "user"
             else:
                 args = {"history": rng.sample(items, 5), "k": K}
-                response, kind = await cold(args["history"])(client), "history"
-            assert response.status_code == 200, response.text
-            calls.append((kind, args, response.json()))
+                (status, body), kind = await cold(args["history"])(connection), "history"
+            assert status == 200, body
+            calls.append((kind, args, json.loads(body)))
+        connection.close()
 
-    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-        await asyncio.gather(*(loop(client, c) for c in range(clients)))
+    await asyncio.gather(*(loop(c) for c in range(clients)))
     return calls
 
 
@@ -223,7 +282,7 @@ def plot(rows: dict[str, dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for name in ("known users", "cold, batching", "cold, no batching"):
+    for name in ("known users", "known users, answers not kept", "cold, batching", "cold, no batching"):
         points = [(r["clients"], r) for key, r in rows.items() if key.startswith(name + " @")]
         clients = [c for c, _ in points]
         left.plot(clients, [r["p99_ms"] for _, r in points], marker="o", label=name)
@@ -289,21 +348,31 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         batching = ("--max_batch", str(args.max_batch), "--max_wait_ms", str(args.max_wait_ms))
         with server(bundle, Path(tmp) / "on.jsonl", *batching, "--warm", "false") as (url, pid):
-            asyncio.run(drive(url, [known(u) for u in users], 8, len(users), 3600))  # caches their states
+            run_async(drive(url, [known(u) for u in users], 8, len(users), 3600))  # caches their states
             for clients in CLIENTS:
-                run = asyncio.run(
+                run = run_async(
                     drive(url, [known(u) for u in users], clients, args.requests, args.seconds, pid)
                 )
                 rows[f"known users @ {clients}"] = {"clients": clients, **run}
             for clients in CLIENTS:
-                run = asyncio.run(
+                run = run_async(
                     drive(url, [cold(h) for h in histories], clients, args.requests, args.seconds, pid)
                 )
                 rows[f"cold, batching @ {clients}"] = {"clients": clients, **run}
-            calls = asyncio.run(mixed(url, rec, 32, args.mixed, rng))
+            calls = run_async(mixed(url, rec, 32, args.mixed, rng))
+        with server(bundle, Path(tmp) / "scored.jsonl", "--answer_cache", "0", "--warm", "false") as (
+            url,
+            pid,
+        ):
+            run_async(drive(url, [known(u) for u in users], 8, len(users), 3600))
+            for clients in CLIENTS:
+                run = run_async(
+                    drive(url, [known(u) for u in users], clients, args.requests, args.seconds, pid)
+                )
+                rows[f"known users, answers not kept @ {clients}"] = {"clients": clients, **run}
         with server(bundle, Path(tmp) / "off.jsonl", "--max_batch", "1", "--warm", "false") as (url, pid):
             for clients in CLIENTS:
-                run = asyncio.run(
+                run = run_async(
                     drive(url, [cold(h) for h in histories], clients, args.requests, args.seconds, pid)
                 )
                 rows[f"cold, no batching @ {clients}"] = {"clients": clients, **run}
@@ -317,7 +386,17 @@ def main() -> None:
     speedup = rows["cold, batching @ 32"]["req_per_s"] / rows["cold, no batching @ 32"]["req_per_s"]
     print(
         format_table(
-            rows, ["clients", "p50_ms", "p99_ms", "req_per_s", "server_cpu_ms", "requests", "errors"]
+            rows,
+            [
+                "clients",
+                "p50_ms",
+                "p99_ms",
+                "req_per_s",
+                "server_cpu_ms",
+                "client_cpu_ms",
+                "requests",
+                "errors",
+            ],
         )
     )
     print(f"cold histories at 32 clients: batching {speedup:.2f}x the requests/s of no batching")

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Annotated, Any
+from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,6 +44,7 @@ disable_created_metrics()  # the *_created series: one more sample per label set
 MAX_BODY_BYTES = 1 << 20
 MAX_K = 100_000
 MAX_LIST = 10_000
+KNOWN_USER_ROUTE = "/users/{user}/recommendations"
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
@@ -153,6 +156,46 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+class KnownAnswers:
+    """ASGI middleware: ``GET /users/{user}/recommendations`` that the service has answered since its last
+    change (`llmrec.service.Service.answered`) is answered here, before FastAPI's routing, parameter
+    validation and dependency machinery, which cost several times the lookup itself on a page view's
+    hot path; anything else, a first question or a query it does not parse plainly, goes on to the app,
+    which validates it and answers (or refuses) as usual. Same body, status and metrics as the route."""
+
+    PATH = re.compile(r"/users/([^/]+)/recommendations")
+    K = re.compile(r"[1-9][0-9]{0,5}")
+
+    def __init__(self, app: Any, service: Callable[[], Service | None], route: Callable[[], Any]):
+        self.app, self.service, self.route = app, service, route
+
+    def _question(self, scope: dict) -> tuple[str, int, list[str]] | None:
+        if scope["type"] != "http" or scope["method"] != "GET":
+            return None
+        path = self.PATH.fullmatch(scope["path"])
+        if path is None:
+            return None
+        k, exclude = [], []
+        for key, value in parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True):
+            if key == "k":
+                k.append(value)
+            elif key == "exclude":
+                exclude.append(value)
+        if len(k) > 1 or (k and not self.K.fullmatch(k[0])) or len(exclude) > MAX_LIST:
+            return None
+        count = int(k[0]) if k else 10
+        return (path.group(1), count, exclude) if count <= MAX_K else None
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        question = self._question(scope)
+        service = self.service() if question is not None else None
+        answer = service.answered(*question) if service is not None else None
+        if answer is None:
+            return await self.app(scope, receive, send)
+        scope["route"] = self.route()  # the metrics' label, as if the route had answered
+        await JSONResponse(answer)(scope, receive, send)
+
+
 def create_app(
     load: Callable[[CollectorRegistry], Service],
     max_body_bytes: int = MAX_BODY_BYTES,
@@ -188,6 +231,11 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service, app.state.error = None, None
+    app.add_middleware(
+        KnownAnswers,
+        service=lambda: app.state.service,
+        route=lambda: next(r for r in app.routes if getattr(r, "path", "") == KNOWN_USER_ROUTE),
+    )
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(Instrument, metrics=Metrics(registry))
 
@@ -240,7 +288,7 @@ def create_app(
             service().call(lambda rec: {"user": user, "history": _items(rec, rec.history(user))})
         )
 
-    @app.get("/users/{user}/recommendations", summary="A known user's top-k (their history left out)")
+    @app.get(KNOWN_USER_ROUTE, summary="A known user's top-k (their history left out)")
     async def recommend_user(
         user: str,
         k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,

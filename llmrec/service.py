@@ -5,7 +5,9 @@ Why one thread: a `Recommender` serialises its calls (one lock per instance), so
 only queue on it, and on a CPU one forward already uses the cores it is given. So every call goes through a queue
 that one worker drains in arrival order. Consecutive reads are grouped: cold histories waiting at most
 ``max_wait_ms`` for up to ``max_batch`` of them to run as one forward (a padded batch of prompts), known
-users taking whatever is queued (their cached states cost one head product). A change (`update`,
+users taking whatever is queued (their cached states cost one head product). A known user's answer is
+also kept until the next change (``answer_cache`` entries): asking the same question again is answered
+from it on the caller's thread, without the queue (`Service.answered`). A change (`update`,
 `add_items`) is never reordered with the reads around it and is appended to the journal
 (`common.journal.Journal`, fsync'd) before it is acknowledged; the journal is replayed at start, so
 nothing acknowledged is lost by a crash. Every answer carries ``version``, the number of changes applied
@@ -58,8 +60,8 @@ def journal_owner(bundle: str | Path) -> str:
 
 
 class Service:
-    """``Service(recommender, journal=None, max_batch=32, max_wait_ms=5.0, registry=None)``; the journal's
-    records are replayed onto the recommender at construction. Methods return `concurrent.futures.Future`s
+    """``Service(recommender, journal=None, max_batch=32, max_wait_ms=5.0, registry=None,
+    answer_cache=100_000)``; the journal's records are replayed onto the recommender at construction. Methods return `concurrent.futures.Future`s
     of JSON-ready dicts; errors a caller can fix are `common.errors.UserError`s
     (`common.errors.NotFoundError` for an unknown id). :meth:`close` stops the worker."""
 
@@ -70,11 +72,17 @@ class Service:
         max_batch: int = 32,
         max_wait_ms: float = 5.0,
         registry: CollectorRegistry | None = None,
+        answer_cache: int = 100_000,
     ):
-        if max_batch < 1 or max_wait_ms < 0:
-            raise UserError(f"max_batch must be >= 1 and max_wait_ms >= 0, got {max_batch} and {max_wait_ms}")
+        if max_batch < 1 or max_wait_ms < 0 or answer_cache < 0:
+            raise UserError(
+                "max_batch must be >= 1, max_wait_ms >= 0 and answer_cache >= 0, got "
+                f"{max_batch}, {max_wait_ms} and {answer_cache}"
+            )
         self.rec, self.journal = recommender, journal
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000
+        # (user, k, exclude) -> a known user's answer at the current version; written by the worker only
+        self.answer_cache, self._answers = answer_cache, {}
         self.version = 0
         registry = registry if registry is not None else CollectorRegistry()
         self.batch_sizes = Histogram(
@@ -91,6 +99,13 @@ class Service:
             registry=registry,
         )
         self.changes = Counter("llmrec_changes", "Changes applied, by operation", ["op"], registry=registry)
+        answers = Counter(
+            "llmrec_answer_cache",
+            "Known-user reads answered from the answers kept since the last change, or not",
+            ["result"],
+            registry=registry,
+        )
+        self._answer_hit, self._answer_miss = answers.labels("hit"), answers.labels("miss")
         for number, record in enumerate(journal.records if journal else [], 2):
             try:
                 self._apply(record)
@@ -115,6 +130,7 @@ class Service:
         max_batch: int = 32,
         max_wait_ms: float = 5.0,
         registry: CollectorRegistry | None = None,
+        answer_cache: int = 100_000,
         **load: Any,
     ) -> Service:
         """Load and verify ``bundle`` (``load``: `Recommender.from_pretrained` options), replay its journal
@@ -124,11 +140,29 @@ class Service:
         journal = Journal(path, journal_owner(bundle))
         if warm:  # before the worker starts: nothing else touches the recommender yet
             rec.warm_cache()
-        return cls(rec, journal, max_batch, max_wait_ms, registry)
+        return cls(rec, journal, max_batch, max_wait_ms, registry, answer_cache)
 
     # ------------------------------------------------------------------ calls (any thread)
     def recommend_user(self, user: str, k: int = 10, exclude: Sequence[str] = ()) -> Future:
+        answer = self.answered(user, k, exclude)
+        if answer is not None:
+            future: Future = Future()
+            future.set_result(answer)
+            return future
+        self._answer_miss.inc()
         return self._submit("user", user=user, k=k, exclude=list(exclude))
+
+    def answered(self, user: str, k: int = 10, exclude: Sequence[str] = ()) -> dict[str, Any] | None:
+        """The answer :meth:`recommend_user` gave to the same question since the last change, or None.
+
+        Any thread, no queue: the worker fills the answers and empties them when it applies a change,
+        before the change is acknowledged, so a read sent after an acknowledged change never gets an
+        answer from before it (and every answer still carries the version it was computed at)."""
+        answer = self._answers.get((user, k, tuple(exclude)))
+        if answer is None:
+            return None
+        self._answer_hit.inc()
+        return {"version": answer["version"], "items": [dict(item) for item in answer["items"]]}  # a copy
 
     def recommend_history(self, history: Sequence[str], k: int = 10, exclude: Sequence[str] = ()) -> Future:
         return self._submit("history", history=list(history), k=k, exclude=list(exclude))
@@ -225,10 +259,16 @@ class Service:
             lists = self.rec.recommend_batch(
                 histories=[job.args["history"] for job in jobs], k=k, exclude=exclude
             )
-        return [
+        answers = [
             {"version": self.version, "items": [_record(r) for r in top[: job.args["k"]]]}
             for job, top in zip(jobs, lists, strict=True)
         ]
+        if kind == "user" and self.answer_cache:
+            for job, answer in zip(jobs, answers, strict=True):
+                if len(self._answers) >= self.answer_cache:
+                    self._answers.clear()  # a new generation rather than an LRU: readers need no lock
+                self._answers[(job.args["user"], job.args["k"], tuple(job.args["exclude"]))] = answer
+        return answers
 
     def _change(self, job: Job) -> dict[str, Any]:
         if job.kind == "call":
@@ -242,6 +282,7 @@ class Service:
     def _apply(self, record: dict[str, Any]) -> dict[str, Any]:
         """Apply one change (a request, or a journal record at start) and count it."""
         op = record["op"]
+        self._answers.clear()  # before anything changes: no answer outlives the version it was given at
         if op == "update":
             incremental = self.rec.update(record["user"], record["items"])
             answer = {"user": record["user"], "history_length": len(self.rec.history(record["user"]))}

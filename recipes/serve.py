@@ -39,6 +39,10 @@ class ServeArgs:
         default=None, metadata={"help": "append-only journal of changes (default BUNDLE/journal.jsonl)"}
     )
     warm: bool = field(default=True, metadata={"help": "cache every known user's state before ready"})
+    answer_cache: int = field(
+        default=100_000,
+        metadata={"help": "known-user answers kept until the next change (0: none; each read scores)"},
+    )
     max_body_bytes: int = field(
         default=1 << 20, metadata={"help": "largest request body accepted (413 above)"}
     )
@@ -54,9 +58,10 @@ CONFIGS = (ServeArgs,)
 def main(argv: list[str] | None = None) -> None:
     setup_logging()
     (args,) = parse_config(*CONFIGS, args=argv)
-    if args.max_batch < 1 or args.max_wait_ms < 0:
+    if args.max_batch < 1 or args.max_wait_ms < 0 or args.answer_cache < 0:
         raise UserError(
-            f"--max_batch must be >= 1 and --max_wait_ms >= 0, got {args.max_batch}, {args.max_wait_ms}"
+            "--max_batch must be >= 1, --max_wait_ms >= 0 and --answer_cache >= 0, got "
+            f"{args.max_batch}, {args.max_wait_ms}, {args.answer_cache}"
         )
     import uvicorn  # the serving stack loads after parsing: --help answers at once
 
@@ -71,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
             max_batch=args.max_batch,
             max_wait_ms=args.max_wait_ms,
             registry=registry,
+            answer_cache=args.answer_cache,
             device=args.device,
             verify=args.verify,
         )

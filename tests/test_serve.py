@@ -204,6 +204,57 @@ def test_concurrent_histories_share_one_forward_and_equal_single_calls(bundle):
         bad[1].result()
 
 
+def sample(text: str, name: str) -> float:
+    """One sample's value from Prometheus text (0 when absent)."""
+    lines = [line for line in text.splitlines() if line.startswith(name + " ")]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
+def test_known_answers_are_kept_until_the_next_change(bundle):
+    rec, registry = load(bundle), CollectorRegistry()
+    service = Service(rec, registry=registry)
+    user, other = rec.catalogue.user_ids[2], rec.catalogue.user_ids[5]
+    first = service.recommend_user(user, k=4).result(timeout=60)
+    again = service.recommend_user(user, k=4)
+    assert again.done() and again.result() == first  # from the kept answers, on this thread
+    again.result()["items"][0]["score"] = 99.0  # a caller's copy: the kept answer is untouched
+    assert service.recommend_user(user, k=4).result() == first
+    assert service.recommend_user(user, k=3).result(timeout=60)["items"] == first["items"][:3]
+    assert service.update(other, [rec.catalogue.item_ids[0]]).result(timeout=60)["version"] == 1
+    after = service.recommend_user(user, k=4).result(timeout=60)
+    service.close()
+    assert after["version"] == 1 and same_list(listed(after), rec.recommend(user, k=4))
+    scored = registry.get_sample_value("llmrec_batch_size_sum", {"kind": "user"})
+    hits = registry.get_sample_value("llmrec_answer_cache_total", {"result": "hit"})
+    misses = registry.get_sample_value("llmrec_answer_cache_total", {"result": "miss"})
+    assert (scored, hits, misses) == (3, 2, 3)  # k=4, k=3 and k=4 after the change were scored
+
+    one = Service(load(bundle), answer_cache=1)
+    for asked in (user, other, user):
+        assert not one.recommend_user(asked, k=4).done()  # one kept at a time: each is scored again
+        one.recommend_user(asked, k=4).result(timeout=60)
+    one.close()
+
+
+def test_a_kept_answer_is_sent_before_fastapi_with_the_same_body_and_metrics(client, monkeypatch):
+    client, rec = client
+    route = 'llmrec_http_requests_total{route="/users/{user}/recommendations",status="200"}'
+    user = rec.catalogue.user_ids[7]
+    before = client.get("/metrics").text
+    first = client.get(f"/users/{user}/recommendations?k=3&exclude={rec.catalogue.item_ids[1]}")
+    monkeypatch.setattr(client.app.state.service, "recommend_user", None)  # the route is not reached
+    second = client.get(f"/users/{user}/recommendations?exclude={rec.catalogue.item_ids[1]}&k=3")
+    after = client.get("/metrics").text
+    assert first.status_code == second.status_code == 200 and first.content == second.content
+    assert first.headers["content-type"] == second.headers["content-type"] == "application/json"
+    assert sample(after, route) - sample(before, route) == 2
+    hit = 'llmrec_answer_cache_total{result="hit"}'
+    assert sample(after, hit) - sample(before, hit) == 1
+    monkeypatch.undo()
+    assert client.get(f"/users/{user}/recommendations?k=0").status_code == 422  # validated as before
+    assert client.get(f"/users/{user}/recommendations?k=3&k=x").status_code == 422
+
+
 def test_concurrent_reads_and_changes_equal_a_serial_replay(bundle):
     """Four threads mix reads, updates and new items; each answer's version says which changes it saw,
     and a fresh recommender given the changes one by one answers every read the same."""
