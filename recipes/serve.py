@@ -1,6 +1,6 @@
 """Serve an exported bundle over HTTP (FastAPI + uvicorn; ``pip install -e ".[serve]"``).
 
-python recipes/serve.py --bundle bundles/ml-100k [--host 127.0.0.1] [--port 8000] [--max_batch 32] [--max_wait_ms 5]
+python recipes/serve.py --bundle bundles/ml-100k [--host 127.0.0.1] [--port 8000] [--max_batch 32] [--max_wait_ms 5] [--answer_cache 100000]
 
 Routes, the page at / and the OpenAPI schema at /docs: README, Serve. Changes (new interactions, new
 items) are journaled to --journal (default BUNDLE/journal.jsonl) and replayed at the next start.
