@@ -123,9 +123,10 @@ class Connection:
     bodies, as every route of the service answers).
 
     Why not ``httpx.AsyncClient``: measured once on this benchmark's known-user loop at 32 clients (the
-    2-core box, 2026-12-06, two training jobs on the cores), it spent 2.6 ms of CPU per request and answered 30 requests/s where this
-    client spent 0.045 ms and the same server answered 580/s; on two cores shared with the server, httpx
-    would be what the table measures. The table's ``client_cpu_ms`` column is this client's cost."""
+    2-core box, 2026-12-06, two training jobs on the cores), it spent 2.6 ms of CPU per request and
+    answered 30 requests/s where this client spent 0.045 ms and the same server answered 580/s; on two
+    cores shared with the server, httpx would be what the table measures. The table's ``client_cpu_ms``
+    column is this client's cost."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str):
         self.reader, self.writer, self.host = reader, writer, host
@@ -345,37 +346,27 @@ def main() -> None:
         "clients": 1, **batch, "req_per_s": batch["req_per_s"] * args.max_batch,
     }  # fmt: skip
 
+    known_users, cold_histories = [known(u) for u in users], [cold(h) for h in histories]
+
+    def sweep(name: str, url: str, pid: int, requests: list[Callable]) -> None:
+        """One row per client count in CLIENTS for ``requests`` on the running server."""
+        for clients in CLIENTS:
+            run = run_async(drive(url, requests, clients, args.requests, args.seconds, pid))
+            rows[f"{name} @ {clients}"] = {"clients": clients, **run}
+
     with tempfile.TemporaryDirectory() as tmp:
         batching = ("--max_batch", str(args.max_batch), "--max_wait_ms", str(args.max_wait_ms))
         with server(bundle, Path(tmp) / "on.jsonl", *batching, "--warm", "false") as (url, pid):
-            run_async(drive(url, [known(u) for u in users], 8, len(users), 3600))  # caches their states
-            for clients in CLIENTS:
-                run = run_async(
-                    drive(url, [known(u) for u in users], clients, args.requests, args.seconds, pid)
-                )
-                rows[f"known users @ {clients}"] = {"clients": clients, **run}
-            for clients in CLIENTS:
-                run = run_async(
-                    drive(url, [cold(h) for h in histories], clients, args.requests, args.seconds, pid)
-                )
-                rows[f"cold, batching @ {clients}"] = {"clients": clients, **run}
+            run_async(drive(url, known_users, 8, len(users), 3600))  # caches their states (and answers)
+            sweep("known users", url, pid, known_users)
+            sweep("cold, batching", url, pid, cold_histories)
             calls = run_async(mixed(url, rec, 32, args.mixed, rng))
-        with server(bundle, Path(tmp) / "scored.jsonl", "--answer_cache", "0", "--warm", "false") as (
-            url,
-            pid,
-        ):
-            run_async(drive(url, [known(u) for u in users], 8, len(users), 3600))
-            for clients in CLIENTS:
-                run = run_async(
-                    drive(url, [known(u) for u in users], clients, args.requests, args.seconds, pid)
-                )
-                rows[f"known users, answers not kept @ {clients}"] = {"clients": clients, **run}
+        scored = ("--answer_cache", "0", "--warm", "false")
+        with server(bundle, Path(tmp) / "scored.jsonl", *scored) as (url, pid):
+            run_async(drive(url, known_users, 8, len(users), 3600))  # caches their states
+            sweep("known users, answers not kept", url, pid, known_users)
         with server(bundle, Path(tmp) / "off.jsonl", "--max_batch", "1", "--warm", "false") as (url, pid):
-            for clients in CLIENTS:
-                run = run_async(
-                    drive(url, [cold(h) for h in histories], clients, args.requests, args.seconds, pid)
-                )
-                rows[f"cold, no batching @ {clients}"] = {"clients": clients, **run}
+            sweep("cold, no batching", url, pid, cold_histories)
     mismatches = serial_replay(Recommender.from_pretrained(bundle, device="cpu"), calls)
     consistency = {
         "requests": len(calls),

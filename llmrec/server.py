@@ -11,6 +11,7 @@ value 422, a body over ``max_body_bytes`` 413, a request before the bundle is lo
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import threading
@@ -234,7 +235,9 @@ def create_app(
     app.add_middleware(
         KnownAnswers,
         service=lambda: app.state.service,
-        route=lambda: next(r for r in app.routes if getattr(r, "path", "") == KNOWN_USER_ROUTE),
+        route=functools.cache(
+            lambda: next(r for r in app.routes if getattr(r, "path", "") == KNOWN_USER_ROUTE)
+        ),
     )
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(Instrument, metrics=Metrics(registry))

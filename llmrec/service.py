@@ -59,10 +59,19 @@ def journal_owner(bundle: str | Path) -> str:
     return f"bundle:{read_config(bundle)['checksum']}"
 
 
+def check_options(max_batch: int, max_wait_ms: float, answer_cache: int) -> None:
+    """The service's knobs, checked by :class:`Service` and by ``recipes/serve.py`` before it loads anything."""
+    if max_batch < 1 or max_wait_ms < 0 or answer_cache < 0:
+        raise UserError(
+            "max_batch must be >= 1, max_wait_ms >= 0 and answer_cache >= 0, got "
+            f"{max_batch}, {max_wait_ms} and {answer_cache}"
+        )
+
+
 class Service:
     """``Service(recommender, journal=None, max_batch=32, max_wait_ms=5.0, registry=None,
-    answer_cache=100_000)``; the journal's records are replayed onto the recommender at construction. Methods return `concurrent.futures.Future`s
-    of JSON-ready dicts; errors a caller can fix are `common.errors.UserError`s
+    answer_cache=100_000)``; the journal's records are replayed onto the recommender at construction.
+    Methods return `concurrent.futures.Future`s of JSON-ready dicts; errors a caller can fix are `common.errors.UserError`s
     (`common.errors.NotFoundError` for an unknown id). :meth:`close` stops the worker."""
 
     def __init__(
@@ -74,11 +83,7 @@ class Service:
         registry: CollectorRegistry | None = None,
         answer_cache: int = 100_000,
     ):
-        if max_batch < 1 or max_wait_ms < 0 or answer_cache < 0:
-            raise UserError(
-                "max_batch must be >= 1, max_wait_ms >= 0 and answer_cache >= 0, got "
-                f"{max_batch}, {max_wait_ms} and {answer_cache}"
-            )
+        check_options(max_batch, max_wait_ms, answer_cache)
         self.rec, self.journal = recommender, journal
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000
         # (user, k, exclude) -> a known user's answer at the current version; written by the worker only

@@ -58,15 +58,12 @@ CONFIGS = (ServeArgs,)
 def main(argv: list[str] | None = None) -> None:
     setup_logging()
     (args,) = parse_config(*CONFIGS, args=argv)
-    if args.max_batch < 1 or args.max_wait_ms < 0 or args.answer_cache < 0:
-        raise UserError(
-            "--max_batch must be >= 1, --max_wait_ms >= 0 and --answer_cache >= 0, got "
-            f"{args.max_batch}, {args.max_wait_ms}, {args.answer_cache}"
-        )
     import uvicorn  # the serving stack loads after parsing: --help answers at once
 
     from llmrec.server import create_app
-    from llmrec.service import Service
+    from llmrec.service import Service, check_options
+
+    check_options(args.max_batch, args.max_wait_ms, args.answer_cache)  # one line before anything loads
 
     def load(registry):
         return Service.open(

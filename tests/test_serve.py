@@ -387,6 +387,9 @@ def test_serve_refuses_a_bad_bundle_with_one_line(tmp_path, capsys):
         argv = ["--bundle", str(tmp_path / "absent"), "--port", str(taken.getsockname()[1])]
         assert run_cli(main, argv, prog="serve.py") == 2
     assert "cannot listen on 127.0.0.1:" in capsys.readouterr().err
+    argv = ["--bundle", str(tmp_path / "absent"), "--answer_cache", "-1"]  # refused before the bundle
+    assert run_cli(main, argv, prog="serve.py") == 2
+    assert "answer_cache >= 0, got 32, 5.0 and -1" in capsys.readouterr().err
 
 
 class Browser:
