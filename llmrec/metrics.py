@@ -298,10 +298,13 @@ def evaluate_cold_items(
     batch_size: int = 256,
     ks: Sequence[int] = DEFAULT_KS,
     progress: bool = True,
+    cold_scorer: Scorer | None = None,
 ) -> dict[str, dict[str, float]]:
     """Metrics of a cold-items split from one scoring pass: ``"all"`` ranks the whole catalogue against
     every held-out item (the :func:`evaluate_scorer` protocol); ``"cold"`` ranks only ``cold_items`` (the
-    split's unseen items) against the held-out interactions with them."""
+    split's unseen items) against the held-out interactions with them. ``cold_scorer``: the cold view's
+    own scores, for a scorer that ranks a short list (a beam search, which must search the cold items
+    only to list them at all); default ``scorer``'s."""
     if split not in ("valid", "test"):
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
     cold = np.zeros(bundle.n_items, dtype=bool)
@@ -320,6 +323,8 @@ def evaluate_cold_items(
         scores = torch.as_tensor(scorer.score(batch))
         seen = exclude[batch].toarray() != 0
         views["all"].update(scores, heldout[batch], seen)
+        if cold_scorer is not None:
+            scores = torch.as_tensor(cold_scorer.score(batch))
         views["cold"].update(scores, cold_heldout[batch], seen | ~cold[None, :])
     out = {name: metrics.compute() for name, metrics in views.items()}
     for result in out.values():

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from common.log import get_logger
@@ -198,15 +199,23 @@ def generative_scorer(
     batch_size: int = 32,
     prompt: str = "masked",
     exclude_seen: bool = True,
+    candidates: Sequence[int] | np.ndarray | None = None,
 ) -> GenerativeScorer:
     """Constrained beam search over the model's item index; with ``exclude_seen`` the items that
     ``split``'s ranking excludes (training items, plus validation items for the test split) are kept out
-    of the search itself."""
+    of the search itself. ``candidates``: the only items searched for anyone (a cold-items split's cold
+    view ranks its cold items only), every other item kept out of the search the same way."""
+    exclude = bundle.seen(split) if exclude_seen else None
+    if candidates is not None:
+        others = np.ones(bundle.n_items, dtype=np.float32)
+        others[np.asarray(candidates, dtype=np.int64)] = 0
+        rest = sp.csr_matrix(np.ones((bundle.n_users, 1), dtype=np.float32)) @ sp.csr_matrix(others[None, :])
+        exclude = rest if exclude is None else exclude + rest
     return GenerativeScorer(
         model,
         prompts_for(bundle, model, prompt),
         input_histories(bundle, split),
-        bundle.seen(split) if exclude_seen else None,
+        exclude,
         beam=beam,
         batch_size=batch_size,
     )
@@ -269,12 +278,16 @@ def evaluate_model(
     off), one forward pass per user over the ``prompt`` kind the model was finetuned on.
 
     With ``beam`` > 0 the ranked lists come from constrained beam search of semantic IDs instead (the
-    generative task); a list holds ``beam`` items, so ``beam`` must cover the largest cut-off. Then
+    generative task); a list holds ``beam`` items, so ``beam`` must cover the largest cut-off (without
+    ``ks``, the default cut-offs it covers are reported). Then
     ``diagnostic_users`` > 0 adds the validity diagnostics (`GenerativeScorer.diagnostics`) of that
     many evaluated users as ``validity/...`` keys.
     """
     if beam:
-        ks = kwargs.get("ks") or (LOO_KS if is_leave_one_out(bundle) else DEFAULT_KS)
+        if not kwargs.get("ks"):  # the default cut-offs the lists cover (validation of a short beam)
+            default = LOO_KS if is_leave_one_out(bundle) else DEFAULT_KS
+            kwargs["ks"] = tuple(k for k in default if k <= beam) or (beam,)
+        ks = kwargs["ks"]
         if beam < max(ks):
             raise ValueError(
                 f"beam {beam} is shorter than the largest cut-off @{max(ks)}: lists would be padded"

@@ -11,7 +11,10 @@ item; ``--exclude_seen false`` keeps seen items in the ranking (stored under ``S
 
 On a cold-items bundle (``data_prep build --split cold-items``) the unseen items first get rows from
 their text (``--cold_method``, see ``llmrec.coldstart``), then two views are reported: ``SPLIT/all``
-ranks the whole catalogue, ``SPLIT/cold`` ranks the split's cold items only.
+ranks the whole catalogue, ``SPLIT/cold`` ranks the split's cold items only. With ``--generate`` the
+cold items are ranked by their semantic IDs (coded as new items by ``recipes/index.py``): the beam
+searches the whole trie (``SPLIT/generate/all``), then the cold items' part of it
+(``SPLIT/generate/cold``).
 """
 
 from __future__ import annotations
@@ -101,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from llmrec.pipeline import (
         FINETUNE_TASKS,
         evaluate_model,
+        generative_scorer,
         require_same_catalogue,
         scorer_for,
     )
@@ -119,24 +123,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ks = tuple(int(k) for k in args.ks.split(",")) if args.ks else (LOO_KS if loo else DEFAULT_KS)
     prompt = FINETUNE_TASKS[run_task(run)]
     cold = cold_ids(bundle.manifest, "items", args.split)
-    if len(cold) and not args.generate:
-        cold_start(
-            model, bundle, args.cold_method, items=cold_ids(bundle.manifest, "items"), encoder=args.encoder
+    beam = (eval_config.beam or max(ks)) if args.generate else 0
+    if beam and beam < max(ks):
+        raise ConfigError(
+            f"--beam {beam} is shorter than the largest cut-off @{max(ks)}: give --ks up to {beam}"
         )
-        views = evaluate_cold_items(
-            scorer_for(bundle, model, eval_config.batch_size, split=args.split, prompt=prompt),
-            bundle,
-            args.split,
-            cold,
-            ks=ks,
-        )
-        results = {f"{args.split}/{name}": with_selection_metric(m) for name, m in views.items()}
-        print(f"cold items: {args.cold_method}; 'cold' ranks the {len(cold)} cold {args.split} items only")
+    if len(cold):
+        if args.generate:  # the cold items' semantic IDs are in the index (recipes/index.py)
+            scorer, cold_scorer = (
+                generative_scorer(
+                    bundle, model, args.split, beam, eval_config.batch_size, prompt, candidates=only
+                )
+                for only in (None, cold)
+            )
+            how, key = "their semantic IDs", f"{args.split}/generate"
+        else:
+            cold_start(
+                model,
+                bundle,
+                args.cold_method,
+                items=cold_ids(bundle.manifest, "items"),
+                encoder=args.encoder,
+            )
+            scorer = scorer_for(bundle, model, eval_config.batch_size, split=args.split, prompt=prompt)
+            cold_scorer, how, key = None, args.cold_method, args.split
+        views = evaluate_cold_items(scorer, bundle, args.split, cold, ks=ks, cold_scorer=cold_scorer)
+        results = {f"{key}/{name}": with_selection_metric(m) for name, m in views.items()}
+        print(f"cold items: {how}; 'cold' ranks the {len(cold)} cold {args.split} items only")
         columns = [f"{name}@{k}" for name in ("recall", "ndcg") for k in ks]
         print(format_table({f"{run.name} ({key})": m for key, m in results.items()}, columns))
         record_evaluation(run, results, run=str(run), data=str(data))
         return results
-    beam = (eval_config.beam or max(ks)) if args.generate else 0
     metrics = evaluate_model(
         bundle,
         model,

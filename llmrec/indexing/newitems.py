@@ -5,7 +5,8 @@ encoder and codebooks (artifact ``rqvae.safetensors``) or the residual k-means c
 ``rqkmeans.safetensors``) code a new embedding level by level, nearest codeword first, exactly as they
 coded the indexed items before collision resolution. :func:`text_encoder` names the text encoder the
 embeddings must come from (the one ``recipes/index.py`` recorded in ``index.config["encoder"]``),
-:func:`quantize` codes embeddings, :func:`add_items` grows the index by unique tuples. The indexed items
+:func:`quantize` codes embeddings, :func:`add_items` grows the index by unique tuples, and
+:func:`build_with_new_items` builds an index whose held-out items are coded that way. The indexed items
 keep their codes, so a model trained on the index ranks them as before and writes the new ones without
 retraining (`llmrec.recommender.Recommender.add_items` of a generator bundle).
 """
@@ -14,13 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 
 from common.errors import UserError
-from llmrec.indexing.base import ItemIndex
+from llmrec.indexing.base import IndexData, Indexer, ItemIndex
 from llmrec.indexing.encoders import MINILM
 from llmrec.options import RQVAEConfig
 
@@ -35,11 +37,7 @@ def text_encoder(index: ItemIndex) -> str:
     Only the packaged MiniLM (``minilm``, `llmrec.indexing.encoders`) is accepted: a ``backbone:SPEC``
     encoder names a model (possibly a local path) that a saved index or bundle must not make a reader load.
     """
-    if index.method not in CODERS:
-        raise UserError(
-            f"the item index ({index.method}) does not code items from their text, so new items get no "
-            f"semantic ID: only a content index ({', '.join(CODERS)}) can add items without retraining"
-        )
+    require_coder(index)
     encoder = index.config.get("encoder")
     if encoder is None:
         raise UserError(
@@ -51,6 +49,17 @@ def text_encoder(index: ItemIndex) -> str:
             f"the {index.method} item index was built on {encoder!r} embeddings; new items are coded only "
             f"from the packaged {MINILM!r} encoder (a saved index never names a model to load)"
         )
+    require_coder(index)
+    return encoder
+
+
+def require_coder(index: ItemIndex) -> None:
+    """A one-line :class:`UserError` unless ``index`` can code content embeddings it has not seen."""
+    if index.method not in CODERS:
+        raise UserError(
+            f"the item index ({index.method}) does not code items from their text, so new items get no "
+            f"semantic ID: only a content index ({', '.join(CODERS)}) can add items without retraining"
+        )
     if CODERS[index.method] not in index.artifacts or (
         index.method == "rqvae" and "in_dim" not in index.config
     ):
@@ -58,7 +67,6 @@ def text_encoder(index: ItemIndex) -> str:
             f"the {index.method} item index has no {CODERS[index.method]} (or its config no in_dim): "
             "it cannot code new items"
         )
-    return encoder
 
 
 @torch.no_grad()
@@ -67,7 +75,7 @@ def quantize(index: ItemIndex, embeddings: np.ndarray) -> tuple[np.ndarray, np.n
     nearest codeword to what the levels before it left (the indexer's own assignment of an item before
     collision resolution; balanced k-means assigns by capacity only while building), and the distance of
     the last level's input to every last-level codeword (the collision resolvers' cost)."""
-    text_encoder(index)  # a content index that can code: else the one-line reason
+    require_coder(index)  # a content index that can code: else the one-line reason
     x = torch.as_tensor(np.asarray(embeddings), dtype=torch.float32)
     if index.method == "rqvae":
         from llmrec.indexing.rqvae import RQVAE
@@ -145,3 +153,22 @@ def add_items(index: ItemIndex, embeddings: np.ndarray) -> ItemIndex:
     stats = {**index.stats, "items_added": int(index.stats.get("items_added", 0)) + len(added)}
     codes = np.concatenate([index.codes, np.asarray(added, dtype=np.int64).reshape(-1, index.max_len)])
     return dataclasses.replace(index, codes=codes, stats=stats)
+
+
+def build_with_new_items(
+    indexer: Indexer, embeddings: np.ndarray, new: Sequence[int] | np.ndarray
+) -> ItemIndex:
+    """An index of every row of ``embeddings`` whose quantizer is fit without the rows ``new``: those get
+    their codes by :func:`add_items`, in index order, exactly as items added after training would.
+
+    The held-out items of a cold-items split (`recipes/index.py` on such a bundle) must not shape the
+    codebooks or the collision resolution either, or a generator evaluated on them would be ranking
+    items its index was fit to; this keeps the measurement the one a served bundle's new items get.
+    """
+    new = np.unique(np.asarray(new, dtype=np.int64))
+    old = np.setdiff1d(np.arange(len(embeddings)), new)
+    index = indexer.build(IndexData(n_items=len(old), embeddings=embeddings[old]))
+    grown = add_items(index, embeddings[new])
+    codes = np.empty_like(grown.codes)
+    codes[old], codes[new] = grown.codes[: len(old)], grown.codes[len(old) :]
+    return dataclasses.replace(grown, codes=codes)
