@@ -3,6 +3,7 @@
     python benchmarks/cold_start_ml100k.py [--config recipes/configs/cold-ml-100k-cpu.yaml] [--reuse]
         [--zeroshot_users 30] [--zeroshot_layers N] [--out FILE.json]
     python benchmarks/cold_start_ml100k.py --add_items_only [--repeats 5]   # the cost of adding items only
+    python benchmarks/cold_start_ml100k.py --generator [--reuse]   # the semantic-ID generator's cold items
 
 Builds the cold-items bundle (``--cold_ratio 0.1 --seed 0``; 84 valid-cold and 84 test-cold items),
 trains llmrec on it with the config (``--reuse``: take the config's finetune run as it is), then gives
@@ -20,6 +21,12 @@ same users for that table, and the cost per user is printed. Also timed, per 100
 times only that, on the config's finetune run). Fold-in runs the content LM (a softmax over the whole word
 vocabulary at every text position) for ``--fold_in_steps`` steps, so it is the costly part of this script
 on a CPU.
+
+``--generator`` measures the semantic-ID generator instead (``--generator_config``): the RQ-VAE index is
+fit without the cold items, which get their codes as items added later do (``recipes/index.py`` on a
+cold-items bundle), the generator is trained on the split, and each split is ranked by constrained beam
+search twice: over the whole trie (``all``) and over the cold items' part of it only (``cold``), beside
+content kNN, popularity and random on the same views.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "recipes"))
 
 import finetune  # noqa: E402
+import index  # noqa: E402
 import pretrain  # noqa: E402
 
 from common.config import read_yaml  # noqa: E402
@@ -49,6 +57,7 @@ from llmrec.backbone import load_backbone  # noqa: E402
 from llmrec.baselines import EASE, ContentKNN, Pop, Random  # noqa: E402
 from llmrec.coldstart import fold_in, fold_in_items, relate, warm_items  # noqa: E402
 from llmrec.export import export_model  # noqa: E402
+from llmrec.indexing import ItemIndex  # noqa: E402
 from llmrec.indexing.encoders import item_embeddings, torch_threads  # noqa: E402
 from llmrec.mapper import (  # noqa: E402
     TextToID,
@@ -60,7 +69,7 @@ from llmrec.mapper import (  # noqa: E402
 )
 from llmrec.metrics import evaluate_cold_items, format_table, write_metrics_json  # noqa: E402
 from llmrec.model import CLLM4Rec  # noqa: E402
-from llmrec.pipeline import scorer_for  # noqa: E402
+from llmrec.pipeline import generative_scorer, scorer_for  # noqa: E402
 from llmrec.recommender import Recommender  # noqa: E402
 from llmrec.reporting import machine_info  # noqa: E402
 from llmrec.run import run_model  # noqa: E402
@@ -167,6 +176,66 @@ def print_add_items_cost(costs: dict[str, float], fold_in_s: float | None = None
     print(format_table({name: {"s per 100 items": s} for name, s in rows.items()}, ["s per 100 items"]))
 
 
+def run_generator(args, bundle, data: Path, results_dir: Path) -> None:
+    """The generator's cold items (``--generator``): index without them, train, rank both views."""
+    config = read_yaml(args.generator_config)
+    index_dir, run = Path(config["model"]["index"]), Path(config["finetune"]["train"]["output_dir"])
+    if Path(config["data"]) != data:
+        raise SystemExit(f"{args.generator_config}: data {config['data']} is not the bundle {data}")
+    timings: dict[str, float] = {}
+    if not args.reuse:
+        stages = {
+            "index": (index.main, ["--data", str(data), "--method", "rqvae", "--codebook_size", "64"]),
+            "finetune": (finetune.main, ["--config", args.generator_config]),
+        }
+        for name, (stage, argv) in stages.items():
+            start = time.perf_counter()
+            target = ["--out", str(index_dir)] if name == "index" else ["--output_dir", str(run)]
+            stage([*argv, *target, "--overwrite_output_dir" if name == "finetune" else "--overwrite"])
+            timings[name] = time.perf_counter() - start
+    model = run_model(run).eval()
+    beam = int(config["finetune"]["eval_beam"])
+    emb = item_embeddings(
+        item_texts(bundle.item_titles, bundle.item_text), "minilm", cache_dir=data / "embeddings"
+    )
+    train, valid = bundle.matrix("train"), bundle.matrix("valid")
+    baselines = {
+        "content kNN (MiniLM, mean profile)": ContentKNN(emb).fit(train, valid),
+        "popularity": Pop().fit(train, valid),
+        "random": Random(args.seed).fit(train, valid),
+    }
+    name = f"llmrec semantic-ID generator (beam {beam}, cold items by their codes)"
+    results: dict[str, dict] = {name: {}, **{n: {} for n in baselines}}
+    for split_name in ("valid", "test"):
+        cold = cold_ids(bundle.manifest, "items", split_name)
+        start = time.perf_counter()
+        scorer, cold_scorer = (
+            generative_scorer(bundle, model, split_name, beam, prompt="semantic_sequence", candidates=only)
+            for only in (None, cold)
+        )
+        views = evaluate_cold_items(scorer, bundle, split_name, cold, ks=(10, 20), cold_scorer=cold_scorer)
+        results[name][split_name] = row(views, time.perf_counter() - start)
+        for base, model_ in baselines.items():
+            views = evaluate_cold_items(
+                Scores(model_.score), bundle, split_name, cold, ks=(10, 20), progress=False
+            )
+            results[base][split_name] = row(views, 0.0)
+    for split_name in ("valid", "test"):
+        print(f"\n{split_name}: cold = ranking among the {split_name} cold items only; all = whole catalogue")
+        print(format_table({n: r[split_name] for n, r in results.items()}, COLUMNS))
+    results[name]["index"] = ItemIndex.read(index_dir).stats
+    write_metrics_json(
+        args.out or results_dir / "cold_start_generator_ml100k.json",
+        results,
+        run=str(run),
+        timings_s=timings,
+        config_file=args.generator_config,
+        config=config,
+        args=vars(args),
+        machine=machine_info(),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -186,6 +255,12 @@ def main() -> None:
         "--add_items_only", action="store_true", help="only time add_items on the config's finetune run"
     )
     parser.add_argument("--repeats", type=int, default=5, help="add_items calls timed for the steady state")
+    parser.add_argument(
+        "--generator", action="store_true", help="only the semantic-ID generator's cold items"
+    )
+    parser.add_argument(
+        "--generator_config", default=str(REPO / "recipes" / "configs" / "cold-ml-100k-sid-cpu.yaml")
+    )
     parser.add_argument(
         "--out", default=None, help="default: benchmarks/results/<cold_start|add_items>_ml100k.json"
     )
@@ -208,6 +283,9 @@ def main() -> None:
     split = bundle.manifest["split"]
     print(f"bundle {data}: {split['protocol']} cold_ratio {split['cold_ratio']} seed {split['seed']}")
     cold_all = cold_ids(bundle.manifest, "items")
+    if args.generator:
+        run_generator(args, bundle, data, results_dir)
+        return
     run = Path(config["finetune"]["train"]["output_dir"])
     if args.add_items_only:
         costs = add_items_cost(run, bundle, cold_all, args.repeats)
