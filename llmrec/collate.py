@@ -278,8 +278,9 @@ def collate(examples: Sequence[dict], pad_token_id: int = 0) -> dict[str, torch.
         "task": torch.tensor([example["task"] for example in examples]),
         **prompt_batch([example["input_ids"] for example in examples], pad_token_id),
     }
-    if "labels" in examples[0]:
-        batch["labels"] = pad([example["labels"] for example in examples], IGNORE)
+    for key in ("labels", "item_labels"):
+        if key in examples[0]:
+            batch[key] = pad([example[key] for example in examples], IGNORE)
     if "targets" in examples[0]:
         batch["targets"] = pad([example["targets"] for example in examples], -1)
         batch["user"] = torch.tensor([example["user"] for example in examples])

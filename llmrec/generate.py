@@ -124,11 +124,22 @@ class SemanticSequenceDataset(SequenceDataset):
     table (a per-level softmax, `CLLM4Rec.semantic_loss`); item tokens and the template's words carry no
     loss. The history's first item is predicted from the template alone, as the item head's is. 943
     prefixes per epoch become every training interaction (~99k on ML-100K).
+
+    With ``item_targets`` each example also carries ``item_labels``: the next item's catalogue index at
+    the position that writes its first code (the position the item head's sequential task trains), for
+    the auxiliary item softmax of `CLLM4Rec.semantic_loss` (``model.item_weight``).
     """
 
-    def __init__(self, histories: Sequence[Sequence[int]], prompts: SemanticPrompts, windows: bool = True):
+    def __init__(
+        self,
+        histories: Sequence[Sequence[int]],
+        prompts: SemanticPrompts,
+        windows: bool = True,
+        item_targets: bool = False,
+    ):
         super().__init__(histories, prompts, windows=windows)
         self.semantic = prompts.vocab.family_range("semantic")
+        self.item_targets = item_targets
 
     def task(self, index: int) -> int:
         return TASKS.index("semantic_sequence")
@@ -137,10 +148,24 @@ class SemanticSequenceDataset(SequenceDataset):
         return min(sum(map(self.prompts.item_width, self.histories[index])), self.prompts.max_tokens)
 
     def __getitem__(self, index: int) -> dict:
-        input_ids = self.prompts.encode(self.users[index], self.histories[index])
+        user, history = self.users[index], self.histories[index]
+        input_ids, end = self.prompts.encode_parts(user, history)
         start = self.semantic.start
         labels = [t - start if t in self.semantic else IGNORE for t in input_ids[1:]] + [IGNORE]
-        return {"task": TASKS.index("semantic_sequence"), "input_ids": input_ids, "labels": labels}
+        example = {"task": TASKS.index("semantic_sequence"), "input_ids": input_ids, "labels": labels}
+        if self.item_targets:
+            kept = self.prompts.kept(user, history)
+            widths = [self.prompts.item_width(item) for item in kept]
+            first = end - sum(widths) + np.cumsum([0, *widths[:-1]])  # where each item's codes begin
+            if first[0] < 1 or any(
+                input_ids[f] != self.prompts.codes[i][0] for f, i in zip(first, kept, strict=True)
+            ):
+                raise ValueError(f"example {index}: the prompt's template does not end with its history")
+            item_labels = [IGNORE] * len(input_ids)
+            for position, item in zip(first - 1, kept, strict=True):
+                item_labels[position] = item
+            example["item_labels"] = item_labels
+        return example
 
 
 class _LevelLogProbs(torch.nn.Module):

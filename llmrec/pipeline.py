@@ -128,6 +128,7 @@ def finetune_dataset(
     prompt_order: str = "shuffled",
     sequence_windows: bool = False,
     text_id_weight: float = 0.0,
+    item_targets: bool = False,
 ) -> FinetuneDataset | TaskMixture:
     """Finetuning examples of ``task``: masked-history examples for the item head (``"multinomial"``),
     for writing a held-out item's semantic ID (``"semantic"``, needs a model with an item index) or both;
@@ -136,7 +137,8 @@ def finetune_dataset(
     item's semantic ID (``"semantic_next"``, one prefix per user) or every item's semantic ID after the
     history written in semantic IDs (``"semantic_sequence"``, every position in one forward, windows as
     ``"sequential"``). ``text_id_weight`` > 0 mixes LC-Rec's text-ID tasks into a semantic-ID task
-    (`llmrec.textid`: that many rows per main-task row). With
+    (`llmrec.textid`: that many rows per main-task row); ``item_targets`` gives ``"semantic_sequence"``
+    examples the next items' indices for the auxiliary item softmax (``model.item_weight``). With
     ``with_content`` the content corpus keeps the content view (and the mutual regulariser) training
     alongside, as in CLLM4Rec's finetuning. Cold users (a cold-users split) are left out."""
     if task not in FINETUNE_TASKS:
@@ -161,7 +163,9 @@ def finetune_dataset(
     if task == "semantic_next":
         parts.append(NextSemanticDataset(histories, prompts, require_index(model), seed=seed))
     if task == "semantic_sequence":
-        parts.append(SemanticSequenceDataset(histories, prompts, windows=sequence_windows))
+        parts.append(SemanticSequenceDataset(histories, prompts, sequence_windows, item_targets))
+    if item_targets and task != "semantic_sequence":
+        raise ValueError(f"item_targets: only task semantic_sequence writes them, not {task!r}")
     if text_id_weight > 0:
         if task not in GENERATIVE_TASKS:
             raise ValueError(f"text_id_weight: the text-ID tasks train semantic IDs, task {task!r} has none")

@@ -88,6 +88,13 @@ class FinetuneArgs:
             "mixed in, this many rows per main-task row (0: off)"
         },
     )
+    item_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "semantic_sequence: also train the item head's next-item softmax, with this weight, at "
+            "the positions that write each next item's first code (0: off)"
+        },
+    )
     with_content: bool = field(
         default=True, metadata={"help": "keep training the content view alongside (CLLM4Rec)"}
     )
@@ -101,6 +108,14 @@ class FinetuneArgs:
 
     def __post_init__(self) -> None:
         require(0 <= self.mask_ratio <= 1, "mask_ratio", self.mask_ratio, "must be in [0, 1]")
+        require(self.item_weight >= 0, "item_weight", self.item_weight, "must be >= 0")
+        if self.item_weight:
+            require(
+                self.task == "semantic_sequence",
+                "item_weight",
+                self.item_weight,
+                "needs --task semantic_sequence",
+            )
         for name in ("softmax_chunk", "softmax_samples"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be at least 1")
 
@@ -172,6 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.item_softmax = item_softmax(
         bundle, args.softmax, chunk_size=args.softmax_chunk, num_samples=args.softmax_samples
     )
+    model.item_weight = args.item_weight
     dataset = finetune_dataset(
         bundle,
         model,
@@ -183,6 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
         prompt_order=args.prompt_order,
         sequence_windows=args.sequence_windows,
         text_id_weight=args.text_id_weight,
+        item_targets=args.item_weight > 0,
     )
     if model.head.has_prior:
         logger.info(

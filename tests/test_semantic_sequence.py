@@ -68,6 +68,36 @@ def test_one_forward_loss_equals_the_sum_of_per_prefix_losses(model, history):
     assert (model.vocab.item_token(3) in example["input_ids"]) == (history == "codes_item")
 
 
+@pytest.mark.parametrize("history", ["codes", "codes_item"])
+def test_the_item_softmax_beside_the_codes_is_the_item_heads_loss_at_each_first_code(model, history):
+    written = prompts(model, history, max_tokens=len(prompts(model, history).encode(0, [])) + 17)
+    items = [3, 9, 4, 7, 1, 11]  # the window keeps the newest 4 (codes) or 3 (codes_item) items
+    example = SemanticSequenceDataset([items], written, windows=False, item_targets=True)[0]
+    kept = written.kept(0, items)
+    at = [t for t, item in enumerate(example["item_labels"]) if item != IGNORE]
+    assert [example["item_labels"][t] for t in at] == kept and len(kept) < len(items)
+    level0 = model.vocab.level_range(0)
+    assert all(
+        example["input_ids"][t + 1] == written.codes[item][0] in level0
+        for t, item in zip(at, kept, strict=True)
+    )
+    batch = collate([example])
+    with torch.no_grad():
+        codes_only, count = model.semantic_loss(batch)
+        model.item_weight = 0.5
+        try:
+            both, same_count = model.semantic_loss(batch)
+        finally:
+            model.item_weight = 0.0
+        hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], "collab")[0, at]
+        logits = model.item_logits(hidden).float()  # the item head, as the sequential task scores it
+        item_nll = torch.nn.functional.cross_entropy(logits, torch.tensor(kept), reduction="sum")
+    assert int(same_count) == int(count)
+    assert float(both) == pytest.approx(float(codes_only) + 0.5 * float(item_nll), rel=1e-4)
+    without = SemanticSequenceDataset([items], written, windows=False)[0]
+    assert "item_labels" not in without and without["labels"] == example["labels"]
+
+
 def test_long_histories_are_cut_into_windows_that_cover_every_item(model):
     fixed = len(prompts(model, "codes_item").encode(0, []))
     written = prompts(model, "codes_item", max_tokens=fixed + 9)  # 4 tokens per item: 2 items a window
