@@ -76,6 +76,9 @@ from llmrec.run import run_model  # noqa: E402
 from llmrec.zeroshot import PromptConfig, ZeroShotScorer  # noqa: E402
 
 COLUMNS = ["cold r@20", "cold n@20", "all r@20", "all n@20", "seconds"]
+# baselines whose cold view means nothing: popularity's all-zero scores of unseen items leave the ranking
+# to the tie-break by item index (ML-100K's low ids are its popular films)
+CANNOT = {"popularity": "no signal for unseen items", "EASE": "cannot score unseen items"}
 
 
 @torch.no_grad()
@@ -96,10 +99,12 @@ class Scores:
         return self.fn(users)
 
 
-def row(views: dict[str, dict], seconds: float) -> dict[str, float]:
+def row(views: dict[str, dict], seconds: float, name: str = "") -> dict[str, float]:
+    """One table row of ``name``'s two views (nan in the cold columns of a :data:`CANNOT` baseline)."""
+    blank = name in CANNOT
     return {
-        "cold r@20": views["cold"]["recall@20"],
-        "cold n@20": views["cold"]["ndcg@20"],
+        "cold r@20": float("nan") if blank else views["cold"]["recall@20"],
+        "cold n@20": float("nan") if blank else views["cold"]["ndcg@20"],
         "all r@20": views["all"]["recall@20"],
         "all n@20": views["all"]["ndcg@20"],
         "seconds": seconds,
@@ -219,7 +224,7 @@ def run_generator(args, bundle, data: Path, results_dir: Path) -> None:
             views = evaluate_cold_items(
                 Scores(model_.score), bundle, split_name, cold, ks=(10, 20), progress=False
             )
-            results[base][split_name] = row(views, 0.0)
+            results[base][split_name] = row(views, 0.0, base)
     for split_name in ("valid", "test"):
         print(f"\n{split_name}: cold = ranking among the {split_name} cold items only; all = whole catalogue")
         print(format_table({n: r[split_name] for n, r in results.items()}, COLUMNS))
@@ -394,8 +399,6 @@ def main() -> None:
         record("llmrec + mapper, then fold-in", fit_s + time.perf_counter() - start)
         restore()
 
-    cannot = {"popularity": "no signal for unseen items", "EASE": "cannot score unseen items"}
-
     best = max(
         (n for n in results if n.startswith("llmrec +")), key=lambda n: results[n]["valid"]["cold"]["ndcg@20"]
     )
@@ -403,14 +406,12 @@ def main() -> None:
     for split_name in ("valid", "test"):
         rows = {}
         for name, result in results.items():
-            r = row(result[split_name], result["seconds"])
-            if name in cannot:
-                r["cold r@20"] = r["cold n@20"] = float("nan")
+            r = row(result[split_name], result["seconds"], name)
             rows[name + (" [chosen on valid]" if name == best else "")] = r
         tables[split_name] = rows
         print(f"\n{split_name}: cold = ranking among the {split_name} cold items only; all = whole catalogue")
         print(format_table(rows, COLUMNS))
-    print("nan: " + "; ".join(f"{k}: {v}" for k, v in cannot.items()))
+    print("nan: " + "; ".join(f"{k}: {v}" for k, v in CANNOT.items()))
     knn = results["content kNN (MiniLM, mean profile)"]["test"]["cold"]
     mine = results[best]["test"]["cold"]
     ratio = {k: mine[k] / knn[k] for k in ("recall@20", "ndcg@20")}
