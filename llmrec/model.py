@@ -107,9 +107,8 @@ class CLLM4Rec(nn.Module):
         self.lm_head = causal_lm.get_output_embeddings()
         self.collab, self.content = collab, content
         self.item_softmax = ItemSoftmax()  # recipes swap in chunked or sampled softmax for huge catalogues
-        self.item_weight = (
-            0.0  # finetuning's --item_weight: the item softmax beside semantic_sequence's codes
-        )
+        # finetuning's --item_weight: the item head's softmax beside semantic_sequence's codes
+        self.item_weight = 0.0
         self.preference: nn.Module | None = (
             None  # the alignment loss (`llmrec.align.DPOLoss`), set by recipes/align.py
         )
