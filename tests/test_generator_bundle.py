@@ -167,6 +167,9 @@ def test_a_cold_items_index_is_fit_without_its_cold_items_and_codes_them_as_new_
     assert np.array_equal(index.codes[warm], alone.codes)  # the cold items shaped nothing
     assert np.array_equal(index.codes[cold], add_items(alone, embeddings[cold]).codes[len(warm) :])
     assert index.is_unique() and index.stats["items_added"] == len(cold) == 8
+    report = json.loads((root / "index" / "report.json").read_text())
+    before = report["items_per_leaf"]["before"]  # the fit's own items, before their resolution
+    assert report["items_added"] == 8 and sum(int(n) * leaves for n, leaves in before.items()) == 32
 
 
 def test_the_generator_ranks_a_cold_split_by_the_whole_trie_and_by_its_cold_items_alone(cold_run):

@@ -61,6 +61,8 @@ def index_report(index: ItemIndex) -> dict[str, Any]:
             "max": int(per_prefix.max()),
         }
     report["reconstruction"] = {key: stats[key] for key in RECONSTRUCTION if key in stats}
+    # items coded after the fit (`llmrec.indexing.newitems`): the figures before resolution omit them
+    report["items_added"] = int(stats.get("items_added", 0))
     return report
 
 
@@ -70,6 +72,11 @@ def format_report(report: dict[str, Any]) -> str:
         f"index report: {report['method']}, {report['n_items']} items, codebooks {report['codebook_sizes']}, "
         f"collisions resolved by {report['resolve']}"
     ]
+    if report.get("items_added"):
+        lines.append(
+            f"{report['items_added']} of them coded as new items after the fit: 'before resolution' "
+            f"counts the other {report['n_items'] - report['items_added']}"
+        )
     for name in ("before", "after"):
         c = report["collisions"][name]
         lines.append(
