@@ -127,7 +127,7 @@ class SemanticSequenceDataset(SequenceDataset):
 
     With ``item_targets`` each example also carries ``item_labels``: the next item's catalogue index at
     the position that writes its first code (the position the item head's sequential task trains), for
-    the auxiliary item softmax of `CLLM4Rec.semantic_loss` (``model.item_weight``).
+    the auxiliary item softmax of `CLLM4Rec.semantic_loss` (``model.item_loss_weight``).
     """
 
     def __init__(

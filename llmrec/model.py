@@ -107,8 +107,8 @@ class CLLM4Rec(nn.Module):
         self.lm_head = causal_lm.get_output_embeddings()
         self.collab, self.content = collab, content
         self.item_softmax = ItemSoftmax()  # recipes swap in chunked or sampled softmax for huge catalogues
-        # finetuning's --item_weight: the item head's softmax beside semantic_sequence's codes
-        self.item_weight = 0.0
+        # finetuning's --item_loss_weight: the item head's softmax beside semantic_sequence's codes
+        self.item_loss_weight = 0.0
         self.preference: nn.Module | None = (
             None  # the alignment loss (`llmrec.align.DPOLoss`), set by recipes/align.py
         )
@@ -259,9 +259,9 @@ class CLLM4Rec(nn.Module):
 
         Labels are rows of the semantic table (token id - first semantic id); a code at level l competes
         with the other codes of level l, never with other levels or words, which is exactly what beam
-        search compares at step l (`llmrec.decoding`). With ``item_weight`` and a batch's ``item_labels``
-        (`llmrec.generate.SemanticSequenceDataset`), that weight times the item head's next-item NLL is
-        added, normalised by the same count of codes.
+        search compares at step l (`llmrec.decoding`). With ``item_loss_weight`` and a batch's
+        ``item_labels`` (`llmrec.generate.SemanticSequenceDataset`), that weight times the item head's
+        next-item NLL is added, normalised by the same count of codes.
         """
         hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"], "collab")
         mask = batch["labels"] != IGNORE
@@ -273,12 +273,12 @@ class CLLM4Rec(nn.Module):
         other_level = (columns < bounds[level, None]) | (columns >= bounds[level + 1, None])
         logits = logits.masked_fill(other_level, float("-inf"))
         nll = F.cross_entropy(logits, rows, reduction="sum")
-        if self.item_weight and "item_labels" in batch:
+        if self.item_loss_weight and "item_labels" in batch:
             # the item head's next-item softmax where the next item's first code is written: the
             # collaborative signal of the sequential task, on the hidden states the codes are read from
             at = batch["item_labels"] != IGNORE
             items = batch["item_labels"][at][:, None]
-            nll = nll + self.item_weight * self.item_softmax(
+            nll = nll + self.item_loss_weight * self.item_softmax(
                 hidden[at], *self.head.product(self.item_table()), items
             )
         return nll, mask.sum()

@@ -138,7 +138,7 @@ def finetune_dataset(
     history written in semantic IDs (``"semantic_sequence"``, every position in one forward, windows as
     ``"sequential"``). ``text_id_weight`` > 0 mixes LC-Rec's text-ID tasks into a semantic-ID task
     (`llmrec.textid`: that many rows per main-task row); ``item_targets`` gives ``"semantic_sequence"``
-    examples the next items' indices for the auxiliary item softmax (``model.item_weight``). With
+    examples the next items' indices for the auxiliary item softmax (``model.item_loss_weight``). With
     ``with_content`` the content corpus keeps the content view (and the mutual regulariser) training
     alongside, as in CLLM4Rec's finetuning. Cold users (a cold-users split) are left out."""
     if task not in FINETUNE_TASKS:

@@ -88,7 +88,7 @@ class FinetuneArgs:
             "mixed in, this many rows per main-task row (0: off)"
         },
     )
-    item_weight: float = field(
+    item_loss_weight: float = field(
         default=0.0,
         metadata={
             "help": "semantic_sequence: also train the item head's next-item softmax, with this weight, at "
@@ -108,12 +108,12 @@ class FinetuneArgs:
 
     def __post_init__(self) -> None:
         require(0 <= self.mask_ratio <= 1, "mask_ratio", self.mask_ratio, "must be in [0, 1]")
-        require(self.item_weight >= 0, "item_weight", self.item_weight, "must be >= 0")
-        if self.item_weight:
+        require(self.item_loss_weight >= 0, "item_loss_weight", self.item_loss_weight, "must be >= 0")
+        if self.item_loss_weight:
             require(
                 self.task == "semantic_sequence",
-                "item_weight",
-                self.item_weight,
+                "item_loss_weight",
+                self.item_loss_weight,
                 "needs --task semantic_sequence",
             )
         for name in ("softmax_chunk", "softmax_samples"):
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.item_softmax = item_softmax(
         bundle, args.softmax, chunk_size=args.softmax_chunk, num_samples=args.softmax_samples
     )
-    model.item_weight = args.item_weight
+    model.item_loss_weight = args.item_loss_weight
     dataset = finetune_dataset(
         bundle,
         model,
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
         prompt_order=args.prompt_order,
         sequence_windows=args.sequence_windows,
         text_id_weight=args.text_id_weight,
-        item_targets=args.item_weight > 0,
+        item_targets=args.item_loss_weight > 0,
     )
     if model.head.has_prior:
         logger.info(

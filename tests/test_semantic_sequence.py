@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from conftest import tiny_generator
+from conftest import recipe_main, tiny_generator
 
 from llmrec.backbone import BackboneConfig
 from llmrec.collate import collate, lm_example
+from llmrec.config import ConfigError
 from llmrec.generate import GenerativeScorer, SemanticPrompts, SemanticSequenceDataset, generate_reference
 from llmrec.indexing import ItemIndex, NumberIndexConfig, RandomIndexer
 from llmrec.indexing.base import IndexData
@@ -84,11 +85,11 @@ def test_the_item_softmax_beside_the_codes_is_the_item_heads_loss_at_each_first_
     batch = collate([example])
     with torch.no_grad():
         codes_only, count = model.semantic_loss(batch)
-        model.item_weight = 0.5
+        model.item_loss_weight = 0.5
         try:
             both, same_count = model.semantic_loss(batch)
         finally:
-            model.item_weight = 0.0
+            model.item_loss_weight = 0.0
         hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], "collab")[0, at]
         logits = model.item_logits(hidden).float()  # the item head, as the sequential task scores it
         item_nll = torch.nn.functional.cross_entropy(logits, torch.tensor(kept), reduction="sum")
@@ -219,3 +220,11 @@ def test_the_text_id_weight_mixes_that_many_rows_into_the_semantic_sequence_task
     assert isinstance(extra, TextIDDataset) and len(extra) == 3 * round(0.3 * len(main) / 3)
     with pytest.raises(ValueError, match="text_id_weight"):
         finetune_dataset(bundle, built, 0, task="sequential", with_content=False, text_id_weight=0.3)
+
+
+def test_the_item_softmax_beside_the_codes_needs_the_semantic_sequence_task():
+    finetune = recipe_main("finetune")
+    with pytest.raises(ConfigError, match=r"item_loss_weight.*needs --task semantic_sequence"):
+        finetune(["--item_loss_weight", "1", "--task", "sequential"])
+    with pytest.raises(ConfigError, match=r"item_loss_weight.*must be >= 0"):
+        finetune(["--item_loss_weight", "-1", "--task", "semantic_sequence"])
