@@ -69,7 +69,7 @@ from llmrec.mapper import (  # noqa: E402
 )
 from llmrec.metrics import evaluate_cold_items, format_table, write_metrics_json  # noqa: E402
 from llmrec.model import CLLM4Rec  # noqa: E402
-from llmrec.pipeline import generative_scorer, scorer_for  # noqa: E402
+from llmrec.pipeline import cold_view_scorers, scorer_for  # noqa: E402
 from llmrec.recommender import Recommender  # noqa: E402
 from llmrec.reporting import machine_info  # noqa: E402
 from llmrec.run import run_model  # noqa: E402
@@ -189,15 +189,12 @@ def run_generator(args, bundle, data: Path, results_dir: Path) -> None:
         raise SystemExit(f"{args.generator_config}: data {config['data']} is not the bundle {data}")
     timings: dict[str, float] = {}
     if not args.reuse:
-        stages = {
-            "index": (index.main, ["--data", str(data), "--method", "rqvae", "--codebook_size", "64"]),
-            "finetune": (finetune.main, ["--config", args.generator_config]),
-        }
-        for name, (stage, argv) in stages.items():
-            start = time.perf_counter()
-            target = ["--out", str(index_dir)] if name == "index" else ["--output_dir", str(run)]
-            stage([*argv, *target, "--overwrite_output_dir" if name == "finetune" else "--overwrite"])
-            timings[name] = time.perf_counter() - start
+        start = time.perf_counter()
+        index.main(["--data", str(data), "--method", "rqvae", "--codebook_size", "64", "--out", str(index_dir)]
+                   + ["--overwrite"])  # fmt: skip
+        timings["index"] = time.perf_counter() - start
+        finetune.main(["--config", args.generator_config, "--output_dir", str(run), "--overwrite_output_dir"])
+        timings["finetune"] = time.perf_counter() - start - timings["index"]
     model = run_model(run).eval()
     beam = int(config["finetune"]["eval_beam"])
     emb = item_embeddings(
@@ -214,10 +211,7 @@ def run_generator(args, bundle, data: Path, results_dir: Path) -> None:
     for split_name in ("valid", "test"):
         cold = cold_ids(bundle.manifest, "items", split_name)
         start = time.perf_counter()
-        scorer, cold_scorer = (
-            generative_scorer(bundle, model, split_name, beam, prompt="semantic_sequence", candidates=only)
-            for only in (None, cold)
-        )
+        scorer, cold_scorer = cold_view_scorers(bundle, model, split_name, cold, beam)
         views = evaluate_cold_items(scorer, bundle, split_name, cold, ks=(10, 20), cold_scorer=cold_scorer)
         results[name][split_name] = row(views, time.perf_counter() - start)
         for base, model_ in baselines.items():

@@ -225,6 +225,23 @@ def generative_scorer(
     )
 
 
+def cold_view_scorers(
+    bundle: Bundle,
+    model: CLLM4Rec,
+    split: str,
+    cold: Sequence[int] | np.ndarray,
+    beam: int,
+    batch_size: int = 32,
+    prompt: str = "semantic_sequence",
+) -> tuple[GenerativeScorer, GenerativeScorer]:
+    """A generator's two scorers for `llmrec.metrics.evaluate_cold_items`: the beam over the whole trie
+    (the ``all`` view) and over the ``cold`` items' part of it only (its ``cold_scorer``)."""
+    return tuple(
+        generative_scorer(bundle, model, split, beam, batch_size, prompt, candidates=only)
+        for only in (None, cold)
+    )
+
+
 def fit_prior(bundle: Bundle, model: CLLM4Rec) -> dict[str, float]:
     """Fit the model's collaborative prior (its item head's, ``prior: ease``) on the training matrix (EASE,
     lambda chosen on valid by NDCG@100)."""

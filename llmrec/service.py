@@ -71,8 +71,9 @@ def check_options(max_batch: int, max_wait_ms: float, answer_cache: int) -> None
 class Service:
     """``Service(recommender, journal=None, max_batch=32, max_wait_ms=5.0, registry=None,
     answer_cache=100_000)``; the journal's records are replayed onto the recommender at construction.
-    Methods return `concurrent.futures.Future`s of JSON-ready dicts; errors a caller can fix are `common.errors.UserError`s
-    (`common.errors.NotFoundError` for an unknown id). :meth:`close` stops the worker."""
+    Methods return `concurrent.futures.Future`s of JSON-ready dicts; errors a caller can fix are
+    `common.errors.UserError`s (`common.errors.NotFoundError` for an unknown id). :meth:`close` stops the
+    worker."""
 
     def __init__(
         self,

@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     from llmrec.pipeline import (
         FINETUNE_TASKS,
+        cold_view_scorers,
         evaluate_model,
-        generative_scorer,
         require_same_catalogue,
         scorer_for,
     )
@@ -130,11 +130,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     if len(cold):
         if args.generate:  # the cold items' semantic IDs are in the index (recipes/index.py)
-            scorer, cold_scorer = (
-                generative_scorer(
-                    bundle, model, args.split, beam, eval_config.batch_size, prompt, candidates=only
-                )
-                for only in (None, cold)
+            scorer, cold_scorer = cold_view_scorers(
+                bundle, model, args.split, cold, beam, eval_config.batch_size, prompt
             )
             how, key = "their semantic IDs", f"{args.split}/generate"
         else:

@@ -49,7 +49,6 @@ def text_encoder(index: ItemIndex) -> str:
             f"the {index.method} item index was built on {encoder!r} embeddings; new items are coded only "
             f"from the packaged {MINILM!r} encoder (a saved index never names a model to load)"
         )
-    require_coder(index)
     return encoder
 
 
