@@ -36,7 +36,7 @@ from common.log import setup_logging  # noqa: E402
 from data_prep import load_bundle  # noqa: E402
 from data_prep.build import build_ml100k_reference  # noqa: E402
 from llmrec.metrics import evaluate_scorer, format_table, write_metrics_json  # noqa: E402
-from llmrec.pipeline import scorer_for  # noqa: E402
+from llmrec.pipeline import blend_prior, scorer_for  # noqa: E402
 from llmrec.reporting import machine_info  # noqa: E402
 from llmrec.run import PRIOR_FILE, run_model  # noqa: E402
 from llmrec.scoring import PrecomputedScorer  # noqa: E402
@@ -81,7 +81,7 @@ def run_seed(config: str, seed: int, variant: str, runs: Path, reuse: bool) -> d
         timings["finetune_s"] = time.perf_counter() - start
     model = run_model(fine)
     if model.head.has_prior and not (fine / PRIOR_FILE).exists():  # stopped before the blend
-        finetune.blend_prior(bundle, fine, batch_size=16)
+        blend_prior(bundle, fine, batch_size=16)
         model = run_model(fine)
     start = time.perf_counter()
     result = {"seed": seed, "variant": variant, "run": str(fine), **timings}

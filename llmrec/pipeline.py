@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
@@ -271,6 +272,23 @@ def choose_prior_weight(
     users, valid = valid_metric(bundle, metric, batch_size)
     logits, prior = scorer_for(bundle, model, batch_size, prompt=prompt).parts(users)
     return model.head.choose_prior_weight(logits, prior, valid, weights)
+
+
+def blend_prior(
+    bundle: Bundle, run: str | Path, metric: str = "cllm4rec", batch_size: int = 64, prompt: str = "masked"
+) -> float:
+    """Choose the prior's blend weight on valid for the run's model (`llmrec.run.run_model_dir`), scored on
+    its task's ``prompt`` kind, and record it in ``RUN/prior_weight.json`` (`llmrec.run.write_prior_weight`),
+    where evaluation, alignment and export read it (`llmrec.run.run_model`); the model directory is not
+    rewritten. Finetuning calls it after training, alignment with ``--prior_weight choose``."""
+    from llmrec.run import run_model_dir, write_prior_weight
+
+    directory = run_model_dir(run)
+    model = CLLM4Rec.from_pretrained(directory)
+    weight, grid = choose_prior_weight(bundle, model, metric, batch_size=batch_size, prompt=prompt)
+    logger.info("prior weight %g chosen on valid (%s by weight: %s)", weight, metric, grid)
+    write_prior_weight(run, directory, weight, {metric: grid})
+    return weight
 
 
 def item_softmax(

@@ -231,7 +231,7 @@ def prior_weight_for(run: str | Path, record: dict | None, directory: Path) -> f
     ):
         logger.warning(
             "%s: the prior weight was chosen for an earlier %s (trained on since); the model blends at the "
-            "weight saved with it. Choose again with recipes/finetune.py's blend_prior.",
+            "weight saved with it. Choose again with llmrec.pipeline.blend_prior.",
             Path(run) / PRIOR_FILE,
             directory,
         )

@@ -12,7 +12,9 @@ rest of the unseen catalogue (`llmrec.align`); ``--loss grpo``: every step sampl
 keeps the policy near the SFT model by ``kl_weight`` (`llmrec.grpo`). Training runs through the same
 loop as the other recipes (``--resume`` continues from the latest checkpoint; the preference rows are
 rebuilt from the same SFT model, so they are the same), validating after every epoch and keeping the
-best model by ``metric_for_best``. The prompt is the one the SFT run was finetuned on.
+best model by ``metric_for_best``. The prompt is the one the SFT run was finetuned on. An item head with
+a prior blends it at the SFT run's weight; ``--prior_weight choose`` chooses the weight again on valid for
+the aligned model afterwards, as finetuning does (``RUN/prior_weight.json``).
 
 A generator run (``--init`` of task ``semantic``, ``semantic_next`` or ``semantic_sequence``) is aligned
 as a generator (`llmrec.generator_align`): ``--loss grpo`` draws ``grpo_group`` rollouts of
@@ -33,7 +35,7 @@ from typing import ClassVar, Literal
 
 from common.errors import run_cli
 from common.log import get_logger, setup_logging
-from llmrec.config import parse_config, require
+from llmrec.config import ConfigError, parse_config, require
 from llmrec.options import EvalConfig, FinetuneTask, TrainConfig
 
 logger = get_logger("align")
@@ -82,6 +84,13 @@ class AlignArgs:
         metadata={"help": "GRPO: items per sampled list (the reward's cutoff; 1: one item, reward = hit)"},
     )
     kl_weight: float = field(default=0.05, metadata={"help": "GRPO: weight of KL(policy || SFT model)"})
+    prior_weight: Literal["keep", "choose"] = field(
+        default="keep",
+        metadata={
+            "help": "an item head with a prior: keep the SFT run's blend weight, or choose it again on valid "
+            "for the aligned model (as finetuning does; RUN/prior_weight.json)"
+        },
+    )
 
     def __post_init__(self) -> None:
         require(self.beta > 0, "beta", self.beta, "must be > 0")
@@ -112,7 +121,13 @@ def main(argv: list[str] | None = None) -> dict:
     from llmrec.align import DPOLoss, build_preferences
     from llmrec.grpo import GRPOLoss, build_grpo_rows
     from llmrec.metrics import DEFAULT_KS, LOO_KS, is_leave_one_out
-    from llmrec.pipeline import FINETUNE_TASKS, GENERATIVE_TASKS, prompts_for, validation_fn
+    from llmrec.pipeline import (
+        FINETUNE_TASKS,
+        GENERATIVE_TASKS,
+        blend_prior,
+        prompts_for,
+        validation_fn,
+    )
     from llmrec.run import run_model, run_model_dir, run_task
     from llmrec.train import make_accelerator, save_run_config, train
 
@@ -120,8 +135,10 @@ def main(argv: list[str] | None = None) -> dict:
     args.task = args.task or run_task(init)
     run_model_dir(init)  # checked before --overwrite_output_dir deletes anything
     bundle = load_bundle(args.data)  # checked before --overwrite_output_dir deletes anything
+    model = run_model(init)  # with the prior weight the run chose, kept unless --prior_weight choose
+    if args.prior_weight == "choose" and (args.task in GENERATIVE_TASKS or not model.head.has_prior):
+        raise ConfigError(f"--prior_weight choose: the item head of {init} has no prior to blend")
     accelerator = make_accelerator(train_config, inputs={"--init": args.init, "--data": args.data})
-    model = run_model(init)  # with the prior weight the run chose, which the aligned model keeps
     prompt = FINETUNE_TASKS[args.task]
     prompts, histories = prompts_for(bundle, model, prompt), bundle.histories("train")
     beam = 0
@@ -144,7 +161,11 @@ def main(argv: list[str] | None = None) -> dict:
     metric = eval_config.metric(is_leave_one_out(bundle))
     if (start := sft_best(init, metric)) is not None:
         logger.info("the SFT start %s logged valid %s %.4f at its best epoch", init, metric, start)
-    return train(model, dataset, train_config, accelerator, evaluate=evaluate, metric_for_best=metric)
+    state = train(model, dataset, train_config, accelerator, evaluate=evaluate, metric_for_best=metric)
+    if args.prior_weight == "choose" and accelerator.is_main_process:
+        run = Path(train_config.output_dir)
+        state["prior_weight"] = blend_prior(bundle, run, metric, eval_config.batch_size, prompt)
+    return state
 
 
 def generator_alignment(args, model, prompts, histories, init, train_config, eval_config):

@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     from llmrec.pipeline import (
         FINETUNE_TASKS,
         GENERATIVE_TASKS,
+        blend_prior,
         finetune_dataset,
         fit_prior,
         item_softmax,
@@ -223,24 +224,6 @@ def main(argv: list[str] | None = None) -> dict:
             bundle, Path(train_config.output_dir), metric, eval_config.batch_size, FINETUNE_TASKS[args.task]
         )
     return state
-
-
-def blend_prior(
-    bundle, run: Path, metric: str = "cllm4rec", batch_size: int = 64, prompt: str = "masked"
-) -> float:
-    """Choose the prior's blend weight on valid for the run's best model, scored on its task's ``prompt``
-    kind, and record it in ``RUN/prior_weight.json`` (`llmrec.run.write_prior_weight`), where evaluation,
-    alignment and export read it (`llmrec.run.run_model`); the model directory is not rewritten."""
-    from llmrec.model import CLLM4Rec
-    from llmrec.pipeline import choose_prior_weight
-    from llmrec.run import run_model_dir, write_prior_weight
-
-    directory = run_model_dir(run)
-    model = CLLM4Rec.from_pretrained(directory)
-    weight, grid = choose_prior_weight(bundle, model, metric, batch_size=batch_size, prompt=prompt)
-    logger.info("prior weight %g chosen on valid (%s by weight: %s)", weight, metric, grid)
-    write_prior_weight(run, directory, weight, {metric: grid})
-    return weight
 
 
 if __name__ == "__main__":

@@ -190,6 +190,9 @@ def test_sequential_finetune_then_alignment_run_end_to_end_and_resume_after_a_ki
     torch.testing.assert_close(served, expected, rtol=0, atol=1e-5)
 
     reference = tmp_path / "aligned"
+    with pytest.raises(ConfigError, match="has no prior to blend"):  # refused before anything is written
+        align([*align_args(loo_bundle, sft, reference), "--prior_weight", "choose"])
+    assert not reference.exists()
     align(align_args(loo_bundle, sft, reference))
     losses = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
     assert any("loss/preference" in row for row in losses) and any("eval/ndcg@10" in row for row in losses)
@@ -236,6 +239,27 @@ def test_sequential_run_with_a_prior_chooses_its_weight_on_the_sequence_prompt(l
     alone = recipe_main("evaluate")(["--run", str(run), "--split", "valid", "--prior_weight", "0"])
     assert alone["ndcg@10"] == pytest.approx(lm_only["ndcg@10"])
     assert "valid/prior_weight=0" in json.loads((run / "metrics.json").read_text())["metrics"]
+
+    # alignment keeps the SFT run's weight, or chooses it again on valid for the aligned model
+    for choice in ("keep", "choose"):
+        aligned = tmp_path / choice
+        recipe_main("align")(
+            [*align_args(loo_bundle, run, aligned, "--loss", "sdpo"), "--max_steps", "2"]
+            + ["--prior_weight", choice]
+        )
+        model = run_model(aligned)
+        if choice == "keep":
+            assert not (aligned / "prior_weight.json").exists()
+            assert model.head.blend_weight == run_model(run).head.blend_weight
+            continue
+        record = json.loads((aligned / "prior_weight.json").read_text())
+        grid = {float(w): v for w, v in record["valid"]["ndcg@10"].items()}
+        assert record["prior_weight"] == max(grid, key=grid.get) == model.head.blend_weight
+        logits, prior = scorer_for(bundle, model, 256, prompt="sequence").parts(np.arange(bundle.n_users))
+        lm_only = evaluate_scorer(
+            PrecomputedScorer(logits, np.arange(bundle.n_users)), bundle, "valid", progress=False
+        )
+        assert grid[0.0] == pytest.approx(lm_only["ndcg@10"])  # scored on the aligned model
 
 
 def test_validity_diagnostics_with_and_without_the_trie():
