@@ -136,7 +136,11 @@ def main(argv: list[str] | None = None) -> dict:
     run_model_dir(init)  # checked before --overwrite_output_dir deletes anything
     bundle = load_bundle(args.data)  # checked before --overwrite_output_dir deletes anything
     model = run_model(init)  # with the prior weight the run chose, kept unless --prior_weight choose
-    if args.prior_weight == "choose" and (args.task in GENERATIVE_TASKS or not model.head.has_prior):
+    if args.prior_weight == "choose" and args.task in GENERATIVE_TASKS:
+        raise ConfigError(
+            f"--prior_weight choose: {init} is a generator run, ranked by its beam, not a prior"
+        )
+    if args.prior_weight == "choose" and not model.head.has_prior:
         raise ConfigError(f"--prior_weight choose: the item head of {init} has no prior to blend")
     accelerator = make_accelerator(train_config, inputs={"--init": args.init, "--data": args.data})
     prompt = FINETUNE_TASKS[args.task]

@@ -15,6 +15,7 @@ import torch
 from conftest import perturb_trainable, recipe_main, tiny_generator
 from safetensors.torch import load_file
 
+from common.config import ConfigError
 from llmrec.collate import collate, lm_example
 from llmrec.decoding import GenerativeScorer, ModelDecoder, SemanticPrompts, TrieTensors
 from llmrec.generator_align import (
@@ -363,6 +364,9 @@ def test_align_recipe_on_a_generator_run_end_to_end_and_resume_after_a_kill(
     )
     align = recipe_main("align")
     reference = tmp_path / "grpo"
+    with pytest.raises(ConfigError, match="is a generator run"):  # no prior blend to choose
+        align([*align_args(loo_bundle, sft, reference), "--prior_weight", "choose"])
+    assert not reference.exists()
     align(align_args(loo_bundle, sft, reference))
     rows = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
     assert any(np.isfinite(row.get("loss/semantic_preference", np.nan)) for row in rows)
