@@ -255,7 +255,7 @@ def test_sequential_run_with_a_prior_chooses_its_weight_on_the_sequence_prompt(l
         record = json.loads((aligned / "prior_weight.json").read_text())
         grid = {float(w): v for w, v in record["valid"]["ndcg@10"].items()}
         assert record["prior_weight"] == max(grid, key=grid.get) == model.head.blend_weight
-        logits, prior = scorer_for(bundle, model, 256, prompt="sequence").parts(np.arange(bundle.n_users))
+        logits, _ = scorer_for(bundle, model, 256, prompt="sequence").parts(np.arange(bundle.n_users))
         lm_only = evaluate_scorer(
             PrecomputedScorer(logits, np.arange(bundle.n_users)), bundle, "valid", progress=False
         )
